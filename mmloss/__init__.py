@@ -1,0 +1,8 @@
+"""mmloss: fused, memory-lean contrastive losses for multimodal sentence-embedding training."""
+
+from mmloss._version import __version__
+from mmloss.backends import last_backend
+from mmloss.constants import IGNORE_INDEX
+from mmloss.contrastive import contrastive_loss
+
+__all__ = ["IGNORE_INDEX", "__version__", "contrastive_loss", "last_backend"]

@@ -1,0 +1,134 @@
+"""Which backends exist, which one runs, and what was compiled.
+
+A kernel backend is a module with
+
+    forward(query, key, inv_temp, problem) -> (row_loss (M,), saved: tuple of tensors)
+    backward(query, key, inv_temp, problem, saved, grad_rows, need_temp_grad)
+        -> (d_query, d_key, d_inv_temp or None)
+    check(query, problem) -> None   (raises TypeError/ValueError for what it cannot serve)
+
+where `query`/`key` are the raw (unnormalised) embeddings, `inv_temp` is 1/τ as a float or a
+0-dim tensor, and `problem` a `mmloss.problem.LossProblem`. Nothing here falls back silently:
+`auto` picks per device and records its choice (`last_backend()`), a named backend that is
+not available raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Dict, Optional
+
+import torch
+
+log = logging.getLogger("mmloss")
+
+_KERNEL_MODULES = {"cpu": "mmloss.cpu", "triton": "mmloss.triton", "cuda": "mmloss.cuda"}
+_last_backend: Optional[str] = None
+
+
+def compiled_extension() -> Optional[ModuleType]:
+    """mmloss._C, or None when the package was not built (a source checkout)."""
+    try:
+        from mmloss import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def _triton_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not installed ({exc})"
+    return None
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """None when backend `name` can run on `device`, else a sentence saying why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
+        if compiled_extension() is None:
+            return "backend 'cpu' needs the compiled extension mmloss._C: pip install --no-build-isolation ."
+        return None
+    if name in ("triton", "cuda"):
+        interpreted = name == "triton" and _triton_interpreted()
+        if device.type != "cuda" and not interpreted:
+            return f"backend '{name}' runs on CUDA tensors, got tensors on {device}"
+        if name == "triton":
+            return _triton_error()
+        ext = compiled_extension()
+        if ext is None or not ext.has_cuda():
+            return "backend 'cuda' needs mmloss._C built with CUDA (a CUDA torch and a CUDA toolkit)"
+        return None
+    raise ValueError(f"backend must be one of auto, reference, cpu, triton, cuda; got {name!r}")
+
+
+def _triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that will run: `backend` itself if it can, else an error; `auto` chooses."""
+    if backend == "auto":
+        if device.type == "cpu":
+            backend = "cpu" if compiled_extension() is not None else "reference"
+        elif device.type == "cuda" and dtype != torch.float64 and _triton_error() is None:
+            backend = "triton"
+        else:
+            backend = "reference"
+        log.debug("mmloss: backend='auto' chose %r for %s %s", backend, device, dtype)
+        return backend
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return backend
+
+
+def kernels(name: str) -> ModuleType:
+    """The kernel module of a non-reference backend."""
+    return importlib.import_module(_KERNEL_MODULES[name])
+
+
+def record(name: str) -> None:
+    global _last_backend
+    _last_backend = name
+
+
+def last_backend() -> Optional[str]:
+    """The backend that served the most recent `contrastive_loss` call in this process."""
+    return _last_backend
+
+
+def build_info() -> Dict[str, object]:
+    """What this installation can run: printed by `python -m mmloss.info`."""
+    from mmloss._version import __version__
+
+    ext = compiled_extension()
+    info: Dict[str, object] = {
+        "mmloss": __version__,
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "CUDA device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "mmloss._C": "not built" if ext is None else "built",
+    }
+    if ext is not None:
+        info["compiled CPU kernels"] = f"yes (OpenMP: {ext.openmp_threads() or 'off'})"
+        info["compiled CUDA kernels"] = ", ".join(f"sm_{a}" for a in ext.cuda_archs()) if ext.has_cuda() else "no"
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    info["backends here"] = ", ".join(
+        n for n in ("reference", "cpu", "triton", "cuda") if unavailable_reason(n, torch.device("cpu")) is None
+        or (torch.cuda.is_available() and unavailable_reason(n, torch.device("cuda")) is None)
+    )
+    return info

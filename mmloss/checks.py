@@ -1,0 +1,196 @@
+"""Argument checks for `contrastive_loss`: every bad input fails here, before any kernel runs.
+
+Each error is a ValueError (bad value or shape) or TypeError (bad type or dtype) whose
+message starts with the name of the offending argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from mmloss.constants import IGNORE_INDEX, NORM_EPS
+from mmloss.problem import LossProblem
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+Temperature = Union[float, torch.Tensor]
+
+
+def _capturing(device: torch.device) -> bool:
+    """Value checks that need a device sync are skipped while a CUDA graph is captured."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_embeddings(query, key) -> None:
+    for name, x in (("query", query), ("key", key)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, d), got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} dtype {x.dtype} is not supported (float32, bfloat16, float16, float64)")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    if query.dtype != key.dtype:
+        raise TypeError(f"key dtype {key.dtype} differs from query dtype {query.dtype}")
+    if query.device != key.device:
+        raise ValueError(f"key is on {key.device} but query is on {query.device}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"key width {key.shape[1]} differs from query width {query.shape[1]}")
+
+
+def _check_index_tensor(name: str, x, length: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must have dtype int64 or int32, got {x.dtype}")
+    if x.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but query is on {device}")
+    return x.to(torch.int64).contiguous()
+
+
+def check_positives(positives, M: int, N: int, device: torch.device) -> torch.Tensor:
+    if positives is None:
+        if M > N:
+            raise ValueError(f"positives=None means row i's positive is column i, which needs M <= N; got M={M}, N={N}")
+        return torch.arange(M, device=device)
+    positives = _check_index_tensor("positives", positives, M, device)
+    if not _capturing(device):
+        bad = ((positives < 0) & (positives != IGNORE_INDEX)) | (positives >= N)
+        if bool(bad.any()):
+            value = int(positives[bad][0])
+            raise ValueError(
+                f"positives must be column indices in [0, {N}) or {IGNORE_INDEX} (ignore the row); got {value}"
+            )
+    return positives
+
+
+def check_temperature(temperature: Temperature, device: torch.device) -> None:
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0:
+            raise ValueError(f"temperature must be a float or a 0-dim tensor, got shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        if temperature.device != device:
+            raise ValueError(f"temperature is on {temperature.device} but query is on {device}")
+        if not _capturing(device) and bool(temperature.detach() <= 0):
+            raise ValueError(f"temperature must be > 0, got {float(temperature)}")
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    if not temperature > 0 and not math.isnan(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_margin(margin) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin must be a float (radians), got {type(margin).__name__}")
+    if not 0.0 <= margin < math.pi / 2:
+        raise ValueError(f"margin must be in [0, pi/2) radians, got {margin}")
+    return float(margin)
+
+
+def _check_teacher_pair(name: str, pair, M: int, N: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(pair, Sequence) or len(pair) != 2:
+        raise TypeError(f"{name} must be a pair (teacher rows (M, dt), teacher columns (N, dt))")
+    rows, cols = pair
+    for part, x, length in (("[0]", rows, M), ("[1]", cols, N)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}{part} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[0] != length or x.shape[1] == 0:
+            raise ValueError(f"{name}{part} must have shape ({length}, dt) with dt >= 1, got {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}{part} dtype {x.dtype} is not supported")
+        if x.device != device:
+            raise ValueError(f"{name}{part} is on {x.device} but query is on {device}")
+    if rows.dtype != cols.dtype:
+        raise TypeError(f"{name}: the two teacher tensors have different dtypes {rows.dtype} and {cols.dtype}")
+    if rows.shape[1] != cols.shape[1]:
+        raise ValueError(f"{name}: the two teacher tensors have different widths {rows.shape[1]} and {cols.shape[1]}")
+    return rows, cols
+
+
+def build_problem(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    positives: Optional[torch.Tensor],
+    temperature: Temperature,
+    margin: float,
+    margin_teacher,
+    filter_teacher,
+    filter_threshold: Optional[float],
+    filter_normalize: bool,
+    key_groups: Optional[torch.Tensor],
+    symmetric: bool,
+    reduction: str,
+    backend: str,
+) -> LossProblem:
+    """Checks every argument of `contrastive_loss` and returns what the kernels need.
+
+    Teacher features are normalised here (they get no gradient): unit rows for the adaptive
+    margin, and for the filter when `filter_normalize` is set.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_embeddings(query, key)
+    M, N = query.shape[0], key.shape[0]
+    device = query.device
+    check_temperature(temperature, device)
+    margin = check_margin(margin)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    if symmetric:
+        if positives is not None:
+            raise ValueError("positives must be None when symmetric=True (pair i is row i and column i)")
+        if M != N:
+            raise ValueError(f"symmetric=True needs as many keys as queries; got M={M}, N={N}")
+    positives = check_positives(positives, M, N, device)
+    if key_groups is not None:
+        key_groups = _check_index_tensor("key_groups", key_groups, N, device)
+
+    margin_query = margin_key = None
+    if margin_teacher is not None:
+        tq, tk = _check_teacher_pair("margin_teacher", margin_teacher, M, N, device)
+        margin_query = F.normalize(tq.detach(), dim=-1, eps=NORM_EPS)
+        margin_key = F.normalize(tk.detach(), dim=-1, eps=NORM_EPS)
+
+    if not isinstance(filter_normalize, bool):
+        raise TypeError(f"filter_normalize must be a bool, got {type(filter_normalize).__name__}")
+    filter_query = filter_key = None
+    if filter_teacher is not None:
+        fq, fk = _check_teacher_pair("filter_teacher", filter_teacher, M, N, device)
+        if filter_threshold is None:
+            raise ValueError("filter_threshold is required with filter_teacher (its scale depends on the teacher)")
+        if isinstance(filter_threshold, bool) or not isinstance(filter_threshold, numbers.Real):
+            raise TypeError(f"filter_threshold must be a float, got {type(filter_threshold).__name__}")
+        if math.isnan(filter_threshold):
+            raise ValueError("filter_threshold must not be NaN")
+        fq, fk = fq.detach(), fk.detach()
+        if filter_normalize:
+            fq, fk = F.normalize(fq, dim=-1, eps=NORM_EPS), F.normalize(fk, dim=-1, eps=NORM_EPS)
+        filter_query, filter_key = fq.contiguous(), fk.contiguous()
+    elif filter_threshold is not None:
+        raise ValueError("filter_threshold was given without filter_teacher")
+
+    return LossProblem(
+        positives=positives,
+        margin=margin,
+        margin_query=margin_query,
+        margin_key=margin_key,
+        filter_query=filter_query,
+        filter_key=filter_key,
+        filter_threshold=float(filter_threshold) if filter_threshold is not None else 0.0,
+        key_groups=key_groups,
+    )

@@ -1,0 +1,104 @@
+"""`contrastive_loss`: checks -> backend choice -> one autograd.Function per direction."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from mmloss import backends
+from mmloss.checks import Temperature, build_problem
+from mmloss.constants import IGNORE_INDEX
+from mmloss.problem import LossProblem
+from mmloss.reference import contrastive_loss_reference, reduce_rows
+
+
+class ContrastiveRows(torch.autograd.Function):
+    """Per-row losses (M,) of one direction, computed by a kernel backend (never M × N)."""
+
+    @staticmethod
+    def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
+        rows, saved = kernel_module.forward(query, key, inv_temp, problem)
+        ctx.problem, ctx.kernel_module = problem, kernel_module
+        ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
+        tensors = (query, key) + tuple(saved)
+        if ctx.inv_temp_is_tensor:
+            tensors += (inv_temp,)
+        else:
+            ctx.inv_temp = inv_temp
+        ctx.save_for_backward(*tensors)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        tensors = ctx.saved_tensors
+        if ctx.inv_temp_is_tensor:
+            tensors, inv_temp = tensors[:-1], tensors[-1]
+        else:
+            inv_temp = ctx.inv_temp
+        query, key, saved = tensors[0], tensors[1], tensors[2:]
+        need_temp_grad = ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
+        d_query, d_key, d_inv_temp = ctx.kernel_module.backward(
+            query, key, inv_temp, ctx.problem, saved, grad_rows.contiguous(), need_temp_grad
+        )
+        return d_query, d_key, d_inv_temp if need_temp_grad else None, None, None
+
+
+def contrastive_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    positives: Optional[torch.Tensor] = None,
+    temperature: Temperature = 0.05,
+    margin: float = 0.0,
+    margin_teacher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    filter_teacher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    filter_threshold: Optional[float] = None,
+    filter_normalize: bool = False,
+    key_groups: Optional[torch.Tensor] = None,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Masked, margined InfoNCE of rows `query` against columns `key` (SPEC §1).
+
+    query (M, d), key (N, d): embeddings, normalised inside (fp32, bf16, fp16; fp64 on CPU).
+    positives (M,) int: each row's positive column, -100 ignores the row; None = arange(M).
+    temperature: τ as a float, or a 0-dim tensor (learnable when it requires grad).
+    margin: angular margin m (radians, [0, π/2)) on negatives: f = cos(θ - m').
+    margin_teacher (tq (M, dt), tk (N, dt)): adaptive m'_ij = m (1 - cos(tq_i, tk_j)).
+    filter_teacher (fq (M, df), fk (N, df)) with filter_threshold: negative j is dropped from
+        row i when <fq_i, fk_j> > filter_threshold (cosine when filter_normalize=True).
+    key_groups (N,) int: columns sharing the positive's group (other than the positive) are
+        not negatives.
+    symmetric: CLIP-style mean of the row and column losses (M == N, positives None).
+    reduction: "mean" over non-ignored rows, "sum", or "none" ((M,), 0 for ignored rows).
+    backend: "auto" | "reference" | "cpu" | "triton" | "cuda"; `mmloss.last_backend()` says
+        which one ran.
+
+    Returns the loss in fp32 (fp64 for fp64 inputs).
+    """
+    problem = build_problem(
+        query, key, positives=positives, temperature=temperature, margin=margin,
+        margin_teacher=margin_teacher, filter_teacher=filter_teacher,
+        filter_threshold=filter_threshold, filter_normalize=filter_normalize,
+        key_groups=key_groups, symmetric=symmetric, reduction=reduction, backend=backend,
+    )
+    name = backends.resolve(backend, query.device, query.dtype)
+    if name == "reference":
+        backends.record(name)
+        return contrastive_loss_reference(
+            query, key, positives=problem.positives, temperature=temperature, margin=margin,
+            margin_teacher=margin_teacher, filter_teacher=filter_teacher,
+            filter_threshold=filter_threshold, filter_normalize=filter_normalize,
+            key_groups=key_groups, symmetric=symmetric, reduction=reduction,
+        )
+    kernel_module = backends.kernels(name)
+    kernel_module.check(query, problem)
+    backends.record(name)
+    inv_temp = 1.0 / temperature
+    rows = ContrastiveRows.apply(query, key, inv_temp, problem, kernel_module)
+    if symmetric:
+        cols = ContrastiveRows.apply(key, query, inv_temp, problem.transposed(), kernel_module)
+        rows = 0.5 * (rows + cols)
+    return reduce_rows(rows, problem.positives != IGNORE_INDEX, reduction)

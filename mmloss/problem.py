@@ -1,0 +1,62 @@
+"""The validated arguments of one direction of the core op, as every kernel backend gets them.
+
+`mmloss.checks.build_problem` makes a `LossProblem` from the public call's arguments; the
+kernel backends (cpu, triton, cuda) read it and never see the raw keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LossProblem:
+    """One direction of `contrastive_loss`: rows `query` (M, d) against columns `key` (N, d).
+
+    positives:        (M,) int64, the positive column per row, `IGNORE_INDEX` = ignored row.
+    margin:           angular margin m in radians, 0 = plain InfoNCE.
+    margin_query, margin_key:
+                      (M, dt), (N, dt) unit-norm teacher rows for the adaptive margin
+                      m'_ij = m (1 - <margin_query_i, margin_key_j>), or None (m' = m).
+    filter_query, filter_key:
+                      (M, df), (N, df) teacher rows whose dot product s_ij drops negative j
+                      from row i when s_ij > filter_threshold (already unit-norm when the caller
+                      asked for the cosine), or None.
+    key_groups:       (N,) int64 group id per column, or None.
+    """
+
+    positives: torch.Tensor
+    margin: float = 0.0
+    margin_query: Optional[torch.Tensor] = None
+    margin_key: Optional[torch.Tensor] = None
+    filter_query: Optional[torch.Tensor] = None
+    filter_key: Optional[torch.Tensor] = None
+    filter_threshold: float = 0.0
+    key_groups: Optional[torch.Tensor] = None
+
+    @property
+    def adaptive_margin(self) -> bool:
+        return self.margin_query is not None
+
+    @property
+    def has_filter(self) -> bool:
+        return self.filter_query is not None
+
+    @property
+    def cos_margin(self) -> float:
+        """Columns with c_ij >= cos(m) keep f = c (SPEC §1: near-duplicates untouched)."""
+        return math.cos(self.margin)
+
+    def transposed(self) -> "LossProblem":
+        """The column direction of a symmetric loss: keys become rows (diagonal positives)."""
+        return dataclasses.replace(
+            self,
+            margin_query=self.margin_key,
+            margin_key=self.margin_query,
+            filter_query=self.filter_key,
+            filter_key=self.filter_query,
+        )

@@ -1,0 +1,113 @@
+"""The oracle: SPEC §1 in plain, dense PyTorch (builds the M × N matrix; any dtype, fp64 too).
+
+Every other backend is tested against this; it is itself tested against a direct formula
+(F.cross_entropy, and an explicit acos/cos for the margin). Imports only torch (and the contract's constants).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mmloss.constants import IGNORE_INDEX, MARGIN_SIN_EPS, NORM_EPS
+
+
+def _sin_from_cos(c: torch.Tensor) -> torch.Tensor:
+    """sqrt(max(1 - c², ε)) whose derivative is -c / sqrt(max(1 - c², ε)) everywhere (SPEC §1)."""
+    u = 1.0 - c * c
+    s = torch.sqrt(torch.clamp(u, min=MARGIN_SIN_EPS))
+    return s.detach() + (u - u.detach()) / (2.0 * s.detach())
+
+
+def _row_losses(
+    query, key, positives, temperature, margin, margin_teacher, filter_teacher, filter_threshold,
+    filter_normalize, key_groups,
+):
+    """Per-row losses (M,) of one direction, 0 for ignored rows."""
+    M, N = query.shape[0], key.shape[0]
+    qn = F.normalize(query, dim=-1, eps=NORM_EPS)
+    kn = F.normalize(key, dim=-1, eps=NORM_EPS)
+    cos = qn @ kn.T
+
+    if positives is None:
+        positives = torch.arange(M, device=query.device)
+    positives = positives.long()
+    valid = positives != IGNORE_INDEX
+    pos_col = torch.where(valid, positives, torch.zeros_like(positives))
+    is_pos = torch.zeros(M, N, dtype=torch.bool, device=query.device)
+    is_pos[torch.arange(M, device=query.device), pos_col] = valid
+
+    removed = torch.zeros_like(is_pos)
+    if key_groups is not None:
+        groups = key_groups.long()
+        removed |= groups[None, :] == groups[pos_col][:, None]
+    poison = None
+    if filter_teacher is not None:
+        fq, fk = (t.detach() for t in filter_teacher)
+        if filter_normalize:
+            fq, fk = F.normalize(fq, dim=-1, eps=NORM_EPS), F.normalize(fk, dim=-1, eps=NORM_EPS)
+        scores = fq @ fk.T
+        removed |= scores > filter_threshold
+        poison = torch.isnan(scores)  # a NaN teacher score gives a NaN loss, never a silent number
+    allowed = ~removed | is_pos
+
+    f = cos
+    if margin > 0:
+        if margin_teacher is None:
+            m_eff = torch.full_like(cos, margin)
+        else:
+            tq, tk = (F.normalize(t.detach(), dim=-1, eps=NORM_EPS) for t in margin_teacher)
+            m_eff = margin * (1.0 - (tq @ tk.T).to(cos.dtype))
+        transformed = ~is_pos & (cos < math.cos(margin))
+        arc = cos * torch.cos(m_eff) + _sin_from_cos(cos) * torch.sin(m_eff)
+        f = torch.where(transformed, arc, cos)
+
+    logits = f / temperature
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    if poison is not None:
+        logits = logits.masked_fill(poison, float("nan"))
+    lse = torch.logsumexp(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
+    pos_logit = logits.gather(1, pos_col[:, None]).squeeze(1).to(lse.dtype)
+    return torch.where(valid, lse - pos_logit, torch.zeros_like(lse)), valid
+
+
+def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-row losses (M,) to the requested reduction; "mean" divides by the non-ignored rows."""
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum()
+
+
+def contrastive_loss_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    positives=None,
+    temperature=0.05,
+    margin: float = 0.0,
+    margin_teacher=None,
+    filter_teacher=None,
+    filter_threshold=None,
+    filter_normalize: bool = False,
+    key_groups=None,
+    symmetric: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """SPEC §1 densely; same arguments as `mmloss.contrastive_loss` less `backend`.
+
+    Assumes valid arguments (the public call checks them). Returns fp32 for 16-bit inputs.
+    """
+    common = dict(temperature=temperature, margin=margin, filter_threshold=filter_threshold,
+                  filter_normalize=filter_normalize, key_groups=key_groups)
+    rows, valid = _row_losses(query, key, positives, margin_teacher=margin_teacher,
+                              filter_teacher=filter_teacher, **common)
+    if symmetric:
+        swap = lambda pair: None if pair is None else (pair[1], pair[0])  # noqa: E731
+        cols, _ = _row_losses(key, query, None, margin_teacher=swap(margin_teacher),
+                              filter_teacher=swap(filter_teacher), **common)
+        rows = 0.5 * (rows + cols)
+    return reduce_rows(rows, valid, reduction)

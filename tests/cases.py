@@ -1,0 +1,140 @@
+"""Random inputs for every feature of SPEC §1, shared by the backend test suites.
+
+`make_case` builds fresh random query/key and feature arguments; `loss_and_grads` runs one
+backend and returns the loss with the gradients of query, key and a learnable temperature;
+`assert_matches_reference` compares a backend with the float64 reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import mmloss
+from mmloss.reference import contrastive_loss_reference
+
+# Feature sets a suite runs; "all" switches on everything that combines with positives.
+FEATURES = {
+    "plain": {},
+    "margin": {"margin": 0.15},
+    "adaptive_margin": {"margin": 0.3, "adaptive": True},
+    "filter": {"filter": True},
+    "filter_normalize": {"filter": True, "filter_normalize": True},
+    "groups": {"groups": True},
+    "ignore": {"ignore": True},
+    "positives": {"shuffle_positives": True},
+    "symmetric": {"symmetric": True},
+    "symmetric_all": {"symmetric": True, "margin": 0.2, "adaptive": True, "filter": True, "groups": True},
+    "all": {"margin": 0.2, "adaptive": True, "filter": True, "groups": True, "ignore": True,
+            "shuffle_positives": True},
+}
+
+
+@dataclasses.dataclass
+class Case:
+    query: torch.Tensor
+    key: torch.Tensor
+    temperature: object
+    kwargs: Dict[str, object]
+
+    def inputs(self, dtype: torch.dtype, learn_temperature: bool = False):
+        """Leaf copies in `dtype` that require grad, and the temperature to pass."""
+        q = self.query.detach().to(dtype).requires_grad_(True)
+        k = self.key.detach().to(dtype).requires_grad_(True)
+        t = self.temperature
+        if learn_temperature:
+            t = torch.tensor(float(t), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                             device=q.device, requires_grad=True)
+        return q, k, t
+
+
+def make_case(M: int, N: int, d: int, features: str, *, seed: int, device="cpu",
+              teacher_width: int = 5, duplicates: bool = False) -> Case:
+    """Fresh random inputs (float64) for the named feature set. `duplicates` makes some
+    columns near-copies of their rows' positives (c -> 1)."""
+    spec = FEATURES[features]
+    g = torch.Generator().manual_seed(seed)
+    symmetric = spec.get("symmetric", False)
+    if symmetric or not spec.get("shuffle_positives"):
+        N = max(N, M) if not symmetric else M
+    q = torch.randn(M, d, generator=g, dtype=torch.float64)
+    k = torch.randn(N, d, generator=g, dtype=torch.float64)
+    # Correlate each row with its positive so that losses are not all near log N.
+    positives: Optional[torch.Tensor] = None
+    if spec.get("shuffle_positives"):
+        positives = torch.randint(0, N, (M,), generator=g)
+    pos_cols = positives if positives is not None else torch.arange(M)
+    q = q + 1.5 * k[pos_cols]
+    if duplicates:
+        k[pos_cols] = q + 1e-7 * torch.randn(M, d, generator=g, dtype=torch.float64)
+    kwargs: Dict[str, object] = {"margin": spec.get("margin", 0.0), "symmetric": symmetric}
+    if spec.get("ignore"):
+        positives = pos_cols.clone()
+        positives[torch.rand(M, generator=g) < 0.3] = mmloss.IGNORE_INDEX
+    if positives is not None:
+        kwargs["positives"] = positives.to(device)
+    if spec.get("adaptive"):
+        tq = torch.randn(M, teacher_width, generator=g, dtype=torch.float64)
+        kwargs["margin_teacher"] = (tq.to(device), (torch.randn(N, teacher_width, generator=g,
+                                                              dtype=torch.float64)).to(device))
+    if spec.get("filter"):
+        fq = torch.randn(M, teacher_width + 2, generator=g, dtype=torch.float64)
+        fk = torch.randn(N, teacher_width + 2, generator=g, dtype=torch.float64)
+        normalize = spec.get("filter_normalize", False)
+        kwargs.update(filter_teacher=(fq.to(device), fk.to(device)), filter_normalize=normalize,
+                      filter_threshold=0.5 if normalize else 1.5)
+    if spec.get("groups"):
+        kwargs["key_groups"] = torch.randint(0, max(1, N // 3), (N,), generator=g).to(device)
+    temperature = float(0.05 + 0.2 * torch.rand((), generator=g))
+    return Case(q.to(device), k.to(device), temperature, kwargs)
+
+
+def loss_and_grads(case: Case, backend: str, dtype: torch.dtype, reduction: str = "mean",
+                   learn_temperature: bool = False, teacher_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """Loss (as float64) and grads of query, key (and temperature) for a random upstream grad."""
+    q, k, t = case.inputs(dtype, learn_temperature)
+    kwargs = dict(case.kwargs)
+    for name in ("margin_teacher", "filter_teacher"):
+        if name in kwargs:
+            # 16-bit runs keep fp32 teachers, so that a threshold decision cannot flip by rounding.
+            default = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+            kwargs[name] = tuple(x.to(teacher_dtype or default) for x in kwargs[name])
+    if backend == "oracle":
+        loss = contrastive_loss_reference(q, k, temperature=t, reduction=reduction, **kwargs)
+    else:
+        loss = mmloss.contrastive_loss(q, k, temperature=t, reduction=reduction, backend=backend, **kwargs)
+        assert mmloss.last_backend() == backend
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    inputs = (q, k, t) if learn_temperature else (q, k)
+    grads = torch.autograd.grad((loss * upstream).sum(), inputs)
+    return loss.detach().double(), tuple(g.double() for g in grads)
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference; NaN where one side is NaN and the other is not."""
+    if a.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max())
+
+
+def assert_matches_reference(case: Case, backend: str, dtype: torch.dtype, reduction: str = "mean",
+                             learn_temperature: bool = False, atol: float = 1e-9,
+                             rtol: float = 1e-7) -> None:
+    """`backend` in `dtype` against the reference in float64. For low-precision dtypes the bar
+    is SPEC §1's: at most 2x (+1e-6) the error of the reference backend run in `dtype`."""
+    exact_loss, exact_grads = loss_and_grads(case, "oracle", torch.float64, reduction, learn_temperature)
+    loss, grads = loss_and_grads(case, backend, dtype, reduction, learn_temperature)
+    if dtype == torch.float64:
+        torch.testing.assert_close(loss, exact_loss, atol=atol, rtol=rtol)
+        for got, want in zip(grads, exact_grads):
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+        return
+    ref_loss, ref_grads = loss_and_grads(case, "oracle", dtype, reduction, learn_temperature)
+    pairs = [(loss, ref_loss, exact_loss)] + list(zip(grads, ref_grads, exact_grads))
+    for name, (got, ref, want) in zip(("loss", "d_query", "d_key", "d_temperature"), pairs):
+        bar = 2 * max_error(ref, want) + 1e-6
+        err = max_error(got, want)
+        assert err <= bar, f"{name}: {backend} {dtype} error {err:.3g} > bar {bar:.3g}"
