@@ -2,13 +2,20 @@
 
 A kernel backend is a module with
 
-    forward(query, key, inv_temp, problem) -> (row_loss (M,), saved: tuple of tensors)
-    backward(query, key, inv_temp, problem, saved, grad_rows, need_temp_grad)
-        -> (d_query, d_key, d_inv_temp or None)
-    check(query, problem) -> None   (raises TypeError/ValueError for what it cannot serve)
+    check(query, problem) -> None        raise TypeError/ValueError for what it cannot serve
+    forward(query, key, inv_temp, problem) -> (lse (M,), pos_logit (M,))
+        lse_i = log-sum-exp over the allowed columns of this key block of logit_ij;
+        pos_logit_i = logit of the row's positive when it is in this block, else 0.
+    backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad)
+        -> (d_query (M, d), d_key (N, d), d_inv_temp 0-dim tensor or None)
+        the gradient of sum_i row_weight_i * loss_i over this block's columns, where
+        P_ij = exp(logit_ij - lse_i) uses the given (possibly global) lse.
 
-where `query`/`key` are the raw (unnormalised) embeddings, `inv_temp` is 1/τ as a float or a
-0-dim tensor, and `problem` a `mmloss.problem.LossProblem`. Nothing here falls back silently:
+`query`/`key` are the raw (unnormalised) embeddings (normalisation is the kernel's job),
+`inv_temp` is 1/τ as a float or a 0-dim tensor, `problem` a `mmloss.problem.LossProblem`.
+lse and pos_logit are fp32 (fp64 for fp64 inputs); gradients have the inputs' dtypes. The
+block form lets `mmloss.distributed` combine key blocks held by different ranks.
+Nothing here falls back silently:
 `auto` picks per device and records its choice (`last_backend()`), a named backend that is
 not available raises.
 """

@@ -157,8 +157,11 @@ def build_problem(
         if M != N:
             raise ValueError(f"symmetric=True needs as many keys as queries; got M={M}, N={N}")
     positives = check_positives(positives, M, N, device)
+    valid_rows = positives != IGNORE_INDEX
+    row_groups = None
     if key_groups is not None:
         key_groups = _check_index_tensor("key_groups", key_groups, N, device)
+        row_groups = key_groups[positives.clamp(min=0)]
 
     margin_query = margin_key = None
     if margin_teacher is not None:
@@ -186,6 +189,7 @@ def build_problem(
 
     return LossProblem(
         positives=positives,
+        valid_rows=valid_rows,
         margin=margin,
         margin_query=margin_query,
         margin_key=margin_key,
@@ -193,4 +197,5 @@ def build_problem(
         filter_key=filter_key,
         filter_threshold=float(filter_threshold) if filter_threshold is not None else 0.0,
         key_groups=key_groups,
+        row_groups=row_groups,
     )

@@ -8,38 +8,37 @@ import torch
 
 from mmloss import backends
 from mmloss.checks import Temperature, build_problem
-from mmloss.constants import IGNORE_INDEX
 from mmloss.problem import LossProblem
 from mmloss.reference import contrastive_loss_reference, reduce_rows
 
 
 class ContrastiveRows(torch.autograd.Function):
-    """Per-row losses (M,) of one direction, computed by a kernel backend (never M × N)."""
+    """Per-row losses (M,) of one direction (0 for ignored rows), by a kernel backend that
+    never builds the M × N matrix."""
 
     @staticmethod
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
-        rows, saved = kernel_module.forward(query, key, inv_temp, problem)
+        lse, pos_logit = kernel_module.forward(query, key, inv_temp, problem)
+        rows = torch.where(problem.valid_rows, lse - pos_logit, torch.zeros_like(lse))
         ctx.problem, ctx.kernel_module = problem, kernel_module
         ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
-        tensors = (query, key) + tuple(saved)
         if ctx.inv_temp_is_tensor:
-            tensors += (inv_temp,)
+            ctx.save_for_backward(query, key, lse, inv_temp)
         else:
+            ctx.save_for_backward(query, key, lse)
             ctx.inv_temp = inv_temp
-        ctx.save_for_backward(*tensors)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        tensors = ctx.saved_tensors
         if ctx.inv_temp_is_tensor:
-            tensors, inv_temp = tensors[:-1], tensors[-1]
+            query, key, lse, inv_temp = ctx.saved_tensors
         else:
-            inv_temp = ctx.inv_temp
-        query, key, saved = tensors[0], tensors[1], tensors[2:]
+            (query, key, lse), inv_temp = ctx.saved_tensors, ctx.inv_temp
         need_temp_grad = ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
+        row_weight = torch.where(ctx.problem.valid_rows, grad_rows, torch.zeros_like(grad_rows))
         d_query, d_key, d_inv_temp = ctx.kernel_module.backward(
-            query, key, inv_temp, ctx.problem, saved, grad_rows.contiguous(), need_temp_grad
+            query, key, inv_temp, ctx.problem, lse, row_weight.contiguous(), need_temp_grad
         )
         return d_query, d_key, d_inv_temp if need_temp_grad else None, None, None
 
@@ -101,4 +100,4 @@ def contrastive_loss(
     if symmetric:
         cols = ContrastiveRows.apply(key, query, inv_temp, problem.transposed(), kernel_module)
         rows = 0.5 * (rows + cols)
-    return reduce_rows(rows, problem.positives != IGNORE_INDEX, reduction)
+    return reduce_rows(rows, problem.valid_rows, reduction)

@@ -17,7 +17,12 @@ import torch
 class LossProblem:
     """One direction of `contrastive_loss`: rows `query` (M, d) against columns `key` (N, d).
 
-    positives:        (M,) int64, the positive column per row, `IGNORE_INDEX` = ignored row.
+    The columns may be one block of a larger key set (global negatives): a kernel computes the
+    log-sum-exp over its columns only, and the caller combines blocks.
+
+    positives:        (M,) int64, the positive's column in this block; any value outside
+                      [0, N) means the row's positive is not in this block (or it is ignored).
+    valid_rows:       (M,) bool, False for ignored rows (their loss is 0, their weight 0).
     margin:           angular margin m in radians, 0 = plain InfoNCE.
     margin_query, margin_key:
                       (M, dt), (N, dt) unit-norm teacher rows for the adaptive margin
@@ -27,9 +32,11 @@ class LossProblem:
                       from row i when s_ij > filter_threshold (already unit-norm when the caller
                       asked for the cosine), or None.
     key_groups:       (N,) int64 group id per column, or None.
+    row_groups:       (M,) int64 group id of each row's positive (set with key_groups).
     """
 
     positives: torch.Tensor
+    valid_rows: torch.Tensor
     margin: float = 0.0
     margin_query: Optional[torch.Tensor] = None
     margin_key: Optional[torch.Tensor] = None
@@ -37,6 +44,7 @@ class LossProblem:
     filter_key: Optional[torch.Tensor] = None
     filter_threshold: float = 0.0
     key_groups: Optional[torch.Tensor] = None
+    row_groups: Optional[torch.Tensor] = None
 
     @property
     def adaptive_margin(self) -> bool:
@@ -59,4 +67,6 @@ class LossProblem:
             margin_key=self.margin_query,
             filter_query=self.filter_key,
             filter_key=self.filter_query,
+            key_groups=self.row_groups,
+            row_groups=self.key_groups,
         )
