@@ -13,7 +13,8 @@ A kernel backend is a module with
 
 `query`/`key` are the raw (unnormalised) embeddings (normalisation is the kernel's job),
 `inv_temp` is 1/τ as a float or a 0-dim tensor, `problem` a `mmloss.problem.LossProblem`.
-lse and pos_logit are fp32 (fp64 for fp64 inputs); gradients have the inputs' dtypes. The
+lse and pos_logit are fp32 or wider (fp64 for fp64 inputs); gradients have the inputs' dtypes;
+d_inv_temp is float64. The
 block form lets `mmloss.distributed` combine key blocks held by different ranks.
 Nothing here falls back silently:
 `auto` picks per device and records its choice (`last_backend()`), a named backend that is

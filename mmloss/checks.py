@@ -19,6 +19,7 @@ from mmloss.problem import LossProblem
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+GLOBAL_NEGATIVES = ("gather", "ring")
 
 Temperature = Union[float, torch.Tensor]
 
@@ -117,6 +118,19 @@ def _check_teacher_pair(name: str, pair, M: int, N: int, device: torch.device) -
     if rows.shape[1] != cols.shape[1]:
         raise ValueError(f"{name}: the two teacher tensors have different widths {rows.shape[1]} and {cols.shape[1]}")
     return rows, cols
+
+
+def check_global_negatives(global_negatives, process_group) -> None:
+    """`global_negatives` is None, "gather" or "ring"; a process group needs one of the two."""
+    if global_negatives is None:
+        if process_group is not None:
+            raise ValueError("process_group was given without global_negatives ('gather' or 'ring')")
+        return
+    if not isinstance(global_negatives, str) or global_negatives not in GLOBAL_NEGATIVES:
+        raise ValueError(f"global_negatives must be None or one of {GLOBAL_NEGATIVES}, got {global_negatives!r}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("global_negatives needs an initialised torch.distributed process group "
+                         "(torch.distributed.init_process_group)")
 
 
 def build_problem(

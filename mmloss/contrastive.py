@@ -7,9 +7,15 @@ from typing import Optional, Tuple
 import torch
 
 from mmloss import backends
-from mmloss.checks import Temperature, build_problem
+from mmloss.checks import Temperature, build_problem, check_global_negatives
 from mmloss.problem import LossProblem
-from mmloss.reference import contrastive_loss_reference, reduce_rows
+from mmloss.reference import contrastive_loss_reference
+
+
+def _row_losses(lse, pos_logit, problem: LossProblem, input_dtype: torch.dtype) -> torch.Tensor:
+    """lse - pos_logit for valid rows, 0 for ignored ones, in the loss dtype (fp32, or fp64)."""
+    rows = torch.where(problem.valid_rows, lse - pos_logit, torch.zeros_like(lse))
+    return rows.to(torch.float64 if input_dtype == torch.float64 else torch.float32)
 
 
 class ContrastiveRows(torch.autograd.Function):
@@ -19,7 +25,7 @@ class ContrastiveRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
         lse, pos_logit = kernel_module.forward(query, key, inv_temp, problem)
-        rows = torch.where(problem.valid_rows, lse - pos_logit, torch.zeros_like(lse))
+        rows = _row_losses(lse, pos_logit, problem, query.dtype)
         ctx.problem, ctx.kernel_module = problem, kernel_module
         ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
         if ctx.inv_temp_is_tensor:
@@ -43,6 +49,35 @@ class ContrastiveRows(torch.autograd.Function):
         return d_query, d_key, d_inv_temp if need_temp_grad else None, None, None
 
 
+class ContrastiveSum(torch.autograd.Function):
+    """Σ over non-ignored rows of one direction's losses, with the gradient formed during the
+    forward pass (the kernel's `forward_with_grad`): the loss is the last node, so backward
+    only scales it by the incoming scalar. Saves the 4th GEMM that a recompute would cost."""
+
+    @staticmethod
+    def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
+        lse, pos_logit, d_query, d_key, d_inv_temp = kernel_module.forward_with_grad(query, key, inv_temp, problem)
+        ctx.save_for_backward(d_query, d_key, d_inv_temp)
+        return _row_losses(lse, pos_logit, problem, query.dtype).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        d_query, d_key, d_inv_temp = ctx.saved_tensors
+        d_inv_temp = grad_total * d_inv_temp if ctx.needs_input_grad[2] else None
+        return grad_total * d_query, grad_total * d_key, d_inv_temp, None, None
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _direction_sum(query, key, inv_temp, problem: LossProblem, kernel_module) -> torch.Tensor:
+    """Σ of one direction's row losses, by the fused path where the backend has one."""
+    if hasattr(kernel_module, "forward_with_grad") and _needs_grad(query, key, inv_temp):
+        return ContrastiveSum.apply(query, key, inv_temp, problem, kernel_module)
+    return ContrastiveRows.apply(query, key, inv_temp, problem, kernel_module).sum()
+
+
 def contrastive_loss(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -58,6 +93,8 @@ def contrastive_loss(
     symmetric: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    global_negatives: Optional[str] = None,
+    process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> torch.Tensor:
     """Masked, margined InfoNCE of rows `query` against columns `key` (SPEC §1).
 
@@ -74,9 +111,23 @@ def contrastive_loss(
     reduction: "mean" over non-ignored rows, "sum", or "none" ((M,), 0 for ignored rows).
     backend: "auto" | "reference" | "cpu" | "triton" | "cuda"; `mmloss.last_backend()` says
         which one ran.
+    global_negatives: None, "gather" or "ring": the keys of every rank of `process_group`
+        (default: the world) join each row's negatives; see `mmloss.distributed` for the
+        index and gradient conventions.
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
+    check_global_negatives(global_negatives, process_group)
+    if global_negatives is not None:
+        from mmloss.distributed import global_contrastive_loss  # it imports this module
+
+        return global_contrastive_loss(
+            query, key, positives=positives, temperature=temperature, margin=margin,
+            margin_teacher=margin_teacher, filter_teacher=filter_teacher,
+            filter_threshold=filter_threshold, filter_normalize=filter_normalize,
+            key_groups=key_groups, symmetric=symmetric, reduction=reduction, backend=backend,
+            mode=global_negatives, process_group=process_group,
+        )
     problem = build_problem(
         query, key, positives=positives, temperature=temperature, margin=margin,
         margin_teacher=margin_teacher, filter_teacher=filter_teacher,
@@ -95,9 +146,14 @@ def contrastive_loss(
     kernel_module = backends.kernels(name)
     kernel_module.check(query, problem)
     backends.record(name)
-    inv_temp = 1.0 / temperature
-    rows = ContrastiveRows.apply(query, key, inv_temp, problem, kernel_module)
+    # 1/τ in float64 (a tensor τ keeps its autograd link): rounding it to fp32 first would
+    # cost ~1e-7 relative error in every logit.
+    inv_temp = 1.0 / (temperature.double() if isinstance(temperature, torch.Tensor) else temperature)
+    directions = [(query, key, problem)]
     if symmetric:
-        cols = ContrastiveRows.apply(key, query, inv_temp, problem.transposed(), kernel_module)
-        rows = 0.5 * (rows + cols)
-    return reduce_rows(rows, problem.valid_rows, reduction)
+        directions.append((key, query, problem.transposed()))
+    share = 1.0 / len(directions)
+    if reduction == "none":
+        return share * sum(ContrastiveRows.apply(a, b, inv_temp, p, kernel_module) for a, b, p in directions)
+    total = share * sum(_direction_sum(a, b, inv_temp, p, kernel_module) for a, b, p in directions)
+    return total if reduction == "sum" else total / problem.valid_rows.sum()

@@ -1,0 +1,46 @@
+// pybind11 module mmloss._C: the compiled kernels and what was compiled.
+#include <torch/extension.h>
+
+#include "cpu/contrastive_cpu.h"
+
+#ifndef MMLOSS_CUDA_ARCHS
+#define MMLOSS_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+bool has_cuda() {
+#ifdef MMLOSS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Compiled CUDA architectures, e.g. [80, 90]; empty without CUDA.
+std::vector<int> cuda_archs() {
+  std::vector<int> archs;
+  std::string list = MMLOSS_CUDA_ARCHS;
+  size_t start = 0;
+  while (has_cuda() && start < list.size()) {
+    size_t end = list.find(';', start);
+    if (end == std::string::npos) end = list.size();
+    if (end > start) archs.push_back(std::stoi(list.substr(start, end - start)));
+    start = end + 1;
+  }
+  return archs;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mmloss compiled kernels";
+  m.def("contrastive_cpu", &mmloss::contrastive_cpu, "One key block of the core op on the CPU",
+        py::arg("query"), py::arg("key"), py::arg("inv_temp"), py::arg("positives"), py::arg("margin"),
+        py::arg("margin_query"), py::arg("margin_key"), py::arg("filter_query"), py::arg("filter_key"),
+        py::arg("filter_threshold"), py::arg("row_groups"), py::arg("key_groups"), py::arg("lse"),
+        py::arg("row_weight"), py::arg("scratch_bytes"));
+  m.def("openmp_threads", &mmloss::openmp_threads, "Threads OpenMP would use");
+  m.def("has_cuda", &has_cuda, "Whether CUDA kernels were compiled in");
+  m.def("cuda_archs", &cuda_archs, "Compiled CUDA architectures");
+}

@@ -1,0 +1,257 @@
+// Tiled CPU kernels of the core op: rows are processed in strips of R rows against all N
+// columns of the key block; a strip's similarity tile (R × N, bounded by a scratch budget)
+// comes from one BLAS GEMM, the per-element math runs in OpenMP over the strip's rows, and
+// the backward contracts the strip's gradient tile with two more GEMMs. Nothing of size
+// M × N is allocated. Normalisation is fused: only inverse row norms are kept.
+#include "contrastive_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "mmloss/tile_math.h"
+
+namespace mmloss {
+namespace {
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// 1 / max(‖x_i‖, ε) per row, in the compute dtype, converting a chunk of rows at a time.
+at::Tensor inverse_norms(const at::Tensor& x, at::ScalarType type) {
+  const int64_t rows = x.size(0), chunk = 4096;
+  at::Tensor out = at::empty({rows}, x.options().dtype(type));
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    at::Tensor norms = at::linalg_vector_norm(x.narrow(0, r0, n).to(type), 2, {1});
+    out.narrow(0, r0, n).copy_(norms.clamp_min(kNormEps).reciprocal());
+  }
+  return out;
+}
+
+// Rows [r0, r0 + n) of x in the compute dtype (a view when x already has it).
+at::Tensor rows_as(const at::Tensor& x, int64_t r0, int64_t n, at::ScalarType type) {
+  return x.narrow(0, r0, n).to(type);
+}
+
+// The gradient of x from the gradient U of x̂ = x / max(‖x‖, ε) (row-wise):
+// inv (U - inv² <x, U> x) where ‖x‖ > ε, inv U otherwise.
+at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& inv, const at::Tensor& U) {
+  at::Tensor inv_col = inv.unsqueeze(1);
+  at::Tensor projected = (x * U).sum(1, true) * inv_col * inv_col;
+  at::Tensor active = (inv < 1.0 / kNormEps).unsqueeze(1);
+  return inv_col * at::where(active, U - projected * x, U);
+}
+
+template <typename T>
+struct StripArgs {
+  const T* sim;            // (R, N) raw dot products <q_i, k_j>
+  const T* teacher;        // (R, N) margin-teacher cosines, or null
+  const T* filter;         // (R, N) filter scores, or null
+  const T* inv_norm_q;     // (R,)
+  const T* inv_norm_k;     // (N,)
+  const int64_t* positives;   // (R,) column of the positive in this block (else outside [0, N))
+  const int64_t* row_groups;  // (R,) or null
+  const int64_t* key_groups;  // (N,) or null
+  int64_t rows, cols;
+  double inv_temp, margin, cos_base, cos_margin, sin_margin, threshold;
+  bool has_margin;
+};
+
+// Per-element math runs in double whatever T is: it costs little next to exp on a CPU, and it
+// keeps fp32 runs' logits, probabilities and dL/d(1/τ) free of avoidable rounding.
+template <typename T>
+Element<double> element(const StripArgs<T>& a, int64_t i, int64_t j) {
+  const int64_t ij = i * a.cols + j;
+  const double c = double(a.sim[ij]) * a.inv_norm_q[i] * a.inv_norm_k[j];
+  const bool is_positive = a.positives[i] == j;
+  bool removed = a.key_groups != nullptr && a.key_groups[j] == a.row_groups[i];
+  bool poisoned = false;
+  if (a.filter != nullptr) {
+    const double s = a.filter[ij];
+    removed = removed || s > a.threshold;
+    poisoned = s != s;
+  }
+  const MarginPair<double> margin = a.teacher != nullptr
+                                        ? adaptive_margin(a.cos_base, a.margin, double(a.teacher[ij]))
+                                        : MarginPair<double>{a.cos_base, a.cos_margin, a.sin_margin};
+  return evaluate(c, is_positive, removed, poisoned, a.has_margin, margin, a.inv_temp);
+}
+
+// Row i's log-sum-exp over the block and its positive's logit (0 when not in the block).
+template <typename T>
+void row_statistics(const StripArgs<T>& a, int64_t i, double* lse, double* pos_logit) {
+  OnlineLse<double> acc;
+  double positive = 0.0;
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const Element<double> e = element(a, i, j);
+    if (!e.allowed) continue;
+    acc.add(e.logit);
+    if (a.positives[i] == j) positive = e.logit;
+  }
+  *lse = acc.value();
+  *pos_logit = positive;
+}
+
+// Overwrites row i of the similarity tile with H_ij = dL/dc_ij · a_i · b_j (a, b the inverse
+// norms), the tile that the two gradient GEMMs contract; returns row i's share of dL/d(1/τ)
+// (accumulated in double: it sums M × N terms).
+template <typename T>
+double row_gradient(const StripArgs<T>& a, int64_t i, double lse, double weight, T* tile) {
+  T* h = tile + i * a.cols;
+  if (weight == 0.0) {
+    std::fill(h, h + a.cols, T(0));
+    return 0.0;
+  }
+  double d_inv_temp = 0.0;
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const Element<double> e = element(a, i, j);
+    if (!e.allowed) {
+      h[j] = T(0);
+      continue;
+    }
+    const double g = logit_grad(e.logit, lse, weight, a.positives[i] == j);
+    d_inv_temp += g * e.f;
+    h[j] = T(g * a.inv_temp * e.df * a.inv_norm_q[i] * a.inv_norm_k[j]);
+  }
+  return d_inv_temp;
+}
+
+struct Features {
+  at::Tensor margin_q, margin_k, filter_q, filter_k, row_groups, key_groups;
+};
+
+template <typename T>
+std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv_temp,
+                            const at::Tensor& positives, double margin, const Features& feat,
+                            double threshold, const c10::optional<at::Tensor>& lse_in,
+                            const c10::optional<at::Tensor>& row_weight, int64_t scratch_bytes) {
+  const at::ScalarType type = compute_type(q);
+  const int64_t M = q.size(0), N = k.size(0), d = q.size(1);
+  const bool adaptive = feat.margin_q.defined(), filtering = feat.filter_q.defined();
+  const bool want_grad = row_weight.has_value();
+  const int64_t tiles = 1 + adaptive + filtering;
+  const int64_t R = std::clamp<int64_t>(scratch_bytes / (int64_t(sizeof(T)) * N * tiles), 1, M);
+  // 16-bit keys are upcast one column chunk at a time; full-precision keys are used in place.
+  const int64_t C = k.scalar_type() == type ? N : std::min<int64_t>(N, 4096);
+  const auto opts = q.options().dtype(type);
+
+  const at::Tensor inv_q = inverse_norms(q, type), inv_k = inverse_norms(k, type);
+  const auto wide = q.options().dtype(at::kDouble);
+  at::Tensor lse = lse_in.has_value() ? lse_in->to(at::kDouble).contiguous() : at::empty({M}, wide);
+  at::Tensor pos_logit = at::zeros({M}, wide);
+  at::Tensor weight = want_grad ? row_weight->to(at::kDouble).contiguous() : at::Tensor();
+  at::Tensor dq, dk = want_grad ? at::zeros({N, d}, opts) : at::Tensor();
+  if (want_grad) dq = at::empty({M, d}, opts);
+  const at::Tensor mk = adaptive ? feat.margin_k.to(type) : at::Tensor();
+  const at::Tensor fk = filtering ? feat.filter_k.to(type) : at::Tensor();
+  at::Tensor sim = at::empty({R, N}, opts);
+  at::Tensor teacher = adaptive ? at::empty({R, N}, opts) : at::Tensor();
+  at::Tensor filter = filtering ? at::empty({R, N}, opts) : at::Tensor();
+  const int threads = at::get_num_threads();
+  double d_inv_temp = 0.0;
+
+  StripArgs<T> a{};
+  a.inv_norm_k = inv_k.data_ptr<T>();
+  a.key_groups = feat.key_groups.defined() ? feat.key_groups.data_ptr<int64_t>() : nullptr;
+  a.cols = N;
+  a.inv_temp = inv_temp;
+  a.margin = margin;
+  a.cos_base = std::cos(margin);
+  a.cos_margin = std::cos(margin);
+  a.sin_margin = std::sin(margin);
+  a.threshold = threshold;
+  a.has_margin = margin > 0.0;
+
+  for (int64_t r0 = 0; r0 < M; r0 += R) {
+    const int64_t n = std::min(R, M - r0);
+    const at::Tensor q_strip = rows_as(q, r0, n, type);
+    at::Tensor s = sim.narrow(0, 0, n);
+    for (int64_t c0 = 0; c0 < N; c0 += C) {
+      const int64_t w = std::min(C, N - c0);
+      at::Tensor block = s.narrow(1, c0, w);
+      at::mm_out(block, q_strip, rows_as(k, c0, w, type).t());
+    }
+    at::Tensor teacher_strip = adaptive ? teacher.narrow(0, 0, n) : at::Tensor();
+    at::Tensor filter_strip = filtering ? filter.narrow(0, 0, n) : at::Tensor();
+    if (adaptive) at::mm_out(teacher_strip, rows_as(feat.margin_q, r0, n, type), mk.t());
+    if (filtering) at::mm_out(filter_strip, rows_as(feat.filter_q, r0, n, type), fk.t());
+
+    a.sim = s.data_ptr<T>();
+    a.teacher = adaptive ? teacher.data_ptr<T>() : nullptr;
+    a.filter = filtering ? filter.data_ptr<T>() : nullptr;
+    a.inv_norm_q = inv_q.data_ptr<T>() + r0;
+    a.positives = positives.data_ptr<int64_t>() + r0;
+    a.row_groups = a.key_groups != nullptr ? feat.row_groups.data_ptr<int64_t>() + r0 : nullptr;
+    a.rows = n;
+    double* lse_strip = lse.data_ptr<double>() + r0;
+    double* pos_strip = pos_logit.data_ptr<double>() + r0;
+    const double* weight_strip = want_grad ? weight.data_ptr<double>() + r0 : nullptr;
+    const bool need_lse = !lse_in.has_value();
+    double strip_d_inv_temp = 0.0;
+
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : strip_d_inv_temp)
+    for (int64_t i = 0; i < n; ++i) {
+      if (need_lse) row_statistics(a, i, lse_strip + i, pos_strip + i);
+      if (want_grad) strip_d_inv_temp += row_gradient(a, i, lse_strip[i], weight_strip[i], s.data_ptr<T>());
+    }
+    if (!want_grad) continue;
+    d_inv_temp += strip_d_inv_temp;
+    // U = H K (rows of dL/dq̂ up to the row factor 1/a_i), dK-accumulator += Hᵀ Q.
+    at::Tensor U = at::zeros({n, d}, opts);
+    for (int64_t c0 = 0; c0 < N; c0 += C) {
+      const int64_t w = std::min(C, N - c0);
+      const at::Tensor h = s.narrow(1, c0, w);
+      U.addmm_(h, rows_as(k, c0, w, type));
+      dk.narrow(0, c0, w).addmm_(h.t(), q_strip);
+    }
+    // H carries a_i; dL/dq̂_i = U_i / a_i, and normalize_backward multiplies by a_i again.
+    const at::Tensor inv_strip = inv_q.narrow(0, r0, n);
+    dq.narrow(0, r0, n).copy_(normalize_backward(q_strip, inv_strip, U / inv_strip.unsqueeze(1)));
+  }
+  if (!want_grad) return {lse, pos_logit};
+  // dK-accumulator row j = Σ_i H_ij q_i = b_j Σ_i dL/dc_ij a_i q_i = b_j dL/dk̂_j.
+  dk = normalize_backward(k.to(type), inv_k, dk / inv_k.unsqueeze(1));
+  return {lse, pos_logit, dq.to(q.scalar_type()), dk.to(k.scalar_type()),
+          at::scalar_tensor(d_inv_temp, wide)};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tensor& key, double inv_temp,
+                                        const at::Tensor& positives, double margin,
+                                        const c10::optional<at::Tensor>& margin_query,
+                                        const c10::optional<at::Tensor>& margin_key,
+                                        const c10::optional<at::Tensor>& filter_query,
+                                        const c10::optional<at::Tensor>& filter_key, double filter_threshold,
+                                        const c10::optional<at::Tensor>& row_groups,
+                                        const c10::optional<at::Tensor>& key_groups,
+                                        const c10::optional<at::Tensor>& lse,
+                                        const c10::optional<at::Tensor>& row_weight, int64_t scratch_bytes) {
+  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "mmloss cpu backend: CPU tensors only");
+  TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
+              "mmloss cpu backend: query (M, d) and key (N, d)");
+  TORCH_CHECK(positives.scalar_type() == at::kLong && positives.size(0) == query.size(0),
+              "mmloss cpu backend: positives must be int64 (M,)");
+  Features feat;
+  auto take = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  feat.margin_q = take(margin_query);
+  feat.margin_k = take(margin_key);
+  feat.filter_q = take(filter_query);
+  feat.filter_k = take(filter_key);
+  feat.row_groups = take(row_groups);
+  feat.key_groups = take(key_groups);
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), pos = positives.contiguous();
+  if (compute_type(q) == at::kDouble) {
+    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, scratch_bytes);
+  }
+  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, scratch_bytes);
+}
+
+int openmp_threads() { return omp_get_max_threads(); }
+
+}  // namespace mmloss

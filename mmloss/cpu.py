@@ -1,0 +1,49 @@
+"""The compiled CPU backend: `backend="cpu"`, the kernel contract of mmloss.backends on mmloss._C.
+
+Rows are processed in strips against the whole key block; the strip's scratch is bounded by
+MMLOSS_CPU_SCRATCH_MB (default 16 MiB per similarity/teacher tile), never M × N.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from mmloss import _C
+from mmloss.problem import LossProblem
+
+SCRATCH_BYTES = int(float(os.environ.get("MMLOSS_CPU_SCRATCH_MB", "16")) * 2**20)
+
+
+def check(query: torch.Tensor, problem: LossProblem) -> None:
+    if query.device.type != "cpu":
+        raise ValueError(f"query is on {query.device}: backend 'cpu' needs CPU tensors")
+
+
+def _call(query, key, inv_temp, problem: LossProblem, lse=None, row_weight=None):
+    return _C.contrastive_cpu(
+        query, key, float(inv_temp), problem.positives, problem.margin,
+        problem.margin_query, problem.margin_key, problem.filter_query, problem.filter_key,
+        problem.filter_threshold, problem.row_groups, problem.key_groups, lse, row_weight,
+        SCRATCH_BYTES,
+    )
+
+
+def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, torch.Tensor]:
+    lse, pos_logit = _call(query, key, inv_temp, problem)
+    return lse, pos_logit
+
+
+def forward_with_grad(query, key, inv_temp, problem: LossProblem):
+    """lse, pos_logit and the gradients of Σ_{valid i} loss_i in one pass (3 GEMMs, no recompute)."""
+    weight = problem.valid_rows.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
+    lse, pos_logit, d_query, d_key, d_inv_temp = _call(query, key, inv_temp, problem, row_weight=weight)
+    return lse, pos_logit, d_query, d_key, d_inv_temp
+
+
+def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    _, _, d_query, d_key, d_inv_temp = _call(query, key, inv_temp, problem, lse=lse, row_weight=row_weight)
+    return d_query, d_key, d_inv_temp if need_temp_grad else None

@@ -1,0 +1,354 @@
+"""Global negatives: the keys of every data-parallel rank join each row's softmax.
+
+`contrastive_loss(..., global_negatives="gather" | "ring", process_group=None)` lands here.
+Every rank passes its own rows and keys; the result is that of one process holding the
+concatenated batch (rank 0's keys first, then rank 1's, ...).
+
+Indices. `positives` are local: column j of this rank's `key` (they are offset by the rank's
+key offset internally); a row's positive is always on its own rank. `key_groups` are labels
+compared as they are across ranks: use global ids (dataset image ids), since local ids 0..n
+of two ranks would mark different images as copies of one another. Teacher key features
+(`margin_teacher[1]`, `filter_teacher[1]`) travel with their keys. Local batch sizes may
+differ between ranks (each needs at least one row and one key).
+
+Modes.
+- "gather": all-gather the keys (and their teacher features and groups), run the backend on
+  the local rows against all keys; the backward reduce-scatters d_key back to its owners.
+- "ring": key blocks pass from rank r to rank r+1 while each rank computes its rows against
+  the block it holds (isend/irecv overlapping the kernel), combining per-block lse with
+  logsumexp; the backward ring recomputes each block with the global lse and carries that
+  block's d_key along until it arrives home. No rank holds more than two key blocks: memory
+  O(local batch). Both modes use the kernel block contract of `mmloss.backends`
+  (`mmloss.blockwise` for backend="reference").
+
+Gradient convention (DDP / DeepSpeed average gradients over the data-parallel ranks). With
+W ranks, reduction "mean" or "sum" returns on every rank the value of the single-process loss
+L, while the gradient is that of W · (this rank's share of L): the rank's own rows' losses
+(against all keys) divided by the global count of non-ignored rows for "mean". The gradient
+that reaches this rank's embeddings is then W · dL/d(embeddings), and a replicated parameter
+(encoder weights, a learnable temperature) gets gradients whose average over the ranks is
+exactly the single-process dL/dθ. This is open_clip's convention (local mean against gathered
+keys) extended to uneven batches and ignored rows. reduction="none" returns this rank's rows
+(M_local,) unscaled: whatever they are reduced to, d_key sums the contributions of all ranks.
+
+Before any data moves, the ranks exchange their shapes, dtypes and settings in one small
+all-gather, so that a mismatch raises the same ValueError on every rank and a rank whose
+arguments failed the checks makes the others raise too. A rank that never calls the loss is
+reported when the process group's timeout expires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from mmloss import backends, blockwise
+from mmloss.checks import FLOAT_DTYPES, REDUCTIONS, Temperature, build_problem
+from mmloss.constants import IGNORE_INDEX
+from mmloss.contrastive import ContrastiveRows, _row_losses
+from mmloss.problem import LossProblem
+
+MODES = ("gather", "ring")
+_KEY_SIDE = ("margin_key", "filter_key", "key_groups")
+# What every rank tells the others before any data moves; all but "ok", "rows" and "keys"
+# must agree across ranks.
+_FIELDS = ("ok", "rows", "keys", "width", "dtype", "query requires grad", "key requires grad", "symmetric",
+           "reduction", "mode", "temperature", "margin", "margin_teacher width", "margin_teacher dtype",
+           "filter_teacher width", "filter_teacher dtype", "filter_threshold", "filter_normalize", "key_groups")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where this rank sits: local row and key counts of every rank of the group."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    row_sizes: Tuple[int, ...]
+    key_sizes: Tuple[int, ...]
+
+    def previous(self) -> int:
+        return dist.get_global_rank(self.group, (self.rank - 1) % self.world)
+
+    def next(self) -> int:
+        return dist.get_global_rank(self.group, (self.rank + 1) % self.world)
+
+
+def _offset(sizes: Sequence[int], rank: int) -> int:
+    return sum(sizes[:rank])
+
+
+def _dtype_code(t: Optional[torch.Tensor]) -> int:
+    return -1 if t is None else FLOAT_DTYPES.index(t.dtype)
+
+
+def _metadata(query, key, problem: Optional[LossProblem], settings: Tuple[float, ...]) -> torch.Tensor:
+    """This rank's line of the exchange (float64, len(_FIELDS)); zeros with ok=0 when its
+    arguments failed the checks. `settings`: symmetric, reduction, mode, temperature,
+    filter_normalize as numbers."""
+    values: Tuple[float, ...] = (0.0,) * len(_FIELDS)
+    if problem is not None:
+        symmetric, reduction, mode, temperature, filter_normalize = settings
+        width = lambda t: -1 if t is None else t.shape[1]  # noqa: E731
+        values = (
+            1, query.shape[0], key.shape[0], query.shape[1], _dtype_code(query), query.requires_grad,
+            key.requires_grad, symmetric, reduction, mode, temperature, problem.margin,
+            width(problem.margin_query), _dtype_code(problem.margin_query), width(problem.filter_query),
+            _dtype_code(problem.filter_query), problem.filter_threshold, filter_normalize,
+            problem.key_groups is not None,
+        )
+    device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
+    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+
+
+def _exchange(line: torch.Tensor, group) -> torch.Tensor:
+    """All ranks' metadata lines (W, len(_FIELDS)), or a clear error when a rank is missing."""
+    lines = [torch.empty_like(line) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(lines, line, group=group)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            "mmloss global negatives: exchanging batch shapes with the other ranks failed; a rank "
+            "failed or did not call the loss (every rank must make the same calls in the same order)"
+        ) from exc
+    return torch.stack(lines).cpu()
+
+
+def _describe(field: str, value: float) -> str:
+    if field.endswith("dtype"):
+        return "none" if value < 0 else str(FLOAT_DTYPES[int(value)])
+    if field == "reduction":
+        return REDUCTIONS[int(value)]
+    if field == "mode":
+        return MODES[int(value)]
+    return "none" if field.endswith("width") and value < 0 else f"{value:g}"
+
+
+def _check_agreement(table: torch.Tensor) -> None:
+    """Raise the same ValueError on every rank when the ranks' calls do not match."""
+    failed = [r for r in range(table.shape[0]) if table[r, 0] == 0]
+    if failed:
+        raise RuntimeError(f"mmloss global negatives: the arguments of rank(s) {failed} failed their checks "
+                           "(see the error raised on that rank)")
+    for j, field in enumerate(_FIELDS[3:], start=3):
+        column = table[:, j]
+        same = (column == column[0]) | (torch.isnan(column) & torch.isnan(column[0]))
+        if not bool(same.all()):
+            values = ", ".join(f"rank {r}: {_describe(field, float(v))}" for r, v in enumerate(column))
+            raise ValueError(f"global negatives: {field} differs across ranks ({values})")
+
+
+def _all_gather(x: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
+    """Concatenation over ranks of x (sizes[r], ...) (padded to one size for the collective)."""
+    padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather forward; the backward sums every rank's gradient of this rank's block and
+    returns it (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, layout: _Layout):
+        ctx.layout = layout
+        return _all_gather(x, layout.key_sizes, layout.group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layout = ctx.layout
+        n = max(layout.key_sizes)
+        stacked = grad.new_zeros((layout.world * n,) + tuple(grad.shape[1:]))
+        for r, part in enumerate(torch.split(grad, list(layout.key_sizes))):
+            stacked[r * n: r * n + part.shape[0]] = part
+        mine = grad.new_empty((n,) + tuple(grad.shape[1:]))
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        reduce_scatter(mine, stacked, group=layout.group)
+        return mine[: layout.key_sizes[layout.rank]], None
+
+
+def _global_positives(problem: LossProblem, shift: int) -> torch.Tensor:
+    """Positives moved by `shift` columns; ignored rows stay ignored (outside every block)."""
+    return torch.where(problem.valid_rows, problem.positives + shift, IGNORE_INDEX)
+
+
+def _gather_rows(query, key, inv_temp, problem: LossProblem, layout: _Layout, kernel_module) -> torch.Tensor:
+    """Per-row losses (M_local,) of local rows against the keys of all ranks, all gathered."""
+    side = {name: _all_gather(getattr(problem, name), layout.key_sizes, layout.group)
+            for name in _KEY_SIDE if getattr(problem, name) is not None}
+    shift = _offset(layout.key_sizes, layout.rank)
+    problem = dataclasses.replace(problem, positives=_global_positives(problem, shift), **side)
+    kernel_module.check(query, problem)
+    return ContrastiveRows.apply(query, _GatherWithGrad.apply(key, layout), inv_temp, problem, kernel_module)
+
+
+class _Ring:
+    """The key blocks of one direction passing around the ring of ranks."""
+
+    def __init__(self, problem: LossProblem, layout: _Layout):
+        self.problem, self.layout = problem, layout
+        self.side = [name for name in _KEY_SIDE if getattr(problem, name) is not None]
+
+    def own_block(self, key: torch.Tensor) -> List[torch.Tensor]:
+        """[key, then the key-side tensors of the problem] of this rank."""
+        return [key] + [getattr(self.problem, name) for name in self.side]
+
+    def block_problem(self, block: List[torch.Tensor], source: int) -> LossProblem:
+        """The problem of the local rows against the block that rank `source` owns."""
+        sizes = self.layout.key_sizes
+        shift = _offset(sizes, self.layout.rank) - _offset(sizes, source)
+        return dataclasses.replace(self.problem, positives=_global_positives(self.problem, shift),
+                                   **dict(zip(self.side, block[1:])))
+
+    def shift(self, tensors: List[torch.Tensor], incoming_rows: int, tag: int):
+        """Send `tensors` to the next rank and receive the previous rank's (`incoming_rows`
+        rows each, same widths and dtypes); returns (requests, received buffers)."""
+        layout = self.layout
+        received = [t.new_empty((incoming_rows,) + tuple(t.shape[1:])) for t in tensors]
+        requests = []
+        for i, (out, into) in enumerate(zip(tensors, received)):
+            requests.append(dist.irecv(into, src=layout.previous(), group=layout.group, tag=tag + i))
+            requests.append(dist.isend(out.contiguous(), dst=layout.next(), group=layout.group, tag=tag + i))
+        return requests, received
+
+    @staticmethod
+    def wait(requests) -> None:
+        for request in requests:
+            request.wait()
+
+
+_KEY_TAG, _GRAD_TAG = 0, 100
+
+
+class _RingRows(torch.autograd.Function):
+    """Per-row losses (M_local,) of local rows against every rank's keys, passed in a ring."""
+
+    @staticmethod
+    def forward(ctx, query, key, inv_temp, problem: LossProblem, layout: _Layout, kernel_module):
+        ring = _Ring(problem, layout)
+        world, rank, sizes = layout.world, layout.rank, layout.key_sizes
+        block, lse, pos_logit = ring.own_block(key), None, None
+        for step in range(world):
+            source = (rank - step) % world
+            if step + 1 < world:
+                requests, incoming = ring.shift(block, sizes[(source - 1) % world], _KEY_TAG)
+            block_problem = ring.block_problem(block, source)
+            kernel_module.check(query, block_problem)
+            block_lse, block_pos = kernel_module.forward(query, block[0], inv_temp, block_problem)
+            lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
+            pos_logit = block_pos if pos_logit is None else pos_logit + block_pos
+            if step + 1 < world:
+                ring.wait(requests)
+                block = incoming
+        ctx.ring, ctx.kernel_module = ring, kernel_module
+        ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
+        saved = (query, key, lse, inv_temp) if ctx.inv_temp_is_tensor else (query, key, lse)
+        ctx.save_for_backward(*saved)
+        ctx.inv_temp = None if ctx.inv_temp_is_tensor else inv_temp
+        return _row_losses(lse, pos_logit, problem, query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if ctx.inv_temp_is_tensor:
+            query, key, lse, inv_temp = ctx.saved_tensors
+        else:
+            (query, key, lse), inv_temp = ctx.saved_tensors, ctx.inv_temp
+        ring, kernel_module = ctx.ring, ctx.kernel_module
+        world, rank, sizes = ring.layout.world, ring.layout.rank, ring.layout.key_sizes
+        need_temp_grad = ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
+        row_weight = torch.where(ring.problem.valid_rows, grad_rows, torch.zeros_like(grad_rows)).contiguous()
+        accumulate = torch.float64 if key.dtype == torch.float64 else torch.float32
+        block, d_block = ring.own_block(key), torch.zeros(key.shape, dtype=accumulate, device=key.device)
+        d_query, d_inv_temp = None, None
+        for step in range(world):
+            source = (rank - step) % world
+            incoming_rows = sizes[(source - 1) % world]
+            if step + 1 < world:
+                key_requests, incoming = ring.shift(block, incoming_rows, _KEY_TAG)
+            dq, dk, dt = kernel_module.backward(query, block[0], inv_temp, ring.block_problem(block, source), lse,
+                                                row_weight, need_temp_grad)
+            d_query = dq.to(accumulate) if d_query is None else d_query + dq
+            d_inv_temp = dt if d_inv_temp is None else d_inv_temp + dt
+            d_block = d_block + dk
+            if world > 1:
+                # d_block travels on with its block; after the last step it reaches its owner.
+                grad_requests, (d_block,) = ring.shift([d_block], incoming_rows, _GRAD_TAG)
+                ring.wait(grad_requests)
+            if step + 1 < world:
+                ring.wait(key_requests)
+                block = incoming
+        return (d_query.to(query.dtype), d_block.to(key.dtype), d_inv_temp if need_temp_grad else None,
+                None, None, None)
+
+
+def _layout(group, problem_sizes: torch.Tensor) -> _Layout:
+    return _Layout(group=group, rank=dist.get_rank(group), world=dist.get_world_size(group),
+                   row_sizes=tuple(int(n) for n in problem_sizes[:, 0]),
+                   key_sizes=tuple(int(n) for n in problem_sizes[:, 1]))
+
+
+def global_contrastive_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    positives: Optional[torch.Tensor],
+    temperature: Temperature,
+    margin: float,
+    margin_teacher,
+    filter_teacher,
+    filter_threshold: Optional[float],
+    filter_normalize: bool,
+    key_groups: Optional[torch.Tensor],
+    symmetric: bool,
+    reduction: str,
+    backend: str,
+    mode: str,
+    process_group=None,
+) -> torch.Tensor:
+    """`mmloss.contrastive_loss` with the keys of every rank of `process_group` (default: the
+    world) as negatives; arguments as there, `mode` "gather" or "ring" (see the module doc)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    problem, error = None, None
+    try:
+        problem = build_problem(
+            query, key, positives=positives, temperature=temperature, margin=margin,
+            margin_teacher=margin_teacher, filter_teacher=filter_teacher,
+            filter_threshold=filter_threshold, filter_normalize=filter_normalize,
+            key_groups=key_groups, symmetric=symmetric, reduction=reduction, backend=backend,
+        )
+        name = backends.resolve(backend, query.device, query.dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        problem, error = None, exc
+    settings = (symmetric, REDUCTIONS.index(reduction), MODES.index(mode),
+                float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature),
+                filter_normalize) if problem is not None else ()
+    table = _exchange(_metadata(query, key, problem, settings), group)
+    if error is not None:
+        raise error
+    _check_agreement(table)
+    layout = _layout(group, table[:, 1:3])
+    kernel_module = blockwise if name == "reference" else backends.kernels(name)
+    backends.record(name)
+    # 1/τ in float64, as contrastive_loss does (a tensor τ keeps its autograd link).
+    inv_temp = 1.0 / (temperature.double() if isinstance(temperature, torch.Tensor) else temperature)
+    direction = _gather_rows if mode == "gather" else _RingRows.apply
+    rows = direction(query, key, inv_temp, problem, layout, kernel_module)
+    if symmetric:
+        transposed_layout = dataclasses.replace(layout, row_sizes=layout.key_sizes, key_sizes=layout.row_sizes)
+        cols = direction(key, query, inv_temp, problem.transposed(), transposed_layout, kernel_module)
+        rows = 0.5 * (rows + cols)
+    if reduction == "none":
+        return rows
+    totals = torch.stack([rows.detach().sum().double(), problem.valid_rows.sum().double()])
+    dist.all_reduce(totals, group=group)
+    share = layout.world * rows.sum()
+    value = totals[0]
+    if reduction == "mean":
+        share, value = share / totals[1].to(share.dtype), value / totals[1]
+    # The value of the single-process loss with the gradient of W times this rank's share.
+    return share + (value.to(share.dtype) - share).detach()

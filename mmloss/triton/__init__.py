@@ -1,0 +1,27 @@
+"""Triton backend of `contrastive_loss` (the kernel contract of `mmloss.backends`).
+
+check(query, problem), forward(query, key, inv_temp, problem) -> (lse, pos_logit) and
+backward(...) -> (d_query, d_key, d_inv_temp). Runs on CUDA tensors, or on CPU tensors in
+the Triton interpreter (TRITON_INTERPRET=1, set before this module is imported).
+Design, precision and tuning: docs/triton.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmloss.problem import LossProblem
+from mmloss.triton.configs import interpreted
+from mmloss.triton.ops import SUPPORTED, backward, forward
+
+__all__ = ["backward", "check", "forward"]
+
+
+def check(query: torch.Tensor, problem: LossProblem) -> None:
+    """Raise TypeError/ValueError (naming the argument) for what these kernels cannot serve."""
+    if query.dtype not in SUPPORTED:
+        raise TypeError(f"query dtype {query.dtype} is not supported by backend 'triton' "
+                        "(float32, bfloat16, float16); use backend='reference' or 'cpu' for float64")
+    if query.device.type != "cuda" and not interpreted():
+        raise ValueError(f"query is on {query.device}: backend 'triton' needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for CPU tensors)")

@@ -1,0 +1,203 @@
+"""Host side of the Triton backend: argument packing, launches, the backward's GEMMs.
+
+Backward design (see docs/triton.md): per row chunk of R rows, `grad_tile_kernel`
+recomputes the logits tile by tile and writes H = a_i b_j G_ij / g into an R x N scratch
+(input dtype; fp32 for fp32 inputs), then two cuBLAS GEMMs give dQ_R = H K and
+dK += H^T Q_R, and `finish_kernel` adds the normalisation Jacobian's radial term from the
+row/column sums of G*c that the tile kernel accumulated. g = max_i |w_i| keeps H in the
+16-bit range. R is chosen so that the scratch stays within `scratch_bytes()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+
+from mmloss.constants import MARGIN_SIN_EPS, NORM_EPS
+from mmloss.problem import LossProblem
+from mmloss.triton import configs, kernels
+
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_SCRATCH_BYTES = 1 << 30
+
+
+def scratch_bytes() -> int:
+    """Budget of the backward's R x N scratch (env MMLOSS_TRITON_SCRATCH_MB, default 1 GiB)."""
+    mb = os.environ.get("MMLOSS_TRITON_SCRATCH_MB")
+    return int(mb) << 20 if mb else DEFAULT_SCRATCH_BYTES
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 operands use exact fp32 products ("ieee"): tf32 misses SPEC's error bar."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _teacher(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Teacher rows as a kernel operand: fp64 (a CPU-style input) becomes fp32, unit stride."""
+    if x is None:
+        return None
+    if x.dtype == torch.float64:
+        x = x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _capability(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, capability: int):
+    """The autotuned kernel of `kind` for an arch (built once; tuned once per key)."""
+    fn = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel}[kind]
+    reset = ["row_sum_ptr", "col_sum_ptr", "temp_grad_ptr"] if kind == "grad_tile" else None
+    key = ["N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS"]
+    return triton.autotune(configs=configs.configs(kind, capability), key=key, reset_to_zero=reset)(fn)
+
+
+def _launch(kind: str, device: torch.device, grid_fn, args: tuple, flags: Dict[str, object]) -> None:
+    """Interpreter: the raw kernel with the fixed small config. GPU: the autotuned one."""
+    if configs.interpreted():
+        meta = configs.interpreter_meta()
+        fn = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel}[kind]
+        fn[grid_fn(meta)](*args, **flags, **meta, BLOCK_T=configs.BLOCK_T)
+    else:
+        _tuned(kind, _capability(device))[grid_fn](*args, **flags, BLOCK_T=configs.BLOCK_T)
+
+
+def _inv_temp_tensor(inv_temp, device: torch.device) -> torch.Tensor:
+    """1/tau as a 1-element fp32 device tensor (no host sync, graph-capturable)."""
+    if isinstance(inv_temp, torch.Tensor):
+        return inv_temp.detach().to(device=device, dtype=torch.float32).reshape(1)
+    return torch.full((1,), float(inv_temp), dtype=torch.float32, device=device)
+
+
+def _feature_args(query: torch.Tensor, problem: LossProblem) -> Tuple[tuple, Dict[str, object]]:
+    """(group, teacher, filter and margin arguments, constexpr flags) shared by the kernels."""
+    dummy = query
+    tq, tk = _teacher(problem.margin_query), _teacher(problem.margin_key)
+    fq, fk = _teacher(problem.filter_query), _teacher(problem.filter_key)
+    has_margin = problem.margin > 0.0
+    adaptive = has_margin and tq is not None
+    has_filter = fq is not None
+    has_groups = problem.key_groups is not None
+    m_eff = problem.margin
+    args = (
+        problem.row_groups if has_groups else dummy, problem.key_groups if has_groups else dummy,
+        tq if adaptive else dummy, tk if adaptive else dummy,
+        tq.stride(0) if adaptive else 0, tk.stride(0) if adaptive else 0, tq.shape[1] if adaptive else 1,
+        fq if has_filter else dummy, fk if has_filter else dummy,
+        fq.stride(0) if has_filter else 0, fk.stride(0) if has_filter else 0, fq.shape[1] if has_filter else 1,
+        float(problem.filter_threshold),
+        float(problem.margin), float(problem.cos_margin), math.cos(m_eff), math.sin(m_eff),
+    )
+    flags = dict(
+        HAS_MARGIN=has_margin, ADAPTIVE=adaptive, HAS_FILTER=has_filter, HAS_GROUPS=has_groups,
+        PRECISION=_precision(query.dtype),
+        T_PRECISION=_precision(tq.dtype) if adaptive else "ieee",
+        F_PRECISION=_precision(fq.dtype) if has_filter else "ieee",
+        UPCAST=configs.interpreted(), SIN_EPS=MARGIN_SIN_EPS,
+    )
+    return args, flags
+
+
+def forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """lse (M,) fp32 over this key block's allowed columns and the positive's logit (M,)
+    fp32 (0 when the positive is not in this block). One kernel launch."""
+    query, key = _rows(query), _rows(key)
+    (M, D), N = query.shape, key.shape[0]
+    lse = torch.empty(M, dtype=torch.float32, device=query.device)
+    pos_logit = torch.empty_like(lse)
+    feat, flags = _feature_args(query, problem)
+    args = (query, key, query.stride(0), key.stride(0), M, N, D,
+            problem.positives, _inv_temp_tensor(inv_temp, query.device), lse, pos_logit,
+            *feat, configs.bucket(N), configs.bucket(D))
+    _launch("forward", query.device, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args,
+            dict(flags, EPS=NORM_EPS))
+    return lse, pos_logit
+
+
+def _inv_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / max(||x_i||, eps) per row, fp32 (M,)."""
+    M, D = x.shape
+    out = torch.empty(M, dtype=torch.float32, device=x.device)
+    bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
+    kernels.inv_norm_kernel[(triton.cdiv(M, bm),)](x, out, M, D, x.stride(0),
+                                                   BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
+    return out
+
+
+def _finish(prod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor,
+            row_sum: torch.Tensor, scale: torch.Tensor) -> None:
+    """out = scale * prod - [||x|| > eps] inv_norm^2 row_sum x (rows of equal count)."""
+    M, D = x.shape
+    bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
+    kernels.finish_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
+        prod, x, out, inv_norm, row_sum, scale, M, D, prod.stride(0), x.stride(0), out.stride(0),
+        BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
+
+
+def row_chunk(M: int, N: int, element_size: int) -> int:
+    """Rows per backward chunk: the R x N scratch within the budget, a multiple of 128."""
+    fit = scratch_bytes() // max(1, N * element_size)
+    return max(128, min(M, fit) // 128 * 128) if fit < M else M
+
+
+def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem,
+             lse: torch.Tensor, row_weight: torch.Tensor, need_temp_grad: bool
+             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of sum_i w_i loss_i over this block's columns, with P from the given lse:
+    d_query (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim (or None)."""
+    query, key = _rows(query), _rows(key)
+    (M, D), N = query.shape, key.shape[0]
+    dev = query.device
+    h_dtype = query.dtype
+    a, b = _inv_norms(query), _inv_norms(key)
+    weight = row_weight.to(torch.float32).contiguous()
+    scale = weight.abs().amax().clamp_min(1e-30).reshape(1)
+    row_sum = torch.zeros(M, dtype=torch.float32, device=dev)
+    col_sum = torch.zeros(N, dtype=torch.float32, device=dev)
+    temp_grad = torch.zeros(1, dtype=torch.float32, device=dev)
+    feat, flags = _feature_args(query, problem)
+    flags = dict(flags, NEED_TEMP=bool(need_temp_grad), EPS=NORM_EPS)
+    inv_t = _inv_temp_tensor(inv_temp, dev)
+    lse = lse.to(torch.float32).contiguous()
+
+    R = row_chunk(M, N, torch.finfo(h_dtype).bits // 8)
+    scratch = torch.empty(R, N, dtype=h_dtype, device=dev)
+    d_query = torch.empty_like(query)
+    key_acc = None if R >= M else torch.zeros(N, D, dtype=torch.float32, device=dev)
+    key_prod = None
+    for r0 in range(0, M, R):
+        r1 = min(M, r0 + R)
+        h = scratch[: r1 - r0]
+        args = (query, key, query.stride(0), key.stride(0), r1, N, D, r0,
+                problem.positives, inv_t, lse, weight, scale,
+                h, h.stride(0), row_sum, col_sum, temp_grad, *feat,
+                configs.bucket(N), configs.bucket(D))
+        _launch("grad_tile", dev,
+                lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
+                args, flags)
+        q_rows = query[r0:r1]
+        prod = torch.mm(h, key)
+        _finish(prod, q_rows, d_query[r0:r1], a[r0:r1], row_sum[r0:r1], scale)
+        key_prod = torch.mm(h.t(), q_rows)
+        if key_acc is not None:
+            key_acc.add_(key_prod)
+    d_key = torch.empty_like(key)
+    _finish(key_prod if key_acc is None else key_acc, key, d_key, b, col_sum, scale)
+    d_inv_temp = None
+    if need_temp_grad:
+        t_dtype = inv_temp.dtype if isinstance(inv_temp, torch.Tensor) else torch.float32
+        d_inv_temp = temp_grad.reshape(()).to(t_dtype)
+    return d_query, d_key, d_inv_temp

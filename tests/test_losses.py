@@ -1,0 +1,185 @@
+"""Each method module against a dense re-implementation of its official code's formula.
+
+The official formulas are written out here independently of mmloss: cosine similarity
+matrices divided by τ into F.cross_entropy (SimCSE, MCSE), and KDMCSE's ArcSimilarity through
+acos: θ = acos(clamp(c)), negatives with θ > m get θ - (1 - S)·m, cos again, / τ. Inputs are
+random float64; forward and gradients are compared, for text-only and image-caption batches,
+with several captions of one image in a batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmloss.backends import unavailable_reason
+from mmloss.losses import KDMCSELoss, LossOutput, MCSELoss, MCSEOLoss, SimCSELoss
+
+BACKENDS = [b for b in ("reference", "cpu", "triton") if unavailable_reason(b, torch.device("cpu")) is None]
+N, D, G, DT = 6, 10, 8, 12
+IMAGE_OF_CAPTION = torch.tensor([0, 0, 1, 2, 2, 2])  # duplicates: captions 0-1 and 3-5 share an image
+
+
+def cosine_matrix(x, y):
+    """The official Similarity: nn.CosineSimilarity(dim=-1)(x.unsqueeze(1), y.unsqueeze(0))."""
+    return F.cosine_similarity(x[:, None, :], y[None, :, :], dim=-1)
+
+
+def infonce(logits, mask=None):
+    """F.cross_entropy with diagonal labels; `mask` (N, N) True removes a non-diagonal column."""
+    if mask is not None:
+        logits = logits.masked_fill(mask & ~torch.eye(*logits.shape, dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(logits, torch.arange(logits.shape[0]))
+
+
+def arc_similarity(x, y, temperature, margin, teacher_sim=None):
+    """KDMCSE's ArcSimilarity (calculate_arccos1 without, calculate_arccos2 with teacher_sim)."""
+    theta = torch.acos(torch.clamp(cosine_matrix(x, y), -1.0, 1.0))
+    one_hot = torch.eye(*theta.shape, dtype=theta.dtype)
+    selected = torch.where(theta > margin, torch.ones_like(one_hot), one_hot) * (1 - one_hot)
+    shift = margin if teacher_sim is None else (1 - teacher_sim) * margin
+    return torch.cos(torch.where(selected.bool(), theta - shift, theta)) / temperature
+
+
+def same_image(ids):
+    return None if ids is None else ids[:, None] == ids[None, :]
+
+
+def batch(seed: int):
+    """Random float64 inputs: views, grounded heads, image heads (one per caption, duplicated
+    for captions of one image), teacher features."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    z2 = rand(N, D)
+    images, image_features = rand(3, G)[IMAGE_OF_CAPTION], rand(3, DT)[IMAGE_OF_CAPTION]
+    text_features = image_features + 0.8 * rand(N, DT)
+    x = {"z1": z2 + 0.8 * rand(N, D), "z2": z2, "s1": images + rand(N, G), "s2": images + rand(N, G),
+         "m": images, "t": rand(N, G) + images}
+    return {k: v.requires_grad_(True) for k, v in x.items()}, image_features, text_features
+
+
+def assert_same(out: LossOutput, expected: torch.Tensor, inputs: dict):
+    """Loss and every input gradient equal the official formula's (float64)."""
+    torch.testing.assert_close(out.total, expected, atol=1e-12, rtol=1e-10)
+    names = list(inputs)
+    got = torch.autograd.grad(out.total, [inputs[k] for k in names], allow_unused=True, retain_graph=True)
+    want = torch.autograd.grad(expected, [inputs[k] for k in names], allow_unused=True, retain_graph=True)
+    for name, a, b in zip(names, got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_simcse(backend):
+    x, _, _ = batch(0)
+    temperature = torch.nn.Parameter(torch.tensor(0.05, dtype=torch.float64))
+    module = SimCSELoss(temperature, backend=backend)
+    assert list(module.parameters()) == [temperature]
+    out = module(x["z1"], x["z2"])
+    expected = infonce(cosine_matrix(x["z1"], x["z2"]) / temperature)
+    assert_same(out, expected, {"z1": x["z1"], "z2": x["z2"], "temperature": temperature})
+    assert set(out.parts) == {"simcse"}
+    assert SimCSELoss().temperature == 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("image_ids", [None, IMAGE_OF_CAPTION], ids=["official", "image_ids"])
+def test_mcse(backend, image_ids):
+    x, _, _ = batch(1)
+    module = MCSELoss(backend=backend)
+    assert (module.temperature, module.vl_temperature, module.vl_weight) == (0.05, 0.05, 0.01)
+    simcse = infonce(cosine_matrix(x["z1"], x["z2"]) / 0.05)
+    text_only = module(x["z1"], x["z2"])
+    assert_same(text_only, simcse, {k: x[k] for k in ("z1", "z2")})
+    out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], image_ids=image_ids)
+    mask = same_image(image_ids)
+    mml = 0.5 * (infonce(cosine_matrix(x["s1"], x["m"]) / 0.05, mask)
+                 + infonce(cosine_matrix(x["s2"], x["m"]) / 0.05, mask))
+    assert_same(out, simcse + 0.01 * mml, {k: x[k] for k in ("z1", "z2", "s1", "s2", "m")})
+    torch.testing.assert_close(out.parts["mml"], mml)
+    with pytest.raises(ValueError, match="s1, s2 and m must be given together"):
+        module(x["z1"], x["z2"], x["s1"], None, x["m"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mcseo(backend):
+    x, _, _ = batch(2)
+    g = torch.Generator().manual_seed(3)
+    objects = torch.randn(5, G, generator=g, dtype=torch.float64, requires_grad=True)
+    phrase_object = torch.tensor([0, 2, 2, 4, -100, 1, 3])  # ragged: 7 phrases, 5 objects; one unmatched
+    object_groups = torch.tensor([10, 10, 11, 12, 12])  # region ids: objects 0-1 and 3-4 share a region
+    phrases = (objects[phrase_object.clamp(min=0)].detach() + torch.randn(7, G, generator=g, dtype=torch.float64)
+               ).requires_grad_(True)
+    module = MCSEOLoss(op_temperature=0.07, op_weight=0.5, backend=backend)
+    out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], phrases=phrases, objects=objects,
+                 phrase_object=phrase_object, object_groups=object_groups)
+    simcse = infonce(cosine_matrix(x["z1"], x["z2"]) / 0.05)
+    mml = 0.5 * (infonce(cosine_matrix(x["s1"], x["m"]) / 0.05) + infonce(cosine_matrix(x["s2"], x["m"]) / 0.05))
+    logits = cosine_matrix(phrases, objects) / 0.07
+    keep = phrase_object >= 0
+    target = phrase_object[keep]
+    region = object_groups[None, :] == object_groups[target][:, None]
+    region[torch.arange(len(target)), target] = False
+    op = F.cross_entropy(logits[keep].masked_fill(region, float("-inf")), target)
+    inputs = {k: x[k] for k in ("z1", "z2", "s1", "s2", "m")}
+    assert_same(out, simcse + 0.01 * mml + 0.5 * op, dict(inputs, phrases=phrases, objects=objects))
+    assert set(out.parts) == {"simcse", "mml", "object_phrase"}
+    assert_same(module(x["z1"], x["z2"]), simcse, {"z1": x["z1"], "z2": x["z2"]})
+
+
+def kdmcse_official(x, image_features, text_features, threshold=None, normalize=False, image_ids=None):
+    """The official KDMCSE loss: intra ArcSimilarity (fixed margin), inter AdapACSE towards the
+    image targets v (teacher S = cos(I, I), filter on T·I) and text targets t (S = cos(T, T),
+    filter on I·T), averaged over the two views, λ = 0.01."""
+    margin, tau = 0.15, 0.05
+    intra = infonce(arc_similarity(x["z1"], x["z2"], tau, margin))
+    inter = 0.0
+    for target, teacher, other in ((x["m"], image_features, text_features), (x["t"], text_features, image_features)):
+        mask = same_image(image_ids)
+        if threshold is not None:
+            fq, fk = (F.normalize(other, dim=-1), F.normalize(teacher, dim=-1)) if normalize else (other, teacher)
+            drop = fq @ fk.T > threshold
+            mask = drop if mask is None else mask | drop
+        similarity = cosine_matrix(teacher, teacher)
+        inter = inter + 0.5 * sum(infonce(arc_similarity(p, target, tau, margin, similarity), mask)
+                                  for p in (x["s1"], x["s2"]))
+    return intra, intra + 0.01 * inter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["official", "filter", "filter_normalize", "image_ids"])
+def test_kdmcse(backend, variant):
+    x, image_features, text_features = batch(4)
+    scores = text_features @ image_features.T
+    settings = {
+        "official": {},
+        "filter": {"threshold": float(scores.flatten().median())},
+        "filter_normalize": {"threshold": 0.3, "normalize": True},
+        "image_ids": {"image_ids": IMAGE_OF_CAPTION},
+    }[variant]
+    module = KDMCSELoss(filter_threshold=settings.get("threshold"), filter_normalize=settings.get("normalize", False),
+                        backend=backend)
+    assert (module.margin, module.vl_weight, module.temperature) == (0.15, 0.01, 0.05)
+    intra, expected = kdmcse_official(x, image_features, text_features, **settings)
+    # away from the acos edges, where the official gradient is infinite
+    assert float(cosine_matrix(x["z1"], x["z2"]).detach().abs().max()) < 0.99
+    text_only = module(x["z1"], x["z2"])
+    assert_same(text_only, intra, {"z1": x["z1"], "z2": x["z2"]})
+    out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], x["t"], image_features, text_features,
+                 image_ids=settings.get("image_ids"))
+    assert_same(out, expected, {k: x[k] for k in ("z1", "z2", "s1", "s2", "m", "t")})
+    assert set(out.parts) == {"intra", "inter_image", "inter_text"}
+
+
+def test_kdmcse_rejects_partial_image_batch():
+    x, image_features, _ = batch(5)
+    with pytest.raises(ValueError, match="must be given together"):
+        KDMCSELoss(backend="reference")(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], x["t"], image_features)
+
+
+def test_global_negatives_need_a_process_group():
+    x, _, _ = batch(7)
+    with pytest.raises(ValueError, match="initialised torch.distributed"):
+        SimCSELoss(global_negatives="ring", backend="reference")(x["z1"], x["z2"])

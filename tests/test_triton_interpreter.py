@@ -1,0 +1,159 @@
+"""The Triton backend on the CPU, in the Triton interpreter, against the float64 reference.
+
+TRITON_INTERPRET=1 is set here, before mmloss.triton is imported. The interpreter's bf16
+tl.dot is wrong, so in interpreter mode the kernels upcast dot operands to fp32 (exact for
+16-bit products; see mmloss/triton/kernels.py): bf16 runs test that path, not the MMA.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import mmloss  # noqa: E402
+import mmloss.triton as tk  # noqa: E402
+from mmloss.checks import build_problem  # noqa: E402
+
+from cases import FEATURES, assert_matches_reference, loss_and_grads, make_case, max_error  # noqa: E402
+
+BACKEND = "triton"
+# In fp32 the kernel and the reference are both a few roundings from float64, so for a large
+# sum such as d_temperature (|value| ~ 250, ulp ~ 3e-5) "2x the reference's error + 1e-6" is a
+# coin toss between two few-ulp errors. fp32 adds 8 ulps of the value's size to the bar;
+# 16-bit dtypes use SPEC §1's bar unchanged (cases.assert_matches_reference).
+FP32_ULPS = 8 * torch.finfo(torch.float32).eps
+
+
+def assert_close_to_oracle(case, dtype, reduction="mean", learn_temperature=True):
+    """SPEC §1's error bar against float64; for fp32 with the ulp floor above."""
+    if dtype != torch.float32:
+        assert_matches_reference(case, BACKEND, dtype, reduction, learn_temperature)
+        return
+    exact = loss_and_grads(case, "oracle", torch.float64, reduction, learn_temperature)
+    ref = loss_and_grads(case, "oracle", dtype, reduction, learn_temperature)
+    got = loss_and_grads(case, BACKEND, dtype, reduction, learn_temperature)
+    names = ("loss", "d_query", "d_key", "d_temperature")
+    triples = zip((got[0],) + got[1], (ref[0],) + ref[1], (exact[0],) + exact[1])
+    for name, (g, r, e) in zip(names, triples):
+        bar = 2 * max_error(r, e) + 1e-6 + FP32_ULPS * float(e.abs().max())
+        err = max_error(g, e)
+        assert err <= bar, f"{name}: triton fp32 error {err:.3g} > bar {bar:.3g}"
+
+
+@pytest.mark.parametrize("features", sorted(FEATURES))
+def test_every_feature_fp32(features):
+    assert_close_to_oracle(make_case(7, 65, 100, features, seed=1), torch.float32)
+
+
+@pytest.mark.parametrize("features", sorted(FEATURES))
+def test_every_feature_fp16(features):
+    assert_close_to_oracle(make_case(65, 70, 64, features, seed=2), torch.float16)
+
+
+@pytest.mark.parametrize("features", ["plain", "margin", "all", "symmetric_all"])
+def test_bf16_upcast_path(features):
+    assert_close_to_oracle(make_case(30, 65, 100, features, seed=3), torch.bfloat16)
+
+
+@pytest.mark.parametrize("M,N,d,features", [
+    (1, 1, 3, "plain"), (1, 130, 64, "margin"), (7, 7, 3, "groups"), (130, 7, 100, "positives"),
+    (65, 130, 3, "filter"), (130, 130, 64, "all"), (130, 130, 100, "adaptive_margin"),
+    (65, 65, 100, "symmetric"),
+])
+def test_tile_edges(M, N, d, features):
+    assert_close_to_oracle(make_case(M, N, d, features, seed=M + N + d), torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("learn", [False, True])
+def test_reductions_and_temperature(reduction, learn):
+    case = make_case(33, 65, 64, "all", seed=4)
+    assert_close_to_oracle(case, torch.float32, reduction, learn)
+
+
+def test_near_duplicates_with_margin():
+    """c -> 1 for some negatives: the margin's f' = cos m - c sin m / sqrt(max(1-c², eps))."""
+    assert_close_to_oracle(make_case(20, 65, 64, "all", seed=5, duplicates=True), torch.float32)
+
+
+def test_row_chunks_of_the_backward(monkeypatch):
+    """A tiny scratch budget forces 128-row chunks and fp32 accumulation of d_key."""
+    monkeypatch.setenv("MMLOSS_TRITON_SCRATCH_MB", "0")
+    assert tk.ops.row_chunk(130, 65, 4) == 128
+    assert_close_to_oracle(make_case(130, 65, 64, "positives", seed=6), torch.float32)
+
+
+def _problem(case, q, k):
+    kw = dict(case.kwargs)
+    return build_problem(
+        q, k, positives=kw.get("positives"), temperature=case.temperature, margin=kw["margin"],
+        margin_teacher=kw.get("margin_teacher"), filter_teacher=kw.get("filter_teacher"),
+        filter_threshold=kw.get("filter_threshold"), filter_normalize=kw.get("filter_normalize", False),
+        key_groups=kw.get("key_groups"), symmetric=False, reduction="mean", backend=BACKEND)
+
+
+def _block(problem, lo, hi):
+    """The problem restricted to key columns [lo, hi) (positives elsewhere fall outside)."""
+    import dataclasses
+
+    def cols(x):
+        return None if x is None else x[lo:hi]
+    return dataclasses.replace(problem, positives=problem.positives - lo,
+                               margin_key=cols(problem.margin_key), filter_key=cols(problem.filter_key),
+                               key_groups=cols(problem.key_groups))
+
+
+def test_key_blocks_combine_by_logsumexp():
+    """Two key blocks: logsumexp of the block lse's and the sum of the positive logits equal
+    the whole; backward with the global lse gives the whole's gradients block by block."""
+    case = make_case(40, 100, 64, "all", seed=7)
+    q, k = case.query.float(), case.key.float()
+    kw = dict(case.kwargs)
+    kw["margin_teacher"] = tuple(x.float() for x in kw["margin_teacher"])
+    kw["filter_teacher"] = tuple(x.float() for x in kw["filter_teacher"])
+    case = type(case)(q, k, case.temperature, kw)
+    whole = _problem(case, q, k)
+    inv_t = 1.0 / case.temperature
+    lse, pos = tk.forward(q, k, inv_t, whole)
+    split = 70
+    parts = [(_block(whole, 0, split), k[:split]), (_block(whole, split, 100), k[split:])]
+    outs = [tk.forward(q, kb, inv_t, p) for p, kb in parts]
+    torch.testing.assert_close(torch.logsumexp(torch.stack([o[0] for o in outs]), 0), lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(outs[0][1] + outs[1][1], pos, rtol=1e-6, atol=1e-5)
+    weight = torch.where(whole.valid_rows, torch.linspace(0.5, 1.5, 40), torch.zeros(40))
+    dq, dk, dt = tk.backward(q, k, inv_t, whole, lse, weight, True)
+    grads = [tk.backward(q, kb, inv_t, p, lse, weight, True) for p, kb in parts]
+    torch.testing.assert_close(grads[0][0] + grads[1][0], dq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]]), dk, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][2] + grads[1][2], dt, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_filter_score_gives_nan_loss():
+    case = make_case(7, 65, 16, "filter", seed=8)
+    fq, fk = case.kwargs["filter_teacher"]
+    fk = fk.clone()
+    fk[3, 0] = float("nan")
+    case.kwargs["filter_teacher"] = (fq, fk)
+    loss = mmloss.contrastive_loss(case.query.float(), case.key.float(), temperature=case.temperature,
+                                   reduction="none", backend=BACKEND, **case.kwargs)
+    assert torch.isnan(loss).all()
+
+
+def test_teacher_dtype_may_differ_from_query():
+    case = make_case(7, 65, 64, "all", seed=9)
+    got, _ = loss_and_grads(case, BACKEND, torch.float32, teacher_dtype=torch.float16)
+    want, _ = loss_and_grads(case, "oracle", torch.float32, teacher_dtype=torch.float16)
+    assert math.isclose(float(got), float(want), rel_tol=1e-5)
+
+
+def test_check_rejects_float64():
+    case = make_case(3, 5, 4, "plain", seed=10)
+    with pytest.raises(TypeError, match="query"):
+        mmloss.contrastive_loss(case.query, case.key, backend=BACKEND)
+    assert mmloss.contrastive_loss(case.query.float(), case.key.float(), backend=BACKEND).dtype == torch.float32
