@@ -12,10 +12,13 @@ from mmloss.problem import LossProblem
 from mmloss.reference import contrastive_loss_reference
 
 
-def _row_losses(lse, pos_logit, problem: LossProblem, input_dtype: torch.dtype) -> torch.Tensor:
-    """lse - pos_logit for valid rows, 0 for ignored ones, in the loss dtype (fp32, or fp64)."""
-    rows = torch.where(problem.valid_rows, lse - pos_logit, torch.zeros_like(lse))
-    return rows.to(torch.float64 if input_dtype == torch.float64 else torch.float32)
+def _loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def _row_losses(lse, pos_logit, problem: LossProblem) -> torch.Tensor:
+    """lse - pos_logit for valid rows, 0 for ignored ones, in the kernel's (wide) dtype."""
+    return torch.where(problem.valid_rows, lse - pos_logit, torch.zeros_like(lse))
 
 
 class ContrastiveRows(torch.autograd.Function):
@@ -25,7 +28,7 @@ class ContrastiveRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
         lse, pos_logit = kernel_module.forward(query, key, inv_temp, problem)
-        rows = _row_losses(lse, pos_logit, problem, query.dtype)
+        rows = _row_losses(lse, pos_logit, problem).to(_loss_dtype(query.dtype))
         ctx.problem, ctx.kernel_module = problem, kernel_module
         ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
         if ctx.inv_temp_is_tensor:
@@ -58,7 +61,7 @@ class ContrastiveSum(torch.autograd.Function):
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
         lse, pos_logit, d_query, d_key, d_inv_temp = kernel_module.forward_with_grad(query, key, inv_temp, problem)
         ctx.save_for_backward(d_query, d_key, d_inv_temp)
-        return _row_losses(lse, pos_logit, problem, query.dtype).sum()
+        return _row_losses(lse, pos_logit, problem).sum().to(_loss_dtype(query.dtype))
 
     @staticmethod
     def backward(ctx, grad_total):
