@@ -73,7 +73,9 @@ def make_case(M: int, N: int, d: int, features: str, *, seed: int, device="cpu",
     kwargs: Dict[str, object] = {"margin": spec.get("margin", 0.0), "symmetric": symmetric}
     if spec.get("ignore"):
         positives = pos_cols.clone()
-        positives[torch.rand(M, generator=g) < 0.3] = mmloss.IGNORE_INDEX
+        ignored = torch.rand(M, generator=g) < 0.3
+        ignored[0] = False  # at least one row counts (all-ignored is its own test)
+        positives[ignored] = mmloss.IGNORE_INDEX
     if positives is not None:
         kwargs["positives"] = positives.to(device)
     if spec.get("adaptive"):

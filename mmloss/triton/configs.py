@@ -1,22 +1,31 @@
 """Launch configurations: autotune lists for sm_90, defaults for sm_80, a fixed small one
-for the interpreter. Each is a `triton.Config` over BLOCK_M/BLOCK_N (BLOCK_T, the teacher
-chunk, is fixed at 32: teachers are narrow or cheap next to d).
+for the interpreter.
 
-BLOCK_D is the same (64) in every config of both kernels: the backward recomputes the
-forward's logits, and the same d-chunking keeps the two sums in the same order, so that
-exp(logit - lse) sums to 1 to the last bits (in fp32 a mismatch is visible in d_temperature).
+A call falls in one of three classes, each with its own lists (tests/test_triton_compile.py
+compiles all of them and fails on spills):
+* "fast":      16-bit embeddings, teachers absent or 16-bit: every dot on tensor cores.
+* "teacher32": 16-bit embeddings with an fp32 teacher: the teacher dot is exact fp32 on
+               CUDA cores, whose operands take many registers: 64 x 64 tiles, 8 warps.
+* "fp32":      fp32 embeddings, exact fp32 dots (CUDA cores): small d-chunks.
+
+BLOCK_D is fixed per class and shared by the forward and backward lists: the backward
+recomputes the forward's logits, and the same d-chunking keeps both sums in the same
+order, so exp(logit - lse) sums to 1 to the last bits (in fp32 a mismatch shows in
+d_temperature). BLOCK_T is the teacher's d-chunk.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Dict, List
 
 import triton
 
-BLOCK_T = 32
 INTERPRETER_BLOCK = 64
+CLASSES = ("fast", "teacher32", "fp32")
+BLOCK_D = {"fast": 64, "teacher32": 64, "fp32": 16}
+BLOCK_T = {"fast": 32, "teacher32": 16, "fp32": 16}
+ELEMENTWISE = {"BLOCK_M": 32, "BLOCK_D": 64}
 
 
 def interpreted() -> bool:
@@ -24,26 +33,25 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-BLOCK_D = 64
+def _cfg(cls: str, bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": BLOCK_D[cls], "BLOCK_T": BLOCK_T[cls]}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": BLOCK_D},
-                         num_warps=warps, num_stages=stages)
+def _table(cls: str, rows: Dict[int, list]) -> Dict[int, List[triton.Config]]:
+    return {arch: [_cfg(cls, *r) for r in rs] for arch, rs in rows.items()}
 
 
-# forward: one program per row block; the fp32 accumulator is only the S tile.
-FORWARD = {
-    90: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(64, 64, 4, 2)],
-    80: [_cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch; forward and grad_tile alike.
+_SHAPES = {
+    "fast": {90: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+             80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+    "teacher32": {90: [(64, 64, 8, 2), (64, 128, 8, 2)],
+                  80: [(64, 64, 8, 2)]},
+    "fp32": {90: [(64, 64, 8, 2), (128, 64, 8, 2)],
+             80: [(64, 64, 8, 2)]},
 }
-# backward tile kernel: 2-D grid, one tile each, writes the H scratch.
-GRAD_TILE = {
-    90: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(64, 64, 4, 2)],
-    80: [_cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2)],
-}
-# the two small streaming kernels are not tuned.
-ELEMENTWISE = {"BLOCK_M": 32, "BLOCK_D": BLOCK_D}
+TABLES = {cls: _table(cls, shapes) for cls, shapes in _SHAPES.items()}
 
 
 def arch_key(capability: int) -> int:
@@ -51,19 +59,17 @@ def arch_key(capability: int) -> int:
     return 90 if capability >= 90 else 80
 
 
-def configs(kind: str, capability: int) -> List[triton.Config]:
-    """The autotune list of kernel `kind` ("forward" or "grad_tile") for an arch."""
-    table: Dict[int, List[triton.Config]] = {"forward": FORWARD, "grad_tile": GRAD_TILE}[kind]
-    return table[arch_key(capability)]
+def configs(cls: str, capability: int) -> List[triton.Config]:
+    """The autotune list of a call class for an arch (both kernels use it)."""
+    return TABLES[cls][arch_key(capability)]
 
 
 def interpreter_meta() -> Dict[str, int]:
     """The one configuration used in interpreter mode (small, so the CPU run is bearable)."""
     b = INTERPRETER_BLOCK
-    return {"BLOCK_M": b, "BLOCK_N": b, "BLOCK_D": BLOCK_D}
+    return {"BLOCK_M": b, "BLOCK_N": b, "BLOCK_D": b, "BLOCK_T": 32}
 
 
-@functools.lru_cache(maxsize=None)
 def bucket(n: int) -> int:
     """Power-of-two bucket of a size: the autotuner retunes once per bucket, not per size."""
     return 1 << max(0, (n - 1).bit_length())

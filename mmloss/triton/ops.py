@@ -55,23 +55,35 @@ def _capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
+KERNELS = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel}
+TUNE_KEY = ["N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS", "NEED_TEMP"]
+
+
+def call_class(query: torch.Tensor, problem: LossProblem) -> str:
+    """Which config class (configs.py) a call uses: by embedding and teacher dtypes."""
+    if query.dtype == torch.float32:
+        return "fp32"
+    teachers = (problem.margin_query if problem.margin > 0 else None, problem.filter_query)
+    if any(t is not None and t.dtype in (torch.float32, torch.float64) for t in teachers):
+        return "teacher32"
+    return "fast"
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, capability: int):
-    """The autotuned kernel of `kind` for an arch (built once; tuned once per key)."""
-    fn = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel}[kind]
+def _tuned(kind: str, cls: str, capability: int):
+    """The autotuned kernel of `kind` for a call class and arch (tuned once per key)."""
     reset = ["row_sum_ptr", "col_sum_ptr", "temp_grad_ptr"] if kind == "grad_tile" else None
-    key = ["N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS"]
-    return triton.autotune(configs=configs.configs(kind, capability), key=key, reset_to_zero=reset)(fn)
+    return triton.autotune(configs=configs.configs(cls, capability), key=TUNE_KEY,
+                           reset_to_zero=reset)(KERNELS[kind])
 
 
-def _launch(kind: str, device: torch.device, grid_fn, args: tuple, flags: Dict[str, object]) -> None:
+def _launch(kind: str, cls: str, device: torch.device, grid_fn, args: tuple, flags: Dict[str, object]) -> None:
     """Interpreter: the raw kernel with the fixed small config. GPU: the autotuned one."""
     if configs.interpreted():
         meta = configs.interpreter_meta()
-        fn = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel}[kind]
-        fn[grid_fn(meta)](*args, **flags, **meta, BLOCK_T=configs.BLOCK_T)
+        KERNELS[kind][grid_fn(meta)](*args, **flags, **meta)
     else:
-        _tuned(kind, _capability(device))[grid_fn](*args, **flags, BLOCK_T=configs.BLOCK_T)
+        _tuned(kind, cls, _capability(device))[grid_fn](*args, **flags)
 
 
 def _inv_temp_tensor(inv_temp, device: torch.device) -> torch.Tensor:
@@ -122,7 +134,7 @@ def forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProbl
     args = (query, key, query.stride(0), key.stride(0), M, N, D,
             problem.positives, _inv_temp_tensor(inv_temp, query.device), lse, pos_logit,
             *feat, configs.bucket(N), configs.bucket(D))
-    _launch("forward", query.device, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args,
+    _launch("forward", call_class(query, problem), query.device, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args,
             dict(flags, EPS=NORM_EPS))
     return lse, pos_logit
 
@@ -185,7 +197,7 @@ def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProb
                 problem.positives, inv_t, lse, weight, scale,
                 h, h.stride(0), row_sum, col_sum, temp_grad, *feat,
                 configs.bucket(N), configs.bucket(D))
-        _launch("grad_tile", dev,
+        _launch("grad_tile", call_class(query, problem), dev,
                 lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
                 args, flags)
         q_rows = query[r0:r1]

@@ -1,0 +1,116 @@
+"""Every kernel backend against the float64 reference: every feature, reduction and dtype, at
+awkward sizes (1, primes, strips that do not divide M, d not a power of two)."""
+
+import pytest
+import torch
+
+import mmloss
+from cases import FEATURES, assert_matches_reference, make_case
+from conftest import KERNEL_BACKENDS
+
+pytestmark = pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+
+SIZES = [(1, 1, 1), (1, 6, 3), (2, 1, 4), (13, 17, 769), (37, 41, 3), (64, 61, 32)]
+
+
+@pytest.fixture
+def small_strips(monkeypatch, backend):
+    """Makes the cpu backend cut its rows into many strips (3 rows of 41 columns, fp64)."""
+    if backend == "cpu":
+        monkeypatch.setattr("mmloss.cpu.SCRATCH_BYTES", 3 * 41 * 8)
+
+
+@pytest.mark.parametrize("features", list(FEATURES))
+@pytest.mark.parametrize("M,N,d", SIZES)
+def test_float64_every_feature(backend, device, features, M, N, d, small_strips):
+    if device == "cuda" and backend == "triton":
+        pytest.skip("triton has no float64 path")
+    case = make_case(M, N, d, features, seed=M * 1000 + N + d, device=device)
+    assert_matches_reference(case, backend, torch.float64, learn_temperature=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("features", ["plain", "all", "symmetric_all"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reductions(backend, device, reduction, features, dtype):
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("triton has no float64 path")
+    case = make_case(19, 23, 10, features, seed=7, device=device)
+    assert_matches_reference(case, backend, dtype, reduction=reduction, learn_temperature=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("features", list(FEATURES))
+def test_low_precision_meets_error_bar(backend, device, dtype, features):
+    """SPEC §1's bar: at most 2x (+1e-6) the reference's own error in the same dtype."""
+    case = make_case(64, 71, 48, features, seed=11, device=device)
+    assert_matches_reference(case, backend, dtype, learn_temperature=True)
+
+
+def test_gradcheck(backend, device):
+    if backend != "cpu":
+        pytest.skip("gradcheck needs float64")
+    for features in ("plain", "all", "symmetric_all"):
+        case = make_case(4, 6, 3, features, seed=3, device=device)
+        q, k, t = case.inputs(torch.float64, learn_temperature=True)
+
+        def loss(q, k, t):
+            return mmloss.contrastive_loss(q, k, temperature=t, backend=backend, reduction="none", **case.kwargs)
+
+        assert torch.autograd.gradcheck(loss, (q, k, t))
+
+
+def test_near_duplicate_positives_have_finite_gradients(backend, device):
+    for features in ("margin", "all"):
+        case = make_case(16, 20, 8, features, seed=5, device=device, duplicates=True)
+        for dtype in (torch.float64, torch.float32):
+            q, k, t = case.inputs(dtype, learn_temperature=True)
+            loss = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)
+            loss.backward()
+            for g in (q.grad, k.grad, t.grad):
+                assert torch.isfinite(g).all()
+
+
+def test_non_contiguous_and_expanded_inputs(backend, device):
+    torch.manual_seed(0)
+    base = torch.randn(12, 10, dtype=torch.float64, device=device)
+    q = base[::2, ::2]  # strided view (6, 5)
+    k = torch.randn(1, 5, dtype=torch.float64, device=device).expand(7, 5) + 0  # materialised
+    k_expanded = torch.randn(1, 5, dtype=torch.float64, device=device).expand(7, 5)  # stride 0
+    groups = torch.arange(14, device=device)[::2]
+    for key in (k, k_expanded):
+        got = mmloss.contrastive_loss(q, key, key_groups=groups, margin=0.1, backend=backend)
+        want = mmloss.contrastive_loss(q.contiguous(), key.contiguous(), key_groups=groups.contiguous(),
+                                       margin=0.1, backend="reference")
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("where", ["query", "key", "margin_teacher", "filter_teacher", "temperature"])
+def test_nan_in_gives_nan_out(backend, device, where):
+    case = make_case(5, 7, 4, "all", seed=9, device=device)
+    q, k, t = case.inputs(torch.float64)
+    kwargs = dict(case.kwargs)
+    if where == "query":
+        q = q.detach().clone()
+        q[1, 2] = float("nan")
+    elif where == "key":
+        k = k.detach().clone()
+        k[:, 0] = float("inf")
+    elif where == "temperature":
+        t = float("nan")
+    else:
+        rows, cols = kwargs[where]
+        rows = rows.clone()
+        rows[:] = float("nan")
+        kwargs[where] = (rows, cols)
+    loss = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **kwargs)
+    assert torch.isnan(loss)
+
+
+def test_no_grad_and_eval_paths_agree(backend, device):
+    case = make_case(9, 12, 6, "all", seed=13, device=device)
+    q, k, t = case.inputs(torch.float64)
+    with torch.no_grad():
+        free = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)
+    tracked = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)
+    torch.testing.assert_close(free, tracked.detach())

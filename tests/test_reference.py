@@ -1,0 +1,106 @@
+"""The oracle itself, checked against direct formulas written independently here."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmloss.reference import contrastive_loss_reference as reference
+
+
+def _unit(x):
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("M,N,d", [(1, 1, 3), (5, 8, 4), (13, 13, 7)])
+def test_plain_equals_cross_entropy(M, N, d):
+    torch.manual_seed(M * N + d)
+    q, k = torch.randn(M, d, dtype=torch.float64), torch.randn(N, d, dtype=torch.float64)
+    positives = torch.randint(0, N, (M,))
+    logits = _unit(q) @ _unit(k).T / 0.07
+    want = F.cross_entropy(logits, positives)
+    torch.testing.assert_close(reference(q, k, positives=positives, temperature=0.07), want)
+    rows = F.cross_entropy(logits, positives, reduction="none")
+    torch.testing.assert_close(reference(q, k, positives=positives, temperature=0.07, reduction="none"), rows)
+
+
+def test_ignored_rows_as_cross_entropy_ignore_index():
+    torch.manual_seed(0)
+    q, k = torch.randn(6, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    positives = torch.tensor([0, -100, 3, 6, -100, 2])
+    logits = _unit(q) @ _unit(k).T / 0.05
+    for reduction in ("mean", "sum", "none"):
+        want = F.cross_entropy(logits, positives, ignore_index=-100, reduction=reduction)
+        got = reference(q, k, positives=positives, temperature=0.05, reduction=reduction)
+        torch.testing.assert_close(got, want)
+
+
+def _arc_loss(q, k, positives, tau, margin, teacher_cos=None, removed=None):
+    """The official code's ArcSimilarity with explicit acos/cos, row by row."""
+    c = _unit(q) @ _unit(k).T
+    theta = torch.acos(c.clamp(-1, 1))
+    m = torch.full_like(c, margin) if teacher_cos is None else margin * (1 - teacher_cos)
+    losses = []
+    for i in range(q.shape[0]):
+        logits = []
+        for j in range(k.shape[0]):
+            if removed is not None and removed[i, j] and j != positives[i]:
+                continue
+            negative = j != positives[i] and theta[i, j] > margin
+            value = torch.cos(theta[i, j] - m[i, j]) if negative else c[i, j]
+            logits.append(value / tau)
+            if j == positives[i]:
+                pos = value / tau
+        losses.append(torch.logsumexp(torch.stack(logits), 0) - pos)
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("margin", [0.1, 0.15, 0.5])
+def test_fixed_margin_equals_acos_formula(margin):
+    torch.manual_seed(1)
+    q, k = torch.randn(6, 9, dtype=torch.float64), torch.randn(8, 9, dtype=torch.float64)
+    positives = torch.randint(0, 8, (6,))
+    want = _arc_loss(q, k, positives, 0.05, margin)
+    torch.testing.assert_close(reference(q, k, positives=positives, margin=margin), want)
+
+
+def test_adaptive_margin_and_filter_equal_direct_formula():
+    torch.manual_seed(2)
+    q, k = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64)
+    tq, tk = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    fq, fk = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    teacher_cos = _unit(tq) @ _unit(tk).T
+    removed = (fq @ fk.T) > 0.8
+    want = _arc_loss(q, k, torch.arange(7), 0.05, 0.3, teacher_cos, removed)
+    got = reference(q, k, margin=0.3, margin_teacher=(tq, tk), filter_teacher=(fq, fk), filter_threshold=0.8)
+    torch.testing.assert_close(got, want)
+
+
+def test_groups_remove_same_group_negatives():
+    torch.manual_seed(3)
+    q, k = torch.randn(4, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    positives = torch.tensor([0, 3, 4, 1])
+    logits = _unit(q) @ _unit(k).T / 0.05
+    same = groups[None, :] == groups[positives][:, None]
+    same[torch.arange(4), positives] = False
+    want = F.cross_entropy(logits.masked_fill(same, -math.inf), positives)
+    torch.testing.assert_close(reference(q, k, positives=positives, key_groups=groups), want)
+
+
+def test_symmetric_is_mean_of_both_directions():
+    torch.manual_seed(4)
+    q, k = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    logits = _unit(q) @ _unit(k).T / 0.1
+    labels = torch.arange(5)
+    want = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    torch.testing.assert_close(reference(q, k, temperature=0.1, symmetric=True), want)
+
+
+def test_margin_gradient_is_finite_at_antipodal_vectors():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    loss = reference(q, k, positives=torch.tensor([0, 0]), margin=0.2)
+    loss.backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
