@@ -39,7 +39,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("query"), py::arg("key"), py::arg("inv_temp"), py::arg("positives"), py::arg("margin"),
         py::arg("margin_query"), py::arg("margin_key"), py::arg("filter_query"), py::arg("filter_key"),
         py::arg("filter_threshold"), py::arg("row_groups"), py::arg("key_groups"), py::arg("lse"),
-        py::arg("row_weight"), py::arg("scratch_bytes"));
+        py::arg("row_weight"), py::arg("strip_rows"));
   m.def("openmp_threads", &mmloss::openmp_threads, "Threads OpenMP would use");
   m.def("has_cuda", &has_cuda, "Whether CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "Compiled CUDA architectures");

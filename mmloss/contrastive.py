@@ -21,53 +21,69 @@ def _row_losses(lse, pos_logit, problem: LossProblem) -> torch.Tensor:
     return torch.where(problem.valid_rows, lse - pos_logit, torch.zeros_like(lse))
 
 
+def _save_inputs(ctx, query, key, lse, inv_temp, problem: LossProblem, kernel_module) -> None:
+    ctx.problem, ctx.kernel_module = problem, kernel_module
+    ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
+    if ctx.inv_temp_is_tensor:
+        ctx.save_for_backward(query, key, lse, inv_temp)
+    else:
+        ctx.save_for_backward(query, key, lse)
+        ctx.inv_temp = inv_temp
+
+
+def _recompute_grads(ctx, row_weight: torch.Tensor):
+    """d_query, d_key, d_inv_temp (or None) of Σ_i row_weight_i loss_i, recomputing the tiles."""
+    if ctx.inv_temp_is_tensor:
+        query, key, lse, inv_temp = ctx.saved_tensors
+    else:
+        (query, key, lse), inv_temp = ctx.saved_tensors, ctx.inv_temp
+    need_temp_grad = ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
+    row_weight = torch.where(ctx.problem.valid_rows, row_weight, torch.zeros_like(row_weight))
+    d_query, d_key, d_inv_temp = ctx.kernel_module.backward(
+        query, key, inv_temp, ctx.problem, lse, row_weight.contiguous(), need_temp_grad
+    )
+    return d_query, d_key, d_inv_temp if need_temp_grad else None
+
+
 class ContrastiveRows(torch.autograd.Function):
     """Per-row losses (M,) of one direction (0 for ignored rows), by a kernel backend that
-    never builds the M × N matrix."""
+    never builds the M × N matrix; backward recomputes the tiles."""
 
     @staticmethod
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
         lse, pos_logit = kernel_module.forward(query, key, inv_temp, problem)
-        rows = _row_losses(lse, pos_logit, problem).to(_loss_dtype(query.dtype))
-        ctx.problem, ctx.kernel_module = problem, kernel_module
-        ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
-        if ctx.inv_temp_is_tensor:
-            ctx.save_for_backward(query, key, lse, inv_temp)
-        else:
-            ctx.save_for_backward(query, key, lse)
-            ctx.inv_temp = inv_temp
-        return rows
+        _save_inputs(ctx, query, key, lse, inv_temp, problem, kernel_module)
+        return _row_losses(lse, pos_logit, problem).to(_loss_dtype(query.dtype))
 
     @staticmethod
     def backward(ctx, grad_rows):
-        if ctx.inv_temp_is_tensor:
-            query, key, lse, inv_temp = ctx.saved_tensors
-        else:
-            (query, key, lse), inv_temp = ctx.saved_tensors, ctx.inv_temp
-        need_temp_grad = ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
-        row_weight = torch.where(ctx.problem.valid_rows, grad_rows, torch.zeros_like(grad_rows))
-        d_query, d_key, d_inv_temp = ctx.kernel_module.backward(
-            query, key, inv_temp, ctx.problem, lse, row_weight.contiguous(), need_temp_grad
-        )
-        return d_query, d_key, d_inv_temp if need_temp_grad else None, None, None
+        return (*_recompute_grads(ctx, grad_rows), None, None)
 
 
 class ContrastiveSum(torch.autograd.Function):
     """Σ over non-ignored rows of one direction's losses, with the gradient formed during the
-    forward pass (the kernel's `forward_with_grad`): the loss is the last node, so backward
-    only scales it by the incoming scalar. Saves the 4th GEMM that a recompute would cost."""
+    forward pass (the kernel's `forward_with_grad`): the loss is the last node, so the first
+    backward only scales it by the incoming scalar, saving the recompute GEMM. The gradients
+    are handed over (not copied); a second backward (retain_graph) recomputes the tiles."""
 
     @staticmethod
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
         lse, pos_logit, d_query, d_key, d_inv_temp = kernel_module.forward_with_grad(query, key, inv_temp, problem)
-        ctx.save_for_backward(d_query, d_key, d_inv_temp)
+        _save_inputs(ctx, query, key, lse, inv_temp, problem, kernel_module)
+        ctx.precomputed = (d_query, d_key, d_inv_temp)
         return _row_losses(lse, pos_logit, problem).sum().to(_loss_dtype(query.dtype))
 
     @staticmethod
     def backward(ctx, grad_total):
-        d_query, d_key, d_inv_temp = ctx.saved_tensors
-        d_inv_temp = grad_total * d_inv_temp if ctx.needs_input_grad[2] else None
-        return grad_total * d_query, grad_total * d_key, d_inv_temp, None, None
+        if ctx.precomputed is None:
+            rows = ctx.problem.valid_rows.to(grad_total.dtype) * grad_total
+            return (*_recompute_grads(ctx, rows), None, None)
+        d_query, d_key, d_inv_temp = ctx.precomputed
+        ctx.precomputed = None  # the only references now: autograd may keep them as .grad
+        d_query.mul_(grad_total.to(d_query.dtype))
+        d_key.mul_(grad_total.to(d_key.dtype))
+        d_inv_temp = d_inv_temp * grad_total if ctx.needs_input_grad[2] else None
+        return d_query, d_key, d_inv_temp, None, None
 
 
 def _needs_grad(*tensors) -> bool:

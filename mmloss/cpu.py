@@ -1,7 +1,8 @@
 """The compiled CPU backend: `backend="cpu"`, the kernel contract of mmloss.backends on mmloss._C.
 
-Rows are processed in strips against the whole key block; the strip's scratch is bounded by
-MMLOSS_CPU_SCRATCH_MB (default 16 MiB per similarity/teacher tile), never M × N.
+Rows are processed in strips against the whole key block. A strip's tiles (similarity, and
+one per teacher) take at most MMLOSS_CPU_SCRATCH_MB (default 4 MiB) unless that leaves fewer
+than MIN_STRIP_ROWS rows, which keep the GEMMs compute-bound: never M × N.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import torch
 from mmloss import _C
 from mmloss.problem import LossProblem
 
-SCRATCH_BYTES = int(float(os.environ.get("MMLOSS_CPU_SCRATCH_MB", "16")) * 2**20)
+SCRATCH_BYTES = int(float(os.environ.get("MMLOSS_CPU_SCRATCH_MB", "4")) * 2**20)
+MIN_STRIP_ROWS = 32
+
+
+def strip_rows(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> int:
+    """Rows per strip: what SCRATCH_BYTES allows for the strip's tiles, at least MIN_STRIP_ROWS."""
+    tiles = 1 + problem.adaptive_margin + problem.has_filter
+    item = 8 if query.dtype == torch.float64 else 4
+    return max(MIN_STRIP_ROWS, SCRATCH_BYTES // (item * key.shape[0] * tiles), 1)
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
@@ -27,7 +36,7 @@ def _call(query, key, inv_temp, problem: LossProblem, lse=None, row_weight=None)
         query, key, float(inv_temp), problem.positives, problem.margin,
         problem.margin_query, problem.margin_key, problem.filter_query, problem.filter_key,
         problem.filter_threshold, problem.row_groups, problem.key_groups, lse, row_weight,
-        SCRATCH_BYTES,
+        strip_rows(query, key, problem),
     )
 
 

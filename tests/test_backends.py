@@ -15,9 +15,10 @@ SIZES = [(1, 1, 1), (1, 6, 3), (2, 1, 4), (13, 17, 769), (37, 41, 3), (64, 61, 3
 
 @pytest.fixture
 def small_strips(monkeypatch, backend):
-    """Makes the cpu backend cut its rows into many strips (3 rows of 41 columns, fp64)."""
+    """Makes the cpu backend cut its rows into strips of 3 rows."""
     if backend == "cpu":
-        monkeypatch.setattr("mmloss.cpu.SCRATCH_BYTES", 3 * 41 * 8)
+        monkeypatch.setattr("mmloss.cpu.SCRATCH_BYTES", 0)
+        monkeypatch.setattr("mmloss.cpu.MIN_STRIP_ROWS", 3)
 
 
 @pytest.mark.parametrize("features", list(FEATURES))

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "mmloss/tile_math.h"
 
@@ -38,13 +39,25 @@ at::Tensor rows_as(const at::Tensor& x, int64_t r0, int64_t n, at::ScalarType ty
   return x.narrow(0, r0, n).to(type);
 }
 
-// The gradient of x from the gradient U of x̂ = x / max(‖x‖, ε) (row-wise):
-// inv (U - inv² <x, U> x) where ‖x‖ > ε, inv U otherwise.
-at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& inv, const at::Tensor& U) {
-  at::Tensor inv_col = inv.unsqueeze(1);
-  at::Tensor projected = (x * U).sum(1, true) * inv_col * inv_col;
-  at::Tensor active = (inv < 1.0 / kNormEps).unsqueeze(1);
-  return inv_col * at::where(active, U - projected * x, U);
+// In place, row-wise: acc_i = inv_i · dL/dx̂_i (the GEMM result) becomes dL/dx_i for
+// x̂ = x / max(‖x‖, ε), that is acc_i - inv_i² <x_i, acc_i> x_i where ‖x_i‖ > ε and acc_i
+// unchanged otherwise. x and acc are contiguous (rows, d) in the compute dtype.
+template <typename T>
+void normalize_backward_(const at::Tensor& x, const at::Tensor& inv, at::Tensor& acc, int threads) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* ip = inv.data_ptr<T>();
+  T* ap = acc.data_ptr<T>();
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!(ip[i] < T(1.0 / kNormEps))) continue;
+    const T* xi = xp + i * d;
+    T* ai = ap + i * d;
+    double dot = 0.0;
+    for (int64_t c = 0; c < d; ++c) dot += double(xi[c]) * ai[c];
+    const T coef = T(double(ip[i]) * ip[i] * dot);
+    for (int64_t c = 0; c < d; ++c) ai[c] -= coef * xi[c];
+  }
 }
 
 template <typename T>
@@ -82,26 +95,61 @@ Element<double> element(const StripArgs<T>& a, int64_t i, int64_t j) {
   return evaluate(c, is_positive, removed, poisoned, a.has_margin, margin, a.inv_temp);
 }
 
-// Row i's log-sum-exp over the block and its positive's logit (0 when not in the block).
+// Per-thread row buffers of the fused pass, each of the block's N columns.
+struct RowBuffers {
+  explicit RowBuffers(int64_t n) : f(n), df(n), e(n) {}
+  std::vector<double> f;   // transformed similarity; -inf = removed column, NaN = poisoned
+  std::vector<double> df;  // df/dc
+  std::vector<double> e;   // exp(logit - row max)
+};
+
+constexpr double kRemoved = -INFINITY;
+
+// Row i's log-sum-exp over the block and its positive's logit (0 when not in the block), with
+// one exp per column: the row's values are kept in `buf`, so that with `weight` the gradient
+// tile row follows without a second exp (see gradient_row). Returns row i's dL/d(1/τ) share.
 template <typename T>
-void row_statistics(const StripArgs<T>& a, int64_t i, double* lse, double* pos_logit) {
-  OnlineLse<double> acc;
-  double positive = 0.0;
+double row_fused(const StripArgs<T>& a, int64_t i, RowBuffers& buf, double* lse, double* pos_logit,
+                 const double* weight, T* tile) {
+  double* f = buf.f.data();
+  double* df = buf.df.data();
+  double* e = buf.e.data();
+  double f_max = kRemoved;
   for (int64_t j = 0; j < a.cols; ++j) {
-    const Element<double> e = element(a, i, j);
-    if (!e.allowed) continue;
-    acc.add(e.logit);
-    if (a.positives[i] == j) positive = e.logit;
+    const Element<double> el = element(a, i, j);
+    f[j] = !el.allowed ? kRemoved : (el.logit == el.logit ? el.f : el.logit);
+    df[j] = el.df;
+    if (f[j] > f_max) f_max = f[j];
   }
-  *lse = acc.value();
-  *pos_logit = positive;
+  const double max_logit = f_max * a.inv_temp;
+  double sum = 0.0;
+  for (int64_t j = 0; j < a.cols; ++j) {
+    e[j] = f[j] == kRemoved ? 0.0 : std::exp(f[j] * a.inv_temp - max_logit);
+    sum += e[j];
+  }
+  const int64_t pos = a.positives[i];
+  *lse = sum > 0.0 ? max_logit + std::log(sum) : (sum == sum ? kRemoved : sum);
+  *pos_logit = pos >= 0 && pos < a.cols ? f[pos] * a.inv_temp : 0.0;
+  if (weight == nullptr) return 0.0;
+  T* h = tile + i * a.cols;
+  double d_inv_temp = 0.0;
+  for (int64_t j = 0; j < a.cols; ++j) {
+    if (f[j] == kRemoved || *weight == 0.0) {
+      h[j] = T(0);
+      continue;
+    }
+    const double g = *weight * (e[j] / sum - (j == pos ? 1.0 : 0.0));
+    d_inv_temp += g * f[j];
+    h[j] = T(g * a.inv_temp * df[j] * a.inv_norm_q[i] * a.inv_norm_k[j]);
+  }
+  return d_inv_temp;
 }
 
 // Overwrites row i of the similarity tile with H_ij = dL/dc_ij · a_i · b_j (a, b the inverse
-// norms), the tile that the two gradient GEMMs contract; returns row i's share of dL/d(1/τ)
-// (accumulated in double: it sums M × N terms).
+// norms), the tile that the two gradient GEMMs contract, for a given (possibly global) lse;
+// returns row i's share of dL/d(1/τ) (accumulated in double: it sums M × N terms).
 template <typename T>
-double row_gradient(const StripArgs<T>& a, int64_t i, double lse, double weight, T* tile) {
+double gradient_row(const StripArgs<T>& a, int64_t i, double lse, double weight, T* tile) {
   T* h = tile + i * a.cols;
   if (weight == 0.0) {
     std::fill(h, h + a.cols, T(0));
@@ -129,13 +177,12 @@ template <typename T>
 std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv_temp,
                             const at::Tensor& positives, double margin, const Features& feat,
                             double threshold, const c10::optional<at::Tensor>& lse_in,
-                            const c10::optional<at::Tensor>& row_weight, int64_t scratch_bytes) {
+                            const c10::optional<at::Tensor>& row_weight, int64_t strip_rows) {
   const at::ScalarType type = compute_type(q);
   const int64_t M = q.size(0), N = k.size(0), d = q.size(1);
   const bool adaptive = feat.margin_q.defined(), filtering = feat.filter_q.defined();
   const bool want_grad = row_weight.has_value();
-  const int64_t tiles = 1 + adaptive + filtering;
-  const int64_t R = std::clamp<int64_t>(scratch_bytes / (int64_t(sizeof(T)) * N * tiles), 1, M);
+  const int64_t R = std::clamp<int64_t>(strip_rows, 1, M);
   // 16-bit keys are upcast one column chunk at a time; full-precision keys are used in place.
   const int64_t C = k.scalar_type() == type ? N : std::min<int64_t>(N, 4096);
   const auto opts = q.options().dtype(type);
@@ -194,30 +241,39 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
     const bool need_lse = !lse_in.has_value();
     double strip_d_inv_temp = 0.0;
 
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : strip_d_inv_temp)
-    for (int64_t i = 0; i < n; ++i) {
-      if (need_lse) row_statistics(a, i, lse_strip + i, pos_strip + i);
-      if (want_grad) strip_d_inv_temp += row_gradient(a, i, lse_strip[i], weight_strip[i], s.data_ptr<T>());
+#pragma omp parallel num_threads(threads) reduction(+ : strip_d_inv_temp)
+    {
+      RowBuffers buf(need_lse ? N : 0);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i) {
+        const double* w = want_grad ? weight_strip + i : nullptr;
+        strip_d_inv_temp += need_lse ? row_fused(a, i, buf, lse_strip + i, pos_strip + i, w, s.data_ptr<T>())
+                                     : gradient_row(a, i, lse_strip[i], *w, s.data_ptr<T>());
+      }
     }
     if (!want_grad) continue;
     d_inv_temp += strip_d_inv_temp;
-    // U = H K (rows of dL/dq̂ up to the row factor 1/a_i), dK-accumulator += Hᵀ Q.
-    at::Tensor U = at::zeros({n, d}, opts);
+    // U = H K (row i: a_i dL/dq̂_i), dK-accumulator += Hᵀ Q (row j: b_j dL/dk̂_j).
+    at::Tensor U = dq.narrow(0, r0, n);
     for (int64_t c0 = 0; c0 < N; c0 += C) {
       const int64_t w = std::min(C, N - c0);
       const at::Tensor h = s.narrow(1, c0, w);
-      U.addmm_(h, rows_as(k, c0, w, type));
+      if (c0 == 0) {
+        at::mm_out(U, h, rows_as(k, c0, w, type));
+      } else {
+        U.addmm_(h, rows_as(k, c0, w, type));
+      }
       dk.narrow(0, c0, w).addmm_(h.t(), q_strip);
     }
-    // H carries a_i; dL/dq̂_i = U_i / a_i, and normalize_backward multiplies by a_i again.
-    const at::Tensor inv_strip = inv_q.narrow(0, r0, n);
-    dq.narrow(0, r0, n).copy_(normalize_backward(q_strip, inv_strip, U / inv_strip.unsqueeze(1)));
+    normalize_backward_<T>(q_strip.contiguous(), inv_q.narrow(0, r0, n), U, threads);
   }
   if (!want_grad) return {lse, pos_logit};
-  // dK-accumulator row j = Σ_i H_ij q_i = b_j Σ_i dL/dc_ij a_i q_i = b_j dL/dk̂_j.
-  dk = normalize_backward(k.to(type), inv_k, dk / inv_k.unsqueeze(1));
-  return {lse, pos_logit, dq.to(q.scalar_type()), dk.to(k.scalar_type()),
-          at::scalar_tensor(d_inv_temp, wide)};
+  for (int64_t r0 = 0; r0 < N; r0 += C) {
+    const int64_t n = std::min(C, N - r0);
+    at::Tensor dk_rows = dk.narrow(0, r0, n);
+    normalize_backward_<T>(rows_as(k, r0, n, type).contiguous(), inv_k.narrow(0, r0, n), dk_rows, threads);
+  }
+  return {lse, pos_logit, dq.to(q.scalar_type()), dk.to(k.scalar_type()), at::scalar_tensor(d_inv_temp, wide)};
 }
 
 }  // namespace
@@ -231,7 +287,7 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
                                         const c10::optional<at::Tensor>& row_groups,
                                         const c10::optional<at::Tensor>& key_groups,
                                         const c10::optional<at::Tensor>& lse,
-                                        const c10::optional<at::Tensor>& row_weight, int64_t scratch_bytes) {
+                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows) {
   TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "mmloss cpu backend: CPU tensors only");
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
               "mmloss cpu backend: query (M, d) and key (N, d)");
@@ -247,9 +303,9 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
   feat.key_groups = take(key_groups);
   const at::Tensor q = query.contiguous(), k = key.contiguous(), pos = positives.contiguous();
   if (compute_type(q) == at::kDouble) {
-    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, scratch_bytes);
+    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows);
   }
-  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, scratch_bytes);
+  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows);
 }
 
 int openmp_threads() { return omp_get_max_threads(); }

@@ -11,7 +11,8 @@ namespace mmloss {
 // One key block of SPEC §1 on the CPU. Without `lse`, computes {lse, pos_logit} (M,) in float64; with
 // `row_weight`, also {d_query, d_key, d_inv_temp} of Σ_i row_weight_i · loss_i, using the given
 // `lse` when present (a global one) or the one it computed. Teacher rows arrive ready to use
-// (unit-norm margin teacher; filter rows as the dot product should see them).
+// (unit-norm margin teacher; filter rows as the dot product should see them). Rows are
+// processed `strip_rows` at a time, each strip with (1 + teachers) tiles of strip_rows × N.
 std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tensor& key, double inv_temp,
                                         const at::Tensor& positives, double margin,
                                         const c10::optional<at::Tensor>& margin_query,
@@ -21,7 +22,7 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
                                         const c10::optional<at::Tensor>& row_groups,
                                         const c10::optional<at::Tensor>& key_groups,
                                         const c10::optional<at::Tensor>& lse,
-                                        const c10::optional<at::Tensor>& row_weight, int64_t scratch_bytes);
+                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows);
 
 // Threads OpenMP would use (0 when built without OpenMP).
 int openmp_threads();

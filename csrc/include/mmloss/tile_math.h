@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cmath>
-#include <limits>
 
 #if defined(__CUDACC__)
 #define MMLOSS_HD __host__ __device__ __forceinline__
@@ -70,30 +69,9 @@ MMLOSS_HD Element<T> evaluate(T c, bool is_positive, bool removed, bool poisoned
   if (has_margin && !is_positive && c < margin.cos_base) {
     arc_margin(c, margin.cos_m, margin.sin_m, e.f, e.df);
   }
-  e.logit = poisoned ? std::numeric_limits<T>::quiet_NaN() : T(Scale(e.f) * inv_temp);
+  e.logit = poisoned ? static_cast<T>(NAN) : T(Scale(e.f) * inv_temp);
   return e;
 }
-
-// Streaming log-sum-exp. A NaN logit makes the result NaN.
-template <typename T>
-struct OnlineLse {
-  T max = -std::numeric_limits<T>::infinity();
-  T sum = T(0);
-
-  MMLOSS_HD void add(T x) {
-    if (x > max) {
-      sum = sum * exp(max - x) + T(1);
-      max = x;
-    } else {
-      sum += exp(x - max);
-    }
-  }
-
-  // -inf when nothing was added (a key block with no allowed column for this row).
-  MMLOSS_HD T value() const {
-    return sum > T(0) ? max + log(sum) : (sum == sum ? -std::numeric_limits<T>::infinity() : sum);
-  }
-};
 
 // d(loss)/d(logit_ij) for row weight w: w (P_ij - [j is the positive]).
 template <typename T>
