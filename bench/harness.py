@@ -1,17 +1,18 @@
 """One forward+backward of a contrastive loss, timed and with its peak memory, in a fresh process.
 
-Peak memory on the CPU is the process's resident high-water mark (ru_maxrss): each
-measurement runs in its own child process, records the mark after the inputs exist and a
-warm-up on tiny inputs, runs one forward+backward, and reports the growth. "extra" counts
-everything the loss allocated beyond its inputs, the returned gradients included; "scratch"
-subtracts the gradients, which every method must return.
+Peak memory on the CPU is the process's resident high-water mark (VmHWM): each measurement
+runs in its own child process whose allocator returns large blocks to the system at once
+(MALLOC_MMAP_THRESHOLD_), resets the mark once the inputs exist and a warm-up on tiny inputs
+ran, runs one forward+backward, and reports the mark's growth over the resident size then.
+"extra" counts everything the loss allocated beyond its inputs, the returned gradients
+included; "scratch" subtracts the gradients, which every method must return.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -40,8 +41,19 @@ def loss_fn(provider: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     return lambda q, k: mmloss.contrastive_loss(q, k, temperature=0.05, backend=backend)
 
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Resets the resident high-water mark to the current resident size, which it returns."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _status_bytes("VmRSS")
 
 
 def _step(fn, q, k) -> None:
@@ -57,11 +69,11 @@ def measure_here(provider: str, n: int, d: int, dtype: str, repeats: int) -> Dic
     _step(fn, *small)  # loads kernels and thread pools before the baseline
     q = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
     k = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
-    baseline = _peak_bytes()
+    baseline = _reset_peak()
     start = time.perf_counter()
     _step(fn, q, k)
     times = [time.perf_counter() - start]
-    extra = _peak_bytes() - baseline
+    extra = _status_bytes("VmHWM") - baseline
     for _ in range(repeats - 1):
         start = time.perf_counter()
         _step(fn, q, k)
@@ -75,7 +87,8 @@ def measure(provider: str, n: int, d: int, dtype: str = "fp32", repeats: int = 3
     """`measure_here` in a fresh process; {"error": text} if it fails (e.g. out of memory)."""
     cmd = [sys.executable, "-m", "bench.harness", provider, str(n), str(d), dtype, str(repeats), str(threads)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if out.returncode != 0:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) with the pinned environment and builds mmloss into it in place.
+# Sourced by scripts/test.sh and scripts/run.sh; leaves the venv activated.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip setuptools wheel
+python -m pip install --quiet -r requirements-dev.txt
+MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --no-build-isolation -e .
+python -m mmloss.info

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything (scripts/setup-env.sh) and runs the whole test suite on the CPU.
+# Triton kernels run in its interpreter (TRITON_INTERPRET=1); GPU-only tests skip.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/setup-env.sh"
+export TRITON_INTERPRET=1
+python -m pytest -q -ra "$@"
