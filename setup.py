@@ -2,6 +2,7 @@
 
 Environment: MAX_JOBS (parallel compile jobs), MMLOSS_CUDA_ARCHS (default "80;90"),
 MMLOSS_WITH_CUDA=0/1 (default: 1 when torch is a CUDA build and nvcc is found),
+MMLOSS_CPU_NATIVE=0/1 (default 1: -march=native for the CPU kernels; 0 for a portable build),
 CMAKE_BUILD_TYPE (default Release).
 """
 
@@ -45,6 +46,7 @@ class CMakeBuild(build_ext):
             f"-DMMLOSS_OUTPUT_DIR={out_dir}",
             f"-DMMLOSS_CUDA_ARCHS={os.environ.get('MMLOSS_CUDA_ARCHS', '80;90')}",
             f"-DMMLOSS_WITH_CUDA={'ON' if _with_cuda(torch) else 'OFF'}",
+            f"-DMMLOSS_CPU_NATIVE={'OFF' if os.environ.get('MMLOSS_CPU_NATIVE') == '0' else 'ON'}",
         ]
         build = ["cmake", "--build", str(build_dir), "--target", "_C"]
         if os.environ.get("MAX_JOBS"):

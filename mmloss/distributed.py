@@ -17,8 +17,8 @@ Modes.
 - "ring": key blocks pass from rank r to rank r+1 while each rank computes its rows against
   the block it holds (isend/irecv overlapping the kernel), combining per-block lse with
   logsumexp; the backward ring recomputes each block with the global lse and carries that
-  block's d_key along until it arrives home. No rank holds more than two key blocks: memory
-  O(local batch). Both modes use the kernel block contract of `mmloss.backends`
+  block's d_key along until it arrives home. A rank holds its own keys and the blocks in
+  transit, never all keys: memory O(local batch). Both modes use the kernel block contract of `mmloss.backends`
   (`mmloss.blockwise` for backend="reference").
 
 Gradient convention (DDP / DeepSpeed average gradients over the data-parallel ranks). With
@@ -48,7 +48,7 @@ import torch.distributed as dist
 from mmloss import backends, blockwise
 from mmloss.checks import FLOAT_DTYPES, REDUCTIONS, Temperature, build_problem
 from mmloss.constants import IGNORE_INDEX
-from mmloss.contrastive import ContrastiveRows, _row_losses
+from mmloss.contrastive import ContrastiveRows
 from mmloss.problem import LossProblem
 
 MODES = ("gather", "ring")
@@ -183,29 +183,36 @@ def _gather_rows(query, key, inv_temp, problem: LossProblem, layout: _Layout, ke
             for name in _KEY_SIDE if getattr(problem, name) is not None}
     shift = _offset(layout.key_sizes, layout.rank)
     problem = dataclasses.replace(problem, positives=_global_positives(problem, shift), **side)
-    kernel_module.check(query, problem)
     return ContrastiveRows.apply(query, _GatherWithGrad.apply(key, layout), inv_temp, problem, kernel_module)
 
 
+_KEY_TAG, _GRAD_TAG = 0, 100  # message tags of the key blocks and of their travelling d_key
+
+
 class _Ring:
-    """The key blocks of one direction passing around the ring of ranks."""
+    """A kernel module (the block contract of `mmloss.backends`) whose key set is the keys of
+    every rank: it passes key blocks around the ring and runs `block_kernel` on each, so
+    `ContrastiveRows` serves it as any backend. `problem` is the local one (local positives)."""
 
-    def __init__(self, problem: LossProblem, layout: _Layout):
-        self.problem, self.layout = problem, layout
-        self.side = [name for name in _KEY_SIDE if getattr(problem, name) is not None]
+    def __init__(self, layout: _Layout, block_kernel):
+        self.layout, self.block_kernel = layout, block_kernel
 
-    def own_block(self, key: torch.Tensor) -> List[torch.Tensor]:
+    @staticmethod
+    def _side(problem: LossProblem) -> List[str]:
+        return [name for name in _KEY_SIDE if getattr(problem, name) is not None]
+
+    def _own_block(self, key: torch.Tensor, problem: LossProblem) -> List[torch.Tensor]:
         """[key, then the key-side tensors of the problem] of this rank."""
-        return [key] + [getattr(self.problem, name) for name in self.side]
+        return [key] + [getattr(problem, name) for name in self._side(problem)]
 
-    def block_problem(self, block: List[torch.Tensor], source: int) -> LossProblem:
+    def _block_problem(self, problem: LossProblem, block: List[torch.Tensor], source: int) -> LossProblem:
         """The problem of the local rows against the block that rank `source` owns."""
         sizes = self.layout.key_sizes
         shift = _offset(sizes, self.layout.rank) - _offset(sizes, source)
-        return dataclasses.replace(self.problem, positives=_global_positives(self.problem, shift),
-                                   **dict(zip(self.side, block[1:])))
+        return dataclasses.replace(problem, positives=_global_positives(problem, shift),
+                                   **dict(zip(self._side(problem), block[1:])))
 
-    def shift(self, tensors: List[torch.Tensor], incoming_rows: int, tag: int):
+    def _shift(self, tensors: List[torch.Tensor], incoming_rows: int, tag: int):
         """Send `tensors` to the next rank and receive the previous rank's (`incoming_rows`
         rows each, same widths and dtypes); returns (requests, received buffers)."""
         layout = self.layout
@@ -217,73 +224,59 @@ class _Ring:
         return requests, received
 
     @staticmethod
-    def wait(requests) -> None:
+    def _wait(requests) -> None:
         for request in requests:
             request.wait()
 
-
-_KEY_TAG, _GRAD_TAG = 0, 100
-
-
-class _RingRows(torch.autograd.Function):
-    """Per-row losses (M_local,) of local rows against every rank's keys, passed in a ring."""
-
-    @staticmethod
-    def forward(ctx, query, key, inv_temp, problem: LossProblem, layout: _Layout, kernel_module):
-        ring = _Ring(problem, layout)
-        world, rank, sizes = layout.world, layout.rank, layout.key_sizes
-        block, lse, pos_logit = ring.own_block(key), None, None
+    def forward(self, query, key, inv_temp, problem: LossProblem):
+        """(lse (M,), pos_logit (M,)) over all ranks' keys, block by block: each step computes
+        the block it holds while the next one arrives."""
+        world, rank, sizes = self.layout.world, self.layout.rank, self.layout.key_sizes
+        block, lse, pos_logit = self._own_block(key, problem), None, None
         for step in range(world):
             source = (rank - step) % world
             if step + 1 < world:
-                requests, incoming = ring.shift(block, sizes[(source - 1) % world], _KEY_TAG)
-            block_problem = ring.block_problem(block, source)
-            kernel_module.check(query, block_problem)
-            block_lse, block_pos = kernel_module.forward(query, block[0], inv_temp, block_problem)
+                requests, incoming = self._shift(block, sizes[(source - 1) % world], _KEY_TAG)
+            block_lse, block_pos = self.block_kernel.forward(query, block[0], inv_temp,
+                                                             self._block_problem(problem, block, source))
             lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
             pos_logit = block_pos if pos_logit is None else pos_logit + block_pos
             if step + 1 < world:
-                ring.wait(requests)
+                self._wait(requests)
                 block = incoming
-        ctx.ring, ctx.kernel_module = ring, kernel_module
-        ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
-        saved = (query, key, lse, inv_temp) if ctx.inv_temp_is_tensor else (query, key, lse)
-        ctx.save_for_backward(*saved)
-        ctx.inv_temp = None if ctx.inv_temp_is_tensor else inv_temp
-        return _row_losses(lse, pos_logit, problem, query.dtype)
+        return lse, pos_logit
 
-    @staticmethod
-    def backward(ctx, grad_rows):
-        if ctx.inv_temp_is_tensor:
-            query, key, lse, inv_temp = ctx.saved_tensors
-        else:
-            (query, key, lse), inv_temp = ctx.saved_tensors, ctx.inv_temp
-        ring, kernel_module = ctx.ring, ctx.kernel_module
-        world, rank, sizes = ring.layout.world, ring.layout.rank, ring.layout.key_sizes
-        need_temp_grad = ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
-        row_weight = torch.where(ring.problem.valid_rows, grad_rows, torch.zeros_like(grad_rows)).contiguous()
+    def backward(self, query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad):
+        """(d_query, d_key of this rank's keys from every rank's rows, d_inv_temp or None): the
+        keys go round again, each block's d_key travelling with it until it is home."""
+        world, rank, sizes = self.layout.world, self.layout.rank, self.layout.key_sizes
         accumulate = torch.float64 if key.dtype == torch.float64 else torch.float32
-        block, d_block = ring.own_block(key), torch.zeros(key.shape, dtype=accumulate, device=key.device)
+        block, d_block = self._own_block(key, problem), torch.zeros(key.shape, dtype=accumulate, device=key.device)
         d_query, d_inv_temp = None, None
         for step in range(world):
             source = (rank - step) % world
             incoming_rows = sizes[(source - 1) % world]
             if step + 1 < world:
-                key_requests, incoming = ring.shift(block, incoming_rows, _KEY_TAG)
-            dq, dk, dt = kernel_module.backward(query, block[0], inv_temp, ring.block_problem(block, source), lse,
-                                                row_weight, need_temp_grad)
+                key_requests, incoming = self._shift(block, incoming_rows, _KEY_TAG)
+            dq, dk, dt = self.block_kernel.backward(query, block[0], inv_temp,
+                                                    self._block_problem(problem, block, source), lse,
+                                                    row_weight, need_temp_grad)
             d_query = dq.to(accumulate) if d_query is None else d_query + dq
             d_inv_temp = dt if d_inv_temp is None else d_inv_temp + dt
             d_block = d_block + dk
             if world > 1:
                 # d_block travels on with its block; after the last step it reaches its owner.
-                grad_requests, (d_block,) = ring.shift([d_block], incoming_rows, _GRAD_TAG)
-                ring.wait(grad_requests)
+                grad_requests, (d_block,) = self._shift([d_block], incoming_rows, _GRAD_TAG)
+                self._wait(grad_requests)
             if step + 1 < world:
-                ring.wait(key_requests)
+                self._wait(key_requests)
                 block = incoming
-        return (d_query.to(query.dtype), d_block.to(key.dtype), d_inv_temp if need_temp_grad else None,
-                None, None, None)
+        return d_query.to(query.dtype), d_block.to(key.dtype), d_inv_temp
+
+
+def _ring_rows(query, key, inv_temp, problem: LossProblem, layout: _Layout, kernel_module) -> torch.Tensor:
+    """Per-row losses (M_local,) of local rows against the keys of all ranks, passed in a ring."""
+    return ContrastiveRows.apply(query, key, inv_temp, problem, _Ring(layout, kernel_module))
 
 
 def _layout(group, problem_sizes: torch.Tensor) -> _Layout:
@@ -322,6 +315,8 @@ def global_contrastive_loss(
             key_groups=key_groups, symmetric=symmetric, reduction=reduction, backend=backend,
         )
         name = backends.resolve(backend, query.device, query.dtype)
+        kernel_module = blockwise if name == "reference" else backends.kernels(name)
+        kernel_module.check(query, problem)
     except (TypeError, ValueError, RuntimeError) as exc:
         problem, error = None, exc
     settings = (symmetric, REDUCTIONS.index(reduction), MODES.index(mode),
@@ -332,11 +327,10 @@ def global_contrastive_loss(
         raise error
     _check_agreement(table)
     layout = _layout(group, table[:, 1:3])
-    kernel_module = blockwise if name == "reference" else backends.kernels(name)
     backends.record(name)
     # 1/τ in float64, as contrastive_loss does (a tensor τ keeps its autograd link).
     inv_temp = 1.0 / (temperature.double() if isinstance(temperature, torch.Tensor) else temperature)
-    direction = _gather_rows if mode == "gather" else _RingRows.apply
+    direction = _gather_rows if mode == "gather" else _ring_rows
     rows = direction(query, key, inv_temp, problem, layout, kernel_module)
     if symmetric:
         transposed_layout = dataclasses.replace(layout, row_sizes=layout.key_sizes, key_sizes=layout.row_sizes)

@@ -9,8 +9,9 @@ Defaults are those of the official training scripts: τ = τ' = 0.05, λ = 0.01,
 m = 0.15 rad (KDMCSE). Row i of every query is paired with row/column i of its targets.
 
 Common options of every module:
-    temperature: τ of the text-text term: a float, or a 0-dim tensor (an nn.Parameter is
-        learnt, as CLIP's scale; it is registered on the module).
+    temperature: τ of the text-text term: a float, or a one-element tensor (an nn.Parameter is
+        learnt, as CLIP's scale, and registered on the module; give it shape (1,) under
+        DeepSpeed, which cannot broadcast 0-dim parameters). The other τ's alike.
     backend: the `contrastive_loss` backend ("auto", "reference", "cpu", "triton", "cuda").
     global_negatives, process_group: None, or "gather" / "ring" with a torch.distributed group
         (default the world): the keys of every rank join each row's negatives, with the
@@ -63,7 +64,9 @@ class _ContrastiveMethod(nn.Module):
         self.process_group = process_group
 
     def _core(self, query: torch.Tensor, key: torch.Tensor, **kwargs) -> torch.Tensor:
-        kwargs.setdefault("temperature", self.temperature)
+        temperature = kwargs.setdefault("temperature", self.temperature)
+        if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+            kwargs["temperature"] = temperature.reshape(())
         return contrastive_loss(query, key, backend=self.backend, global_negatives=self.global_negatives,
                                 process_group=self.process_group, **kwargs)
 

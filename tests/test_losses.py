@@ -82,6 +82,8 @@ def test_simcse(backend):
     assert_same(out, expected, {"z1": x["z1"], "z2": x["z2"], "temperature": temperature})
     assert set(out.parts) == {"simcse"}
     assert SimCSELoss().temperature == 0.05
+    one_element = torch.nn.Parameter(torch.tensor([0.05], dtype=torch.float64))  # as DeepSpeed needs
+    torch.testing.assert_close(SimCSELoss(one_element, backend=backend)(x["z1"], x["z2"]).total, out.total)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "exp_simd.h"
 #include "mmloss/tile_math.h"
 
 namespace mmloss {
@@ -73,6 +74,7 @@ struct StripArgs {
   int64_t rows, cols;
   double inv_temp, margin, cos_base, cos_margin, sin_margin, threshold;
   bool has_margin;
+  bool plain;  // no margin, groups or filter: f = c everywhere
 };
 
 // Per-element math runs in double whatever T is: it costs little next to exp on a CPU, and it
@@ -105,42 +107,91 @@ struct RowBuffers {
 
 constexpr double kRemoved = -INFINITY;
 
+// Pass A of row_fused: f (and df) of every column of row i into `buf`; returns max f.
+// Plain InfoNCE (no margin, groups or filter) takes a vectorised loop: f = c, df = 1.
+template <typename T>
+double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
+  double* f = buf.f.data();
+  double* df = buf.df.data();
+  const T* sim = a.sim + i * a.cols;
+  const T* inv_k = a.inv_norm_k;
+  const double inv_q = a.inv_norm_q[i];
+  if (a.plain) {
+#pragma omp simd
+    for (int64_t j = 0; j < a.cols; ++j) f[j] = double(sim[j]) * inv_q * inv_k[j];
+  } else {
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const Element<double> el = element(a, i, j);
+      f[j] = !el.allowed ? kRemoved : (el.logit == el.logit ? el.f : el.logit);
+      df[j] = el.df;
+    }
+  }
+  double f_max = kRemoved;
+#pragma omp simd reduction(max : f_max)
+  for (int64_t j = 0; j < a.cols; ++j) f_max = f[j] > f_max ? f[j] : f_max;
+  return f_max;
+}
+
 // Row i's log-sum-exp over the block and its positive's logit (0 when not in the block), with
-// one exp per column: the row's values are kept in `buf`, so that with `weight` the gradient
-// tile row follows without a second exp (see gradient_row). Returns row i's dL/d(1/τ) share.
+// one exp per column: the row's values stay in `buf`, so that with `weight` the gradient tile
+// row follows without a second exp (see gradient_row). Returns row i's dL/d(1/τ) share.
 template <typename T>
 double row_fused(const StripArgs<T>& a, int64_t i, RowBuffers& buf, double* lse, double* pos_logit,
                  const double* weight, T* tile) {
-  double* f = buf.f.data();
-  double* df = buf.df.data();
+  const double* f = buf.f.data();
+  const double* df = buf.df.data();
   double* e = buf.e.data();
-  double f_max = kRemoved;
-  for (int64_t j = 0; j < a.cols; ++j) {
-    const Element<double> el = element(a, i, j);
-    f[j] = !el.allowed ? kRemoved : (el.logit == el.logit ? el.f : el.logit);
-    df[j] = el.df;
-    if (f[j] > f_max) f_max = f[j];
-  }
-  const double max_logit = f_max * a.inv_temp;
+  const double f_max = row_values(a, i, buf);
+  const double s = a.inv_temp;
+  const double max_logit = f_max * s;
   double sum = 0.0;
-  for (int64_t j = 0; j < a.cols; ++j) {
-    e[j] = f[j] == kRemoved ? 0.0 : std::exp(f[j] * a.inv_temp - max_logit);
-    sum += e[j];
+  if (f_max == kRemoved) {  // nothing allowed in this block (or only NaN)
+    for (int64_t j = 0; j < a.cols; ++j) {
+      e[j] = f[j] == f[j] ? 0.0 : f[j];
+      sum += e[j];
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < a.cols; ++j) {
+      e[j] = exp_nonpositive(f[j] * s - max_logit);  // removed columns: exp(-inf) = 0
+      sum += e[j];
+    }
   }
   const int64_t pos = a.positives[i];
+  const bool pos_here = pos >= 0 && pos < a.cols;
   *lse = sum > 0.0 ? max_logit + std::log(sum) : (sum == sum ? kRemoved : sum);
-  *pos_logit = pos >= 0 && pos < a.cols ? f[pos] * a.inv_temp : 0.0;
+  *pos_logit = pos_here ? f[pos] * s : 0.0;
   if (weight == nullptr) return 0.0;
   T* h = tile + i * a.cols;
+  const double w = *weight;
+  if (w == 0.0) {
+    std::fill(h, h + a.cols, T(0));
+    return 0.0;
+  }
+  // g_ij = w (P_ij - [j = pos]); the positive's column is redone after the vectorised loop.
+  const double wp = w / sum, h_scale = s * a.inv_norm_q[i];
+  const T* inv_k = a.inv_norm_k;
   double d_inv_temp = 0.0;
-  for (int64_t j = 0; j < a.cols; ++j) {
-    if (f[j] == kRemoved || *weight == 0.0) {
-      h[j] = T(0);
-      continue;
+  if (a.plain) {
+#pragma omp simd reduction(+ : d_inv_temp)
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const double g = wp * e[j];
+      d_inv_temp += g * f[j];
+      h[j] = T(g * h_scale * inv_k[j]);
     }
-    const double g = *weight * (e[j] / sum - (j == pos ? 1.0 : 0.0));
-    d_inv_temp += g * f[j];
-    h[j] = T(g * a.inv_temp * df[j] * a.inv_norm_q[i] * a.inv_norm_k[j]);
+  } else {
+#pragma omp simd reduction(+ : d_inv_temp)
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const double g = wp * e[j];
+      d_inv_temp += f[j] == kRemoved ? 0.0 : g * f[j];
+      h[j] = T(g * h_scale * df[j] * inv_k[j]);
+    }
+  }
+  if (pos_here) {
+    const double slope = a.plain ? 1.0 : df[pos];
+    const double g = w * (e[pos] - sum) / sum;  // w (P - 1) without rounding P first
+    d_inv_temp += (g - wp * e[pos]) * f[pos];
+    h[pos] = T(g * h_scale * slope * inv_k[pos]);
   }
   return d_inv_temp;
 }
@@ -213,6 +264,7 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   a.sin_margin = std::sin(margin);
   a.threshold = threshold;
   a.has_margin = margin > 0.0;
+  a.plain = !a.has_margin && a.key_groups == nullptr && !filtering;
 
   for (int64_t r0 = 0; r0 < M; r0 += R) {
     const int64_t n = std::min(R, M - r0);
