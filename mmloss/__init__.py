@@ -4,5 +4,16 @@ from mmloss._version import __version__
 from mmloss.backends import last_backend
 from mmloss.constants import IGNORE_INDEX
 from mmloss.contrastive import contrastive_loss
+from mmloss.losses import KDMCSELoss, LossOutput, MCSELoss, MCSEOLoss, SimCSELoss
 
-__all__ = ["IGNORE_INDEX", "__version__", "contrastive_loss", "last_backend"]
+__all__ = [
+    "IGNORE_INDEX",
+    "KDMCSELoss",
+    "LossOutput",
+    "MCSELoss",
+    "MCSEOLoss",
+    "SimCSELoss",
+    "__version__",
+    "contrastive_loss",
+    "last_backend",
+]

@@ -86,6 +86,12 @@ class ContrastiveSum(torch.autograd.Function):
         return d_query, d_key, d_inv_temp, None, None
 
 
+def inverse_temperature(temperature: Temperature):
+    """1/τ in float64 (a tensor τ keeps its autograd link): rounding it to fp32 first would
+    cost ~1e-7 relative error in every logit."""
+    return 1.0 / (temperature.double() if isinstance(temperature, torch.Tensor) else temperature)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
@@ -165,9 +171,7 @@ def contrastive_loss(
     kernel_module = backends.kernels(name)
     kernel_module.check(query, problem)
     backends.record(name)
-    # 1/τ in float64 (a tensor τ keeps its autograd link): rounding it to fp32 first would
-    # cost ~1e-7 relative error in every logit.
-    inv_temp = 1.0 / (temperature.double() if isinstance(temperature, torch.Tensor) else temperature)
+    inv_temp = inverse_temperature(temperature)
     directions = [(query, key, problem)]
     if symmetric:
         directions.append((key, query, problem.transposed()))

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from mmloss import backends, blockwise
 from mmloss.checks import FLOAT_DTYPES, REDUCTIONS, Temperature, build_problem
 from mmloss.constants import IGNORE_INDEX
-from mmloss.contrastive import ContrastiveRows
+from mmloss.contrastive import ContrastiveRows, inverse_temperature
 from mmloss.problem import LossProblem
 
 MODES = ("gather", "ring")
@@ -328,8 +328,7 @@ def global_contrastive_loss(
     _check_agreement(table)
     layout = _layout(group, table[:, 1:3])
     backends.record(name)
-    # 1/τ in float64, as contrastive_loss does (a tensor τ keeps its autograd link).
-    inv_temp = 1.0 / (temperature.double() if isinstance(temperature, torch.Tensor) else temperature)
+    inv_temp = inverse_temperature(temperature)
     direction = _gather_rows if mode == "gather" else _ring_rows
     rows = direction(query, key, inv_temp, problem, layout, kernel_module)
     if symmetric:

@@ -11,5 +11,7 @@ fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip setuptools wheel
 python -m pip install --quiet -r requirements-dev.txt
+# DeepSpeed ships as an sdist whose setup imports torch: build it against the pinned torch.
+python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --no-build-isolation -e .
 python -m mmloss.info
