@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "cpu/contrastive_cpu.h"
+#include "cpu/similarity_cpu.h"
 
 #ifndef MMLOSS_CUDA_ARCHS
 #define MMLOSS_CUDA_ARCHS ""
@@ -40,6 +41,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("margin_query"), py::arg("margin_key"), py::arg("filter_query"), py::arg("filter_key"),
         py::arg("filter_threshold"), py::arg("row_groups"), py::arg("key_groups"), py::arg("lse"),
         py::arg("row_weight"), py::arg("strip_rows"));
+  m.def("similarity_cpu", &mmloss::similarity_cpu, "Cosine (or dot) similarity matrix into out",
+        py::arg("a"), py::arg("b"), py::arg("normalize"), py::arg("out"), py::arg("strip_rows"));
+  m.def("topk_similarity_cpu", &mmloss::topk_similarity_cpu, "Streaming top-k similarity",
+        py::arg("q"), py::arg("k"), py::arg("k_top"), py::arg("normalize"), py::arg("strip_rows"),
+        py::arg("block_cols"));
   m.def("openmp_threads", &mmloss::openmp_threads, "Threads OpenMP would use");
   m.def("has_cuda", &has_cuda, "Whether CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "Compiled CUDA architectures");

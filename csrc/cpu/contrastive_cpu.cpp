@@ -74,56 +74,69 @@ struct StripArgs {
   int64_t rows, cols;
   double inv_temp, margin, cos_base, cos_margin, sin_margin, threshold;
   bool has_margin;
-  bool plain;  // no margin, groups or filter: f = c everywhere
 };
 
 // Per-element math runs in double whatever T is: it costs little next to exp on a CPU, and it
 // keeps fp32 runs' logits, probabilities and dL/d(1/τ) free of avoidable rounding.
-template <typename T>
-Element<double> element(const StripArgs<T>& a, int64_t i, int64_t j) {
-  const int64_t ij = i * a.cols + j;
-  const double c = double(a.sim[ij]) * a.inv_norm_q[i] * a.inv_norm_k[j];
-  const bool is_positive = a.positives[i] == j;
-  bool removed = a.key_groups != nullptr && a.key_groups[j] == a.row_groups[i];
-  bool poisoned = false;
-  if (a.filter != nullptr) {
-    const double s = a.filter[ij];
-    removed = removed || s > a.threshold;
-    poisoned = s != s;
-  }
-  const MarginPair<double> margin = a.teacher != nullptr
-                                        ? adaptive_margin(a.cos_base, a.margin, double(a.teacher[ij]))
-                                        : MarginPair<double>{a.cos_base, a.cos_margin, a.sin_margin};
-  return evaluate(c, is_positive, removed, poisoned, a.has_margin, margin, a.inv_temp);
-}
 
-// Per-thread row buffers of the fused pass, each of the block's N columns.
+// Per-thread row buffers, each of the block's N columns.
 struct RowBuffers {
   explicit RowBuffers(int64_t n) : f(n), df(n), e(n) {}
   std::vector<double> f;   // transformed similarity; -inf = removed column, NaN = poisoned
   std::vector<double> df;  // df/dc
-  std::vector<double> e;   // exp(logit - row max)
+  std::vector<double> e;   // exp(logit - row max), or the probability when lse is given
 };
 
 constexpr double kRemoved = -INFINITY;
 
-// Pass A of row_fused: f (and df) of every column of row i into `buf`; returns max f.
-// Plain InfoNCE (no margin, groups or filter) takes a vectorised loop: f = c, df = 1.
+// f and df/dc of every column of row i (tile_math.h's evaluate). The features are template
+// flags so that the column loop has no branches left and vectorises.
+template <typename T, bool kGroups, bool kFilter, bool kAdaptive>
+void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df) {
+  const int64_t cols = a.cols, pos = a.positives[i];
+  const T* sim = a.sim + i * cols;
+  const T* teacher = kAdaptive ? a.teacher + i * cols : nullptr;
+  const T* filter = kFilter ? a.filter + i * cols : nullptr;
+  const T* inv_k = a.inv_norm_k;
+  const int64_t* key_groups = a.key_groups;
+  const int64_t row_group = kGroups ? a.row_groups[i] : 0;
+  const double inv_q = a.inv_norm_q[i];
+  const MarginPair<double> fixed{a.cos_base, a.cos_margin, a.sin_margin};
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    const double c = double(sim[j]) * inv_q * inv_k[j];
+    bool removed = false, poisoned = false;
+    if constexpr (kGroups) removed = key_groups[j] == row_group;
+    if constexpr (kFilter) {
+      const double s = filter[j];
+      removed = removed || s > a.threshold;
+      poisoned = s != s;
+    }
+    const MarginPair<double> margin =
+        kAdaptive ? adaptive_margin(a.cos_base, a.margin, double(teacher[j])) : fixed;
+    const Element<double> el = evaluate(c, pos == j, removed, poisoned, a.has_margin, margin, 1.0);
+    f[j] = !el.allowed ? kRemoved : el.logit;  // logit with scale 1 is f, or NaN when poisoned
+    df[j] = el.df;
+  }
+}
+
+// Fills f and df of row i; returns the row's largest f (ignoring NaN).
 template <typename T>
 double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
   double* f = buf.f.data();
   double* df = buf.df.data();
-  const T* sim = a.sim + i * a.cols;
-  const T* inv_k = a.inv_norm_k;
-  const double inv_q = a.inv_norm_q[i];
-  if (a.plain) {
-#pragma omp simd
-    for (int64_t j = 0; j < a.cols; ++j) f[j] = double(sim[j]) * inv_q * inv_k[j];
+  const bool groups = a.key_groups != nullptr, filter = a.filter != nullptr, adaptive = a.teacher != nullptr;
+  if (groups) {
+    if (filter) {
+      adaptive ? row_values_with<T, true, true, true>(a, i, f, df) : row_values_with<T, true, true, false>(a, i, f, df);
+    } else {
+      adaptive ? row_values_with<T, true, false, true>(a, i, f, df) : row_values_with<T, true, false, false>(a, i, f, df);
+    }
   } else {
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const Element<double> el = element(a, i, j);
-      f[j] = !el.allowed ? kRemoved : (el.logit == el.logit ? el.f : el.logit);
-      df[j] = el.df;
+    if (filter) {
+      adaptive ? row_values_with<T, false, true, true>(a, i, f, df) : row_values_with<T, false, true, false>(a, i, f, df);
+    } else {
+      adaptive ? row_values_with<T, false, false, true>(a, i, f, df) : row_values_with<T, false, false, false>(a, i, f, df);
     }
   }
   double f_max = kRemoved;
@@ -132,35 +145,42 @@ double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
   return f_max;
 }
 
-// Row i's log-sum-exp over the block and its positive's logit (0 when not in the block), with
-// one exp per column: the row's values stay in `buf`, so that with `weight` the gradient tile
-// row follows without a second exp (see gradient_row). Returns row i's dL/d(1/τ) share.
+// Row i of the core op, one exp per column. Without `given_lse`: computes the row's
+// log-sum-exp over the block and its positive's logit (0 when not in the block). With
+// `weight`: also overwrites row i of the similarity tile with H_ij = dL/dc_ij · a_i · b_j (a, b
+// the inverse norms, dL the gradient of weight · loss_i, using `given_lse` when set, e.g. a
+// global one) and returns row i's share of dL/d(1/τ).
 template <typename T>
-double row_fused(const StripArgs<T>& a, int64_t i, RowBuffers& buf, double* lse, double* pos_logit,
-                 const double* weight, T* tile) {
+double process_row(const StripArgs<T>& a, int64_t i, RowBuffers& buf, const double* given_lse, double* lse,
+                   double* pos_logit, const double* weight, T* tile) {
   const double* f = buf.f.data();
   const double* df = buf.df.data();
   double* e = buf.e.data();
-  const double f_max = row_values(a, i, buf);
   const double s = a.inv_temp;
-  const double max_logit = f_max * s;
-  double sum = 0.0;
-  if (f_max == kRemoved) {  // nothing allowed in this block (or only NaN)
-    for (int64_t j = 0; j < a.cols; ++j) {
-      e[j] = f[j] == f[j] ? 0.0 : f[j];
-      sum += e[j];
-    }
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < a.cols; ++j) {
-      e[j] = exp_nonpositive(f[j] * s - max_logit);  // removed columns: exp(-inf) = 0
-      sum += e[j];
-    }
-  }
+  const double f_max = row_values(a, i, buf);
   const int64_t pos = a.positives[i];
   const bool pos_here = pos >= 0 && pos < a.cols;
-  *lse = sum > 0.0 ? max_logit + std::log(sum) : (sum == sum ? kRemoved : sum);
-  *pos_logit = pos_here ? f[pos] * s : 0.0;
+  // e_j = exp(logit_j - shift); P_j = e_j / total.
+  double shift, total = 0.0;
+  if (given_lse != nullptr) {
+    shift = *given_lse;
+    total = 1.0;
+#pragma omp simd
+    for (int64_t j = 0; j < a.cols; ++j) e[j] = exp_simd(f[j] * s - shift);
+  } else {
+    shift = f_max * s;
+    if (f_max == kRemoved) {  // nothing allowed in this block (or only NaN)
+      for (int64_t j = 0; j < a.cols; ++j) total += (e[j] = f[j] == f[j] ? 0.0 : f[j]);
+    } else {
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < a.cols; ++j) {
+        e[j] = exp_simd(f[j] * s - shift);  // removed columns: exp(-inf) = 0
+        total += e[j];
+      }
+    }
+    *lse = total > 0.0 ? shift + std::log(total) : (total == total ? kRemoved : total);
+    *pos_logit = pos_here ? f[pos] * s : 0.0;
+  }
   if (weight == nullptr) return 0.0;
   T* h = tile + i * a.cols;
   const double w = *weight;
@@ -168,54 +188,20 @@ double row_fused(const StripArgs<T>& a, int64_t i, RowBuffers& buf, double* lse,
     std::fill(h, h + a.cols, T(0));
     return 0.0;
   }
-  // g_ij = w (P_ij - [j = pos]); the positive's column is redone after the vectorised loop.
-  const double wp = w / sum, h_scale = s * a.inv_norm_q[i];
+  // g_j = w (P_j - [j = pos]); the positive's column is redone after the vectorised loop.
+  const double wp = w / total, h_scale = s * a.inv_norm_q[i];
   const T* inv_k = a.inv_norm_k;
   double d_inv_temp = 0.0;
-  if (a.plain) {
 #pragma omp simd reduction(+ : d_inv_temp)
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const double g = wp * e[j];
-      d_inv_temp += g * f[j];
-      h[j] = T(g * h_scale * inv_k[j]);
-    }
-  } else {
-#pragma omp simd reduction(+ : d_inv_temp)
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const double g = wp * e[j];
-      d_inv_temp += f[j] == kRemoved ? 0.0 : g * f[j];
-      h[j] = T(g * h_scale * df[j] * inv_k[j]);
-    }
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const double g = wp * e[j];
+    d_inv_temp += f[j] == kRemoved ? 0.0 : g * f[j];
+    h[j] = T(g * h_scale * df[j] * inv_k[j]);
   }
   if (pos_here) {
-    const double slope = a.plain ? 1.0 : df[pos];
-    const double g = w * (e[pos] - sum) / sum;  // w (P - 1) without rounding P first
+    const double g = w * (e[pos] - total) / total;  // w (P - 1) without rounding P first
     d_inv_temp += (g - wp * e[pos]) * f[pos];
-    h[pos] = T(g * h_scale * slope * inv_k[pos]);
-  }
-  return d_inv_temp;
-}
-
-// Overwrites row i of the similarity tile with H_ij = dL/dc_ij · a_i · b_j (a, b the inverse
-// norms), the tile that the two gradient GEMMs contract, for a given (possibly global) lse;
-// returns row i's share of dL/d(1/τ) (accumulated in double: it sums M × N terms).
-template <typename T>
-double gradient_row(const StripArgs<T>& a, int64_t i, double lse, double weight, T* tile) {
-  T* h = tile + i * a.cols;
-  if (weight == 0.0) {
-    std::fill(h, h + a.cols, T(0));
-    return 0.0;
-  }
-  double d_inv_temp = 0.0;
-  for (int64_t j = 0; j < a.cols; ++j) {
-    const Element<double> e = element(a, i, j);
-    if (!e.allowed) {
-      h[j] = T(0);
-      continue;
-    }
-    const double g = logit_grad(e.logit, lse, weight, a.positives[i] == j);
-    d_inv_temp += g * e.f;
-    h[j] = T(g * a.inv_temp * e.df * a.inv_norm_q[i] * a.inv_norm_k[j]);
+    h[pos] = T(g * h_scale * df[pos] * inv_k[pos]);
   }
   return d_inv_temp;
 }
@@ -264,7 +250,6 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   a.sin_margin = std::sin(margin);
   a.threshold = threshold;
   a.has_margin = margin > 0.0;
-  a.plain = !a.has_margin && a.key_groups == nullptr && !filtering;
 
   for (int64_t r0 = 0; r0 < M; r0 += R) {
     const int64_t n = std::min(R, M - r0);
@@ -295,12 +280,11 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
 
 #pragma omp parallel num_threads(threads) reduction(+ : strip_d_inv_temp)
     {
-      RowBuffers buf(need_lse ? N : 0);
+      RowBuffers buf(N);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < n; ++i) {
-        const double* w = want_grad ? weight_strip + i : nullptr;
-        strip_d_inv_temp += need_lse ? row_fused(a, i, buf, lse_strip + i, pos_strip + i, w, s.data_ptr<T>())
-                                     : gradient_row(a, i, lse_strip[i], *w, s.data_ptr<T>());
+        strip_d_inv_temp += process_row(a, i, buf, need_lse ? nullptr : lse_strip + i, lse_strip + i,
+                                        pos_strip + i, want_grad ? weight_strip + i : nullptr, s.data_ptr<T>());
       }
     }
     if (!want_grad) continue;
