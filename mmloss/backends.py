@@ -27,7 +27,7 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,13 +37,26 @@ _KERNEL_MODULES = {"cpu": "mmloss.cpu", "triton": "mmloss.triton", "cuda": "mmlo
 _last_backend: Optional[str] = None
 
 
-def compiled_extension() -> Optional[ModuleType]:
-    """mmloss._C, or None when the package was not built (a source checkout)."""
+def _load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
+    """(mmloss._C, None), or (None, why not): not built, or built but failing to load."""
     try:
         from mmloss import _C
-    except ImportError:
-        return None
-    return _C
+    except ModuleNotFoundError as exc:
+        if exc.name != "mmloss._C":
+            raise
+        return None, "not built (pip install --no-build-isolation .)"
+    except ImportError as exc:  # built, but broken: say so instead of hiding it
+        return None, f"built but failed to load: {exc}"
+    return _C, None
+
+
+def compiled_extension() -> Optional[ModuleType]:
+    """mmloss._C, or None when it is not built or does not load (`extension_error()` says why)."""
+    return _load_extension()[0]
+
+
+def extension_error() -> Optional[str]:
+    return _load_extension()[1]
 
 
 def _triton_error() -> Optional[str]:
@@ -62,7 +75,7 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
         if compiled_extension() is None:
-            return "backend 'cpu' needs the compiled extension mmloss._C: pip install --no-build-isolation ."
+            return f"backend 'cpu' needs the compiled extension mmloss._C, which is {extension_error()}"
         return None
     if name in ("triton", "cuda"):
         interpreted = name == "triton" and _triton_interpreted()
@@ -124,7 +137,7 @@ def build_info() -> Dict[str, object]:
         "torch": torch.__version__,
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "CUDA device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "mmloss._C": "not built" if ext is None else "built",
+        "mmloss._C": extension_error() if ext is None else "built",
     }
     if ext is not None:
         info["compiled CPU kernels"] = f"yes (OpenMP: {ext.openmp_threads() or 'off'})"

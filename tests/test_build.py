@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import mmloss
-from mmloss.backends import build_info, compiled_extension
+from mmloss.backends import build_info, compiled_extension, extension_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_extension_is_built_and_reports_itself():
     ext = compiled_extension()
-    assert ext is not None, "mmloss._C is missing: pip install --no-build-isolation ."
+    assert ext is not None, f"mmloss._C is {extension_error()}"
     assert ext.openmp_threads() >= 1
     info = build_info()
     assert info["mmloss"] == mmloss.__version__ and info["mmloss._C"] == "built"
