@@ -4,7 +4,8 @@ triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) runs the whol
 down to the cubin; `cuobjdump --dump-resource-usage` reads registers and stack (spills land
 in the stack frame) from it, the metadata gives shared memory. Fails on any spill or on
 shared memory above the arch's per-block limit, and prints the resource table.
-Compiles run in two processes; Triton's cache makes reruns fast.
+Compiles run in two fresh ("spawn") processes with TRITON_INTERPRET=0, so that this works in
+a session that interprets kernels; Triton's cache makes reruns fast.
 """
 
 from __future__ import annotations
@@ -28,19 +29,23 @@ from mmloss.triton import configs, kernels  # noqa: E402
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_fk", "stride_h",
-        "stride_prod", "stride_x", "stride_out", "M", "N", "D", "DT", "DF", "row0",
-        "N_BUCKET", "D_BUCKET"}
-FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m"}
-EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "prod_ptr", "out_ptr"}
+        "stride_prod", "stride_x", "stride_y", "stride_out", "stride_a", "stride_b", "M", "N", "D", "DT", "DF", "row0",
+        "M_BUCKET", "N_BUCKET", "D_BUCKET"}
+FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m", "eps"}
+EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr"}
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
 INDICES = {"pos_ptr", "rg_ptr", "kg_ptr"}
-CLASS_DTYPES = {"fast": ("bf16", "bf16"), "teacher32": ("bf16", "fp32"), "fp32": ("fp32", "fp32")}
+CLASS_DTYPES = {"plain16": ("bf16", "bf16"), "feat16": ("bf16", "bf16"), "teacher32": ("bf16", "fp32"),
+                "fp32": ("fp32", "fp32")}
 FEATURES = {
     "plain": dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=False),
+    "groups": dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=True),
     "margin+groups": dict(HAS_MARGIN=True, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=True),
     "all": dict(HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True),
 }
-CLASS_FEATURES = {"fast": ("plain", "margin+groups", "all"), "teacher32": ("all",), "fp32": ("plain", "all")}
+# The heaviest feature set each class serves (and plain where it is the common case).
+CLASS_FEATURES = {"plain16": ("groups",), "feat16": ("margin+groups", "all"), "teacher32": ("all",),
+                  "fp32": ("plain", "all")}
 
 
 class Job(NamedTuple):
@@ -63,22 +68,43 @@ def jobs() -> List[Job]:
     for arch in (90, 80):
         for cls, (emb, teach) in CLASS_DTYPES.items():
             prec = dict(PRECISION=_precision(emb), T_PRECISION=_precision(teach),
-                        F_PRECISION=_precision(teach), UPCAST=False, SIN_EPS=1e-12, EPS=1e-12)
+                        F_PRECISION=_precision(teach), UPCAST=False, SIN_EPS=1e-12)
             for feat in CLASS_FEATURES[cls]:
-                for cfg in configs.configs(cls, arch):
+                for cfg in configs.configs("forward", cls, arch):
                     const = dict(prec, **FEATURES[feat], **cfg.kwargs)
                     out.append(Job("forward_kernel", arch, cls, feat, const, cfg.num_warps, cfg.num_stages))
-                    out.append(Job("grad_tile_kernel", arch, cls, feat, dict(const, NEED_TEMP=True),
-                                   cfg.num_warps, cfg.num_stages))
+                for cfg in configs.configs("grad_tile", cls, arch):
+                    const = dict(prec, **FEATURES[feat], **cfg.kwargs, NEED_TEMP=True, GROUP_M=configs.GROUP_M)
+                    out.append(Job("grad_tile_kernel", arch, cls, feat, const, cfg.num_warps, cfg.num_stages))
         for emb in ("bf16", "fp32"):
             small = dict(configs.ELEMENTWISE, EPS=1e-12)
             out.append(Job("inv_norm_kernel", arch, emb, "-", small, 4, 1))
             out.append(Job("finish_kernel", arch, emb, "-", small, 4, 1))
+        out += _similarity_jobs(arch)
     return out
+
+
+def _similarity_jobs(arch: int) -> List[Job]:
+    """mmloss/triton/similarity.py's kernel (another module's), when it is there."""
+    try:
+        from mmloss.triton import similarity
+    except ImportError:
+        return []
+    jobs_ = []
+    for emb, dtype in (("bf16", "bfloat16"), ("fp32", "float32")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "0")
+            meta = dict(similarity._meta(getattr(__import__("torch"), dtype)))
+        warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
+        for normalize in (False, True):
+            const = dict(meta, NORMALIZE=normalize, GROUP=similarity.GROUP_M, PRECISION=_precision(emb), UPCAST=False)
+            jobs_.append(Job("similarity_kernel", arch, emb, "normalize" if normalize else "-", const, warps, stages))
+    return jobs_
 
 
 def _signature(fn, job: Job) -> Dict[str, str]:
     emb, teach = CLASS_DTYPES.get(job.cls, (job.cls, job.cls))
+    embeddings = EMBEDDINGS | ({"a_ptr", "b_ptr"} if job.kernel == "similarity_kernel" else set())
     sig = {}
     for name in fn.arg_names:
         if name in job.constexprs:
@@ -87,7 +113,7 @@ def _signature(fn, job: Job) -> Dict[str, str]:
             sig[name] = "i32"
         elif name in FLOATS:
             sig[name] = "fp32"
-        elif name in EMBEDDINGS:
+        elif name in embeddings:
             sig[name] = "*" + emb
         elif name in TEACHERS:
             sig[name] = "*" + teach
@@ -107,7 +133,11 @@ def _cuobjdump() -> str:
 
 def compile_one(job: Job) -> Dict[str, object]:
     """Compile one job; registers, stack bytes and shared memory of the result."""
-    fn = getattr(kernels, job.kernel)
+    if job.kernel == "similarity_kernel":
+        from mmloss.triton import similarity
+        fn = similarity.similarity_kernel
+    else:
+        fn = getattr(kernels, job.kernel)
     sig = _signature(fn, job)
     # As the launcher sees real tensors: 16-byte aligned pointers and strides.
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
@@ -126,12 +156,19 @@ def compile_one(job: Job) -> Dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def resources():
+def resources(monkeypatch_module):
     if not os.path.exists(_cuobjdump()) and shutil.which(_cuobjdump()) is None:
         pytest.skip("cuobjdump (shipped with Triton's NVIDIA backend) not found")
-    ctx = multiprocessing.get_context("fork")
+    monkeypatch_module.setenv("TRITON_INTERPRET", "0")  # inherited by the spawned workers
+    ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
         return list(pool.map(compile_one, jobs()))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 def _label(job: Job) -> str:
@@ -160,7 +197,7 @@ def test_every_autotune_config_is_covered():
              j.warps, j.stages) for j in jobs()}
     for arch in (90, 80):
         for cls in configs.CLASSES:
-            for cfg in configs.configs(cls, arch):
-                for kernel in ("forward_kernel", "grad_tile_kernel"):
-                    assert (arch, cls, kernel, tuple(sorted(cfg.kwargs.items())), cfg.num_warps,
+            for kind in ("forward", "grad_tile"):
+                for cfg in configs.configs(kind, cls, arch):
+                    assert (arch, cls, f"{kind}_kernel", tuple(sorted(cfg.kwargs.items())), cfg.num_warps,
                             cfg.num_stages) in seen

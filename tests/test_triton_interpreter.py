@@ -1,20 +1,33 @@
 """The Triton backend on the CPU, in the Triton interpreter, against the float64 reference.
 
-TRITON_INTERPRET=1 is set here, before mmloss.triton is imported. The interpreter's bf16
-tl.dot is wrong, so in interpreter mode the kernels upcast dot operands to fp32 (exact for
-16-bit products; see mmloss/triton/kernels.py): bf16 runs test that path, not the MMA.
+Triton decides when it is imported whether kernels are interpreted, so TRITON_INTERPRET=1
+must be set before anything imports triton. This module sets it when it is the first to
+import triton on a machine without CUDA (e.g. `pytest tests/test_triton_interpreter.py`),
+or finds it set for the whole run; otherwise (another module imported triton first) it
+skips, and tests/test_triton_interpreter_subprocess.py runs it in a process of its own.
+
+The interpreter's bf16 tl.dot is wrong, so in interpreter mode the kernels upcast dot
+operands to fp32 (exact for 16-bit products; see mmloss/triton/kernels.py): bf16 runs test
+that path, not the MMA.
 """
 
+import dataclasses
+import importlib.util
+import math
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip("triton")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1":
+    if "triton" in sys.modules or torch.cuda.is_available():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (or CUDA is here): "
+                    "test_triton_interpreter_subprocess.py runs this file in its own process",
+                    allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import mmloss  # noqa: E402
 import mmloss.triton as tk  # noqa: E402
@@ -23,6 +36,8 @@ from mmloss.checks import build_problem  # noqa: E402
 from cases import FEATURES, assert_matches_reference, loss_and_grads, make_case, max_error  # noqa: E402
 
 BACKEND = "triton"
+# log(0) = -inf for a row with no allowed column in a tile is intended; numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 # In fp32 the kernel and the reference are both a few roundings from float64, so for a large
 # sum such as d_temperature (|value| ~ 250, ulp ~ 3e-5) "2x the reference's error + 1e-6" is a
 # coin toss between two few-ulp errors. fp32 adds 8 ulps of the value's size to the bar;
@@ -52,6 +67,12 @@ def test_every_feature_fp32(features):
 
 
 @pytest.mark.parametrize("features", sorted(FEATURES))
+def test_every_feature_fp32_three_by_three_tiles(features):
+    """130 x 130 (or 130 x 150): three row and column tiles, a 2-column last tile, d = 100."""
+    assert_close_to_oracle(make_case(130, 150, 100, features, seed=13), torch.float32)
+
+
+@pytest.mark.parametrize("features", sorted(FEATURES))
 def test_every_feature_fp16(features):
     assert_close_to_oracle(make_case(65, 70, 64, features, seed=2), torch.float16)
 
@@ -61,12 +82,24 @@ def test_bf16_upcast_path(features):
     assert_close_to_oracle(make_case(30, 65, 100, features, seed=3), torch.bfloat16)
 
 
+EDGES = (1, 7, 65, 130)
+WIDTHS = (3, 64, 100)
+
+
+@pytest.mark.parametrize("M", EDGES)
+@pytest.mark.parametrize("N", EDGES)
+def test_tile_edges(M, N):
+    """Every M, N in {1, 7, 65, 130} (one 64-tile, a partial one, 2 and 3 tiles; M > N too,
+    with explicit positives), d cycling through {3, 64, 100}."""
+    d = WIDTHS[(EDGES.index(M) + EDGES.index(N)) % 3]
+    assert_close_to_oracle(make_case(M, N, d, "positives", seed=M * 1000 + N), torch.float32)
+
+
 @pytest.mark.parametrize("M,N,d,features", [
-    (1, 1, 3, "plain"), (1, 130, 64, "margin"), (7, 7, 3, "groups"), (130, 7, 100, "positives"),
-    (65, 130, 3, "filter"), (130, 130, 64, "all"), (130, 130, 100, "adaptive_margin"),
-    (65, 65, 100, "symmetric"),
+    (1, 130, 64, "margin"), (7, 7, 3, "groups"), (65, 130, 3, "filter"), (130, 130, 64, "all"),
+    (130, 130, 100, "adaptive_margin"), (65, 65, 100, "symmetric"), (130, 7, 100, "all"),
 ])
-def test_tile_edges(M, N, d, features):
+def test_tile_edges_with_features(M, N, d, features):
     assert_close_to_oracle(make_case(M, N, d, features, seed=M + N + d), torch.float32)
 
 
@@ -83,10 +116,12 @@ def test_near_duplicates_with_margin():
 
 
 def test_row_chunks_of_the_backward(monkeypatch):
-    """A tiny scratch budget forces 128-row chunks and fp32 accumulation of d_key."""
+    """A tiny scratch budget forces 128-row chunks and fp32 accumulation of d_key; bands of
+    2 row tiles exercise the grouped tile order (a short last band included)."""
     monkeypatch.setenv("MMLOSS_TRITON_SCRATCH_MB", "0")
-    assert tk.ops.row_chunk(130, 65, 4) == 128
-    assert_close_to_oracle(make_case(130, 65, 64, "positives", seed=6), torch.float32)
+    monkeypatch.setattr(tk.configs, "GROUP_M", 2)
+    assert tk.ops.row_chunk(330, 65, 4) == 128
+    assert_close_to_oracle(make_case(330, 65, 64, "positives", seed=6), torch.float32)
 
 
 def _problem(case, q, k):
@@ -100,8 +135,6 @@ def _problem(case, q, k):
 
 def _block(problem, lo, hi):
     """The problem restricted to key columns [lo, hi) (positives elsewhere fall outside)."""
-    import dataclasses
-
     def cols(x):
         return None if x is None else x[lo:hi]
     return dataclasses.replace(problem, positives=problem.positives - lo,
@@ -157,3 +190,20 @@ def test_check_rejects_float64():
     with pytest.raises(TypeError, match="query"):
         mmloss.contrastive_loss(case.query, case.key, backend=BACKEND)
     assert mmloss.contrastive_loss(case.query.float(), case.key.float(), backend=BACKEND).dtype == torch.float32
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1e2])
+def test_fp16_embedding_scales(scale):
+    """Raw embeddings far from unit norm: the scratch scale keeps fp16 H in range."""
+    case = make_case(40, 70, 64, "all", seed=11)
+    case = type(case)(case.query * scale, case.key * scale, case.temperature, case.kwargs)
+    assert_close_to_oracle(case, torch.float16)
+
+
+def test_zero_rows_follow_normalize_semantics():
+    """A zero query row and a zero key column: x / max(||x||, eps), gradient U / eps."""
+    case = make_case(20, 40, 32, "positives", seed=12)
+    q, k = case.query.clone(), case.key.clone()
+    q[3] = 0.0
+    k[7] = 0.0
+    assert_close_to_oracle(type(case)(q, k, case.temperature, case.kwargs), torch.float32)

@@ -1,12 +1,14 @@
 """Launch configurations: autotune lists for sm_90, defaults for sm_80, a fixed small one
 for the interpreter.
 
-A call falls in one of three classes, each with its own lists (tests/test_triton_compile.py
+A call falls in one of four classes, each with its own lists (tests/test_triton_compile.py
 compiles all of them and fails on spills):
-* "fast":      16-bit embeddings, teachers absent or 16-bit: every dot on tensor cores.
+* "plain16":   16-bit embeddings, no margin, no filter (groups allowed): 128 x 128 tiles fit.
+* "feat16":    16-bit, with a margin and/or 16-bit teachers: the margin's extra live tiles
+               spill at 128 x 128, so at most 128 x 64.
 * "teacher32": 16-bit embeddings with an fp32 teacher: the teacher dot is exact fp32 on
                CUDA cores, whose operands take many registers: 64 x 64 tiles, 8 warps.
-* "fp32":      fp32 embeddings, exact fp32 dots (CUDA cores): small d-chunks.
+* "fp32":      fp32 embeddings, exact fp32 dots (CUDA cores): 64 x 64, small d-chunks.
 
 BLOCK_D is fixed per class and shared by the forward and backward lists: the backward
 recomputes the forward's logits, and the same d-chunking keeps both sums in the same
@@ -22,10 +24,11 @@ from typing import Dict, List
 import triton
 
 INTERPRETER_BLOCK = 64
-CLASSES = ("fast", "teacher32", "fp32")
-BLOCK_D = {"fast": 64, "teacher32": 64, "fp32": 16}
-BLOCK_T = {"fast": 32, "teacher32": 16, "fp32": 16}
+CLASSES = ("plain16", "feat16", "teacher32", "fp32")
+BLOCK_D = {"plain16": 64, "feat16": 64, "teacher32": 64, "fp32": 16}
+BLOCK_T = {"plain16": 32, "feat16": 32, "teacher32": 32, "fp32": 16}
 ELEMENTWISE = {"BLOCK_M": 32, "BLOCK_D": 64}
+GROUP_M = 32   # row tiles per band of the backward's tile order (L2 reuse of K tiles)
 
 
 def interpreted() -> bool:
@@ -42,16 +45,29 @@ def _table(cls: str, rows: Dict[int, list]) -> Dict[int, List[triton.Config]]:
     return {arch: [_cfg(cls, *r) for r in rs] for arch, rs in rows.items()}
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch; forward and grad_tile alike.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, class and arch; the first is the
+# default (MMLOSS_TRITON_AUTOTUNE=0). The backward tile keeps more tiles live than the
+# forward (P, G, H, G*c), so 128 x 128 spills there.
 _SHAPES = {
-    "fast": {90: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-             80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
-    "teacher32": {90: [(64, 64, 8, 2), (64, 128, 8, 2)],
-                  80: [(64, 64, 8, 2)]},
-    "fp32": {90: [(64, 64, 8, 2), (128, 64, 8, 2)],
-             80: [(64, 64, 8, 2)]},
+    "forward": {
+        "plain16": {90: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+                    80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "feat16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+                   80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
+        "fp32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
+    },
+    "grad_tile": {
+        "plain16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+                    80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "feat16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+                   80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
+        "fp32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
+    },
 }
-TABLES = {cls: _table(cls, shapes) for cls, shapes in _SHAPES.items()}
+TABLES = {kind: {cls: _table(cls, shapes) for cls, shapes in by_cls.items()}
+          for kind, by_cls in _SHAPES.items()}
 
 
 def arch_key(capability: int) -> int:
@@ -59,9 +75,9 @@ def arch_key(capability: int) -> int:
     return 90 if capability >= 90 else 80
 
 
-def configs(cls: str, capability: int) -> List[triton.Config]:
-    """The autotune list of a call class for an arch (both kernels use it)."""
-    return TABLES[cls][arch_key(capability)]
+def configs(kind: str, cls: str, capability: int) -> List[triton.Config]:
+    """The autotune list of kernel `kind` ("forward", "grad_tile") for a class and arch."""
+    return TABLES[kind][cls][arch_key(capability)]
 
 
 def interpreter_meta() -> Dict[str, int]:

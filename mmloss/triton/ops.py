@@ -4,8 +4,9 @@ Backward design (see docs/triton.md): per row chunk of R rows, `grad_tile_kernel
 recomputes the logits tile by tile and writes H = a_i b_j G_ij / g into an R x N scratch
 (input dtype; fp32 for fp32 inputs), then two cuBLAS GEMMs give dQ_R = H K and
 dK += H^T Q_R, and `finish_kernel` adds the normalisation Jacobian's radial term from the
-row/column sums of G*c that the tile kernel accumulated. g = max_i |w_i| keeps H in the
-16-bit range. R is chosen so that the scratch stays within `scratch_bytes()`.
+row/column sums of G*c that the tile kernel accumulated. For fp16, g = max|w| max(a) max(b)
+/ tau bounds |H| by |f'|; bf16 and fp32 use g = 1. R keeps the scratch within
+`scratch_bytes()`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _capability(device: torch.device) -> int:
 
 
 KERNELS = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel}
-TUNE_KEY = ["N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS", "NEED_TEMP"]
+_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS"]
+TUNE_KEY = {"forward": _TUNE_KEY, "grad_tile": _TUNE_KEY + ["NEED_TEMP"]}
 
 
 def call_class(query: torch.Tensor, problem: LossProblem) -> str:
@@ -66,14 +68,16 @@ def call_class(query: torch.Tensor, problem: LossProblem) -> str:
     teachers = (problem.margin_query if problem.margin > 0 else None, problem.filter_query)
     if any(t is not None and t.dtype in (torch.float32, torch.float64) for t in teachers):
         return "teacher32"
-    return "fast"
+    return "feat16" if problem.margin > 0 or problem.filter_query is not None else "plain16"
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, cls: str, capability: int):
-    """The autotuned kernel of `kind` for a call class and arch (tuned once per key)."""
+def _tuned(kind: str, cls: str, capability: int, autotune: bool):
+    """The autotuned kernel of `kind` for a call class and arch (tuned once per key);
+    with autotune=False the class's first (default) config only."""
     reset = ["row_sum_ptr", "col_sum_ptr", "temp_grad_ptr"] if kind == "grad_tile" else None
-    return triton.autotune(configs=configs.configs(cls, capability), key=TUNE_KEY,
+    candidates = configs.configs(kind, cls, capability)
+    return triton.autotune(configs=candidates if autotune else candidates[:1], key=TUNE_KEY[kind],
                            reset_to_zero=reset)(KERNELS[kind])
 
 
@@ -83,7 +87,8 @@ def _launch(kind: str, cls: str, device: torch.device, grid_fn, args: tuple, fla
         meta = configs.interpreter_meta()
         KERNELS[kind][grid_fn(meta)](*args, **flags, **meta)
     else:
-        _tuned(kind, cls, _capability(device))[grid_fn](*args, **flags)
+        autotune = os.environ.get("MMLOSS_TRITON_AUTOTUNE", "1") != "0"
+        _tuned(kind, cls, _capability(device), autotune)[grid_fn](*args, **flags)
 
 
 def _inv_temp_tensor(inv_temp, device: torch.device) -> torch.Tensor:
@@ -125,28 +130,31 @@ def _feature_args(query: torch.Tensor, problem: LossProblem) -> Tuple[tuple, Dic
 def forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """lse (M,) fp32 over this key block's allowed columns and the positive's logit (M,)
-    fp32 (0 when the positive is not in this block). One kernel launch."""
+    fp32 (0 when the positive is not in this block). Two launches: norms, then the loss."""
     query, key = _rows(query), _rows(key)
     (M, D), N = query.shape, key.shape[0]
     lse = torch.empty(M, dtype=torch.float32, device=query.device)
     pos_logit = torch.empty_like(lse)
     feat, flags = _feature_args(query, problem)
-    args = (query, key, query.stride(0), key.stride(0), M, N, D,
+    a, b = _inv_norms(query, key)
+    args = (query, key, query.stride(0), key.stride(0), M, N, D, a, b,
             problem.positives, _inv_temp_tensor(inv_temp, query.device), lse, pos_logit,
-            *feat, configs.bucket(N), configs.bucket(D))
-    _launch("forward", call_class(query, problem), query.device, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args,
-            dict(flags, EPS=NORM_EPS))
+            *feat, configs.bucket(M), configs.bucket(N), configs.bucket(D))
+    _launch("forward", call_class(query, problem), query.device,
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, flags)
     return lse, pos_logit
 
 
-def _inv_norms(x: torch.Tensor) -> torch.Tensor:
-    """1 / max(||x_i||, eps) per row, fp32 (M,)."""
-    M, D = x.shape
-    out = torch.empty(M, dtype=torch.float32, device=x.device)
+def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """1 / max(||x_i||, eps) per row of query (M,) and key (N,), fp32, one launch."""
+    (M, D), N = query.shape, key.shape[0]
+    a = torch.empty(M, dtype=torch.float32, device=query.device)
+    b = torch.empty(N, dtype=torch.float32, device=query.device)
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
-    kernels.inv_norm_kernel[(triton.cdiv(M, bm),)](x, out, M, D, x.stride(0),
-                                                   BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
-    return out
+    grid = (triton.cdiv(M, bm) + triton.cdiv(N, bm),)
+    kernels.inv_norm_kernel[grid](query, key, a, b, M, N, D, query.stride(0), key.stride(0),
+                                  BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
+    return a, b
 
 
 def _finish(prod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor,
@@ -157,6 +165,23 @@ def _finish(prod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, inv_norm: to
     kernels.finish_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
         prod, x, out, inv_norm, row_sum, scale, M, D, prod.stride(0), x.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _one(device: torch.device) -> torch.Tensor:
+    """A cached 1-element fp32 one per device: the scratch scale of bf16/fp32 (their range
+    holds H = G a b as is), without a launch per call."""
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def _scratch_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+    """fp16 only: g = max|w| max(a) max(b) / tau (1-element device tensor), so that
+    |H| = |G| a b / g <= |f'| fits fp16 whatever the weights, tau and norms. Rows of norm <= eps (a = 1/eps)
+    are left out of the maxima: in fp16 their own H entries overflow (as the reference's
+    fp16 gradient of such rows does), but they do not flush everyone else's to zero."""
+    def regular_max(inv_norm):
+        return torch.where(inv_norm < 1.0 / NORM_EPS, inv_norm, torch.zeros_like(inv_norm)).amax()
+    return (weight.abs().amax() * regular_max(a) * regular_max(b) * inv_t.abs()).clamp_min(1e-30).reshape(1)
 
 
 def row_chunk(M: int, N: int, element_size: int) -> int:
@@ -174,18 +199,19 @@ def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProb
     (M, D), N = query.shape, key.shape[0]
     dev = query.device
     h_dtype = query.dtype
-    a, b = _inv_norms(query), _inv_norms(key)
+    a, b = _inv_norms(query, key)
     weight = row_weight.to(torch.float32).contiguous()
-    scale = weight.abs().amax().clamp_min(1e-30).reshape(1)
-    row_sum = torch.zeros(M, dtype=torch.float32, device=dev)
-    col_sum = torch.zeros(N, dtype=torch.float32, device=dev)
-    temp_grad = torch.zeros(1, dtype=torch.float32, device=dev)
-    feat, flags = _feature_args(query, problem)
-    flags = dict(flags, NEED_TEMP=bool(need_temp_grad), EPS=NORM_EPS)
     inv_t = _inv_temp_tensor(inv_temp, dev)
+    scale = _scratch_scale(weight, a, b, inv_t) if query.dtype == torch.float16 else _one(dev)
+    sums = torch.zeros(M + N + 1, dtype=torch.float32, device=dev)  # one launch for all three
+    row_sum, col_sum, temp_grad = sums[:M], sums[M:M + N], sums[M + N:]
+    feat, flags = _feature_args(query, problem)
+    flags = dict(flags, NEED_TEMP=bool(need_temp_grad))
     lse = lse.to(torch.float32).contiguous()
 
     R = row_chunk(M, N, torch.finfo(h_dtype).bits // 8)
+    # The autotune key uses R, the same for every chunk: tuning (whose reset_to_zero clears
+    # col_sum and temp_grad) can then only happen on the first chunk, before they hold sums.
     scratch = torch.empty(R, N, dtype=h_dtype, device=dev)
     d_query = torch.empty_like(query)
     key_acc = None if R >= M else torch.zeros(N, D, dtype=torch.float32, device=dev)
@@ -193,13 +219,13 @@ def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProb
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
         h = scratch[: r1 - r0]
-        args = (query, key, query.stride(0), key.stride(0), r1, N, D, r0,
+        args = (query, key, query.stride(0), key.stride(0), r1, N, D, r0, a, b,
                 problem.positives, inv_t, lse, weight, scale,
                 h, h.stride(0), row_sum, col_sum, temp_grad, *feat,
-                configs.bucket(N), configs.bucket(D))
+                configs.bucket(R), configs.bucket(N), configs.bucket(D))
         _launch("grad_tile", call_class(query, problem), dev,
-                lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
-                args, flags)
+                lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+                args, dict(flags, GROUP_M=configs.GROUP_M))
         q_rows = query[r0:r1]
         prod = torch.mm(h, key)
         _finish(prod, q_rows, d_query[r0:r1], a[r0:r1], row_sum[r0:r1], scale)
