@@ -127,10 +127,13 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_matches_reference(case: Case, backend: str, dtype: torch.dtype, reduction: str = "mean",
                              learn_temperature: bool = False, atol: float = 1e-9,
-                             rtol: float = 1e-7) -> None:
+                             rtol: float = 1e-7, ulps: float = 0.5) -> None:
     """`backend` in `dtype` against the reference in float64. For low-precision dtypes the bar
     is SPEC §1's, as flash-attention's: against the float64 reference on the same (rounded)
-    inputs, at most 2x (+1e-6) the error of the reference backend run in `dtype`."""
+    inputs, at most 2x (+1e-6) the error of the reference backend run in `dtype`, plus `ulps`
+    units in the last place of each result's dtype at its magnitude (0.5: the rounding of the
+    exact result itself; kernels that keep fp32 logits need a few in fp32, where the bar is a
+    toss-up between two few-ulp errors)."""
     exact_loss, exact_grads = loss_and_grads(case, "oracle", torch.float64, reduction, learn_temperature,
                                              rounded_to=dtype)
     loss, grads = loss_and_grads(case, backend, dtype, reduction, learn_temperature)
@@ -145,7 +148,7 @@ def assert_matches_reference(case: Case, backend: str, dtype: torch.dtype, reduc
     for name, (got, ref, want), out_dtype in zip(("loss", "d_query", "d_key", "d_temperature"), pairs, out_dtypes):
         # Rounding the exact result to its own dtype (half an ulp) is an error no backend avoids.
         scale = float(want.abs().max())
-        rounding = 0.5 * torch.finfo(out_dtype).eps * scale
+        rounding = ulps * torch.finfo(out_dtype).eps * scale
         # The loss (reduction "sum") and dL/dτ sum many terms and grow with them: their 1e-6
         # slack is relative.
         slack = 1e-6 * max(1.0, scale) if name in ("loss", "d_temperature") else 1e-6
