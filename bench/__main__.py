@@ -86,6 +86,27 @@ def markdown(rows: list) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list) -> str:
+    """PERF.md §5's CPU targets, checked against the measured rows."""
+    lines = ["Targets (PERF.md §5):"]
+    at = {(r["N"], r["d"]): r for r in rows}
+    row = at.get((4096, 768))
+    if row and "error" not in row["eager"] and "error" not in row["mmloss-cpu"]:
+        e, m = row["eager"], row["mmloss-cpu"]
+        ratio, share = m["seconds"] / e["seconds"], m["scratch_bytes"] / max(e["scratch_bytes"], 1)
+        lines.append(f"- N = 4,096, d = 768: time {ratio:.2f}× eager (target ≤ 1.3×: "
+                     f"{'met' if ratio <= 1.3 else 'missed'}); scratch beyond inputs and gradients "
+                     f"{share:.1%} of eager's (target ≤ 5 %: {'met' if share <= 0.05 else 'missed'})")
+    row = at.get((65536, 256))
+    if row:
+        m = row["mmloss-cpu"]
+        done = "error" not in m
+        lines.append(f"- N = 65,536, d = 256: mmloss cpu {'completes in ' + format_result(m) if done else 'failed: ' + m['error']}"
+                     f"; eager: {row['eager'].get('error', 'ran')} (target: completes where eager needs > 24 GiB: "
+                     f"{'met' if done and 'error' in row['eager'] else 'not shown'})")
+    return "\n".join(lines)
+
+
 def write_outputs(rows: list, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "cpu.csv", "w", newline="") as f:
@@ -96,7 +117,7 @@ def write_outputs(rows: list, out: Path) -> None:
                 r = row[provider]
                 writer.writerow([row["N"], row["d"], provider, r.get("seconds"), r.get("extra_bytes"),
                                  r.get("scratch_bytes"), r.get("error", "")])
-    (out / "cpu.md").write_text(f"{machine()}\n\n{markdown(rows)}\n")
+    (out / "cpu.md").write_text(f"{machine()}\n\n{markdown(rows)}\n\n{targets(rows)}\n")
     plot(rows, out / "cpu.png")
 
 
@@ -143,6 +164,8 @@ def main() -> None:
     rows = run(sizes, args.dims, args.repeats, args.out)
     print()
     print(markdown(rows))
+    print()
+    print(targets(rows))
     print(f"\nwritten: {args.out}/cpu.csv, cpu.md, cpu.png")
 
 
