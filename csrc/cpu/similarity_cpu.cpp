@@ -79,6 +79,7 @@ void topk_rows(const at::Tensor& Q, const at::Tensor& K, int64_t k_top, int64_t 
           int64_t& size = sizes[i];
           const T* row = tp + i * C;
           for (int64_t j = 0; j < C; ++j) {
+            if (size == k_top && row[j] < heap[0].value) continue;  // below the k-th best: most columns
             const Entry<T> e{order_key(row[j]), c0 + j, row[j]};
             if (size < k_top) {
               heap[size++] = e;

@@ -1,0 +1,92 @@
+"""Fused similarity kernel: out[i, j] = <a_i, b_j> · s_i · t_j, with s_i = 1/max(‖a_i‖, ε) and
+t_j = 1/max(‖b_j‖, ε) when normalising (else 1), in one launch.
+
+Each program owns one BLOCK_M × BLOCK_N output tile and streams d in BLOCK_D chunks: one
+tl.dot per chunk (fp32 accumulation; exact fp32 products for fp32 inputs, tensor cores for
+16-bit ones) and, from the same loaded chunks, the squared norms of its rows and columns.
+No normalised copy of an input exists; the tile is scaled and cast to out's dtype on store.
+The 1-D grid is ordered in bands of GROUP_M row tiles so tiles in flight share b in L2.
+In the interpreter (TRITON_INTERPRET=1, CPU tensors) dot operands are upcast to fp32: its
+bf16 tl.dot is wrong, and 16-bit products are exact in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmloss.constants import NORM_EPS
+from mmloss.triton.configs import interpreted
+
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+GROUP_M = 8
+
+
+@triton.jit
+def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride_out, eps,
+                      NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP * tiles_n)
+    first_m = band * GROUP
+    band_rows = tl.minimum(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % (GROUP * tiles_n)) % band_rows
+    pid_n = (pid % (GROUP * tiles_n)) // band_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
+    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_b
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sq_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sq_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs < D
+        x = tl.load(a_rows + offs[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        y = tl.load(b_cols + offs[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+        if NORMALIZE:
+            xf = x.to(tl.float32)
+            yf = y.to(tl.float32)
+            sq_a += tl.sum(xf * xf, axis=1)
+            sq_b += tl.sum(yf * yf, axis=0)
+    if NORMALIZE:
+        inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), eps)
+        inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), eps)
+        acc = acc * inv_a[:, None] * inv_b[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _meta(dtype: torch.dtype) -> dict:
+    """Tile shape and launch settings per input dtype (the interpreter: 64-blocks, as the other kernels)."""
+    if interpreted():
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
+
+
+def similarity_into(a: torch.Tensor, b: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor:
+    """Write the (M, N) similarity of a (M, d) and b (N, d) into `out` (rows may be strided,
+    columns contiguous); a and b have contiguous rows and one of SUPPORTED dtypes."""
+    M, D = a.shape
+    N = b.shape[0]
+    meta = _meta(a.dtype)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    similarity_kernel[grid](
+        a, b, out, M, N, D, a.stride(0), b.stride(0), out.stride(0), NORM_EPS,
+        NORMALIZE=normalize, GROUP=GROUP_M,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=interpreted(), **meta,
+    )
+    return out
