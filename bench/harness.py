@@ -41,7 +41,7 @@ def loss_fn(provider: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     return lambda q, k: mmloss.contrastive_loss(q, k, temperature=0.05, backend=backend)
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -49,11 +49,11 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak() -> int:
+def reset_peak() -> int:
     """Resets the resident high-water mark to the current resident size, which it returns."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-    return _status_bytes("VmRSS")
+    return status_bytes("VmRSS")
 
 
 def _step(fn, q, k) -> None:
@@ -69,11 +69,11 @@ def measure_here(provider: str, n: int, d: int, dtype: str, repeats: int) -> Dic
     _step(fn, *small)  # loads kernels and thread pools before the baseline
     q = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
     k = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
-    baseline = _reset_peak()
+    baseline = reset_peak()
     start = time.perf_counter()
     _step(fn, q, k)
     times = [time.perf_counter() - start]
-    extra = _status_bytes("VmHWM") - baseline
+    extra = status_bytes("VmHWM") - baseline
     for _ in range(repeats - 1):
         start = time.perf_counter()
         _step(fn, q, k)

@@ -22,16 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import mmloss
+from bench.harness import reset_peak, status_bytes
 
 MIB = 2**20
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _run(op: str, provider: str, q: torch.Tensor, k: torch.Tensor, k_top: int):
@@ -49,16 +42,14 @@ def measure_one(op: str, provider: str, M: int, N: int, d: int, k_top: int, repe
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(M, d, generator=g), torch.randn(N, d, generator=g)
     _run(op, provider, q[:8], k[:64], min(k_top, 64))
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    base = _status_bytes("VmRSS")
+    base = reset_peak()
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         out = _run(op, provider, q, k, k_top)
         times.append(time.perf_counter() - start)
         del out
-    return {"ms": 1e3 * statistics.median(times[1:]), "extra_mib": (_status_bytes("VmHWM") - base) / MIB}
+    return {"ms": 1e3 * statistics.median(times[1:]), "extra_mib": (status_bytes("VmHWM") - base) / MIB}
 
 
 def measure(op: str, provider: str, M: int, N: int, d: int, k_top: int, repeats: int) -> dict:

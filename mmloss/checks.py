@@ -29,8 +29,9 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def check_embeddings(query, key) -> None:
-    for name, x in (("query", query), ("key", key)):
+def check_embeddings(query, key, names: Tuple[str, str] = ("query", "key")) -> None:
+    """Two 2-D float matrices of one dtype, device and width; errors use `names`."""
+    for name, x in zip(names, (query, key)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 2:
@@ -39,12 +40,13 @@ def check_embeddings(query, key) -> None:
             raise TypeError(f"{name} dtype {x.dtype} is not supported (float32, bfloat16, float16, float64)")
         if x.numel() == 0:
             raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    first, second = names
     if query.dtype != key.dtype:
-        raise TypeError(f"key dtype {key.dtype} differs from query dtype {query.dtype}")
+        raise TypeError(f"{second} dtype {key.dtype} differs from {first} dtype {query.dtype}")
     if query.device != key.device:
-        raise ValueError(f"key is on {key.device} but query is on {query.device}")
+        raise ValueError(f"{second} is on {key.device} but {first} is on {query.device}")
     if query.shape[1] != key.shape[1]:
-        raise ValueError(f"key width {key.shape[1]} differs from query width {query.shape[1]}")
+        raise ValueError(f"{second} width {key.shape[1]} differs from {first} width {query.shape[1]}")
 
 
 def _check_index_tensor(name: str, x, length: int, device: torch.device) -> torch.Tensor:

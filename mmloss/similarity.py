@@ -24,8 +24,8 @@ from typing import Optional, Tuple
 import torch
 
 from mmloss.backends import compiled_extension, unavailable_reason
+from mmloss.checks import FLOAT_DTYPES, check_embeddings
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SIM_BACKENDS = ("auto", "cpu", "triton")
 DEFAULT_BLOCK = 4096
 CPU_SCRATCH_BYTES = 16 * 2**20
@@ -35,27 +35,9 @@ HEAP_ENTRY_BYTES = 24    # (key, index, value) per kept candidate in the CPU ker
 TILE_BYTES_PER_ELEMENT = 28   # Triton path: fp32 tile, its int64 keys, the concatenation and topk's copy
 
 
-def _check_matrix(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, d), got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} dtype {x.dtype} is not supported (float32, bfloat16, float16, float64)")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-
-
 def _check_pair(names: Tuple[str, str], a, b, normalize, backend: str) -> str:
     """Validate two embedding matrices and the flags; return the backend that will run."""
-    _check_matrix(names[0], a)
-    _check_matrix(names[1], b)
-    if a.dtype != b.dtype:
-        raise TypeError(f"{names[1]} dtype {b.dtype} differs from {names[0]} dtype {a.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"{names[1]} is on {b.device} but {names[0]} is on {a.device}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{names[1]} width {b.shape[1]} differs from {names[0]} width {a.shape[1]}")
+    check_embeddings(a, b, names)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     if backend not in SIM_BACKENDS:
