@@ -16,7 +16,7 @@ from mmloss import _C
 from mmloss.problem import LossProblem
 
 SCRATCH_BYTES = int(float(os.environ.get("MMLOSS_CPU_SCRATCH_MB", "4")) * 2**20)
-MIN_STRIP_ROWS = 32
+MIN_STRIP_ROWS = 256
 
 
 def strip_rows(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> int:
