@@ -1,0 +1,143 @@
+"""Fast checks of the trainer's parts: configuration errors, data formats and their errors,
+the batch schedule and its sharding, span pooling weights, the demo data's determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train.config import ConfigError, build_config, parse_override, valid_keys
+from train.data import Batches, Collator, DataError, epoch_schedule, load_pairs, load_text
+from train.demo_data import FEATURE_DIM, TEACHER_DIM, write_demo_data
+from train.presets import CONFIGS, minilm_dir
+
+
+def test_every_method_config_loads_with_official_settings():
+    for method in ("simcse", "mcse", "mcseo", "kdmcse"):
+        c = build_config(CONFIGS / f"{method}.yaml")
+        assert c.method == method and c.optim.lr == 3e-5 and c.train.batch_size == 64
+        assert c.model.max_length == 32 and c.train.eval_steps == 125 and c.loss.temperature == 0.05
+    assert build_config(CONFIGS / "kdmcse.yaml").loss.margin == 0.15
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'.*optim.lr") as e:
+        build_config(CONFIGS / "simcse.yaml", [parse_override("train.lrr=1")])
+    assert all(k in str(e.value) for k in valid_keys())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=abc", "train.batch_size must be an int"),
+    ("train.batch_size=1.5", "train.batch_size must be an int"),
+    ("optim.lr=fast", "optim.lr must be a float"),
+    ("deepspeed.zero_stage=3", "zero_stage must be one of 0, 1, 2"),
+    ("method=clip", "method must be one of"),
+    ("train.resume=maybe", "train.resume must be a bool"),
+    ("train.batch_size=0", "train.batch_size must be positive"),
+    ("train.log_steps=0", "train.log_steps must be positive"),
+    ("train.save_steps=-1", "train.save_steps must be >= 0"),
+    ("model=3", "model must be a mapping"),
+    ("train.sts_tasks=STS12,STS99", "unknown STS99"),
+    ("noequals", "expected key=value"),
+])
+def test_bad_values_fail_at_start(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(CONFIGS / "simcse.yaml", [parse_override(override)])
+
+
+def test_overrides_and_yaml_floats():
+    overrides = [parse_override("optim.lr=1e-4"), parse_override("loss.filter_threshold=0.8")]
+    c = build_config(CONFIGS / "kdmcse.yaml", overrides)
+    assert c.optim.lr == 1e-4 and c.loss.filter_threshold == 0.8
+    with pytest.raises(ConfigError, match="needs data.pairs"):
+        build_config(CONFIGS / "mcse.yaml", [parse_override("data.pairs=null")])
+
+
+def test_schedule_mixes_a_caption_batch_every_ratio_steps():
+    s = epoch_schedule(10, 3)
+    assert s == [("text", 0), ("text", 1), ("text", 2), ("pairs", 0), ("text", 3), ("text", 4), ("text", 5),
+                 ("pairs", 1), ("text", 6), ("text", 7), ("text", 8), ("pairs", 2), ("text", 9)]
+    assert epoch_schedule(0, 2) == [("pairs", 0), ("pairs", 1)]
+    assert epoch_schedule(3, 0) == [("text", i) for i in range(3)]
+
+
+def test_batches_shard_a_global_batch_and_are_pure():
+    ranks = [Batches(40, 20, local_batch=4, rank=r, world=2, seed=3) for r in range(2)]
+    for step in range(2 * len(ranks[0])):
+        (k0, i0), (k1, i1) = ranks[0].indices(step), ranks[1].indices(step)
+        assert k0 == k1 and len(i0) == len(i1) == 4 and not set(i0.tolist()) & set(i1.tolist())
+    assert torch.equal(ranks[0].indices(7)[1], Batches(40, 20, 4, 0, 2, 3).indices(7)[1])
+    assert not torch.equal(ranks[0].indices(0)[1], ranks[0].indices(len(ranks[0]))[1])  # a new order each epoch
+
+
+def test_text_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"one sentence\n\ntwo\n\xff\xfe bad\n")
+    with pytest.raises(DataError, match=r"corpus.txt:4: not UTF-8"):
+        load_text(path)
+    assert load_text(path, limit=2) == ["one sentence", "two"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_data(tmp_path_factory.mktemp("demo") / "data", images=12)
+
+
+def test_demo_data_is_deterministic_and_loads(demo, tmp_path):
+    again = write_demo_data(tmp_path / "again", images=12)
+    for name in ("captions.jsonl", "images.safetensors", "regions.safetensors", "teacher.safetensors"):
+        assert (demo / name).read_bytes() == (again / name).read_bytes(), name
+    data = load_pairs(demo, regions=True, teacher=True)
+    assert len(data.captions) == 36 and data.teacher_text.shape == (36, TEACHER_DIM)
+    assert data.image_features.shape == (12, FEATURE_DIM) and data.region_features.shape[1] == FEATURE_DIM
+    for caption, phrases, image in zip(data.captions, data.phrases, data.image_of.tolist()):
+        assert phrases and all(int(data.region_image[r]) == image for _, _, r in phrases)
+        assert all(caption[s:e].split()[-1] in ("circle", "square", "triangle") for s, e, _ in phrases)
+
+
+def _corrupt(demo, tmp_path, line_no: int, record) -> str:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in demo.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    lines = (bad / "captions.jsonl").read_text().splitlines()
+    lines[line_no - 1] = record if isinstance(record, str) else json.dumps(record)
+    (bad / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return bad
+
+
+@pytest.mark.parametrize("record, message", [
+    ("{not json", r"captions.jsonl:5: not a JSON object"),
+    ({"image": 99, "caption": "x"}, r"captions.jsonl:5: image 99 out of range"),
+    ({"image": 1, "caption": "a red circle", "phrases": [{"start": 2, "end": 40, "region": 0}]}, r":5: phrase span"),
+    ({"image": 1, "caption": "a red circle", "phrases": [{"start": 0, "end": 5, "region": 0}]},
+     r":5: phrase region 0 belongs to image 0"),
+])
+def test_pair_errors_name_file_and_line(demo, tmp_path, record, message):
+    with pytest.raises(DataError, match=message):
+        load_pairs(_corrupt(demo, tmp_path, 5, record), regions=True)
+
+
+def test_missing_teacher_is_named(demo, tmp_path):
+    bad = _corrupt(demo, tmp_path, 1, (demo / "captions.jsonl").read_text().splitlines()[0])
+    (bad / "teacher.safetensors").unlink()
+    with pytest.raises(DataError, match="no teacher.safetensors, teacher.npz or teacher.npy"):
+        load_pairs(bad, teacher=True)
+
+
+def test_span_weights_pool_the_phrase_tokens(demo):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    data = load_pairs(demo, regions=True)
+    batch = Collator(tokenizer, 32, "mcseo", "span", True).pairs(data, torch.arange(3))
+    p = 0
+    for row in range(3):
+        for start, end, region in data.phrases[row]:
+            tokens = batch["input_ids"][row][batch["phrase_weights"][p] > 0]
+            assert tokenizer.decode(tokens) == data.captions[row][start:end]
+            assert batch["object_groups"][batch["phrase_object"][p]] == region
+            p += 1
+    assert p == len(batch["phrase_object"]) == len(batch["phrase_rows"])

@@ -1,0 +1,250 @@
+"""The trainer's settings: nested dataclasses read from YAML, with `section.key=value` overrides.
+
+Every key is checked at start-up: an unknown key, a value of the wrong type or a value outside
+a key's choices raises `ConfigError` naming the key and listing the valid ones. The YAML files
+in train/configs/ carry each method's official hyperparameters (SPEC §2-3); docs/training.md
+describes every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+
+METHODS = ("simcse", "mcse", "mcseo", "kdmcse")
+
+
+class ConfigError(ValueError):
+    """A bad configuration file or override (unknown key, wrong type, bad value)."""
+
+
+def _choices(*values: str) -> Dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The encoder and the heads (SPEC §2)."""
+
+    name_or_path: str = "bert-base-uncased"  # transformers hub name or local directory
+    max_length: int = 32  # training tokens per sentence (official scripts: 32)
+    eval_max_length: int = 128  # tokens per sentence when encoding for evaluation
+    grounding_dim: int = 256  # width g of the grounded text and vision heads
+    phrase_encoding: str = dataclasses.field(default="span", metadata=_choices("span", "text"))
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the training data lives (formats: docs/training.md)."""
+
+    text: Optional[str] = None  # text corpus, one sentence a line
+    pairs: Optional[str] = None  # image-caption directory (captions.jsonl, images.*, ...)
+    text_limit: int = 0  # use only the first N sentences of the corpus (0: all)
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """The method loss's settings (mmloss.losses); defaults are the official scripts'."""
+
+    temperature: float = 0.05
+    vl_temperature: float = 0.05
+    vl_weight: float = 0.01  # λ (MCSE, MCSEO's λ1, KDMCSE)
+    op_temperature: float = 0.05  # MCSEO object-phrase τ
+    op_weight: float = 0.01  # MCSEO λ2
+    margin: float = 0.15  # KDMCSE angular margin (radians)
+    filter_threshold: Optional[float] = None  # KDMCSE teacher filter (None: off, as released)
+    filter_normalize: bool = False  # the filter on the cosine instead of the raw dot product
+    group_same_image: bool = False  # other captions of a row's image are not negatives
+    global_negatives: str = dataclasses.field(default="auto", metadata=_choices("auto", "none", "gather", "ring"))
+    backend: str = dataclasses.field(default="auto", metadata=_choices("auto", "reference", "cpu", "triton", "cuda"))
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule (linear decay after an optional warm-up)."""
+
+    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "lamb"))
+    lr: float = 3e-5
+    weight_decay: float = 0.0  # HF Trainer's default, which the official scripts use
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = dataclasses.field(default="linear", metadata=_choices("linear", "constant"))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The loop: batch, length, evaluation, checkpoints."""
+
+    batch_size: int = 64  # sentences (captions) per process per micro-step
+    epochs: int = 3
+    max_steps: int = 0  # optimizer steps; 0: epochs decide
+    seed: int = 42
+    output_dir: str = "runs/default"
+    eval_steps: int = 125  # STS-B dev every N optimizer steps, keeping the best model (0: never)
+    save_steps: int = 125  # resumable checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+    log_steps: int = 10
+    resume: bool = True  # continue from output_dir's latest checkpoint when there is one
+    sts_dir: Optional[str] = None  # SentEval data; None: <repo>/../shared/data/senteval
+    eval_before: bool = False  # all STS sets before training
+    eval_after: bool = True  # all STS sets after training (the best model)
+    eval_cpu_bf16: bool = False  # encode for evaluation under bf16 autocast on the CPU (faster, ±0.x points)
+    sts_tasks: str = "all"  # "all" or comma-separated train.sts task names, e.g. "STSBenchmark,SICKRelatedness"
+    threads: int = 0  # torch CPU threads per process (0: torch's default)
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine's settings (ZeRO 0/1/2 only: evaluation reads whole parameters)."""
+
+    zero_stage: int = dataclasses.field(default=0, metadata={"choices": (0, 1, 2)})
+    gradient_accumulation_steps: int = 1  # does not enlarge the negative pool (docs/training.md)
+    gradient_clipping: float = 1.0  # max gradient norm (HF Trainer's 1.0); 0 turns clipping off
+    precision: str = dataclasses.field(default="auto", metadata=_choices("auto", "fp32", "bf16"))
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole run."""
+
+    method: str = dataclasses.field(default="simcse", metadata=_choices(*METHODS))
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+
+
+def valid_keys(cls=Config, prefix: str = "") -> List[str]:
+    """Every settable dotted key of `cls`, e.g. ["method", "model.name_or_path", ...]."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += valid_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _check_value(key: str, value: Any, hint, f: dataclasses.Field, where: str) -> Any:
+    """`value` converted to the field's type, or a ConfigError."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None and optional:
+        return None
+    if base is float and isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (isinstance(value, bool) if base is bool else
+          isinstance(value, int) and not isinstance(value, bool) if base is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+          isinstance(value, str))
+    if not ok:
+        article = "an optional" if optional else "an" if base.__name__[0] in "aeiou" else "a"
+        raise ConfigError(f"{where}: {key} must be {article} {base.__name__}, got {value!r}")
+    value = float(value) if base is float else value
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _apply(obj, values: Dict[str, Any], where: str, prefix: str = "") -> None:
+    """Set the fields of dataclass `obj` from the nested mapping `values`, checking each key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid_keys())}")
+        if dataclasses.is_dataclass(hints[name]):
+            _apply(getattr(obj, name), value, where, key + ".")
+        else:
+            setattr(obj, name, _check_value(key, value, hints[name], fields[name], where))
+
+
+def _nested(key: str, value: Any) -> Dict[str, Any]:
+    """"a.b=1" -> {"a": {"b": 1}}."""
+    out: Dict[str, Any] = {}
+    node = out
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return out
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """"optim.lr=1e-4" -> {"optim": {"lr": 1e-4}}; the value is read as YAML (1e-4, true, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--override {text!r}: expected key=value, e.g. train.batch_size=32")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return _nested(key.strip(), value)
+
+
+def build_config(path: Optional[Path] = None, overrides: Iterable[Dict[str, Any]] = (),
+                 base: Optional[Dict[str, Any]] = None) -> Config:
+    """A checked Config: defaults <- YAML file `path` <- `base` mapping <- each override mapping."""
+    config = Config()
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the configuration: {e}") from None
+        _apply(config, values, str(path))
+    if base is not None:
+        _apply(config, base, "preset")
+    for override in overrides:
+        _apply(config, override, "--override")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks across keys (ranges, what each method needs)."""
+    positive = {"model.max_length": config.model.max_length, "model.eval_max_length": config.model.eval_max_length,
+                "model.grounding_dim": config.model.grounding_dim, "train.batch_size": config.train.batch_size,
+                "train.epochs": config.train.epochs, "train.log_steps": config.train.log_steps,
+                "deepspeed.gradient_accumulation_steps": config.deepspeed.gradient_accumulation_steps,
+                "optim.lr": config.optim.lr, "loss.temperature": config.loss.temperature}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    t = config.train
+    for key, value in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps,
+                       "train.save_steps": t.save_steps, "train.keep_checkpoints": t.keep_checkpoints,
+                       "train.threads": t.threads, "data.text_limit": config.data.text_limit,
+                       "optim.warmup_steps": config.optim.warmup_steps,
+                       "deepspeed.gradient_clipping": config.deepspeed.gradient_clipping}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if config.train.sts_tasks != "all":
+        from train.sts import ALL_TASKS
+
+        unknown = set(config.train.sts_tasks.split(",")) - set(ALL_TASKS)
+        if unknown:
+            raise ConfigError(f"train.sts_tasks: unknown {', '.join(sorted(unknown))}; "
+                              f"choose \"all\" or from {', '.join(ALL_TASKS)}")
+    if config.method == "simcse" and not config.data.text:
+        raise ConfigError("method simcse needs data.text (a text corpus)")
+    if config.method != "simcse" and not config.data.pairs:
+        raise ConfigError(f"method {config.method} needs data.pairs (an image-caption directory)")
+
+
+def to_dict(config: Config) -> Dict[str, Any]:
+    """The config as a nested plain dict (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(config)
