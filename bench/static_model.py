@@ -1,7 +1,8 @@
 """Static cost model of the Triton backend on an H100: FLOPs and bytes per kernel, and the
 time they imply at peak rates. No GPU needed; the GPU benchmark prints it beside measurements.
 
-    python bench/static_model.py [--d 256 768] [--teacher-width 0] [--dtype-bytes 2] [--csv out.csv]
+    python bench/static_model.py [--d 256 768] [--teacher-width 0] [--dtype-bytes 2] [--symmetric]
+                                 [--csv out.csv]
 
 Per step (forward + backward, M = N rows and columns, bf16 inputs):
   prologue   inverse norms of Q and K                      bytes (M+N)d·e
@@ -12,6 +13,12 @@ Per step (forward + backward, M = N rows and columns, bf16 inputs):
   finish     radial Jacobian term                          (M+N)d·(2e+e) bytes
   dk_accum   only when H is split into row chunks (R = budget / (N e) rows): per chunk the
              partial dK (N×d, e bytes) is written, read and added to an fp32 accumulator
+Small batches (M, N <= SMALL_MAX = 2048) take the small path instead: the forward computes
+the norms itself (one launch; fp64 sums: each row block re-reads K), grad_tile computes its
+tile's norms and writes H in fp32 with per-tile partial sums, grad_gemm forms dQ and dK
+with the radial term (two backward launches, no prologue, no fills, no cuBLAS).
+--symmetric: both directions in one pass: a second exp per element in the forward (column
+sums) and in grad_tile (the column softmax), nothing else.
 Each kernel's time = max(MMA time, HBM time) + epilogue time (the exp/ALU work on CUDA cores
 is not overlapped with the MMAs in these kernels: a conservative assumption), plus one
 launch latency per kernel. "floor" = 3 GEMMs of 2MNd at the MMA peak (PERF.md's floor).
@@ -28,11 +35,14 @@ MMA_PEAK = 989e12          # bf16 dense tensor-core FLOP/s, H100 SXM
 HBM = 3.35e12              # bytes/s
 ALU = 33.5e12              # fp32 instructions/s (67 TFLOP/s counting an FMA as 2)
 SFU = 3.9e12               # exp (MUFU.EX2) per second: 16/clk/SM x 132 SMs x 1.83 GHz
+FP64 = 16.7e12             # fp64 FMAs (or conversions) per second (33.5 TFLOP/s)
 LAUNCH = 4e-6              # seconds per kernel launch (host + device)
 SMS = 132
 BLOCK_M = 128              # rows per CTA of the forward (plain16 sm_90 default)
 EPILOGUE_OPS = {"plain": 12, "margin": 26, "adaptive+filter": 60}   # fp32 ops per element
 SIZES = [64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
+SMALL_MAX = 2048           # mmloss.triton.ops.SMALL_MAX
+SMALL_BLOCK = 64           # the small path's tile (configs.small_config)
 
 
 def chunks(n: int, e: int, budget: int) -> int:
@@ -42,55 +52,80 @@ def chunks(n: int, e: int, budget: int) -> int:
 
 
 def kernels(n: int, d: int, e: int, dt: int, budget: int) -> Dict[str, Dict[str, float]]:
-    """FLOPs (MMA), bytes (HBM) and epilogue elements of each kernel for M = N = n."""
+    """FLOPs (MMA), bytes (HBM), epilogue elements and fp64 operations of each kernel for M = N = n."""
     m = n
-    c = chunks(n, e, budget)
     mn = float(m) * n
     teacher = 2 * mn * dt * (2 if dt else 0)          # margin teacher + filter teacher
+    if n <= SMALL_MAX:  # the inputs and H stay in L2 (50 MB): HBM sees each byte once
+        blocks = math.ceil(m / SMALL_BLOCK)
+        inputs = (m + n) * d * e
+        return {
+            "forward": {"flops": 2 * mn * d + teacher, "bytes": inputs + 8 * m, "elems": mn,
+                        "fp64": 2.0 * (m + blocks * n) * d, "ctas": blocks},
+            "grad_tile": {"flops": 2 * mn * d + teacher, "bytes": inputs + 4 * mn, "elems": mn,
+                          "fp64": 2.0 * blocks * (m + n) * d, "ctas": blocks * blocks},
+            "grad_gemm": {"flops": 4 * mn * d, "bytes": 4 * mn + 2 * inputs, "elems": 0.0, "fp64": 0.0,
+                          "ctas": 2 * blocks * math.ceil(d / SMALL_BLOCK)},
+        }
+    c = chunks(n, e, budget)
     waves = math.ceil(math.ceil(m / BLOCK_M) / SMS)   # CTAs of one wave share K through L2
     fwd_bytes = m * d * e + waves * n * d * e + 8 * m
+    none = {"elems": 0.0, "fp64": 0.0, "ctas": SMS}
     return {
-        "prologue": {"flops": 0.0, "bytes": (m + n) * d * e + 4.0 * (m + n), "elems": 0.0},
-        "forward": {"flops": 2 * mn * d + teacher, "bytes": fwd_bytes, "elems": mn},
-        "grad_tile": {"flops": 2 * mn * d + teacher, "bytes": fwd_bytes + mn * e, "elems": mn},
-        "gemm_dq": {"flops": 2 * mn * d, "bytes": mn * e + (n + m) * d * e, "elems": 0.0},
-        "gemm_dk": {"flops": 2 * mn * d, "bytes": mn * e + (n + m) * d * e, "elems": 0.0},
-        "finish": {"flops": 0.0, "bytes": 3.0 * (m + n) * d * e + 8.0 * (m + n), "elems": 0.0},
-        "dk_accum": {"flops": 0.0, "bytes": (c > 1) * c * n * d * (2.0 * e + 8), "elems": 0.0},
+        "prologue": {"flops": 0.0, "bytes": (m + n) * d * e + 4.0 * (m + n), "elems": 0.0, "fp64": 2.0 * (m + n) * d,
+                     "ctas": SMS},
+        "forward": {"flops": 2 * mn * d + teacher, "bytes": fwd_bytes, "elems": mn, "fp64": 0.0,
+                    "ctas": math.ceil(m / BLOCK_M)},
+        "grad_tile": {"flops": 2 * mn * d + teacher, "bytes": fwd_bytes + mn * e, "elems": mn, "fp64": 0.0,
+                      "ctas": SMS},
+        "gemm_dq": {"flops": 2 * mn * d, "bytes": mn * e + (n + m) * d * e, **none},
+        "gemm_dk": {"flops": 2 * mn * d, "bytes": mn * e + (n + m) * d * e, **none},
+        "finish": {"flops": 0.0, "bytes": 3.0 * (m + n) * d * e + 8.0 * (m + n), **none},
+        "dk_accum": {"flops": 0.0, "bytes": (c > 1) * c * n * d * (2.0 * e + 8), **none},
     }
 
 
-def kernel_time(k: Dict[str, float], features: str, launches: int) -> float:
-    """Seconds: max(MMA, HBM) + epilogue (ALU and one exp per element) + launches."""
-    epi = k["elems"] * (EPILOGUE_OPS[features] / ALU + 1.0 / SFU)
-    return max(k["flops"] / MMA_PEAK, k["bytes"] / HBM) + epi + launches * LAUNCH
+def kernel_time(k: Dict[str, float], features: str, launches: int, exps: int = 1) -> float:
+    """Seconds: max(MMA, HBM) + epilogue (ALU and `exps` exps per element) + fp64 norm
+    work, the SM-bound parts slowed by the share of SMs the kernel's CTAs occupy, + launches."""
+    busy = min(1.0, k["ctas"] / SMS)
+    epi = k["elems"] * (EPILOGUE_OPS[features] / ALU + exps / SFU) + k["fp64"] / FP64
+    return max(k["flops"] / (MMA_PEAK * busy), k["bytes"] / HBM) + epi / busy + launches * LAUNCH
 
 
 def rows(sizes: List[int], widths: List[int], e: int, dt: int, features: str,
-         budget: int) -> List[Dict[str, object]]:
+         budget: int, symmetric: bool = False) -> List[Dict[str, object]]:
     out = []
     for d in widths:
         for n in sizes:
             ks = kernels(n, d, e, dt, budget)
-            c = chunks(n, e, budget)
-            launches = {"prologue": 2, "forward": 1, "finish": 2, "dk_accum": c if c > 1 else 0}
-            times = {name: kernel_time(k, features, launches.get(name, c)) for name, k in ks.items()}
+            c = chunks(n, e, budget) if n > SMALL_MAX else 1
+            launches = {"prologue": 2, "forward": 1 + 2 * symmetric, "finish": 2,
+                        "dk_accum": c if c > 1 else 0, "grad_gemm": 1}
+            exps = {"forward": 1 + symmetric, "grad_tile": 1 + symmetric}
+            times = {name: kernel_time(k, features, launches.get(name, c), exps.get(name, 1))
+                     for name, k in ks.items()}
             total = sum(times.values())
             floor = 3 * 2.0 * n * n * d / MMA_PEAK
             out.append({
-                "N": n, "d": d, "features": features,
+                "N": n, "d": d, "features": features + ("+symmetric" if symmetric else ""),
+                "path": "small" if n <= SMALL_MAX else "chunked",
                 "GFLOP": sum(k["flops"] for k in ks.values()) / 1e9,
                 "GB": sum(k["bytes"] for k in ks.values()) / 1e9,
-                **{f"{name}_ms": t * 1e3 for name, t in times.items()},
+                **{f"{name}_ms": times.get(name, 0.0) * 1e3 for name in KERNEL_NAMES},
+                "launches": sum(launches.get(name, c) for name in ks),
                 "total_ms": total * 1e3, "floor_ms": floor * 1e3, "ratio": total / floor,
                 "chunks": c,
             })
     return out
 
 
+KERNEL_NAMES = ("prologue", "forward", "grad_tile", "gemm_dq", "gemm_dk", "grad_gemm", "finish", "dk_accum")
+
+
 def print_table(table: List[Dict[str, object]]) -> None:
-    cols = ["N", "d", "GFLOP", "GB", "forward_ms", "grad_tile_ms", "gemm_dq_ms", "gemm_dk_ms",
-            "dk_accum_ms", "chunks", "total_ms", "floor_ms", "ratio"]
+    cols = ["N", "d", "path", "launches", "GFLOP", "forward_ms", "grad_tile_ms", "gemm_dq_ms", "gemm_dk_ms",
+            "grad_gemm_ms", "chunks", "total_ms", "floor_ms", "ratio"]
     print(" ".join(f"{c:>12}" for c in cols))
     for r in table:
         print(" ".join(f"{r[c]:>12.4g}" if isinstance(r[c], float) else f"{r[c]:>12}" for c in cols))
@@ -103,11 +138,12 @@ def main() -> None:
     ap.add_argument("--dtype-bytes", type=int, default=2, help="2 for bf16/fp16 inputs")
     ap.add_argument("--teacher-width", type=int, default=0, help="dt of margin and filter teachers (0: none)")
     ap.add_argument("--features", choices=sorted(EPILOGUE_OPS), default="plain")
+    ap.add_argument("--symmetric", action="store_true", help="both directions in one pass")
     ap.add_argument("--scratch-mb", type=int, default=1024, help="backward scratch budget (MiB)")
     ap.add_argument("--csv", help="also write the table here")
     args = ap.parse_args()
     table = rows(args.sizes, args.d, args.dtype_bytes, args.teacher_width, args.features,
-                 args.scratch_mb << 20)
+                 args.scratch_mb << 20, args.symmetric)
     print(f"H100 static model: MMA {MMA_PEAK / 1e12:.0f} TFLOP/s, HBM {HBM / 1e12:.2f} TB/s, "
           f"features={args.features}, teacher width {args.teacher_width}, {args.dtype_bytes}-byte inputs")
     print_table(table)

@@ -21,23 +21,28 @@ def _row_losses(lse, pos_logit, problem: LossProblem) -> torch.Tensor:
     return torch.where(problem.valid_rows, lse - pos_logit, torch.zeros_like(lse))
 
 
-def _save_inputs(ctx, query, key, lse, inv_temp, problem: LossProblem, kernel_module) -> None:
+def _save_inputs(ctx, query, key, lses: tuple, inv_temp, problem: LossProblem, kernel_module) -> None:
     ctx.problem, ctx.kernel_module = problem, kernel_module
     ctx.inv_temp_is_tensor = isinstance(inv_temp, torch.Tensor)
+    ctx.lse_count = len(lses)
     if ctx.inv_temp_is_tensor:
-        ctx.save_for_backward(query, key, lse, inv_temp)
+        ctx.save_for_backward(query, key, *lses, inv_temp)
     else:
-        ctx.save_for_backward(query, key, lse)
+        ctx.save_for_backward(query, key, *lses)
         ctx.inv_temp = inv_temp
+
+
+def _saved(ctx):
+    """(query, key, lses, inv_temp, need_temp_grad) as `_save_inputs` kept them."""
+    saved = ctx.saved_tensors
+    query, key, lses = saved[0], saved[1], saved[2: 2 + ctx.lse_count]
+    inv_temp = saved[-1] if ctx.inv_temp_is_tensor else ctx.inv_temp
+    return query, key, lses, inv_temp, ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
 
 
 def _recompute_grads(ctx, row_weight: torch.Tensor):
     """d_query, d_key, d_inv_temp (or None) of Σ_i row_weight_i loss_i, recomputing the tiles."""
-    if ctx.inv_temp_is_tensor:
-        query, key, lse, inv_temp = ctx.saved_tensors
-    else:
-        (query, key, lse), inv_temp = ctx.saved_tensors, ctx.inv_temp
-    need_temp_grad = ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
+    query, key, (lse,), inv_temp, need_temp_grad = _saved(ctx)
     row_weight = torch.where(ctx.problem.valid_rows, row_weight, torch.zeros_like(row_weight))
     d_query, d_key, d_inv_temp = ctx.kernel_module.backward(
         query, key, inv_temp, ctx.problem, lse, row_weight.contiguous(), need_temp_grad
@@ -52,7 +57,7 @@ class ContrastiveRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
         lse, pos_logit = kernel_module.forward(query, key, inv_temp, problem)
-        _save_inputs(ctx, query, key, lse, inv_temp, problem, kernel_module)
+        _save_inputs(ctx, query, key, (lse,), inv_temp, problem, kernel_module)
         return _row_losses(lse, pos_logit, problem).to(_loss_dtype(query.dtype))
 
     @staticmethod
@@ -69,7 +74,7 @@ class ContrastiveSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
         lse, pos_logit, d_query, d_key, d_inv_temp = kernel_module.forward_with_grad(query, key, inv_temp, problem)
-        _save_inputs(ctx, query, key, lse, inv_temp, problem, kernel_module)
+        _save_inputs(ctx, query, key, (lse,), inv_temp, problem, kernel_module)
         ctx.precomputed = (d_query, d_key, d_inv_temp)
         return _row_losses(lse, pos_logit, problem).sum().to(_loss_dtype(query.dtype))
 
@@ -84,6 +89,27 @@ class ContrastiveSum(torch.autograd.Function):
         d_key.mul_(grad_total.to(d_key.dtype))
         d_inv_temp = d_inv_temp * grad_total if ctx.needs_input_grad[2] else None
         return d_query, d_key, d_inv_temp, None, None
+
+
+class ContrastiveSymmetricRows(torch.autograd.Function):
+    """Per-index losses ½(row_i + col_i) (M,) of a symmetric loss (M == N, diagonal
+    positives) by a backend with `forward_symmetric`: one pass over the tiles gives both
+    directions' lse, and one backward pass both directions' gradients."""
+
+    @staticmethod
+    def forward(ctx, query, key, inv_temp, problem: LossProblem, kernel_module):
+        lse, lse_col, pos_logit = kernel_module.forward_symmetric(query, key, inv_temp, problem)
+        _save_inputs(ctx, query, key, (lse, lse_col), inv_temp, problem, kernel_module)
+        return (0.5 * ((lse - pos_logit) + (lse_col - pos_logit))).to(_loss_dtype(query.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        query, key, (lse, lse_col), inv_temp, need_temp_grad = _saved(ctx)
+        weight = (0.5 * grad_rows).to(torch.float32).contiguous()
+        d_query, d_key, d_inv_temp = ctx.kernel_module.backward_symmetric(
+            query, key, inv_temp, ctx.problem, lse, lse_col, weight, weight, need_temp_grad
+        )
+        return d_query, d_key, d_inv_temp if need_temp_grad else None, None, None
 
 
 def inverse_temperature(temperature: Temperature):
@@ -172,6 +198,9 @@ def contrastive_loss(
     kernel_module.check(query, problem)
     backends.record(name)
     inv_temp = inverse_temperature(temperature)
+    if symmetric and hasattr(kernel_module, "forward_symmetric"):
+        rows = ContrastiveSymmetricRows.apply(query, key, inv_temp, problem, kernel_module)
+        return {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
     directions = [(query, key, problem)]
     if symmetric:
         directions.append((key, query, problem.transposed()))

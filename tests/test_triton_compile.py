@@ -30,22 +30,29 @@ from mmloss.triton import configs, kernels  # noqa: E402
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_fk", "stride_h",
         "stride_prod", "stride_x", "stride_y", "stride_out", "stride_a", "stride_b", "M", "N", "D", "DT", "DF", "row0",
-        "M_BUCKET", "N_BUCKET", "D_BUCKET"}
-FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m", "eps"}
-EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr"}
+        "M_BUCKET", "N_BUCKET", "D_BUCKET", "stride_dq", "stride_dk", "row_parts", "col_parts", "temp_parts"}
+FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m", "eps", "inv_temp_value"}
+EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
+FP64 = {"col_acc_ptr"}
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
 INDICES = {"pos_ptr", "rg_ptr", "kg_ptr"}
-CLASS_DTYPES = {"plain16": ("bf16", "bf16"), "feat16": ("bf16", "bf16"), "teacher32": ("bf16", "fp32"),
-                "fp32": ("fp32", "fp32")}
+CLASS_DTYPES = {"plain16": ("bf16", "bf16"), "feat16": ("bf16", "bf16"), "sym16": ("bf16", "bf16"),
+                "teacher32": ("bf16", "fp32"), "fp32": ("fp32", "fp32")}
+_OFF = dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=False, SYMMETRIC=False)
 FEATURES = {
-    "plain": dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=False),
-    "groups": dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=True),
-    "margin+groups": dict(HAS_MARGIN=True, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=True),
-    "all": dict(HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True),
+    "plain": _OFF,
+    "groups": dict(_OFF, HAS_GROUPS=True),
+    "clip": dict(_OFF, SYMMETRIC=True),
+    "margin+groups": dict(_OFF, HAS_MARGIN=True, HAS_GROUPS=True),
+    "all": dict(HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True, SYMMETRIC=False),
+    "all+sym": dict(HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True, SYMMETRIC=True),
 }
-# The heaviest feature set each class serves (and plain where it is the common case).
-CLASS_FEATURES = {"plain16": ("groups",), "feat16": ("margin+groups", "all"), "teacher32": ("all",),
-                  "fp32": ("plain", "all")}
+# The heaviest feature sets each class serves (and plain where it is the common case).
+CLASS_FEATURES = {"plain16": ("groups",), "feat16": ("margin+groups", "all"), "sym16": ("clip", "all+sym"),
+                  "teacher32": ("all", "all+sym"), "fp32": ("plain", "all", "all+sym")}
+# The small-batch path's own variants (norms in the kernels, per-tile partials).
+CHUNKED = dict(FUSED_NORMS=False, FUSED=False, TEMP_PTR=True)
+SMALL = dict(FUSED_NORMS=True, FUSED=True, TEMP_PTR=False)
 
 
 class Job(NamedTuple):
@@ -62,20 +69,37 @@ def _precision(dtype: str) -> str:
     return "ieee" if dtype == "fp32" else "tf32"
 
 
+def _variants(kind: str, cls: str, arch: int):
+    """(config, path constexprs): every autotune config of the chunked path and the small
+    path's one."""
+    chunked = [(cfg, CHUNKED) for cfg in configs.configs(kind, cls, arch)]
+    return chunked + [(configs.small_config(kind, cls, arch), SMALL)]
+
+
 def jobs() -> List[Job]:
     """Every (kernel, arch, class, feature set, config) that can run on a GPU."""
     out = []
     for arch in (90, 80):
         for cls, (emb, teach) in CLASS_DTYPES.items():
             prec = dict(PRECISION=_precision(emb), T_PRECISION=_precision(teach),
-                        F_PRECISION=_precision(teach), UPCAST=False, SIN_EPS=1e-12)
+                        F_PRECISION=_precision(teach), UPCAST=False, SIN_EPS=1e-12, EPS=1e-12)
             for feat in CLASS_FEATURES[cls]:
-                for cfg in configs.configs("forward", cls, arch):
-                    const = dict(prec, **FEATURES[feat], **cfg.kwargs)
-                    out.append(Job("forward_kernel", arch, cls, feat, const, cfg.num_warps, cfg.num_stages))
-                for cfg in configs.configs("grad_tile", cls, arch):
-                    const = dict(prec, **FEATURES[feat], **cfg.kwargs, NEED_TEMP=True, GROUP_M=configs.GROUP_M)
-                    out.append(Job("grad_tile_kernel", arch, cls, feat, const, cfg.num_warps, cfg.num_stages))
+                for cfg, path in _variants("forward", cls, arch):
+                    const = dict(prec, **FEATURES[feat], **cfg.kwargs, FUSED_NORMS=path["FUSED_NORMS"],
+                                 TEMP_PTR=path["TEMP_PTR"])
+                    label = feat + ("/small" if path is SMALL else "")
+                    out.append(Job("forward_kernel", arch, cls, label, const, cfg.num_warps, cfg.num_stages))
+                for cfg, path in _variants("grad_tile", cls, arch):
+                    const = dict(prec, **FEATURES[feat], **cfg.kwargs, NEED_TEMP=True, GROUP_M=configs.GROUP_M,
+                                 FUSED=path["FUSED"], TEMP_PTR=path["TEMP_PTR"])
+                    label = feat + ("/small" if path is SMALL else "")
+                    out.append(Job("grad_tile_kernel", arch, cls, label, const, cfg.num_warps, cfg.num_stages))
+        for emb, cls, symmetric in (("bf16", "plain16", False), ("fp16", "plain16", True), ("fp32", "fp32", False)):
+            cfg = configs.small_config("grad_gemm", cls, arch)
+            const = dict(cfg.kwargs, NEED_TEMP=True, PRECISION=_precision(emb), UPCAST=False, TEMP_PTR=False,
+                         SYMMETRIC=symmetric, SCALE16=emb == "fp16", EPS=1e-12)
+            out.append(Job("grad_gemm_kernel", arch, emb, "sym" if symmetric else "-", const, cfg.num_warps,
+                           cfg.num_stages))
         for emb in ("bf16", "fp32"):
             small = dict(configs.ELEMENTWISE, EPS=1e-12)
             out.append(Job("inv_norm_kernel", arch, emb, "-", small, 4, 1))
@@ -105,10 +129,15 @@ def _similarity_jobs(arch: int) -> List[Job]:
 def _signature(fn, job: Job) -> Dict[str, str]:
     emb, teach = CLASS_DTYPES.get(job.cls, (job.cls, job.cls))
     embeddings = EMBEDDINGS | ({"a_ptr", "b_ptr"} if job.kernel == "similarity_kernel" else set())
+    fused = job.constexprs.get("FUSED", False) or job.kernel == "grad_gemm_kernel"
     sig = {}
     for name in fn.arg_names:
         if name in job.constexprs:
             sig[name] = "constexpr"
+        elif name == "h_ptr" and fused:  # the small path's scratch is fp32
+            sig[name] = "*fp32"
+        elif name in FP64:
+            sig[name] = "*fp64"
         elif name in INTS:
             sig[name] = "i32"
         elif name in FLOATS:
@@ -173,13 +202,13 @@ def monkeypatch_module():
 
 def _label(job: Job) -> str:
     meta = job.constexprs
-    tile = f"{meta.get('BLOCK_M')}x{meta.get('BLOCK_N', '-')}x{meta.get('BLOCK_D')}"
-    return f"sm_{job.arch} {job.kernel:<17} {job.cls:<9} {job.features:<13} {tile:<11} w{job.warps} s{job.stages}"
+    tile = f"{meta.get('BLOCK_M')}x{meta.get('BLOCK_N', meta.get('BLOCK_K', '-'))}x{meta.get('BLOCK_D')}"
+    return f"sm_{job.arch} {job.kernel:<17} {job.cls:<9} {job.features:<17} {tile:<11} w{job.warps} s{job.stages}"
 
 
 def test_every_config_compiles_without_spills(resources, capsys):
-    lines = [f"{'target/kernel/class/features/tile/warps/stages':<74} regs  spill  smem(KiB)"]
-    lines += [f"{_label(r['job']):<74} {r['regs']:>4}  {r['stack']:>5}  {r['smem'] / 1024:>8.1f}" for r in resources]
+    lines = [f"{'target/kernel/class/features/tile/warps/stages':<78} regs  spill  smem(KiB)"]
+    lines += [f"{_label(r['job']):<78} {r['regs']:>4}  {r['stack']:>5}  {r['smem'] / 1024:>8.1f}" for r in resources]
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     spills = [_label(r["job"]) for r in resources if r["stack"] > 0]
@@ -201,3 +230,6 @@ def test_every_autotune_config_is_covered():
                 for cfg in configs.configs(kind, cls, arch):
                     assert (arch, cls, f"{kind}_kernel", tuple(sorted(cfg.kwargs.items())), cfg.num_warps,
                             cfg.num_stages) in seen
+                small = configs.small_config(kind, cls, arch)
+                assert (arch, cls, f"{kind}_kernel", tuple(sorted(small.kwargs.items())), small.num_warps,
+                        small.num_stages) in seen

@@ -22,6 +22,15 @@ BACKEND = "triton"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(params=["small", "chunked"])
+def path(request, monkeypatch):
+    """Both designs: the small-batch path and the chunked one (SMALL_MAX = 0 sends these
+    sizes there)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(tk.ops, "SMALL_MAX", 0)
+    return request.param
+
+
 def assert_close_to_oracle(case, dtype, reduction="mean", learn_temperature=True):
     """SPEC §1's error bar against float64 (cases.assert_matches_reference), with 8 ulps in fp32."""
     ulps = 8 if dtype == torch.float32 else 0.5
@@ -38,13 +47,13 @@ def test_every_feature_bf16(features):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("features", ["plain", "all", "symmetric_all"])
-def test_dtypes(features, dtype):
+def test_dtypes(features, dtype, path):
     assert_close_to_oracle(make_case(300, 520, 256, features, seed=12, device="cuda"), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,d", [(1, 1, 3), (7, 129, 100), (129, 1000, 768), (1000, 1000, 64)])
-def test_odd_shapes(M, N, d, dtype):
+def test_odd_shapes(M, N, d, dtype, path):
     assert_close_to_oracle(make_case(M, N, d, "all", seed=M + N, device="cuda"), dtype)
 
 
@@ -76,14 +85,15 @@ def test_teacher_classes_agree():
     assert abs(float(loss32) - float(loss16)) < 5e-2
 
 
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cuda_graph_capture(path, symmetric):
     """After warm-up calls (autotuning), forward + backward capture into a CUDA graph."""
     case = make_case(512, 512, 256, "margin", seed=16, device="cuda")
     q = case.query.to(torch.bfloat16).requires_grad_(True)
     k = case.key.to(torch.bfloat16).requires_grad_(True)
 
     def grads():
-        loss = mmloss.contrastive_loss(q, k, temperature=0.05, margin=0.15, backend=BACKEND)
+        loss = mmloss.contrastive_loss(q, k, temperature=0.05, margin=0.15, symmetric=symmetric, backend=BACKEND)
         return torch.autograd.grad(loss, (q, k))
 
     stream = torch.cuda.Stream()
@@ -129,3 +139,27 @@ def test_key_blocks_combine_by_logsumexp():
     torch.testing.assert_close(grads[0][0] + grads[1][0], dq, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]]), dk, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads[0][2] + grads[1][2], dt, rtol=1e-4, atol=1e-5)
+
+
+def _gpu_work(fn):
+    """Names of the kernels, memsets and copies `fn` puts on the GPU."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("n", [64, 1024])
+def test_small_batch_launches(n):
+    """N = 64 ... 1,024 (float tau): the forward is one kernel, the backward two."""
+    case = make_case(n, n, 768, "plain", seed=18, device="cuda")
+    q, k = case.query.to(torch.bfloat16), case.key.to(torch.bfloat16)
+    problem = build_problem(q, k, positives=None, temperature=0.05, margin=0.0, margin_teacher=None,
+                            filter_teacher=None, filter_threshold=None, filter_normalize=False, key_groups=None,
+                            symmetric=False, reduction="mean", backend=BACKEND)
+    weight = torch.full((n,), 1.0 / n, device="cuda")
+    lse, _ = tk.forward(q, k, 20.0, problem)
+    tk.backward(q, k, 20.0, problem, lse, weight, True)  # compile outside the profile
+    assert _gpu_work(lambda: tk.forward(q, k, 20.0, problem)) == ["forward_kernel"]
+    assert _gpu_work(lambda: tk.backward(q, k, 20.0, problem, lse, weight, True)) == [
+        "grad_tile_kernel", "grad_gemm_kernel"]

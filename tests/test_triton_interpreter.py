@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -40,6 +41,15 @@ BACKEND = "triton"
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
 
+@pytest.fixture(params=["small", "chunked"])
+def path(request, monkeypatch):
+    """Both backward designs: the small-batch path (fused norms, two backward launches) and
+    the chunked one (prologue, scratch + GEMMs), which these sizes reach with SMALL_MAX = 0."""
+    if request.param == "chunked":
+        monkeypatch.setattr(tk.ops, "SMALL_MAX", 0)
+    return request.param
+
+
 def assert_close_to_oracle(case, dtype, reduction="mean", learn_temperature=True):
     """SPEC §1's error bar against float64 (cases.assert_matches_reference), with 8 ulps in fp32."""
     ulps = 8 if dtype == torch.float32 else 0.5
@@ -47,7 +57,7 @@ def assert_close_to_oracle(case, dtype, reduction="mean", learn_temperature=True
 
 
 @pytest.mark.parametrize("features", sorted(FEATURES))
-def test_every_feature_fp32(features):
+def test_every_feature_fp32(features, path):
     assert_close_to_oracle(make_case(7, 65, 100, features, seed=1), torch.float32)
 
 
@@ -58,12 +68,12 @@ def test_every_feature_fp32_three_by_three_tiles(features):
 
 
 @pytest.mark.parametrize("features", sorted(FEATURES))
-def test_every_feature_fp16(features):
+def test_every_feature_fp16(features, path):
     assert_close_to_oracle(make_case(65, 70, 64, features, seed=2), torch.float16)
 
 
 @pytest.mark.parametrize("features", ["plain", "margin", "all", "symmetric_all"])
-def test_bf16_upcast_path(features):
+def test_bf16_upcast_path(features, path):
     assert_close_to_oracle(make_case(30, 65, 100, features, seed=3), torch.bfloat16)
 
 
@@ -84,18 +94,18 @@ def test_tile_edges(M, N):
     (1, 130, 64, "margin"), (7, 7, 3, "groups"), (65, 130, 3, "filter"), (130, 130, 64, "all"),
     (130, 130, 100, "adaptive_margin"), (65, 65, 100, "symmetric"), (130, 7, 100, "all"),
 ])
-def test_tile_edges_with_features(M, N, d, features):
+def test_tile_edges_with_features(M, N, d, features, path):
     assert_close_to_oracle(make_case(M, N, d, features, seed=M + N + d), torch.float32)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("learn", [False, True])
-def test_reductions_and_temperature(reduction, learn):
+def test_reductions_and_temperature(reduction, learn, path):
     case = make_case(33, 65, 64, "all", seed=4)
     assert_close_to_oracle(case, torch.float32, reduction, learn)
 
 
-def test_near_duplicates_with_margin():
+def test_near_duplicates_with_margin(path):
     """c -> 1 for some negatives: the margin's f' = cos m - c sin m / sqrt(max(1-c², eps))."""
     assert_close_to_oracle(make_case(20, 65, 64, "all", seed=5, duplicates=True), torch.float32)
 
@@ -105,6 +115,7 @@ def test_row_chunks_of_the_backward(monkeypatch):
     2 row tiles exercise the grouped tile order (a short last band included)."""
     monkeypatch.setenv("MMLOSS_TRITON_SCRATCH_MB", "0")
     monkeypatch.setattr(tk.configs, "GROUP_M", 2)
+    monkeypatch.setattr(tk.ops, "SMALL_MAX", 0)
     assert tk.ops.row_chunk(330, 65, 4) == 128
     assert_close_to_oracle(make_case(330, 65, 64, "positives", seed=6), torch.float32)
 
@@ -127,7 +138,7 @@ def _block(problem, lo, hi):
                                key_groups=cols(problem.key_groups))
 
 
-def test_key_blocks_combine_by_logsumexp():
+def test_key_blocks_combine_by_logsumexp(path):
     """Two key blocks: logsumexp of the block lse's and the sum of the positive logits equal
     the whole; backward with the global lse gives the whole's gradients block by block."""
     case = make_case(40, 100, 64, "all", seed=7)
@@ -178,17 +189,103 @@ def test_check_rejects_float64():
 
 
 @pytest.mark.parametrize("scale", [1e-2, 1e2])
-def test_fp16_embedding_scales(scale):
+def test_fp16_embedding_scales(scale, path):
     """Raw embeddings far from unit norm: the scratch scale keeps fp16 H in range."""
     case = make_case(40, 70, 64, "all", seed=11)
     case = type(case)(case.query * scale, case.key * scale, case.temperature, case.kwargs)
     assert_close_to_oracle(case, torch.float16)
 
 
-def test_zero_rows_follow_normalize_semantics():
+def test_zero_rows_follow_normalize_semantics(path):
     """A zero query row and a zero key column: x / max(||x||, eps), gradient U / eps."""
     case = make_case(20, 40, 32, "positives", seed=12)
     q, k = case.query.clone(), case.key.clone()
     q[3] = 0.0
     k[7] = 0.0
     assert_close_to_oracle(type(case)(q, k, case.temperature, case.kwargs), torch.float32)
+
+
+class _LaunchLog(TorchDispatchMode):
+    """Records the Triton kernels launched and the aten ops run between launches (the host
+    code's own device work; the interpreter's copies inside a launch are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches, self.host_ops, self.inside = [], [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.inside:
+            self.host_ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def wrap(self, name, kernel):
+        log = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    log.launches.append(name)
+                    log.inside = True
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        log.inside = False
+                return launch
+        return Counted()
+
+
+@pytest.fixture
+def launch_log(monkeypatch):
+    log = _LaunchLog()
+    for name in ("inv_norm_kernel", "forward_kernel", "grad_tile_kernel", "grad_gemm_kernel", "finish_kernel"):
+        counted = log.wrap(name, getattr(tk.kernels, name))
+        monkeypatch.setattr(tk.kernels, name, counted)
+        if name.replace("_kernel", "") in tk.ops.KERNELS:
+            monkeypatch.setitem(tk.ops.KERNELS, name.replace("_kernel", ""), counted)
+    return log
+
+
+# Host-side aten ops that allocate or view without touching device memory (no launch).
+NO_LAUNCH = {"empty", "empty_like", "slice", "view", "detach", "alias"}
+
+
+def test_small_batch_forward_is_one_launch_and_backward_two(launch_log):
+    """A small batch (float tau): the forward launches one kernel, the backward two, and the
+    host code does no other device work (no fill, no GEMM, no copy)."""
+    case = make_case(70, 70, 37, "all", seed=20)
+    q, k = case.query.float(), case.key.float()
+    kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
+    problem = _problem(type(case)(q, k, case.temperature, kw), q, k)  # fp32 teachers: no copies
+    weight = torch.where(problem.valid_rows, torch.ones(70), torch.zeros(70))
+    tk.forward(q, k, 20.0, problem)  # warm the cached device constants
+    launch_log.launches.clear()
+    with launch_log:
+        lse, _ = tk.forward(q, k, 20.0, problem)
+        forward_launches = list(launch_log.launches)
+        tk.backward(q, k, 20.0, problem, lse, weight, True)
+    assert forward_launches == ["forward_kernel"]
+    assert launch_log.launches[1:] == ["grad_tile_kernel", "grad_gemm_kernel"]
+    assert set(launch_log.host_ops) <= NO_LAUNCH, launch_log.host_ops
+
+
+def test_symmetric_is_one_pass(launch_log):
+    """A symmetric loss runs the forward kernel once (both directions' lse) and the tile
+    kernel once, in both paths, and matches the reference."""
+    case = make_case(65, 65, 40, "symmetric_all", seed=21)
+    for small_max in (tk.ops.SMALL_MAX, 0):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tk.ops, "SMALL_MAX", small_max)
+            launch_log.launches.clear()
+            loss_and_grads(case, BACKEND, torch.float32, learn_temperature=True)
+            assert launch_log.launches.count("forward_kernel") == 1, launch_log.launches
+            assert launch_log.launches.count("grad_tile_kernel") == 1, launch_log.launches
+
+
+def test_symmetric_beyond_the_one_pass_range_takes_two_passes(launch_log, monkeypatch):
+    """A float 1/tau above SYMMETRIC_MAX_INV_TEMP (lowered here to reach it at a usual tau):
+    each direction has its own pass, and the result still matches the reference."""
+    monkeypatch.setattr(tk.ops, "SYMMETRIC_MAX_INV_TEMP", 1.0)
+    case = make_case(20, 20, 16, "symmetric", seed=22)
+    launch_log.launches.clear()
+    assert_close_to_oracle(case, torch.float32, learn_temperature=False)
+    assert launch_log.launches.count("forward_kernel") == 2, launch_log.launches

@@ -1,7 +1,8 @@
 """Triton backend of `contrastive_loss` (the kernel contract of `mmloss.backends`).
 
-check(query, problem), forward(query, key, inv_temp, problem) -> (lse, pos_logit) and
-backward(...) -> (d_query, d_key, d_inv_temp). Runs on CUDA tensors, or on CPU tensors in
+check(query, problem), forward(query, key, inv_temp, problem) -> (lse, pos_logit),
+backward(...) -> (d_query, d_key, d_inv_temp), and the optional symmetric pair
+forward_symmetric / backward_symmetric (both directions in one pass). Runs on CUDA tensors, or on CPU tensors in
 the Triton interpreter (TRITON_INTERPRET=1, set before this module is imported).
 Design, precision and tuning: docs/triton.md.
 """
@@ -12,9 +13,9 @@ import torch
 
 from mmloss.problem import LossProblem
 from mmloss.triton.configs import interpreted
-from mmloss.triton.ops import SUPPORTED, backward, forward
+from mmloss.triton.ops import SUPPORTED, backward, backward_symmetric, forward, forward_symmetric
 
-__all__ = ["backward", "check", "forward"]
+__all__ = ["backward", "backward_symmetric", "check", "forward", "forward_symmetric"]
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:

@@ -6,6 +6,8 @@ compiles all of them and fails on spills):
 * "plain16":   16-bit embeddings, no margin, no filter (groups allowed): 128 x 128 tiles fit.
 * "feat16":    16-bit, with a margin and/or 16-bit teachers: the margin's extra live tiles
                spill at 128 x 128, so at most 128 x 64.
+* "sym16":     16-bit, symmetric (column sums and the column softmax on top of any features,
+               16-bit teachers): at most 128 x 64 / 64 x 128.
 * "teacher32": 16-bit embeddings with an fp32 teacher: the teacher dot is exact fp32 on
                CUDA cores, whose operands take many registers: 64 x 64 tiles, 8 warps.
 * "fp32":      fp32 embeddings, exact fp32 dots (CUDA cores): 64 x 64, small d-chunks.
@@ -24,9 +26,9 @@ from typing import Dict, List
 import triton
 
 INTERPRETER_BLOCK = 64
-CLASSES = ("plain16", "feat16", "teacher32", "fp32")
-BLOCK_D = {"plain16": 64, "feat16": 64, "teacher32": 64, "fp32": 16}
-BLOCK_T = {"plain16": 32, "feat16": 32, "teacher32": 32, "fp32": 16}
+CLASSES = ("plain16", "feat16", "sym16", "teacher32", "fp32")
+BLOCK_D = {"plain16": 64, "feat16": 64, "sym16": 64, "teacher32": 64, "fp32": 16}
+BLOCK_T = {"plain16": 32, "feat16": 32, "sym16": 32, "teacher32": 32, "fp32": 16}
 ELEMENTWISE = {"BLOCK_M": 32, "BLOCK_D": 64}
 GROUP_M = 32   # row tiles per band of the backward's tile order (L2 reuse of K tiles)
 
@@ -54,6 +56,7 @@ _SHAPES = {
                     80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
         "feat16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
                    80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "sym16": {90: [(64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)], 80: [(64, 64, 4, 2)]},
         "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
         "fp32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
     },
@@ -62,12 +65,24 @@ _SHAPES = {
                     80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
         "feat16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
                    80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "sym16": {90: [(64, 64, 8, 3)], 80: [(64, 64, 8, 2)]},
         "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
         "fp32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
     },
 }
 TABLES = {kind: {cls: _table(cls, shapes) for cls, shapes in by_cls.items()}
           for kind, by_cls in _SHAPES.items()}
+
+# The small-batch path (`ops.SMALL_MAX`) runs one fixed config per kernel, never autotuned
+# (a batch of a few hundred rows is launch-bound): 64-row tiles spread it over more SMs.
+# grad_gemm's tile is (BLOCK_M rows of dQ or dK, BLOCK_D of d), its reduction BLOCK_K wide.
+# On sm_80 two-stage pipelines of the fp32-operand kernels keep two values on the stack.
+_SMALL = {
+    "forward": {"16": {90: (64, 64, 4, 3), 80: (64, 64, 4, 2)}, "32": {90: (64, 64, 8, 2), 80: (64, 64, 8, 1)}},
+    "grad_tile": {"16": {90: (64, 64, 8, 3), 80: (64, 64, 8, 2)}, "32": {90: (64, 64, 8, 2), 80: (64, 64, 8, 1)}},
+}
+_SMALL_GEMM = {"16": {90: (64, 64, 64, 4, 3), 80: (64, 64, 64, 4, 1)},
+               "32": {90: (64, 64, 16, 4, 2), 80: (64, 64, 16, 4, 2)}}
 
 
 def arch_key(capability: int) -> int:
@@ -78,6 +93,18 @@ def arch_key(capability: int) -> int:
 def configs(kind: str, cls: str, capability: int) -> List[triton.Config]:
     """The autotune list of kernel `kind` ("forward", "grad_tile") for a class and arch."""
     return TABLES[kind][cls][arch_key(capability)]
+
+
+def small_config(kind: str, cls: str, capability: int) -> triton.Config:
+    """The fixed config of the small-batch path for a kernel ("forward", "grad_tile",
+    "grad_gemm"), call class and arch."""
+    width = "32" if cls in ("fp32", "teacher32") else "16"
+    arch = arch_key(capability)
+    if kind == "grad_gemm":
+        gemm_cls = "32" if cls == "fp32" else "16"
+        bm, bd, bk, warps, stages = _SMALL_GEMM[gemm_cls][arch]
+        return triton.Config({"BLOCK_M": bm, "BLOCK_D": bd, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    return _cfg(cls, *_SMALL[kind][width][arch])
 
 
 def interpreter_meta() -> Dict[str, int]:

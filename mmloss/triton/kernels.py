@@ -5,19 +5,24 @@ BLOCK_M x BLOCK_N; the feature dimension is streamed in BLOCK_D chunks, so any d
 Row offsets are computed in int64 (M x d and the R x N scratch may pass 2^31 elements).
 
 * `inv_norm_kernel`  the prologue: a_i = 1/max(||q_i||, eps), b_j = 1/max(||k_j||, eps) in
-                     fp32, one launch for both (no normalised copies of the inputs).
-                     Forward and backward use these same numbers, so the backward's logits
-                     reproduce the forward's and exp(logit - lse) sums to 1 to the last bits.
+                     fp32, one launch for both (no normalised copies of the inputs). The
+                     squares are summed in fp64, so every kernel that computes a norm gets
+                     the same fp32 bits: the backward's logits reproduce the forward's and
+                     exp(logit - lse) sums to 1 to the last bits.
 * `forward_kernel`   one program per row block streams all column tiles: per tile one
                      tl.dot (fp32 accumulation) scaled by a_i b_j, the teacher tiles, the
                      masks, the margin and an online log-sum-exp; writes lse (M,) and
-                     pos_logit (M,).
+                     pos_logit (M,). SYMMETRIC also accumulates each column's sum of exp
+                     (the column lse) in the same pass. FUSED_NORMS computes the norms
+                     itself (small batches: one launch).
 * `grad_tile_kernel` one program per tile of a row chunk: recomputes the logits exactly as
                      the forward does and writes
                      H_ij = a_i b_j G_ij / g (G = dLoss/dc) into a scratch for two cuBLAS
                      GEMMs, plus the row/column sums of G*c (normalisation Jacobian) and
-                     the 1/tau gradient, by atomics.
+                     the 1/tau gradient, by atomics (FUSED: per-tile partials, no atomics).
 * `finish_kernel`    out = g * X - [norm > eps] a^2 r * x (the Jacobian's radial term).
+* `grad_gemm_kernel` small batches: dQ = H K and dK = H^T Q with the radial term, in one
+                     launch after the FUSED tile kernel (the backward is two launches).
 
 UPCAST (interpreter mode only): the interpreter's bf16 tl.dot is wrong, so the dot
 operands are converted to fp32 first. Products of 16-bit numbers are exact in fp32, so this
@@ -26,6 +31,8 @@ equals the GPU's fp32-accumulated 16-bit MMA up to summation order.
 
 import triton
 import triton.language as tl
+
+NORM_CHUNK = tl.constexpr(16)  # d-chunk of the in-kernel norms (fp64 tiles take many registers)
 
 
 @triton.jit
@@ -118,15 +125,27 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
 
 
 @triton.jit
-def _inv_norms(x_ptr, out_ptr, stride_x, rows, M, D, BLOCK_D: tl.constexpr, EPS: tl.constexpr):
-    sq = tl.zeros((rows.shape[0],), dtype=tl.float32)
+def _inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D: tl.constexpr, EPS: tl.constexpr):
+    """1 / max(||x_i||, EPS) (fp32) of rows `rows` of x. The squares are summed in fp64, so the
+    fp32 sum (and all after it) does not depend on the chunking or reduction order: the
+    prologue, the fused forward and the fused backward get the same bits (docs/triton.md)."""
+    sq = tl.zeros((rows.shape[0],), dtype=tl.float64)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(x_rows + offs[None, :],
-                    mask=(rows < M)[:, None] & (offs < D)[None, :], other=0.0).to(tl.float32)
+                    mask=(rows < M)[:, None] & (offs < D)[None, :], other=0.0).to(tl.float64)
         sq += tl.sum(x * x, axis=1)
-    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(sq), EPS), mask=rows < M)
+    return _reciprocal(tl.maximum(tl.sqrt(sq.to(tl.float32)), EPS))
+
+
+@triton.jit
+def _reciprocal(x):
+    """1/x in fp32 without a call: `/` (div.rn.f32) branches to a slow-path subroutine, and
+    the values live across that call go to the stack. div.full.f32 (<= 2 ulp for normal x)
+    and one Newton step r += r (1 - x r) instead."""
+    r = tl.fdiv(1.0, x, ieee_rounding=False)
+    return r + r * (1.0 - x * r)
 
 
 @triton.jit
@@ -138,15 +157,24 @@ def inv_norm_kernel(x_ptr, y_ptr, a_ptr, b_ptr, M, N, D, stride_x, stride_y,
     x_blocks = tl.cdiv(M, BLOCK_M)
     if pid < x_blocks:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        _inv_norms(x_ptr, a_ptr, stride_x, rows, M, D, BLOCK_D, EPS)
+        tl.store(a_ptr + rows, _inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D, EPS), mask=rows < M)
     else:
         rows = (pid - x_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        _inv_norms(y_ptr, b_ptr, stride_y, rows, N, D, BLOCK_D, EPS)
+        tl.store(b_ptr + rows, _inv_norms(y_ptr, stride_y, rows, N, D, BLOCK_D, EPS), mask=rows < N)
+
+
+@triton.jit
+def _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR: tl.constexpr):
+    """1/tau: read from the device (a learnable tau, no host sync) or passed by value."""
+    if TEMP_PTR:
+        return tl.load(inv_temp_ptr)
+    else:
+        return inv_temp_value
 
 
 @triton.jit
 def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
-                   pos_ptr, inv_temp_ptr, lse_ptr, pos_logit_ptr,
+                   pos_ptr, inv_temp_ptr, inv_temp_value, lse_ptr, pos_logit_ptr, col_acc_ptr,
                    rg_ptr, kg_ptr,
                    tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
                    fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
@@ -156,21 +184,32 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
                    HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
                    T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr, SIN_EPS: tl.constexpr,
+                   TEMP_PTR: tl.constexpr, FUSED_NORMS: tl.constexpr, SYMMETRIC: tl.constexpr,
+                   EPS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     """lse_i over this key block's allowed columns and the positive's logit (0 if absent).
+    FUSED_NORMS: a and b are computed here (one launch in all) instead of read from the
+    prologue's a_ptr/b_ptr. SYMMETRIC: also adds sum_i exp(logit_ij - 1/tau) of this row
+    block to col_acc[j] (fp64, atomics), from which the host takes the column lse.
     M_BUCKET/N_BUCKET/D_BUCKET only key the autotuner."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    inv_temp = tl.load(inv_temp_ptr)
-    a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
+    inv_temp = _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR)
+    if FUSED_NORMS:
+        a = _inv_norms(q_ptr, stride_q, rows, M, D, NORM_CHUNK, EPS)
+    else:
+        a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
+        if FUSED_NORMS:
+            b = _inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
+        else:
+            b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
         c = _dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D,
                       BLOCK_D, PRECISION, UPCAST) * a[:, None] * b[None, :]
         logit, f, fprime, allowed, is_pos = _logits(
@@ -184,6 +223,14 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logit - shift[:, None]), axis=1)
         run_max = new_max
         pos_logit += tl.sum(tl.where(is_pos, logit, 0.0), axis=1)
+        if SYMMETRIC:
+            # Columns are shifted by their tile maximum in fp32, then brought to the common
+            # shift 1/tau >= every logit in fp64 (exp underflows only below 1/tau - 708).
+            col_max = tl.max(logit, axis=0)
+            col_shift = tl.where(col_max == float("-inf"), 0.0, col_max)
+            col_sum = tl.sum(tl.exp(logit - col_shift[None, :]), axis=0)
+            rescale = tl.exp(col_shift.to(tl.float64) - inv_temp.to(tl.float64))
+            tl.atomic_add(col_acc_ptr + cols, col_sum.to(tl.float64) * rescale, mask=cols < N)
     shift = tl.where(run_max == float("-inf"), 0.0, run_max)
     lse = shift + tl.log(run_sum)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
@@ -202,8 +249,8 @@ def _grouped(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, a_ptr, b_ptr,
-                     pos_ptr, inv_temp_ptr, lse_ptr, w_ptr, scale_ptr,
-                     h_ptr, stride_h, row_sum_ptr, col_sum_ptr, temp_grad_ptr,
+                     pos_ptr, inv_temp_ptr, inv_temp_value, lse_ptr, w_ptr, lse_col_ptr, v_ptr,
+                     scale_ptr, h_ptr, stride_h, row_sum_ptr, col_sum_ptr, temp_grad_ptr,
                      rg_ptr, kg_ptr,
                      tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
                      fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
@@ -213,21 +260,32 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, a_ptr, b_p
                      HAS_GROUPS: tl.constexpr, NEED_TEMP: tl.constexpr, PRECISION: tl.constexpr,
                      T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, SIN_EPS: tl.constexpr,
+                     TEMP_PTR: tl.constexpr, FUSED: tl.constexpr, SYMMETRIC: tl.constexpr,
+                     EPS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr):
-    """One tile of rows [row0, M) x columns: G_ij = w_i (P_ij - delta_ij) f'_ij / tau with
-    P = exp(logit - lse_i); stores H = a_i b_j G / scale at h[i - row0, j]; adds
-    sum_j G c to row_sum[i], sum_i G c to col_sum[j], sum w (P - delta) f to temp_grad.
+    """One tile of rows [row0, M) x columns: G_ij = d_ij f'_ij / tau with
+    d_ij = w_i (P_ij - delta_ij) [+ v_j (Q_ij - delta_ij) if SYMMETRIC], P = exp(logit - lse_i),
+    Q = exp(logit - lse_col_j). Stores H = a_i b_j G / scale at h[i - row0, j] and adds
+    sum_j G c to row_sum[i], sum_i G c to col_sum[j], sum d f to temp_grad (atomics).
+    FUSED (the small-batch path, row0 = 0): a, b computed here (tiles of the first column /
+    row store them), H unscaled in fp32, and the three sums written per tile without atomics
+    into row_sum[pid_n, i], col_sum[pid_m, j], temp_grad[tile] for `grad_gemm_kernel`.
     1-D grid over tiles, GROUP_M row tiles at a time (the CTAs in flight share K tiles in L2)."""
-    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M - row0, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    tile = tl.program_id(0)
+    pid_m, pid_n = _grouped(tile, tl.cdiv(M - row0, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
-    inv_temp = tl.load(inv_temp_ptr)
-    a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
-    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
+    inv_temp = _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR)
+    if FUSED:
+        a = _inv_norms(q_ptr, stride_q, rows, M, D, NORM_CHUNK, EPS)
+        b = _inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
+    else:
+        a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
     c = _dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D,
                   BLOCK_D, PRECISION, UPCAST) * a[:, None] * b[None, :]
     logit, f, fprime, allowed, is_pos = _logits(
@@ -235,21 +293,158 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, a_ptr, b_p
         tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
         threshold, margin, cos_margin, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
         HAS_GROUPS, T_PRECISION, F_PRECISION, BLOCK_T, UPCAST, SIN_EPS)
+    kept = allowed | (logit != logit)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
-    prob = tl.where(allowed | (logit != logit), tl.exp(logit - lse[:, None]), 0.0)
-    d_logit = w[:, None] * (prob - is_pos.to(tl.float32))
+    positive = is_pos.to(tl.float32)
+    d_logit = w[:, None] * (tl.where(kept, tl.exp(logit - lse[:, None]), 0.0) - positive)
+    if SYMMETRIC:
+        lse_col = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0)
+        v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)
+        d_logit += v[None, :] * (tl.where(kept, tl.exp(logit - lse_col[None, :]), 0.0) - positive)
     g = d_logit * fprime * inv_temp
-    inv_scale = 1.0 / tl.load(scale_ptr)
-    h = g * (a * inv_scale)[:, None] * b[None, :]
-    h_rows = (rows - row0).to(tl.int64)
-    tl.store(h_ptr + h_rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
     gc = g * c
-    tl.atomic_add(row_sum_ptr + rows, tl.sum(gc, axis=1), mask=row_ok)
-    tl.atomic_add(col_sum_ptr + cols, tl.sum(gc, axis=0), mask=col_ok)
-    if NEED_TEMP:
-        tl.atomic_add(temp_grad_ptr, tl.sum(tl.sum(d_logit * f, axis=1), axis=0))
+    h_rows = (rows - row0).to(tl.int64)
+    h_at = h_ptr + h_rows[:, None] * stride_h + cols[None, :]
+    if FUSED:
+        tl.store(h_at, g * a[:, None] * b[None, :], mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(row_sum_ptr + pid_n * M + rows, tl.sum(gc, axis=1), mask=row_ok)
+        tl.store(col_sum_ptr + pid_m * N + cols, tl.sum(gc, axis=0), mask=col_ok)
+        if NEED_TEMP:
+            tl.store(temp_grad_ptr + tile, tl.sum(tl.sum(d_logit * f, axis=1), axis=0))
+        if pid_n == 0:
+            tl.store(a_ptr + rows, a, mask=row_ok)
+        if pid_m == 0:
+            tl.store(b_ptr + cols, b, mask=col_ok)
+    else:
+        h = g * (a / tl.load(scale_ptr))[:, None] * b[None, :]
+        tl.store(h_at, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.atomic_add(row_sum_ptr + rows, tl.sum(gc, axis=1), mask=row_ok)
+        tl.atomic_add(col_sum_ptr + cols, tl.sum(gc, axis=0), mask=col_ok)
+        if NEED_TEMP:
+            tl.atomic_add(temp_grad_ptr, tl.sum(tl.sum(d_logit * f, axis=1), axis=0))
+
+
+@triton.jit
+def _regular_max(x_ptr, n, BLOCK: tl.constexpr, EPS: tl.constexpr):
+    """max of the inverse norms x[:n] below 1/EPS (rows of norm <= EPS left out), >= 0."""
+    best = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        best = tl.maximum(best, tl.where(x < 1.0 / EPS, x, 0.0))
+    return tl.max(best, axis=0)
+
+
+@triton.jit
+def _abs_max(x_ptr, n, BLOCK: tl.constexpr):
+    best = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        best = tl.maximum(best, tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0)))
+    return tl.max(best, axis=0)
+
+
+@triton.jit
+def _fp16_scale(w_ptr, v_ptr, a_ptr, b_ptr, M, N, inv_temp, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr,
+                EPS: tl.constexpr):
+    """g = (max|w| [+ max|v|]) max(a) max(b) / tau (as ops._scratch_scale): |H / g| <= |f'|."""
+    weight = _abs_max(w_ptr, M, BLOCK)
+    if SYMMETRIC:
+        weight += _abs_max(v_ptr, N, BLOCK)
+    g = weight * _regular_max(a_ptr, M, BLOCK, EPS) * _regular_max(b_ptr, N, BLOCK, EPS)
+    return tl.maximum(g * tl.abs(inv_temp), 1e-30)
+
+
+@triton.jit
+def _sum_parts(part_ptr, idx, n, parts):
+    """sum over p < parts of part[p, idx] (rows of length n)."""
+    total = tl.zeros(idx.shape, dtype=tl.float32)
+    for p in range(0, parts):
+        total += tl.load(part_ptr + p * n + idx, mask=idx < n, other=0.0)
+    return total
+
+
+@triton.jit
+def _finish_tile(out_ptr, stride_out, x_ptr, stride_x, idx, offs, n, D, acc, scale, inv_norm, r,
+                 EPS: tl.constexpr):
+    """out = scale * acc - [||x|| > EPS] inv_norm^2 r x on rows idx, columns offs of d."""
+    mask = (idx < n)[:, None] & (offs < D)[None, :]
+    r64 = idx.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r64 * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    coef = tl.where(inv_norm < 1.0 / EPS, inv_norm * inv_norm * r, 0.0)
+    out = scale * acc - coef[:, None] * x
+    tl.store(out_ptr + r64 * stride_out + offs[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_ptr, v_ptr,
+                     inv_temp_ptr, inv_temp_value, h_ptr, stride_h,
+                     row_part_ptr, col_part_ptr, temp_part_ptr, temp_grad_ptr,
+                     row_parts, col_parts, temp_parts,
+                     dq_ptr, dk_ptr, stride_dq, stride_dk,
+                     NEED_TEMP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     TEMP_PTR: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE16: tl.constexpr,
+                     EPS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The small-batch backward's second and last launch, after `grad_tile_kernel` (FUSED):
+    the first cdiv(M, BLOCK_M) * cdiv(D, BLOCK_D) programs form dQ tiles = H K, the others dK
+    tiles = H^T Q, each with the normalisation Jacobian's radial term from the summed
+    partials; program 0 also sums the 1/tau gradient. H (M, N) is fp32; it enters the MMA in
+    the inputs' dtype (divided by g for fp16, as in the chunked path)."""
+    pid = tl.program_id(0)
+    d_tiles = tl.cdiv(D, BLOCK_D)
+    q_tiles = tl.cdiv(M, BLOCK_M) * d_tiles
+    g = 1.0
+    if SCALE16:
+        g = _fp16_scale(w_ptr, v_ptr, a_ptr, b_ptr, M, N, _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR),
+                        SYMMETRIC, 1024, EPS)
+    inv_g = _reciprocal(g)
+    dtype = q_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    inner = tl.arange(0, BLOCK_K)
+    if pid < q_tiles:
+        idx = (pid // d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs = (pid % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+        for n0 in range(0, N, BLOCK_K):
+            ks = n0 + inner
+            h = tl.load(h_ptr + idx.to(tl.int64)[:, None] * stride_h + ks[None, :],
+                        mask=(idx < M)[:, None] & (ks < N)[None, :], other=0.0)
+            y = tl.load(k_ptr + ks.to(tl.int64)[:, None] * stride_k + offs[None, :],
+                        mask=(ks < N)[:, None] & (offs < D)[None, :], other=0.0)
+            h = (h * inv_g).to(dtype)
+            if UPCAST:
+                h = h.to(tl.float32)
+                y = y.to(tl.float32)
+            acc = tl.dot(h, y, acc, input_precision=PRECISION)
+        r = _sum_parts(row_part_ptr, idx, M, row_parts)
+        inv_norm = tl.load(a_ptr + idx, mask=idx < M, other=0.0)
+        _finish_tile(dq_ptr, stride_dq, q_ptr, stride_q, idx, offs, M, D, acc, g, inv_norm, r, EPS)
+        if NEED_TEMP:
+            if pid == 0:
+                total = tl.zeros((1024,), dtype=tl.float32)
+                for t0 in range(0, temp_parts, 1024):
+                    t = t0 + tl.arange(0, 1024)
+                    total += tl.load(temp_part_ptr + t, mask=t < temp_parts, other=0.0)
+                tl.store(temp_grad_ptr, tl.sum(total, axis=0))
+    else:
+        pid = pid - q_tiles
+        idx = (pid // d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs = (pid % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+        for m0 in range(0, M, BLOCK_K):
+            ms = m0 + inner
+            h = tl.load(h_ptr + ms.to(tl.int64)[:, None] * stride_h + idx[None, :],
+                        mask=(ms < M)[:, None] & (idx < N)[None, :], other=0.0)
+            x = tl.load(q_ptr + ms.to(tl.int64)[:, None] * stride_q + offs[None, :],
+                        mask=(ms < M)[:, None] & (offs < D)[None, :], other=0.0)
+            h = tl.trans((h * inv_g).to(dtype))
+            if UPCAST:
+                h = h.to(tl.float32)
+                x = x.to(tl.float32)
+            acc = tl.dot(h, x, acc, input_precision=PRECISION)
+        r = _sum_parts(col_part_ptr, idx, N, col_parts)
+        inv_norm = tl.load(b_ptr + idx, mask=idx < N, other=0.0)
+        _finish_tile(dk_ptr, stride_dk, k_ptr, stride_k, idx, offs, N, D, acc, g, inv_norm, r, EPS)
 
 
 @triton.jit
@@ -261,12 +456,9 @@ def finish_kernel(prod_ptr, x_ptr, out_ptr, inv_norm_ptr, row_sum_ptr, scale_ptr
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < M
-    mask = row_ok[:, None] & (offs < D)[None, :]
     a = tl.load(inv_norm_ptr + rows, mask=row_ok, other=0.0)
     r = tl.load(row_sum_ptr + rows, mask=row_ok, other=0.0)
-    coef = tl.where(a < 1.0 / EPS, a * a * r, 0.0)
-    r64 = rows.to(tl.int64)[:, None]
-    prod = tl.load(prod_ptr + r64 * stride_prod + offs[None, :], mask=mask, other=0.0)
-    x = tl.load(x_ptr + r64 * stride_x + offs[None, :], mask=mask, other=0.0)
-    out = tl.load(scale_ptr) * prod.to(tl.float32) - coef[:, None] * x.to(tl.float32)
-    tl.store(out_ptr + r64 * stride_out + offs[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    prod = tl.load(prod_ptr + rows.to(tl.int64)[:, None] * stride_prod + offs[None, :],
+                   mask=row_ok[:, None] & (offs < D)[None, :], other=0.0)
+    _finish_tile(out_ptr, stride_out, x_ptr, stride_x, rows, offs, M, D, prod.to(tl.float32),
+                 tl.load(scale_ptr), a, r, EPS)

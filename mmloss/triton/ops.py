@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,6 +26,11 @@ from mmloss.triton import configs, kernels
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_SCRATCH_BYTES = 1 << 30
+# Batches with M and N up to this take the small-batch path (`small_batch`).
+SMALL_MAX = 2048
+# The one-pass symmetric forward shifts column sums by 1/tau in fp64 (exp underflows below
+# -708): for 1/tau above this (tau < 0.0028) a float tau takes two one-direction passes.
+SYMMETRIC_MAX_INV_TEMP = 350.0
 
 
 def scratch_bytes() -> int:
@@ -56,18 +62,23 @@ def _capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
-KERNELS = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel}
-_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS"]
+KERNELS = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel,
+           "grad_gemm": kernels.grad_gemm_kernel}
+_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS",
+             "SYMMETRIC"]
 TUNE_KEY = {"forward": _TUNE_KEY, "grad_tile": _TUNE_KEY + ["NEED_TEMP"]}
 
 
-def call_class(query: torch.Tensor, problem: LossProblem) -> str:
-    """Which config class (configs.py) a call uses: by embedding and teacher dtypes."""
+def call_class(query: torch.Tensor, problem: LossProblem, symmetric: bool = False) -> str:
+    """Which config class (configs.py) a call uses: by embedding and teacher dtypes, features
+    and direction count."""
     if query.dtype == torch.float32:
         return "fp32"
     teachers = (problem.margin_query if problem.margin > 0 else None, problem.filter_query)
     if any(t is not None and t.dtype in (torch.float32, torch.float64) for t in teachers):
         return "teacher32"
+    if symmetric:
+        return "sym16"
     return "feat16" if problem.margin > 0 or problem.filter_query is not None else "plain16"
 
 
@@ -75,7 +86,7 @@ def call_class(query: torch.Tensor, problem: LossProblem) -> str:
 def _tuned(kind: str, cls: str, capability: int, autotune: bool):
     """The autotuned kernel of `kind` for a call class and arch (tuned once per key);
     with autotune=False the class's first (default) config only."""
-    reset = ["row_sum_ptr", "col_sum_ptr", "temp_grad_ptr"] if kind == "grad_tile" else None
+    reset = {"grad_tile": ["row_sum_ptr", "col_sum_ptr", "temp_grad_ptr"], "forward": ["col_acc_ptr"]}[kind]
     candidates = configs.configs(kind, cls, capability)
     return triton.autotune(configs=candidates if autotune else candidates[:1], key=TUNE_KEY[kind],
                            reset_to_zero=reset)(KERNELS[kind])
@@ -91,11 +102,30 @@ def _launch(kind: str, cls: str, device: torch.device, grid_fn, args: tuple, fla
         _tuned(kind, cls, _capability(device), autotune)[grid_fn](*args, **flags)
 
 
-def _inv_temp_tensor(inv_temp, device: torch.device) -> torch.Tensor:
-    """1/tau as a 1-element fp32 device tensor (no host sync, graph-capturable)."""
+def _small_meta(kind: str, cls: str, device: torch.device) -> Dict[str, object]:
+    """Launch settings of the small-batch path: its fixed config (the interpreter's on CPU)."""
+    if configs.interpreted():
+        meta = configs.interpreter_meta()
+        if kind == "grad_gemm":
+            return {"BLOCK_M": meta["BLOCK_M"], "BLOCK_D": meta["BLOCK_D"], "BLOCK_K": meta["BLOCK_N"]}
+        return meta
+    cfg = configs.small_config(kind, cls, _capability(device))
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def small_batch(M: int, N: int) -> bool:
+    """Whether a call takes the small-batch path: one forward launch, two backward launches,
+    an fp32 M x N scratch (at most 16 MiB)."""
+    return max(M, N) <= SMALL_MAX
+
+
+def _temperature_args(inv_temp, device: torch.device) -> Tuple[torch.Tensor, float, Dict[str, bool]]:
+    """(pointer, value, flag) of 1/tau: a tensor stays on the device (no host sync,
+    graph-capturable), a float is passed by value (no fill launch)."""
     if isinstance(inv_temp, torch.Tensor):
-        return inv_temp.detach().to(device=device, dtype=torch.float32).reshape(1)
-    return torch.full((1,), float(inv_temp), dtype=torch.float32, device=device)
+        return inv_temp.detach().to(device=device, dtype=torch.float32).reshape(1), 0.0, {"TEMP_PTR": True}
+    as_fp32 = struct.unpack("f", struct.pack("f", float(inv_temp)))[0]  # what the kernel sees
+    return _one(device), as_fp32, {"TEMP_PTR": False}
 
 
 def _feature_args(query: torch.Tensor, problem: LossProblem) -> Tuple[tuple, Dict[str, object]]:
@@ -130,19 +160,59 @@ def _feature_args(query: torch.Tensor, problem: LossProblem) -> Tuple[tuple, Dic
 def forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem
             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """lse (M,) fp32 over this key block's allowed columns and the positive's logit (M,)
-    fp32 (0 when the positive is not in this block). Two launches: norms, then the loss."""
+    fp32 (0 when the positive is not in this block). One launch for small batches (norms
+    fused), else two (norms, loss)."""
+    lse, pos_logit, _ = _forward(query, key, inv_temp, problem, symmetric=False)
+    return lse, pos_logit
+
+
+def forward_symmetric(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both directions of a symmetric loss (M == N, diagonal positives) in one pass over the
+    tiles: row lse (M,), column lse (N,) and the diagonal logit (M,), fp32."""
+    if not _one_pass_symmetric(inv_temp):
+        lse, pos_logit = forward(query, key, inv_temp, problem)
+        lse_col, _ = forward(key, query, inv_temp, problem.transposed())
+        return lse, lse_col, pos_logit
+    lse, pos_logit, lse_col = _forward(query, key, inv_temp, problem, symmetric=True)
+    return lse, lse_col, pos_logit
+
+
+def _one_pass_symmetric(inv_temp) -> bool:
+    """The one-pass column sums hold for 1/tau <= SYMMETRIC_MAX_INV_TEMP; a tensor tau is
+    not read back (no host sync) and always takes the one pass (docs/triton.md)."""
+    return isinstance(inv_temp, torch.Tensor) or abs(float(inv_temp)) <= SYMMETRIC_MAX_INV_TEMP
+
+
+def _forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem, symmetric: bool):
+    """(lse, pos_logit, column lse or None): the forward kernel, plus the norm prologue
+    unless the batch is small, plus for `symmetric` a zero-fill and the column lse's log."""
     query, key = _rows(query), _rows(key)
     (M, D), N = query.shape, key.shape[0]
-    lse = torch.empty(M, dtype=torch.float32, device=query.device)
+    dev = query.device
+    lse = torch.empty(M, dtype=torch.float32, device=dev)
     pos_logit = torch.empty_like(lse)
+    col_acc = torch.zeros(N, dtype=torch.float64, device=dev) if symmetric else lse
     feat, flags = _feature_args(query, problem)
-    a, b = _inv_norms(query, key)
+    temp_ptr, temp_value, temp_flag = _temperature_args(inv_temp, dev)
+    small = small_batch(M, N)
+    a, b = (lse, lse) if small else _inv_norms(query, key)
+    flags = dict(flags, **temp_flag, FUSED_NORMS=small, SYMMETRIC=symmetric, EPS=NORM_EPS)
     args = (query, key, query.stride(0), key.stride(0), M, N, D, a, b,
-            problem.positives, _inv_temp_tensor(inv_temp, query.device), lse, pos_logit,
+            problem.positives, temp_ptr, temp_value, lse, pos_logit, col_acc,
             *feat, configs.bucket(M), configs.bucket(N), configs.bucket(D))
-    _launch("forward", call_class(query, problem), query.device,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, flags)
-    return lse, pos_logit
+    cls = call_class(query, problem, symmetric)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    if small:
+        meta = _small_meta("forward", cls, dev)
+        kernels.forward_kernel[grid(meta)](*args, **flags, **meta)
+    else:
+        _launch("forward", cls, dev, grid, args, flags)
+    lse_col = None
+    if symmetric:  # the kernel shifted every column by its fp32 1/tau
+        shift = temp_ptr.double() if temp_flag["TEMP_PTR"] else temp_value
+        lse_col = (torch.log(col_acc) + shift).float()
+    return lse, pos_logit, lse_col
 
 
 def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -174,14 +244,15 @@ def _one(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
-def _scratch_scale(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+def _scratch_scale(weight_max: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_temp) -> torch.Tensor:
     """fp16 only: g = max|w| max(a) max(b) / tau (1-element device tensor), so that
     |H| = |G| a b / g <= |f'| fits fp16 whatever the weights, tau and norms. Rows of norm <= eps (a = 1/eps)
     are left out of the maxima: in fp16 their own H entries overflow (as the reference's
     fp16 gradient of such rows does), but they do not flush everyone else's to zero."""
     def regular_max(inv_norm):
         return torch.where(inv_norm < 1.0 / NORM_EPS, inv_norm, torch.zeros_like(inv_norm)).amax()
-    return (weight.abs().amax() * regular_max(a) * regular_max(b) * inv_t.abs()).clamp_min(1e-30).reshape(1)
+    inv_t = inv_temp.abs() if isinstance(inv_temp, torch.Tensor) else abs(inv_temp)
+    return (weight_max * regular_max(a) * regular_max(b) * inv_t).clamp_min(1e-30).reshape(1)
 
 
 def row_chunk(M: int, N: int, element_size: int) -> int:
@@ -195,19 +266,93 @@ def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProb
              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of sum_i w_i loss_i over this block's columns, with P from the given lse:
     d_query (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim (or None)."""
+    return _backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad, None, None)
+
+
+def backward_symmetric(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem,
+                       lse: torch.Tensor, lse_col: torch.Tensor, row_weight: torch.Tensor,
+                       col_weight: torch.Tensor, need_temp_grad: bool
+                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of sum_i w_i row_loss_i + sum_j v_j col_loss_j in one pass over the tiles:
+    each tile's G carries both directions' softmax terms."""
+    if not _one_pass_symmetric(inv_temp):
+        d_query, d_key, d_temp = backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad)
+        d_key_t, d_query_t, d_temp_t = backward(key, query, inv_temp, problem.transposed(), lse_col,
+                                                col_weight, need_temp_grad)
+        return d_query + d_query_t, d_key + d_key_t, d_temp + d_temp_t if need_temp_grad else None
+    return _backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad, lse_col, col_weight)
+
+
+def _backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool,
+              lse_col: Optional[torch.Tensor], col_weight: Optional[torch.Tensor]):
     query, key = _rows(query), _rows(key)
+    symmetric = lse_col is not None
+    dev = query.device
+    weight = row_weight.to(torch.float32).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    if symmetric:
+        lse_col = lse_col.to(torch.float32).contiguous()
+        col_weight = col_weight.to(torch.float32).contiguous()
+    feat, flags = _feature_args(query, problem)
+    temp_ptr, temp_value, temp_flag = _temperature_args(inv_temp, dev)
+    flags = dict(flags, **temp_flag, NEED_TEMP=bool(need_temp_grad), SYMMETRIC=symmetric, EPS=NORM_EPS)
+    temp = (temp_ptr, temp_value)
+    cols = (lse_col, col_weight) if symmetric else (lse, weight)  # dummies unless symmetric
+    run = _backward_small if small_batch(query.shape[0], key.shape[0]) else _backward_chunked
+    d_query, d_key, temp_grad = run(query, key, problem, temp, lse, weight, cols, feat, flags)
+    d_inv_temp = None
+    if need_temp_grad:
+        t_dtype = inv_temp.dtype if isinstance(inv_temp, torch.Tensor) else torch.float32
+        d_inv_temp = temp_grad.reshape(()).to(t_dtype)
+    return d_query, d_key, d_inv_temp
+
+
+def _backward_small(query, key, problem: LossProblem, temp, lse, weight, cols, feat, flags):
+    """Two launches: `grad_tile_kernel` (FUSED: norms in the kernel, H in an fp32 M x N
+    scratch, per-tile partial sums, no atomics, no fills), then `grad_gemm_kernel`."""
+    (M, D), N = query.shape, key.shape[0]
+    dev = query.device
+    cls = call_class(query, problem, flags["SYMMETRIC"])
+    tile = _small_meta("grad_tile", cls, dev)
+    tiles_m, tiles_n = triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"])
+    a = torch.empty(M, dtype=torch.float32, device=dev)
+    b = torch.empty(N, dtype=torch.float32, device=dev)
+    parts = torch.empty(tiles_n * M + tiles_m * N + tiles_m * tiles_n + 1, dtype=torch.float32, device=dev)
+    row_part, col_part = parts[: tiles_n * M], parts[tiles_n * M: tiles_n * M + tiles_m * N]
+    temp_part, temp_grad = parts[tiles_n * M + tiles_m * N: -1], parts[-1:]
+    h = torch.empty(M, N, dtype=torch.float32, device=dev)
+    kernels.grad_tile_kernel[(tiles_m * tiles_n,)](
+        query, key, query.stride(0), key.stride(0), M, N, query.shape[1], 0, a, b,
+        problem.positives, *temp, lse, weight, *cols, _one(dev), h, h.stride(0),
+        row_part, col_part, temp_part, *feat, configs.bucket(M), configs.bucket(N), configs.bucket(D),
+        **flags, FUSED=True, GROUP_M=configs.GROUP_M, **tile)
+    d_query, d_key = torch.empty_like(query), torch.empty_like(key)
+    gemm = _small_meta("grad_gemm", cls, dev)
+    d_tiles = triton.cdiv(D, gemm["BLOCK_D"])
+    grid = ((triton.cdiv(M, gemm["BLOCK_M"]) + triton.cdiv(N, gemm["BLOCK_M"])) * d_tiles,)
+    kernels.grad_gemm_kernel[grid](
+        query, key, query.stride(0), key.stride(0), M, N, D, a, b, weight, cols[1], *temp, h, h.stride(0),
+        row_part, col_part, temp_part, temp_grad, tiles_n, tiles_m, tiles_m * tiles_n,
+        d_query, d_key, d_query.stride(0), d_key.stride(0),
+        NEED_TEMP=flags["NEED_TEMP"], PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"],
+        TEMP_PTR=flags["TEMP_PTR"], SYMMETRIC=flags["SYMMETRIC"], SCALE16=query.dtype == torch.float16,
+        EPS=NORM_EPS, **gemm)
+    return d_query, d_key, temp_grad
+
+
+def _backward_chunked(query, key, problem: LossProblem, temp, lse, weight, cols, feat, flags):
+    """Per row chunk of R rows: the tile kernel fills an R x N scratch H, two cuBLAS GEMMs,
+    the finish kernels (the module docstring)."""
     (M, D), N = query.shape, key.shape[0]
     dev = query.device
     h_dtype = query.dtype
     a, b = _inv_norms(query, key)
-    weight = row_weight.to(torch.float32).contiguous()
-    inv_t = _inv_temp_tensor(inv_temp, dev)
-    scale = _scratch_scale(weight, a, b, inv_t) if query.dtype == torch.float16 else _one(dev)
+    scale = _one(dev)
+    if query.dtype == torch.float16:
+        weight_max = weight.abs().amax() + (cols[1].abs().amax() if flags["SYMMETRIC"] else 0.0)
+        scale = _scratch_scale(weight_max, a, b, temp[0] if flags["TEMP_PTR"] else temp[1])
     sums = torch.zeros(M + N + 1, dtype=torch.float32, device=dev)  # one launch for all three
     row_sum, col_sum, temp_grad = sums[:M], sums[M:M + N], sums[M + N:]
-    feat, flags = _feature_args(query, problem)
-    flags = dict(flags, NEED_TEMP=bool(need_temp_grad))
-    lse = lse.to(torch.float32).contiguous()
 
     R = row_chunk(M, N, torch.finfo(h_dtype).bits // 8)
     # The autotune key uses R, the same for every chunk: tuning (whose reset_to_zero clears
@@ -220,12 +365,12 @@ def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProb
         r1 = min(M, r0 + R)
         h = scratch[: r1 - r0]
         args = (query, key, query.stride(0), key.stride(0), r1, N, D, r0, a, b,
-                problem.positives, inv_t, lse, weight, scale,
+                problem.positives, *temp, lse, weight, *cols, scale,
                 h, h.stride(0), row_sum, col_sum, temp_grad, *feat,
                 configs.bucket(R), configs.bucket(N), configs.bucket(D))
-        _launch("grad_tile", call_class(query, problem), dev,
+        _launch("grad_tile", call_class(query, problem, flags["SYMMETRIC"]), dev,
                 lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-                args, dict(flags, GROUP_M=configs.GROUP_M))
+                args, dict(flags, FUSED=False, GROUP_M=configs.GROUP_M))
         q_rows = query[r0:r1]
         prod = torch.mm(h, key)
         _finish(prod, q_rows, d_query[r0:r1], a[r0:r1], row_sum[r0:r1], scale)
@@ -234,8 +379,4 @@ def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProb
             key_acc.add_(key_prod)
     d_key = torch.empty_like(key)
     _finish(key_prod if key_acc is None else key_acc, key, d_key, b, col_sum, scale)
-    d_inv_temp = None
-    if need_temp_grad:
-        t_dtype = inv_temp.dtype if isinstance(inv_temp, torch.Tensor) else torch.float32
-        d_inv_temp = temp_grad.reshape(()).to(t_dtype)
-    return d_query, d_key, d_inv_temp
+    return d_query, d_key, temp_grad
