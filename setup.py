@@ -1,6 +1,7 @@
 """Thin setuptools shim: builds mmloss._C by configuring CMakeLists.txt with Ninja.
 
-Environment: MAX_JOBS (parallel compile jobs), MMLOSS_CUDA_ARCHS (default "80;90"),
+Environment: MAX_JOBS (parallel compile jobs), NVCC_THREADS (nvcc --threads: architectures
+compiled in parallel per .cu, default 1), MMLOSS_CUDA_ARCHS (default "80;90"),
 MMLOSS_WITH_CUDA=0/1 (default: 1 when torch is a CUDA build and nvcc is found),
 MMLOSS_CPU_NATIVE=0/1 (default 1: -march=native for the CPU kernels; 0 for a portable build),
 CMAKE_BUILD_TYPE (default Release).
@@ -46,6 +47,7 @@ class CMakeBuild(build_ext):
             f"-DMMLOSS_OUTPUT_DIR={out_dir}",
             f"-DMMLOSS_CUDA_ARCHS={os.environ.get('MMLOSS_CUDA_ARCHS', '80;90')}",
             f"-DMMLOSS_WITH_CUDA={'ON' if _with_cuda(torch) else 'OFF'}",
+            f"-DMMLOSS_NVCC_THREADS={os.environ.get('NVCC_THREADS', '1')}",
             f"-DMMLOSS_CPU_NATIVE={'OFF' if os.environ.get('MMLOSS_CPU_NATIVE') == '0' else 'ON'}",
         ]
         build = ["cmake", "--build", str(build_dir), "--target", "_C"]
@@ -60,6 +62,7 @@ setup(
     version=_version(),
     description="Fused, memory-lean contrastive losses (MCSE, MCSEO, KDMCSE) for multimodal sentence embeddings",
     packages=find_packages(include=["mmloss", "mmloss.*"]),
+    package_data={"mmloss": ["auto_table.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton>=3.6"]},

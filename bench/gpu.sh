@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# On a GPU machine: install mmloss, run the GPU tests, run the benchmark, all in < 10 minutes.
+# On a GPU machine: install mmloss (CUDA kernels included when torch is a CUDA build and nvcc
+# is found), run the Triton and CUDA GPU tests, run the benchmark (triton and cuda side by
+# side), all in < 10 minutes.
 #   bash bench/gpu.sh [OUT_DIR]        (default: $OUT, else bench/out)
-# Writes OUT_DIR/{info.txt,gpu_tests.txt,bench.csv,bench.png,summary.txt,static_model.txt,
-# RESULTS_GPU.md} and prints the short table last. An Inf-CL wheel, if carried, is taken
+# Writes OUT_DIR/{info.txt,gpu_tests.txt,cuda_tests.txt,bench.csv,bench.png,summary.txt,
+# static_model.txt,auto_table.json,RESULTS_GPU.md} and prints the short table last.
+# auto_table.json records whether the CUDA suite passed and where cuda beat triton: commit it
+# as mmloss/auto_table.json (backend="auto" reads only the committed file). An Inf-CL wheel, if carried, is taken
 # from $INFCL_WHEEL or bench/wheels/inf_cl-*.whl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +17,8 @@ TOTAL_S=${GPU_SH_TOTAL_S:-570}
 elapsed() { echo $(( $(date +%s) - START )); }
 
 echo "== install ($(date -u +%H:%M:%S))"
-pip install --no-build-isolation . > "$OUT_DIR/install.txt" 2>&1 || { tail -20 "$OUT_DIR/install.txt"; exit 1; }
+MAX_JOBS=${MAX_JOBS:-8} NVCC_THREADS=${NVCC_THREADS:-2} MMLOSS_CUDA_ARCHS=${MMLOSS_CUDA_ARCHS:-90} \
+    pip install --no-build-isolation . > "$OUT_DIR/install.txt" 2>&1 || { tail -20 "$OUT_DIR/install.txt"; exit 1; }
 WHEEL=${INFCL_WHEEL:-$(ls bench/wheels/inf_cl-*.whl 2>/dev/null | head -1)}
 if [ -n "$WHEEL" ]; then pip install --no-deps "$WHEEL" >> "$OUT_DIR/install.txt" 2>&1 || echo "Inf-CL wheel failed to install"; fi
 python -m mmloss.info | tee "$OUT_DIR/info.txt"
@@ -26,17 +31,28 @@ MMLOSS_TRITON_AUTOTUNE=0 timeout $(( TOTAL_S * 2 / 5 )) python -m pytest tests/t
     -p no:cacheprovider > "$OUT_DIR/gpu_tests.txt" 2>&1
 TESTS_RC=$?
 tail -3 "$OUT_DIR/gpu_tests.txt"
+timeout $(( TOTAL_S / 5 )) python -m pytest tests/test_cuda_gpu.py -q -x -p no:cacheprovider \
+    > "$OUT_DIR/cuda_tests.txt" 2>&1
+CUDA_RC=$?
+tail -3 "$OUT_DIR/cuda_tests.txt"
+# "passed" only when the suite ran and passed (not when it was skipped: no CUDA kernels).
+if [ $CUDA_RC -eq 0 ] && grep -q " passed" "$OUT_DIR/cuda_tests.txt" && ! grep -q "skipped" "$OUT_DIR/cuda_tests.txt"; then
+  CUDA_TESTS=passed
+else
+  CUDA_TESTS="failed (exit $CUDA_RC)"
+fi
 
 echo "== static model"
 python bench/static_model.py --csv "$OUT_DIR/static_model.csv" > "$OUT_DIR/static_model.txt"
 
 BUDGET=$(( TOTAL_S - $(elapsed) - 60 ))
 echo "== benchmark, budget ${BUDGET} s ($(elapsed) s)"
-python bench/gpu_bench.py --out "$OUT_DIR" --budget-s "$BUDGET" > "$OUT_DIR/bench_log.txt" 2>&1
+python bench/gpu_bench.py --out "$OUT_DIR" --budget-s "$BUDGET" --cuda-tests "$CUDA_TESTS" \
+    > "$OUT_DIR/bench_log.txt" 2>&1
 BENCH_RC=$?
 
 {
-  echo "# mmloss Triton backend: GPU results"
+  echo "# mmloss Triton and CUDA backends: GPU results"
   echo
   echo "$(head -1 "$OUT_DIR/summary.txt" 2>/dev/null)"
   echo
@@ -45,6 +61,8 @@ BENCH_RC=$?
   echo '```'
   echo
   echo "GPU tests (exit $TESTS_RC): $(tail -1 "$OUT_DIR/gpu_tests.txt")"
+  echo
+  echo "CUDA backend tests ($CUDA_TESTS): $(tail -1 "$OUT_DIR/cuda_tests.txt")"
   echo
   echo "## Forward + backward, bf16 (benchmark exit $BENCH_RC; full rows in bench.csv, plot bench.png)"
   echo
@@ -59,5 +77,5 @@ BENCH_RC=$?
   echo '```'
 } > "$OUT_DIR/RESULTS_GPU.md"
 
-echo "== done in $(elapsed) s; tests exit $TESTS_RC, bench exit $BENCH_RC"
+echo "== done in $(elapsed) s; tests exit $TESTS_RC, cuda tests $CUDA_TESTS, bench exit $BENCH_RC"
 cat "$OUT_DIR/summary.txt" 2>/dev/null || tail -20 "$OUT_DIR/bench_log.txt"

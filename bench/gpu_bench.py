@@ -1,11 +1,14 @@
-"""Forward + backward time and peak memory of mmloss (Triton) against eager PyTorch (fp32,
-bf16), torch.compile of eager, Inf-CL (if importable) and the bf16 3-GEMM floor, all in one
-run, with the static model's prediction beside each mmloss row.
+"""Forward + backward time and peak memory of mmloss (Triton, and the CUDA C++ backend when
+compiled in) against eager PyTorch (fp32, bf16), torch.compile of eager, Inf-CL (if
+importable) and the bf16 3-GEMM floor, all in one run, with the static model's prediction
+beside each Triton row.
 
     python bench/gpu_bench.py --out DIR [--budget-s 420] [--sizes ...] [--d 256 768]
     python bench/gpu_bench.py --dry-run --out DIR      # CPU smoke test (Triton interpreter)
 
-Writes DIR/bench.csv, DIR/bench.png (if matplotlib is installed) and DIR/summary.txt, and
+Writes DIR/bench.csv, DIR/bench.png (if matplotlib is installed), DIR/summary.txt and
+DIR/auto_table.json (where cuda beat triton, for mmloss/auto_table.json: `--cuda-tests` says
+whether this run's CUDA suite passed; without "passed" the table lists no cuda range), and
 prints the table. Timing: CUDA events, median of the timed steps after a warm-up step (which
 also autotunes); memory: peak allocated during one step minus what was allocated before.
 Measurements stop when the time budget is spent (the rest is marked "skipped: budget").
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import statistics
@@ -40,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="N values for torch.compile of eager (each compiles once, ~30 s)")
     ap.add_argument("--compile-d", type=int, default=768, help="the d of the torch.compile rows")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per measurement (fewer when slow)")
+    ap.add_argument("--cuda-tests", default="not run", help="outcome of this run's CUDA suite (gpu.sh: passed/failed)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes: checks the harness")
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -104,8 +109,8 @@ def make_inputs(torch, n: int, d: int, dtype, device, seed: int = 0):
     return q, k
 
 
-def mmloss_step(torch, mmloss, q, k, features: str, dt: int):
-    """fwd+bwd of contrastive_loss(backend='triton') with one feature set."""
+def mmloss_step(torch, mmloss, q, k, features: str, dt: int, backend: str = "triton"):
+    """fwd+bwd of contrastive_loss(backend=backend) with one feature set."""
     n, dev = q.shape[0], q.device
     g = torch.Generator(device="cpu").manual_seed(1)
     kw: Dict[str, object] = {}
@@ -122,7 +127,7 @@ def mmloss_step(torch, mmloss, q, k, features: str, dt: int):
 
     def step():
         q.grad = k.grad = None
-        mmloss.contrastive_loss(q, k, temperature=0.05, backend="triton", **kw).backward()
+        mmloss.contrastive_loss(q, k, temperature=0.05, backend=backend, **kw).backward()
     return step
 
 
@@ -172,19 +177,30 @@ def static_prediction(n: int, d: int, features: str, dt: int) -> float:
     import static_model
     feats = "adaptive+filter" if features == "adaptive+filter" else ("margin" if features == "margin" else "plain")
     row = static_model.rows([n], [d], 2, dt if features == "adaptive+filter" else 0, feats,
-                            int(os.environ.get("MMLOSS_TRITON_SCRATCH_MB", "1024")) << 20)[0]
-    return row["total_ms"] * (2 if features == "symmetric" else 1)
+                            int(os.environ.get("MMLOSS_TRITON_SCRATCH_MB", "1024")) << 20,
+                            symmetric=features == "symmetric")[0]
+    return row["total_ms"]
+
+
+def cuda_available(args) -> bool:
+    """Whether mmloss._C has CUDA kernels here (never in a dry run)."""
+    if args.dry_run:
+        return False
+    import torch
+    from mmloss.backends import unavailable_reason
+    return unavailable_reason("cuda", torch.device("cuda")) is None
 
 
 def plan(args) -> List[Dict[str, object]]:
     """Every (method, features, dtype, N, d) to measure, cheapest first."""
     items = []
+    methods = ["mmloss_triton"] + (["mmloss_cuda"] if cuda_available(args) else [])
     for n in sorted(args.sizes):
         for d in args.d:
             items.append(dict(method="floor", features="plain", dtype="bf16", N=n, d=d))
             for feat in FEATURE_SETS:
                 if feat == "plain" or n <= args.features_max_n:
-                    items.append(dict(method="mmloss_triton", features=feat, dtype="bf16", N=n, d=d))
+                    items += [dict(method=m, features=feat, dtype="bf16", N=n, d=d) for m in methods]
             if n <= args.eager_max_n:
                 items += [dict(method="eager", features="plain", dtype=t, N=n, d=d) for t in ("fp32", "bf16")]
                 items.append(dict(method="infcl", features="plain", dtype="fp32", N=n, d=d))
@@ -198,7 +214,7 @@ def run_item(item, args, harness, torch, mmloss, device, failed: Dict[str, str])
     larger sizes of that series are skipped (items come in increasing N)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[item["dtype"]]
     if args.dry_run:
-        dtype = torch.float32 if item["method"] != "mmloss_triton" else torch.bfloat16
+        dtype = torch.float32 if not item["method"].startswith("mmloss_") else torch.bfloat16
     row = dict(item, ms=float("nan"), peak_mib=float("nan"), model_ms=float("nan"), status="ok")
     key = f'{item["method"]}/{item["dtype"]}/{item["d"]}'
     if harness.left() <= 0:
@@ -212,6 +228,8 @@ def run_item(item, args, harness, torch, mmloss, device, failed: Dict[str, str])
         if item["method"] == "mmloss_triton":
             step = mmloss_step(torch, mmloss, q, k, item["features"], args.teacher_width)
             row["model_ms"] = static_prediction(item["N"], item["d"], item["features"], args.teacher_width)
+        elif item["method"] == "mmloss_cuda":
+            step = mmloss_step(torch, mmloss, q, k, item["features"], args.teacher_width, backend="cuda")
         elif item["method"] == "eager":
             step = grad_step(lambda a, b: eager_loss(torch, a, b), q, k)
         elif item["method"] == "compiled":
@@ -242,7 +260,7 @@ def summary(rows: List[Dict[str, object]]) -> str:
                     (dtype is None or r["dtype"] == dtype) and r["status"] == "ok":
                 return r["ms"]
         return float("nan")
-    lines = [f"{'N':>8} {'d':>4} {'mmloss':>9} {'model':>9} {'floor':>9} {'x floor':>7} {'eager32':>9} "
+    lines = [f"{'N':>8} {'d':>4} {'mmloss':>9} {'cuda':>9} {'model':>9} {'floor':>9} {'x floor':>7} {'eager32':>9} "
              f"{'eager16':>9} {'compiled':>9} {'Inf-CL':>9} {'margin x':>8} {'ada+flt x':>9} {'groups x':>8}"]
     for n, d in sorted({(r["N"], r["d"]) for r in rows}):
         t = ms("mmloss_triton", n, d)
@@ -250,12 +268,38 @@ def summary(rows: List[Dict[str, object]]) -> str:
                       and r["d"] == d and r["features"] == "plain"), float("nan"))
         fl = ms("floor", n, d)
         lines.append(
-            f"{n:>8} {d:>4} {t:>9.3f} {model:>9.3f} {fl:>9.3f} {t / fl:>7.2f} {ms('eager', n, d, dtype='fp32'):>9.3f} "
+            f"{n:>8} {d:>4} {t:>9.3f} {ms('mmloss_cuda', n, d):>9.3f} {model:>9.3f} {fl:>9.3f} {t / fl:>7.2f} {ms('eager', n, d, dtype='fp32'):>9.3f} "
             f"{ms('eager', n, d, dtype='bf16'):>9.3f} {ms('compiled', n, d):>9.3f} {ms('infcl', n, d):>9.3f} "
             f"{ms('mmloss_triton', n, d, 'margin') / t:>8.2f} {ms('mmloss_triton', n, d, 'adaptive+filter') / t:>9.2f} "
             f"{ms('mmloss_triton', n, d, 'groups') / t:>8.2f}")
-    lines.append("times in ms (fwd+bwd); 'x floor' = mmloss / 3-GEMM floor; feature columns = variant / plain")
+    lines.append("times in ms (fwd+bwd); mmloss = triton, cuda = the CUDA C++ backend; 'x floor' = triton / "
+                 "3-GEMM floor; feature columns = triton variant / plain")
     return "\n".join(lines)
+
+
+def auto_table(rows: List[Dict[str, object]], head: Dict[str, str], cuda_tests: str) -> Dict[str, object]:
+    """The table `backend="auto"` reads (mmloss/auto_table.json): N ranges, per dtype, where the
+    CUDA backend beat Triton (plain loss) at every measured d, up to the largest N measured
+    (no extrapolation). Empty unless this run's CUDA suite passed."""
+    def plain(method, n, d, dtype):
+        return next((r["ms"] for r in rows if (r["method"], r["N"], r["d"], r["features"], r["dtype"])
+                     == (method, n, d, "plain", dtype) and r["status"] == "ok"), None)
+    faster = []
+    if cuda_tests == "passed":
+        for dtype in sorted({r["dtype"] for r in rows if r["method"] == "mmloss_cuda"}):
+            sizes = sorted({r["N"] for r in rows if r["method"] == "mmloss_cuda" and r["dtype"] == dtype})
+            widths = sorted({r["d"] for r in rows if r["method"] == "mmloss_cuda" and r["dtype"] == dtype})
+            low = 1
+            for n in sizes:
+                pairs = [(plain("mmloss_cuda", n, d, dtype), plain("mmloss_triton", n, d, dtype)) for d in widths]
+                wins = all(c is not None and t is not None and c < t for c, t in pairs)
+                if wins and faster and faster[-1]["dtype"] == dtype and faster[-1]["max_n"] == low - 1:
+                    faster[-1]["max_n"] = n
+                elif wins:
+                    faster.append({"dtype": dtype, "min_n": low, "max_n": n})
+                low = n + 1
+    return {"about": "written by bench/gpu_bench.py; commit as mmloss/auto_table.json after reading the run",
+            "gpu_run": dict(head, cuda_tests=cuda_tests), "cuda_faster": faster}
 
 
 def plot(rows, path: str) -> Optional[str]:
@@ -307,8 +351,11 @@ def main(argv=None) -> None:
     note = plot(rows, os.path.join(args.out, "bench.png"))
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (dry run)"
     import triton
-    head = (f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    date = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    head = f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, {date}"
+    run = {"device": device_name, "date": date, "torch": torch.__version__, "triton": triton.__version__}
+    with open(os.path.join(args.out, "auto_table.json"), "w") as f:
+        json.dump(auto_table(rows, run, args.cuda_tests), f, indent=2)
     text = head + "\n" + summary(rows) + ("\n" + note if note else "")
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write(text + "\n")

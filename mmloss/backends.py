@@ -11,6 +11,16 @@ A kernel backend is a module with
         the gradient of sum_i row_weight_i * loss_i over this block's columns, where
         P_ij = exp(logit_ij - lse_i) uses the given (possibly global) lse.
 
+A backend may also serve a symmetric loss (M == N, diagonal positives) in one pass:
+
+    forward_symmetric(query, key, inv_temp, problem) -> (lse (M,), lse_col (N,), pos_logit (M,))
+    backward_symmetric(query, key, inv_temp, problem, lse, lse_col, row_weight, col_weight,
+                       need_temp_grad) -> (d_query, d_key, d_inv_temp or None)
+        lse_col_j = log-sum-exp over i of the same logits (the column direction); the
+        gradient of sum_i w_i row_loss_i + sum_j v_j col_loss_j.
+
+`contrastive_loss` uses the pair when the module has it, else one forward/backward per
+direction.
 `query`/`key` are the raw (unnormalised) embeddings (normalisation is the kernel's job),
 `inv_temp` is 1/τ as a float or a 0-dim tensor, `problem` a `mmloss.problem.LossProblem`.
 lse and pos_logit are fp32 or wider (fp64 for fp64 inputs); gradients have the inputs' dtypes;
@@ -23,9 +33,12 @@ not available raises.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import logging
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple
 
@@ -35,6 +48,8 @@ log = logging.getLogger("mmloss")
 
 _KERNEL_MODULES = {"cpu": "mmloss.cpu", "triton": "mmloss.triton", "cuda": "mmloss.cuda"}
 _last_backend: Optional[str] = None
+AUTO_TABLE = Path(__file__).with_name("auto_table.json")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
@@ -95,13 +110,45 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run: `backend` itself if it can, else an error; `auto` chooses."""
+@functools.lru_cache(maxsize=None)
+def auto_table(path: Path = AUTO_TABLE) -> Dict[str, object]:
+    """The committed table `auto` reads on CUDA (mmloss/auto_table.json, written by bench/gpu.sh).
+
+    {"gpu_run": null or {"device", "date", "cuda_tests": "passed" | ..., ...},
+     "cuda_faster": [{"dtype": "bf16" | "fp16" | "fp32", "min_n": int, "max_n": int}, ...]}:
+    the (dtype, N range) pairs where the CUDA backend beat Triton in that run."""
+    return json.loads(Path(path).read_text())
+
+
+def cuda_proven(table: Dict[str, object]) -> bool:
+    """Whether the table's GPU run passed the CUDA correctness suite (else auto never picks cuda)."""
+    run = table.get("gpu_run")
+    return isinstance(run, dict) and run.get("cuda_tests") == "passed"
+
+
+def auto_cuda_choice(dtype: torch.dtype, size: Optional[int], table: Dict[str, object]) -> str:
+    """"cuda" where the table's proven run measured it faster for this dtype and size, else "triton"."""
+    if not cuda_proven(table) or size is None:
+        return "triton"
+    name = _DTYPE_NAMES.get(dtype)
+    for row in table.get("cuda_faster", []):
+        if row["dtype"] == name and row["min_n"] <= size <= row["max_n"]:
+            return "cuda"
+    return "triton"
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, size: Optional[int] = None) -> str:
+    """The backend that will run: `backend` itself if it can, else an error; `auto` chooses.
+
+    On CUDA, `auto` takes triton, or cuda where the committed table (`auto_table`) shows it
+    faster for (dtype, size = the number of keys) in a GPU run that passed the CUDA suite."""
     if backend == "auto":
         if device.type == "cpu":
             backend = "cpu" if compiled_extension() is not None else "reference"
         elif device.type == "cuda" and dtype != torch.float64 and _triton_error() is None:
-            backend = "triton"
+            backend = auto_cuda_choice(dtype, size, auto_table())
+            if backend == "cuda" and unavailable_reason("cuda", device) is not None:
+                backend = "triton"  # this build has no CUDA kernels: the table's other choice
         else:
             backend = "reference"
         log.debug("mmloss: backend='auto' chose %r for %s %s", backend, device, dtype)

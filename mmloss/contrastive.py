@@ -185,7 +185,7 @@ def contrastive_loss(
         filter_threshold=filter_threshold, filter_normalize=filter_normalize,
         key_groups=key_groups, symmetric=symmetric, reduction=reduction, backend=backend,
     )
-    name = backends.resolve(backend, query.device, query.dtype)
+    name = backends.resolve(backend, query.device, query.dtype, key.shape[0])
     if name == "reference":
         backends.record(name)
         return contrastive_loss_reference(

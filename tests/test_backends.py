@@ -13,6 +13,11 @@ pytestmark = pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 SIZES = [(1, 1, 1), (1, 6, 3), (2, 1, 4), (13, 17, 769), (37, 41, 3), (64, 61, 32)]
 
 
+def widest(backend: str) -> torch.dtype:
+    """The widest dtype a backend serves: float64 on the CPU, float32 on the GPU kernels."""
+    return torch.float64 if backend == "cpu" else torch.float32
+
+
 @pytest.fixture
 def small_strips(monkeypatch, backend):
     """Makes the cpu backend cut its rows into strips of 3 rows."""
@@ -24,8 +29,8 @@ def small_strips(monkeypatch, backend):
 @pytest.mark.parametrize("features", list(FEATURES))
 @pytest.mark.parametrize("M,N,d", SIZES)
 def test_float64_every_feature(backend, device, features, M, N, d, small_strips):
-    if device == "cuda" and backend == "triton":
-        pytest.skip("triton has no float64 path")
+    if widest(backend) != torch.float64:
+        pytest.skip(f"{backend} has no float64 path")
     case = make_case(M, N, d, features, seed=M * 1000 + N + d, device=device)
     assert_matches_reference(case, backend, torch.float64, learn_temperature=True)
 
@@ -34,8 +39,8 @@ def test_float64_every_feature(backend, device, features, M, N, d, small_strips)
 @pytest.mark.parametrize("features", ["plain", "all", "symmetric_all"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_reductions(backend, device, reduction, features, dtype):
-    if dtype == torch.float64 and backend == "triton":
-        pytest.skip("triton has no float64 path")
+    if dtype == torch.float64 and widest(backend) != torch.float64:
+        pytest.skip(f"{backend} has no float64 path")
     case = make_case(19, 23, 10, features, seed=7, device=device)
     assert_matches_reference(case, backend, dtype, reduction=reduction, learn_temperature=True)
 
@@ -64,7 +69,7 @@ def test_gradcheck(backend, device):
 def test_near_duplicate_positives_have_finite_gradients(backend, device):
     for features in ("margin", "all"):
         case = make_case(16, 20, 8, features, seed=5, device=device, duplicates=True)
-        for dtype in (torch.float64, torch.float32):
+        for dtype in sorted({widest(backend), torch.float32}, key=str):
             q, k, t = case.inputs(dtype, learn_temperature=True)
             loss = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)
             loss.backward()
@@ -74,10 +79,11 @@ def test_near_duplicate_positives_have_finite_gradients(backend, device):
 
 def test_non_contiguous_and_expanded_inputs(backend, device):
     torch.manual_seed(0)
-    base = torch.randn(12, 10, dtype=torch.float64, device=device)
+    dtype = widest(backend)
+    base = torch.randn(12, 10, dtype=dtype, device=device)
     q = base[::2, ::2]  # strided view (6, 5)
-    k = torch.randn(1, 5, dtype=torch.float64, device=device).expand(7, 5) + 0  # materialised
-    k_expanded = torch.randn(1, 5, dtype=torch.float64, device=device).expand(7, 5)  # stride 0
+    k = torch.randn(1, 5, dtype=dtype, device=device).expand(7, 5) + 0  # materialised
+    k_expanded = torch.randn(1, 5, dtype=dtype, device=device).expand(7, 5)  # stride 0
     groups = torch.arange(14, device=device)[::2]
     for key in (k, k_expanded):
         got = mmloss.contrastive_loss(q, key, key_groups=groups, margin=0.1, backend=backend)
@@ -89,7 +95,7 @@ def test_non_contiguous_and_expanded_inputs(backend, device):
 @pytest.mark.parametrize("where", ["query", "key", "margin_teacher", "filter_teacher", "temperature"])
 def test_nan_in_gives_nan_out(backend, device, where):
     case = make_case(5, 7, 4, "all", seed=9, device=device)
-    q, k, t = case.inputs(torch.float64)
+    q, k, t = case.inputs(widest(backend))
     kwargs = dict(case.kwargs)
     if where == "query":
         q = q.detach().clone()
@@ -110,7 +116,7 @@ def test_nan_in_gives_nan_out(backend, device, where):
 
 def test_no_grad_and_eval_paths_agree(backend, device):
     case = make_case(9, 12, 6, "all", seed=13, device=device)
-    q, k, t = case.inputs(torch.float64)
+    q, k, t = case.inputs(widest(backend))
     with torch.no_grad():
         free = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)
     tracked = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)

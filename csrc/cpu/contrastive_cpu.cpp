@@ -51,12 +51,12 @@ void normalize_backward_(const at::Tensor& x, const at::Tensor& inv, at::Tensor&
   T* ap = acc.data_ptr<T>();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < rows; ++i) {
-    if (!(ip[i] < T(1.0 / kNormEps))) continue;
     const T* xi = xp + i * d;
     T* ai = ap + i * d;
     double dot = 0.0;
     for (int64_t c = 0; c < d; ++c) dot += double(xi[c]) * ai[c];
-    const T coef = T(double(ip[i]) * ip[i] * dot);
+    const T coef = T(normalize_grad_coef(ip[i], dot));
+    if (coef == T(0)) continue;
     for (int64_t c = 0; c < d; ++c) ai[c] -= coef * xi[c];
   }
 }
@@ -106,16 +106,16 @@ void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df) {
   for (int64_t j = 0; j < cols; ++j) {
     const double c = double(sim[j]) * inv_q * inv_k[j];
     bool removed = false, poisoned = false;
-    if constexpr (kGroups) removed = key_groups[j] == row_group;
+    if constexpr (kGroups) removed = group_removes(key_groups[j], row_group);
     if constexpr (kFilter) {
       const double s = filter[j];
-      removed = removed || s > a.threshold;
-      poisoned = s != s;
+      removed = removed || filter_removes(s, a.threshold);
+      poisoned = filter_poisons(s);
     }
     const MarginPair<double> margin =
         kAdaptive ? adaptive_margin(a.cos_base, a.margin, double(teacher[j])) : fixed;
     const Element<double> el = evaluate(c, pos == j, removed, poisoned, a.has_margin, margin, 1.0);
-    f[j] = !el.allowed ? kRemoved : el.logit;  // logit with scale 1 is f, or NaN when poisoned
+    f[j] = masked_logit(el);  // the logit with scale 1: f, -inf when removed, NaN when poisoned
     df[j] = el.df;
   }
 }
@@ -168,17 +168,14 @@ double process_row(const StripArgs<T>& a, int64_t i, RowBuffers& buf, const doub
 #pragma omp simd
     for (int64_t j = 0; j < a.cols; ++j) e[j] = exp_simd(f[j] * s - shift);
   } else {
-    shift = f_max * s;
-    if (f_max == kRemoved) {  // nothing allowed in this block (or only NaN)
-      for (int64_t j = 0; j < a.cols; ++j) total += (e[j] = f[j] == f[j] ? 0.0 : f[j]);
-    } else {
+    const double max_logit = f_max * s;
+    shift = lse_shift(max_logit);
 #pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < a.cols; ++j) {
-        e[j] = exp_simd(f[j] * s - shift);  // removed columns: exp(-inf) = 0
-        total += e[j];
-      }
+    for (int64_t j = 0; j < a.cols; ++j) {
+      e[j] = exp_simd(f[j] * s - shift);  // removed columns: exp(-inf) = 0; NaN stays NaN
+      total += e[j];
     }
-    *lse = total > 0.0 ? shift + std::log(total) : (total == total ? kRemoved : total);
+    *lse = lse_value(LseAcc<double>{max_logit, total});
     *pos_logit = pos_here ? f[pos] * s : 0.0;
   }
   if (weight == nullptr) return 0.0;
@@ -188,20 +185,14 @@ double process_row(const StripArgs<T>& a, int64_t i, RowBuffers& buf, const doub
     std::fill(h, h + a.cols, T(0));
     return 0.0;
   }
-  // g_j = w (P_j - [j = pos]); the positive's column is redone after the vectorised loop.
-  const double wp = w / total, h_scale = s * a.inv_norm_q[i];
+  const double w_over_total = w / total, inv_q = a.inv_norm_q[i];
   const T* inv_k = a.inv_norm_k;
   double d_inv_temp = 0.0;
 #pragma omp simd reduction(+ : d_inv_temp)
   for (int64_t j = 0; j < a.cols; ++j) {
-    const double g = wp * e[j];
-    d_inv_temp += f[j] == kRemoved ? 0.0 : g * f[j];
-    h[j] = T(g * h_scale * df[j] * inv_k[j]);
-  }
-  if (pos_here) {
-    const double g = w * (e[pos] - total) / total;  // w (P - 1) without rounding P first
-    d_inv_temp += (g - wp * e[pos]) * f[pos];
-    h[pos] = T(g * h_scale * df[pos] * inv_k[pos]);
+    const double g = logit_grad(e[j], total, w_over_total, j == pos);
+    d_inv_temp += inv_temp_grad(g, f[j], f[j] != kRemoved);
+    h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
   }
   return d_inv_temp;
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define MMLOSS_HD __host__ __device__ __forceinline__
@@ -46,14 +47,12 @@ MMLOSS_HD void arc_margin(T c, T cos_m, T sin_m, T& f, T& df) {
   df = cos_m - c * sin_m / s;
 }
 
-// sin and cos of an angle x in [0, π] (margins are). On the device the hardware's; on the host a
-// polynomial that vectorises: with y = x - π/2 in [-π/2, π/2], sin x = cos y and cos x = -sin y
-// from their Taylor series to y^21 (error below 1e-16 on that range).
+// sin and cos of an angle x in [0, π] (margins are), host and device alike: with
+// y = x - π/2 in [-π/2, π/2], sin x = cos y and cos x = -sin y from their Taylor series to y^21
+// (error below 1e-16 on that range). A polynomial vectorises on the CPU and, on the GPU, avoids
+// sincosf's slow argument-reduction path and its local-memory stack.
 template <typename T>
 MMLOSS_HD void margin_sincos(T x, T& sin_x, T& cos_x) {
-#if defined(__CUDA_ARCH__)
-  sincos(x, &sin_x, &cos_x);
-#else
   const T y = x - T(1.5707963267948966);
   const T y2 = y * y;
   T s = T(1.0 / 51090942171709440000.0);  // 1/21!
@@ -80,7 +79,6 @@ MMLOSS_HD void margin_sincos(T x, T& sin_x, T& cos_x) {
   c = c * y2 + T(1);
   sin_x = c;
   cos_x = -(s * y);
-#endif
 }
 
 // The effective margin m' = m (1 - teacher_cos) of the adaptive mode.
@@ -89,6 +87,20 @@ MMLOSS_HD MarginPair<T> adaptive_margin(T cos_base, T margin, T teacher_cos) {
   MarginPair<T> pair{cos_base, T(0), T(0)};
   margin_sincos(margin * (T(1) - teacher_cos), pair.sin_m, pair.cos_m);
   return pair;
+}
+
+// Mask predicates of column j in row i (SPEC §1); the positive is exempt (see evaluate).
+// Group mask: j shares the group of row i's positive.
+MMLOSS_HD bool group_removes(int64_t key_group, int64_t row_group) { return key_group == row_group; }
+// Teacher filter: j leaves the row when its score is above the threshold...
+template <typename T>
+MMLOSS_HD bool filter_removes(T score, T threshold) {
+  return score > threshold;
+}
+// ...and a NaN score poisons the logit.
+template <typename T>
+MMLOSS_HD bool filter_poisons(T score) {
+  return score != score;
 }
 
 // Column j of row i. `removed` = group mask or teacher filter hit; the positive is never
@@ -108,6 +120,79 @@ MMLOSS_HD Element<T> evaluate(T c, bool is_positive, bool removed, bool poisoned
   }
   e.logit = poisoned ? static_cast<T>(NAN) : T(Scale(e.f) * inv_temp);
   return e;
+}
+
+// The logit that enters the row's log-sum-exp: -inf for a column that is not allowed.
+template <typename T>
+MMLOSS_HD T masked_logit(const Element<T>& e) {
+  return e.allowed ? e.logit : T(-INFINITY);
+}
+
+// ---- per-row math: online log-sum-exp and the gradient of a row's loss -------------------
+
+// Partial log-sum-exp of some of a row's logits: sum = Σ exp(logit - lse_shift(max)). A NaN
+// logit makes sum NaN whatever max is (NaN in, NaN out). {-inf, 0} is the empty set.
+template <typename T>
+struct LseAcc {
+  T max;
+  T sum;
+};
+
+// The shift of an accumulator whose largest logit is `max`: 0 when no column is allowed
+// (max = -inf), so that exp(-inf - shift) = 0 instead of NaN.
+template <typename T>
+MMLOSS_HD T lse_shift(T max) {
+  return max == T(-INFINITY) ? T(0) : max;
+}
+
+// The online update, step one: the same accumulator relative to a larger max (before adding
+// exp(logit - lse_shift(max)) terms of new columns). `exp` is the caller's exponential.
+template <typename T, typename Exp>
+MMLOSS_HD LseAcc<T> lse_rescale(const LseAcc<T>& a, T max, Exp exp) {
+  return {max, a.sum * exp(lse_shift(a.max) - lse_shift(max))};
+}
+
+// The accumulator of the union of two disjoint column sets (merging threads, warps, splits).
+template <typename T, typename Exp>
+MMLOSS_HD LseAcc<T> lse_combine(const LseAcc<T>& a, const LseAcc<T>& b, Exp exp) {
+  const T max = a.max > b.max ? a.max : b.max;
+  return {max, lse_rescale(a, max, exp).sum + lse_rescale(b, max, exp).sum};
+}
+
+// log Σ exp(logit): -inf when no column is allowed (sum 0), NaN when a logit was NaN.
+template <typename T>
+MMLOSS_HD T lse_value(const LseAcc<T>& a) {
+  return lse_shift(a.max) + log(a.sum);
+}
+
+// dL/dlogit_ij = w_i (P_ij - [j = pos(i)]) with P_ij = e_ij / total, where e_ij = exp(logit_ij -
+// shift) and w_over_total = w_i / total (a kernel with the final lse passes e = P, total = 1).
+// Subtracting total before scaling keeps P - 1 exact for a positive with P close to 1.
+template <typename T>
+MMLOSS_HD T logit_grad(T e, T total, T w_over_total, bool is_positive) {
+  return (is_positive ? e - total : e) * w_over_total;
+}
+
+// dL/dc_ij = dL/dlogit_ij · f'(c_ij) / τ (the chain rule through logit = f(c) / τ).
+template <typename T, typename Scale>
+MMLOSS_HD T cosine_grad(T d_logit, T df, Scale inv_temp) {
+  return T(Scale(d_logit * df) * inv_temp);
+}
+
+// Row i's share of dL/d(1/τ) from column j: dL/dlogit_ij · f_ij over allowed columns (removed
+// ones have P = 0 and carry no f).
+template <typename T>
+MMLOSS_HD T inv_temp_grad(T d_logit, T f, bool allowed) {
+  return allowed ? d_logit * f : T(0);
+}
+
+// The radial coefficient of the normalisation's Jacobian: for x̂ = x / max(‖x‖, ε) with inverse
+// norm `inv` and radial = Σ_j dL/dc_ij c_ij (= inv <x, dL/dx̂>), dL/dx = inv dL/dx̂ - coef x with
+// coef = inv² radial; 0 where ‖x‖ <= ε (the clamp is constant there). The test is in inv's own
+// type T (1/ε rounds there), the product in the accumulator's type A.
+template <typename T, typename A>
+MMLOSS_HD A normalize_grad_coef(T inv, A radial) {
+  return inv < T(1.0 / kNormEps) ? A(inv) * A(inv) * radial : A(0);
 }
 
 }  // namespace mmloss

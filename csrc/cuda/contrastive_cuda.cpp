@@ -1,0 +1,248 @@
+// ATen glue of the CUDA backend: argument checks, allocation, the backward's two GEMMs
+// (at::mm, cuBLAS) and the launches of contrastive_forward.cu / contrastive_backward.cu on the
+// current stream; registered as the CUDA implementation of the mmloss:: ops (csrc/ops.cpp).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "contrastive_cuda.h"
+#include "mmloss/tile_math.h"
+
+namespace mmloss {
+namespace cuda {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "mmloss cuda backend: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, "mmloss cuda backend: query dtype ", x.scalar_type(),
+                         " is not supported (float32, bfloat16, float16)");
+  }
+  return DType::kFloat32;
+}
+
+// Unit stride along the feature dimension (the kernels' only layout requirement).
+at::Tensor rows_of(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+void check_rows(const c10::optional<at::Tensor>& x, const char* name, int64_t rows, const at::Device& device) {
+  if (!x.has_value()) return;
+  TORCH_CHECK(x->device() == device, "mmloss cuda backend: ", name, " is on ", x->device(), ", query on ", device);
+  TORCH_CHECK(x->size(0) == rows, "mmloss cuda backend: ", name, " has ", x->size(0), " rows, expected ", rows);
+}
+
+// The kernels' arguments and the tensors they point into (kept alive by this struct).
+struct Prepared {
+  at::Tensor query, key, inv_q, inv_k, inv_temp, positives, row_groups, key_groups, mq, mk, fq, fk;
+  TileArgs args{};
+};
+
+Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor& inv_temp,
+                 const at::Tensor& positives, double margin, const c10::optional<at::Tensor>& margin_query,
+                 const c10::optional<at::Tensor>& margin_key, const c10::optional<at::Tensor>& filter_query,
+                 const c10::optional<at::Tensor>& filter_key, double filter_threshold,
+                 const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& key_groups,
+                 cudaStream_t stream) {
+  TORCH_CHECK(query.is_cuda(), "mmloss cuda backend: query must be a CUDA tensor, got ", query.device());
+  TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
+              "mmloss cuda backend: query (M, d) and key (N, d) must share d, got ", query.sizes(), " and ",
+              key.sizes());
+  TORCH_CHECK(key.device() == query.device(), "mmloss cuda backend: key is on ", key.device(), ", query on ",
+              query.device());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type(), "mmloss cuda backend: key dtype ", key.scalar_type(),
+              " differs from query dtype ", query.scalar_type());
+  TORCH_CHECK(query.size(1) < (int64_t(1) << 31), "mmloss cuda backend: d must be below 2^31");
+  TORCH_CHECK(positives.scalar_type() == at::kLong && positives.dim() == 1, "mmloss cuda backend: positives must be int64 (M,)");
+  TORCH_CHECK(inv_temp.numel() == 1, "mmloss cuda backend: inv_temp must hold one number");
+  const int64_t M = query.size(0), N = key.size(0);
+  const at::Device device = query.device();
+  check_rows(positives, "positives", M, device);
+  check_rows(margin_query, "margin_query", M, device);
+  check_rows(margin_key, "margin_key", N, device);
+  check_rows(filter_query, "filter_query", M, device);
+  check_rows(filter_key, "filter_key", N, device);
+  check_rows(row_groups, "row_groups", M, device);
+  check_rows(key_groups, "key_groups", N, device);
+  TORCH_CHECK(row_groups.has_value() == key_groups.has_value(),
+              "mmloss cuda backend: row_groups and key_groups come together");
+  TORCH_CHECK(margin_query.has_value() == margin_key.has_value() && filter_query.has_value() == filter_key.has_value(),
+              "mmloss cuda backend: teacher rows come in (query, key) pairs");
+
+  Prepared p;
+  p.query = rows_of(query);
+  p.key = rows_of(key);
+  p.positives = positives.contiguous();
+  p.inv_temp = inv_temp.detach().to(device, at::kFloat).reshape({1}).contiguous();
+  const auto f32 = query.options().dtype(at::kFloat);
+  p.inv_q = at::empty({M}, f32);
+  p.inv_k = at::empty({N}, f32);
+  TileArgs& a = p.args;
+  a.dtype = dtype_of(query);
+  a.query = p.query.data_ptr();
+  a.key = p.key.data_ptr();
+  a.stride_q = p.query.stride(0);
+  a.stride_k = p.key.stride(0);
+  a.M = M;
+  a.N = N;
+  a.D = int(query.size(1));
+  a.inv_norm_q = p.inv_q.data_ptr<float>();
+  a.inv_norm_k = p.inv_k.data_ptr<float>();
+  a.positives = p.positives.data_ptr<int64_t>();
+  if (key_groups.has_value()) {
+    TORCH_CHECK(row_groups->scalar_type() == at::kLong && key_groups->scalar_type() == at::kLong,
+                "mmloss cuda backend: row_groups and key_groups must be int64");
+    p.row_groups = row_groups->contiguous();
+    p.key_groups = key_groups->contiguous();
+    a.row_groups = p.row_groups.data_ptr<int64_t>();
+    a.key_groups = p.key_groups.data_ptr<int64_t>();
+  }
+  // Teachers as fp32 (16-bit values are exact there; fp64 rounds as in the Triton backend).
+  auto teacher = [](const at::Tensor& x) { return x.to(at::kFloat).contiguous(); };
+  if (margin > 0.0 && margin_query.has_value()) {
+    TORCH_CHECK(margin_query->dim() == 2 && margin_key->dim() == 2 && margin_query->size(1) == margin_key->size(1),
+                "mmloss cuda backend: margin_query (M, dt) and margin_key (N, dt) must share dt");
+    p.mq = teacher(*margin_query);
+    p.mk = teacher(*margin_key);
+    a.margin_query = p.mq.data_ptr<float>();
+    a.margin_key = p.mk.data_ptr<float>();
+    a.stride_mq = p.mq.stride(0);
+    a.stride_mk = p.mk.stride(0);
+    a.DT = int(p.mq.size(1));
+  }
+  if (filter_query.has_value()) {
+    TORCH_CHECK(filter_query->dim() == 2 && filter_key->dim() == 2 && filter_query->size(1) == filter_key->size(1),
+                "mmloss cuda backend: filter_query (M, df) and filter_key (N, df) must share df");
+    p.fq = teacher(*filter_query);
+    p.fk = teacher(*filter_key);
+    a.filter_query = p.fq.data_ptr<float>();
+    a.filter_key = p.fk.data_ptr<float>();
+    a.stride_fq = p.fq.stride(0);
+    a.stride_fk = p.fk.stride(0);
+    a.DF = int(p.fq.size(1));
+  }
+  a.threshold = float(filter_threshold);
+  a.margin = float(margin);
+  a.cos_base = float(std::cos(margin));
+  a.cos_m = float(std::cos(margin));
+  a.sin_m = float(std::sin(margin));
+  a.inv_temp = p.inv_temp.data_ptr<float>();
+  check_launch(launch_inv_norms(a.dtype, a.query, a.stride_q, M, a.D, p.inv_q.data_ptr<float>(), stream),
+               "inv_norm_kernel (query)");
+  check_launch(launch_inv_norms(a.dtype, a.key, a.stride_k, N, a.D, p.inv_k.data_ptr<float>(), stream),
+               "inv_norm_kernel (key)");
+  return p;
+}
+
+int multiprocessors(int device) {
+  int sms = 0;
+  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& inv_temp, const at::Tensor& positives, double margin,
+                                                const c10::optional<at::Tensor>& margin_query,
+                                                const c10::optional<at::Tensor>& margin_key,
+                                                const c10::optional<at::Tensor>& filter_query,
+                                                const c10::optional<at::Tensor>& filter_key, double filter_threshold,
+                                                const c10::optional<at::Tensor>& row_groups,
+                                                const c10::optional<at::Tensor>& key_groups, int64_t /*chunk_rows*/) {
+  const c10::cuda::CUDAGuard guard(query.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
+  Prepared p = prepare(query, key, inv_temp, positives, margin, margin_query, margin_key, filter_query, filter_key,
+                       filter_threshold, row_groups, key_groups, stream);
+  const int64_t M = p.args.M;
+  const auto f32 = query.options().dtype(at::kFloat);
+  const int splits = forward_splits(M, p.args.N, multiprocessors(query.device().index()));
+  at::Tensor partial = at::empty({3 * int64_t(splits) * M}, f32);
+  at::Tensor lse = at::empty({M}, f32), pos_logit = at::empty({M}, f32);
+  check_launch(launch_forward(p.args, splits, partial.data_ptr<float>(), lse.data_ptr<float>(),
+                              pos_logit.data_ptr<float>(), stream),
+               "forward_kernel");
+  return {lse, pos_logit};
+}
+
+// max over the inverse norms of rows with ‖x‖ > ε (a degenerate row's 1/ε would flush the
+// fp16 scale of every other row to zero), as a 0-dim device tensor.
+at::Tensor regular_max(const at::Tensor& inv_norm) {
+  return at::where(inv_norm < float(1.0 / kNormEps), inv_norm, at::zeros_like(inv_norm)).amax();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& inv_temp, const at::Tensor& positives,
+    double margin, const c10::optional<at::Tensor>& margin_query, const c10::optional<at::Tensor>& margin_key,
+    const c10::optional<at::Tensor>& filter_query, const c10::optional<at::Tensor>& filter_key,
+    double filter_threshold, const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& key_groups,
+    const at::Tensor& lse, const at::Tensor& row_weight, bool need_temp_grad, int64_t chunk_rows) {
+  const c10::cuda::CUDAGuard guard(query.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
+  Prepared p = prepare(query, key, inv_temp, positives, margin, margin_query, margin_key, filter_query, filter_key,
+                       filter_threshold, row_groups, key_groups, stream);
+  const int64_t M = p.args.M, N = p.args.N, D = p.args.D;
+  TORCH_CHECK(lse.numel() == M && row_weight.numel() == M, "mmloss cuda backend: lse and row_weight must be (M,)");
+  TORCH_CHECK(lse.device() == query.device() && row_weight.device() == query.device(),
+              "mmloss cuda backend: lse and row_weight must be on the query's device");
+  const auto f32 = query.options().dtype(at::kFloat);
+  const at::Tensor lse32 = lse.to(at::kFloat).contiguous(), weight = row_weight.to(at::kFloat).contiguous();
+  // fp16: g = max|w| max(a) max(b) / τ bounds |H| = |G| a b / g by |f'|; bf16 and fp32 hold H as is.
+  const at::Tensor scale = query.scalar_type() == at::kHalf
+                               ? (weight.abs().amax() * regular_max(p.inv_q) * regular_max(p.inv_k) *
+                                  p.inv_temp.abs().reshape({}))
+                                     .clamp_min(1e-30)
+                                     .reshape({1})
+                               : at::ones({1}, f32);
+  at::Tensor sums = at::zeros({2 * M + N}, f32);  // row_sum (M), row_temp (M), col_sum (N)
+  float* row_sum = sums.data_ptr<float>();
+  const int64_t R = std::clamp<int64_t>(chunk_rows, 1, std::max<int64_t>(M, 1));
+  at::Tensor scratch = at::empty({R, N}, query.options());
+  at::Tensor d_query = at::empty({M, D}, query.options());
+  at::Tensor key_acc = R >= M ? at::Tensor() : at::zeros({N, D}, f32);
+  at::Tensor key_prod;
+  for (int64_t r0 = 0; r0 < M; r0 += R) {
+    const int64_t n = std::min(R, M - r0);
+    at::Tensor h = scratch.narrow(0, 0, n);
+    GradArgs g{r0, r0 + n, lse32.data_ptr<float>(), weight.data_ptr<float>(), scale.data_ptr<float>(),
+               h.data_ptr(), h.stride(0), row_sum, need_temp_grad ? row_sum + M : nullptr, row_sum + 2 * M};
+    check_launch(launch_grad_tile(p.args, g, stream), "grad_tile_kernel");
+    const at::Tensor q_rows = p.query.narrow(0, r0, n);
+    const at::Tensor prod = at::mm(h, p.key);
+    at::Tensor dq_rows = d_query.narrow(0, r0, n);
+    check_launch(launch_finish(p.args.dtype, false, prod.data_ptr(), prod.stride(0), q_rows.data_ptr(),
+                               q_rows.stride(0), dq_rows.data_ptr(), dq_rows.stride(0), p.inv_q.data_ptr<float>() + r0,
+                               row_sum + r0, scale.data_ptr<float>(), n, int(D), stream),
+                 "finish_kernel (query)");
+    key_prod = at::mm(h.t(), q_rows);
+    if (key_acc.defined()) key_acc.add_(key_prod);
+  }
+  at::Tensor d_key = at::empty({N, D}, key.options());
+  const at::Tensor key_total = key_acc.defined() ? key_acc : key_prod;
+  if (key_total.defined()) {
+    check_launch(launch_finish(p.args.dtype, key_acc.defined(), key_total.data_ptr(), key_total.stride(0),
+                               p.key.data_ptr(), p.key.stride(0), d_key.data_ptr(), d_key.stride(0),
+                               p.inv_k.data_ptr<float>(), row_sum + 2 * M, scale.data_ptr<float>(), N, int(D), stream),
+                 "finish_kernel (key)");
+  } else {
+    d_key.zero_();  // no rows: nothing flows to the keys
+  }
+  at::Tensor d_inv_temp = need_temp_grad ? sums.narrow(0, M, M).to(at::kDouble).sum()
+                                         : at::zeros({}, query.options().dtype(at::kDouble));
+  return {d_query, d_key, d_inv_temp};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace mmloss
+
+TORCH_LIBRARY_IMPL(mmloss, CUDA, m) {
+  m.impl("contrastive_forward", &mmloss::cuda::forward_cuda);
+  m.impl("contrastive_backward", &mmloss::cuda::backward_cuda);
+}

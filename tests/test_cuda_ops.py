@@ -1,0 +1,113 @@
+"""The CUDA backend's plumbing without a GPU: the torch.library ops (schema, fake
+implementations, torch.compile tracing) exercised through their CPU implementation (the same
+schema), the backend module's argument errors, and `auto`'s committed table, which must never
+pick cuda without a committed GPU run that passed the CUDA suite."""
+
+import json
+
+import pytest
+import torch
+
+from mmloss import backends
+from mmloss.checks import build_problem
+from mmloss.library import _backward_fake, _forward_fake  # noqa: F401  (registers the fakes)
+
+from cases import make_case
+
+
+def _op_args(case, dtype=torch.float64):
+    q, k, _ = case.inputs(dtype)
+    q, k = q.detach(), k.detach()
+    kwargs = {**dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
+              "filter_normalize": False, "reduction": "mean", "backend": "cpu", **case.kwargs}
+    problem = build_problem(q, k, temperature=case.temperature, **kwargs)
+    inv_temp = torch.tensor([1.0 / case.temperature], dtype=torch.float64)
+    rest = (problem.positives, float(problem.margin), problem.margin_query, problem.margin_key, problem.filter_query,
+            problem.filter_key, float(problem.filter_threshold), problem.row_groups, problem.key_groups)
+    return q, k, inv_temp, rest, problem
+
+
+@pytest.mark.parametrize("features", ["plain", "all"])
+def test_opcheck_forward_and_backward(features):
+    case = make_case(9, 11, 6, features, seed=4)
+    q, k, inv_temp, rest, problem = _op_args(case)
+    torch.library.opcheck(torch.ops.mmloss.contrastive_forward.default, (q, k, inv_temp, *rest, 4))
+    lse, _ = torch.ops.mmloss.contrastive_forward(q, k, inv_temp, *rest, 4)
+    weight = problem.valid_rows.double()
+    torch.library.opcheck(torch.ops.mmloss.contrastive_backward.default,
+                          (q, k, inv_temp, *rest, lse, weight, True, 4))
+
+
+def test_ops_match_the_cpu_backend_and_trace_under_torch_compile():
+    case = make_case(10, 13, 7, "all", seed=8)
+    q, k, inv_temp, rest, problem = _op_args(case)
+
+    def loss_terms(q, k, inv_temp):
+        lse, pos = torch.ops.mmloss.contrastive_forward(q, k, inv_temp, *rest, 3)
+        weight = problem.valid_rows.double()
+        dq, dk, dt = torch.ops.mmloss.contrastive_backward(q, k, inv_temp, *rest, lse, weight, True, 3)
+        return lse, pos, dq, dk, dt
+
+    eager = loss_terms(q, k, inv_temp)
+    compiled = torch.compile(loss_terms, fullgraph=True, backend="aot_eager")(q, k, inv_temp)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+    import mmloss.cpu
+    lse, pos = mmloss.cpu.forward(q, k, 1.0 / case.temperature, problem)
+    torch.testing.assert_close(eager[0], lse)
+    torch.testing.assert_close(eager[1], pos)
+
+
+def test_fakes_give_each_devices_dtypes_and_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    case = make_case(5, 8, 4, "plain", seed=1)
+    q, k, inv_temp, rest, problem = _op_args(case, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        lse, pos = torch.ops.mmloss.contrastive_forward(q, k, inv_temp, *rest, 0)
+        dq, dk, dt = torch.ops.mmloss.contrastive_backward(q, k, inv_temp, *rest, lse, lse.float(), False, 0)
+    assert lse.shape == pos.shape == (5,) and lse.dtype == torch.float64  # the CPU keeps lse in double
+    assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == torch.float32 and dt.dtype == torch.float64
+    assert dt.dim() == 0
+
+
+def test_cuda_backend_rejects_what_it_cannot_serve():
+    import mmloss.cuda as cuda
+    case = make_case(3, 4, 2, "plain", seed=2)
+    q, k, _, _, problem = _op_args(case)
+    with pytest.raises(TypeError, match="query dtype torch.float64"):
+        cuda.check(q, problem)
+    with pytest.raises(ValueError, match="query is on cpu"):
+        cuda.check(q.float(), problem)
+
+
+def test_row_chunk_is_within_budget_and_whole_tiles(monkeypatch):
+    import mmloss.cuda as cuda
+    monkeypatch.setenv("MMLOSS_CUDA_SCRATCH_MB", "1")
+    assert cuda.row_chunk(100, 10, 2) == 100                   # fits: one chunk
+    assert cuda.row_chunk(100_000, 4096, 2) == 128             # 1 MiB / 8 KiB = 128 rows
+    assert cuda.row_chunk(100_000, 1 << 20, 2) == cuda.ROW_TILE  # at least one row tile
+
+
+def test_committed_table_never_picks_cuda_without_a_passing_gpu_run():
+    table = backends.auto_table()
+    if not backends.cuda_proven(table):
+        assert table["cuda_faster"] == [], "cuda ranges without a committed passing GPU run"
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n in (1, 64, 4096, 1 << 20):
+            choice = backends.auto_cuda_choice(dtype, n, table)
+            assert choice == "triton" or backends.cuda_proven(table)
+
+
+def test_table_rules(tmp_path):
+    faster = [{"dtype": "bf16", "min_n": 1, "max_n": 4096}]
+    unproven = {"gpu_run": {"device": "H100", "cuda_tests": "failed"}, "cuda_faster": faster}
+    proven = {"gpu_run": {"device": "H100", "cuda_tests": "passed"}, "cuda_faster": faster}
+    assert backends.auto_cuda_choice(torch.bfloat16, 1024, unproven) == "triton"
+    assert backends.auto_cuda_choice(torch.bfloat16, 1024, {"gpu_run": None, "cuda_faster": faster}) == "triton"
+    assert backends.auto_cuda_choice(torch.bfloat16, 1024, proven) == "cuda"
+    assert backends.auto_cuda_choice(torch.bfloat16, 8192, proven) == "triton"
+    assert backends.auto_cuda_choice(torch.float16, 1024, proven) == "triton"
+    assert backends.auto_cuda_choice(torch.bfloat16, None, proven) == "triton"
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(proven))
+    assert backends.auto_table(path) == proven
