@@ -261,7 +261,7 @@ def summary(rows: List[Dict[str, object]]) -> str:
                 return r["ms"]
         return float("nan")
     lines = [f"{'N':>8} {'d':>4} {'mmloss':>9} {'cuda':>9} {'model':>9} {'floor':>9} {'x floor':>7} {'eager32':>9} "
-             f"{'eager16':>9} {'compiled':>9} {'Inf-CL':>9} {'margin x':>8} {'ada+flt x':>9} {'groups x':>8}"]
+             f"{'eager16':>9} {'compiled':>9} {'Inf-CL':>9} {'margin x':>8} {'ada+flt x':>9} {'groups x':>8} {'sym x':>6}"]
     for n, d in sorted({(r["N"], r["d"]) for r in rows}):
         t = ms("mmloss_triton", n, d)
         model = next((r["model_ms"] for r in rows if r["method"] == "mmloss_triton" and r["N"] == n
@@ -271,9 +271,9 @@ def summary(rows: List[Dict[str, object]]) -> str:
             f"{n:>8} {d:>4} {t:>9.3f} {ms('mmloss_cuda', n, d):>9.3f} {model:>9.3f} {fl:>9.3f} {t / fl:>7.2f} {ms('eager', n, d, dtype='fp32'):>9.3f} "
             f"{ms('eager', n, d, dtype='bf16'):>9.3f} {ms('compiled', n, d):>9.3f} {ms('infcl', n, d):>9.3f} "
             f"{ms('mmloss_triton', n, d, 'margin') / t:>8.2f} {ms('mmloss_triton', n, d, 'adaptive+filter') / t:>9.2f} "
-            f"{ms('mmloss_triton', n, d, 'groups') / t:>8.2f}")
+            f"{ms('mmloss_triton', n, d, 'groups') / t:>8.2f} {ms('mmloss_triton', n, d, 'symmetric') / t:>6.2f}")
     lines.append("times in ms (fwd+bwd); mmloss = triton, cuda = the CUDA C++ backend; 'x floor' = triton / "
-                 "3-GEMM floor; feature columns = triton variant / plain")
+                 "3-GEMM floor; feature columns = triton variant / plain (sym: both directions, one pass)")
     return "\n".join(lines)
 
 

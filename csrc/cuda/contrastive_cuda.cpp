@@ -46,6 +46,22 @@ struct Prepared {
   TileArgs args{};
 };
 
+// A (rows (M, w), cols (N, w)) teacher pair as fp32 tensors kept in `keep_*` (16-bit values are
+// exact in fp32; fp64 rounds as in the Triton backend), with the pointers, strides and width.
+void bind_teachers(const at::Tensor& rows, const at::Tensor& cols, const char* name, at::Tensor& keep_rows,
+                   at::Tensor& keep_cols, const float*& rows_ptr, const float*& cols_ptr, int64_t& stride_rows,
+                   int64_t& stride_cols, int& width) {
+  TORCH_CHECK(rows.dim() == 2 && cols.dim() == 2 && rows.size(1) == cols.size(1), "mmloss cuda backend: ", name,
+              "_query (M, w) and ", name, "_key (N, w) must share w");
+  keep_rows = rows.to(at::kFloat).contiguous();
+  keep_cols = cols.to(at::kFloat).contiguous();
+  rows_ptr = keep_rows.data_ptr<float>();
+  cols_ptr = keep_cols.data_ptr<float>();
+  stride_rows = keep_rows.stride(0);
+  stride_cols = keep_cols.stride(0);
+  width = int(keep_rows.size(1));
+}
+
 Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor& inv_temp,
                  const at::Tensor& positives, double margin, const c10::optional<at::Tensor>& margin_query,
                  const c10::optional<at::Tensor>& margin_key, const c10::optional<at::Tensor>& filter_query,
@@ -105,30 +121,12 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tenso
     a.row_groups = p.row_groups.data_ptr<int64_t>();
     a.key_groups = p.key_groups.data_ptr<int64_t>();
   }
-  // Teachers as fp32 (16-bit values are exact there; fp64 rounds as in the Triton backend).
-  auto teacher = [](const at::Tensor& x) { return x.to(at::kFloat).contiguous(); };
-  if (margin > 0.0 && margin_query.has_value()) {
-    TORCH_CHECK(margin_query->dim() == 2 && margin_key->dim() == 2 && margin_query->size(1) == margin_key->size(1),
-                "mmloss cuda backend: margin_query (M, dt) and margin_key (N, dt) must share dt");
-    p.mq = teacher(*margin_query);
-    p.mk = teacher(*margin_key);
-    a.margin_query = p.mq.data_ptr<float>();
-    a.margin_key = p.mk.data_ptr<float>();
-    a.stride_mq = p.mq.stride(0);
-    a.stride_mk = p.mk.stride(0);
-    a.DT = int(p.mq.size(1));
-  }
-  if (filter_query.has_value()) {
-    TORCH_CHECK(filter_query->dim() == 2 && filter_key->dim() == 2 && filter_query->size(1) == filter_key->size(1),
-                "mmloss cuda backend: filter_query (M, df) and filter_key (N, df) must share df");
-    p.fq = teacher(*filter_query);
-    p.fk = teacher(*filter_key);
-    a.filter_query = p.fq.data_ptr<float>();
-    a.filter_key = p.fk.data_ptr<float>();
-    a.stride_fq = p.fq.stride(0);
-    a.stride_fk = p.fk.stride(0);
-    a.DF = int(p.fq.size(1));
-  }
+  if (margin > 0.0 && margin_query.has_value())
+    bind_teachers(*margin_query, *margin_key, "margin", p.mq, p.mk, a.margin_query, a.margin_key, a.stride_mq,
+                  a.stride_mk, a.DT);
+  if (filter_query.has_value())
+    bind_teachers(*filter_query, *filter_key, "filter", p.fq, p.fk, a.filter_query, a.filter_key, a.stride_fq,
+                  a.stride_fk, a.DF);
   a.threshold = float(filter_threshold);
   a.margin = float(margin);
   a.cos_base = float(std::cos(margin));

@@ -400,26 +400,10 @@ def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_
         g = _fp16_scale(w_ptr, v_ptr, a_ptr, b_ptr, M, N, _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR),
                         SYMMETRIC, 1024, EPS)
     inv_g = _reciprocal(g)
-    dtype = q_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    inner = tl.arange(0, BLOCK_K)
     if pid < q_tiles:
-        idx = (pid // d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs = (pid % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-        for n0 in range(0, N, BLOCK_K):
-            ks = n0 + inner
-            h = tl.load(h_ptr + idx.to(tl.int64)[:, None] * stride_h + ks[None, :],
-                        mask=(idx < M)[:, None] & (ks < N)[None, :], other=0.0)
-            y = tl.load(k_ptr + ks.to(tl.int64)[:, None] * stride_k + offs[None, :],
-                        mask=(ks < N)[:, None] & (offs < D)[None, :], other=0.0)
-            h = (h * inv_g).to(dtype)
-            if UPCAST:
-                h = h.to(tl.float32)
-                y = y.to(tl.float32)
-            acc = tl.dot(h, y, acc, input_precision=PRECISION)
-        r = _sum_parts(row_part_ptr, idx, M, row_parts)
-        inv_norm = tl.load(a_ptr + idx, mask=idx < M, other=0.0)
-        _finish_tile(dq_ptr, stride_dq, q_ptr, stride_q, idx, offs, M, D, acc, g, inv_norm, r, EPS)
+        _gradient_tile(pid, d_tiles, h_ptr, stride_h, k_ptr, stride_k, q_ptr, stride_q, dq_ptr, stride_dq,
+                       row_part_ptr, row_parts, a_ptr, M, N, D, g, inv_g, False,
+                       PRECISION, UPCAST, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
         if NEED_TEMP:
             if pid == 0:
                 total = tl.zeros((1024,), dtype=tl.float32)
@@ -428,23 +412,54 @@ def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_
                     total += tl.load(temp_part_ptr + t, mask=t < temp_parts, other=0.0)
                 tl.store(temp_grad_ptr, tl.sum(total, axis=0))
     else:
-        pid = pid - q_tiles
-        idx = (pid // d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs = (pid % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-        for m0 in range(0, M, BLOCK_K):
-            ms = m0 + inner
-            h = tl.load(h_ptr + ms.to(tl.int64)[:, None] * stride_h + idx[None, :],
-                        mask=(ms < M)[:, None] & (idx < N)[None, :], other=0.0)
-            x = tl.load(q_ptr + ms.to(tl.int64)[:, None] * stride_q + offs[None, :],
-                        mask=(ms < M)[:, None] & (offs < D)[None, :], other=0.0)
-            h = tl.trans((h * inv_g).to(dtype))
-            if UPCAST:
-                h = h.to(tl.float32)
-                x = x.to(tl.float32)
-            acc = tl.dot(h, x, acc, input_precision=PRECISION)
-        r = _sum_parts(col_part_ptr, idx, N, col_parts)
-        inv_norm = tl.load(b_ptr + idx, mask=idx < N, other=0.0)
-        _finish_tile(dk_ptr, stride_dk, k_ptr, stride_k, idx, offs, N, D, acc, g, inv_norm, r, EPS)
+        _gradient_tile(pid - q_tiles, d_tiles, h_ptr, stride_h, q_ptr, stride_q, k_ptr, stride_k, dk_ptr, stride_dk,
+                       col_part_ptr, col_parts, b_ptr, N, M, D, g, inv_g, True,
+                       PRECISION, UPCAST, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
+
+
+@triton.jit
+def _gradient_tile(tile, d_tiles, h_ptr, stride_h, y_ptr, stride_y, x_ptr, stride_x, out_ptr, stride_out,
+                   part_ptr, parts, inv_norm_ptr, n_idx, n_inner, D, g, inv_g, TRANSPOSED: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile `tile` of out = g (H y) (TRANSPOSED: g (H^T y)) minus the radial term of x, whose
+    rows idx have the inverse norms inv_norm and radial sums spread over `parts` partials."""
+    idx = (tile // d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs = (tile % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = _h_product(h_ptr, stride_h, y_ptr, stride_y, idx, offs, n_idx, n_inner, D, inv_g, TRANSPOSED,
+                     PRECISION, UPCAST, BLOCK_M, BLOCK_D, BLOCK_K)
+    r = _sum_parts(part_ptr, idx, n_idx, parts)
+    inv_norm = tl.load(inv_norm_ptr + idx, mask=idx < n_idx, other=0.0)
+    _finish_tile(out_ptr, stride_out, x_ptr, stride_x, idx, offs, n_idx, D, acc, g, inv_norm, r, EPS)
+
+
+@triton.jit
+def _h_product(h_ptr, stride_h, y_ptr, stride_y, idx, offs, n_idx, n_inner, D, inv_g,
+               TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_D) fp32 tile of H y (rows idx of H (n_idx, n_inner)) or, TRANSPOSED, of
+    H^T y (columns idx of H (n_inner, n_idx)), over y's d-chunk offs. H (fp32) is scaled by
+    inv_g and rounded to y's dtype for the MMA."""
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    idx_ok = idx < n_idx
+    for k0 in range(0, n_inner, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ks_ok = ks < n_inner
+        if TRANSPOSED:
+            h = tl.load(h_ptr + ks.to(tl.int64)[:, None] * stride_h + idx[None, :],
+                        mask=ks_ok[:, None] & idx_ok[None, :], other=0.0)
+            h = tl.trans((h * inv_g).to(y_ptr.dtype.element_ty))
+        else:
+            h = tl.load(h_ptr + idx.to(tl.int64)[:, None] * stride_h + ks[None, :],
+                        mask=idx_ok[:, None] & ks_ok[None, :], other=0.0)
+            h = (h * inv_g).to(y_ptr.dtype.element_ty)
+        y = tl.load(y_ptr + ks.to(tl.int64)[:, None] * stride_y + offs[None, :],
+                    mask=ks_ok[:, None] & (offs < D)[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(h, y, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
