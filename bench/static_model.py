@@ -6,7 +6,8 @@ time they imply at peak rates. No GPU needed; the GPU benchmark prints it beside
 
 Per step (forward + backward, M = N rows and columns, bf16 inputs):
   prologue   inverse norms of Q and K                      bytes (M+N)d·e
-  forward    S tiles: 2MNd MMA flops (+2MN·dt per teacher) bytes Q + K once per wave of CTAs
+  forward    S tiles: 2MNd MMA flops (+2MN·dt per teacher) bytes Q + K once per wave of CTAs;
+             (row blocks x column splits) programs, enough for two per SM (+1 combine launch)
   grad_tile  recomputes S, writes H (M×N, e bytes)         same flops, + MN·e bytes written
   gemm_dq    dQ = H K   (cuBLAS)                           2MNd, reads H
   gemm_dk    dK = Hᵀ Q  (cuBLAS)                           2MNd, reads H
@@ -45,6 +46,11 @@ SMALL_MAX = 2048           # mmloss.triton.ops.SMALL_MAX
 SMALL_BLOCK = 64           # the small path's tile (configs.small_config)
 
 
+def splits(m: int, n: int) -> int:
+    """Column splits of the chunked forward (mmloss.triton.ops.forward_splits on an H100)."""
+    return max(1, min(math.ceil(2 * SMS / math.ceil(m / 128)), n // 256))
+
+
 def chunks(n: int, e: int, budget: int) -> int:
     """Row chunks of the backward (mmloss.triton.ops.row_chunk) for M = N = n."""
     fit = budget // (n * e)
@@ -69,13 +75,13 @@ def kernels(n: int, d: int, e: int, dt: int, budget: int) -> Dict[str, Dict[str,
         }
     c = chunks(n, e, budget)
     waves = math.ceil(math.ceil(m / BLOCK_M) / SMS)   # CTAs of one wave share K through L2
-    fwd_bytes = m * d * e + waves * n * d * e + 8 * m
+    fwd_bytes = m * d * e * splits(m, n) + waves * n * d * e + 8 * m  # each split re-reads its rows
     none = {"elems": 0.0, "fp64": 0.0, "ctas": SMS}
     return {
         "prologue": {"flops": 0.0, "bytes": (m + n) * d * e + 4.0 * (m + n), "elems": 0.0, "fp64": 2.0 * (m + n) * d,
                      "ctas": SMS},
         "forward": {"flops": 2 * mn * d + teacher, "bytes": fwd_bytes, "elems": mn, "fp64": 0.0,
-                    "ctas": math.ceil(m / BLOCK_M)},
+                    "ctas": math.ceil(m / BLOCK_M) * splits(m, n)},
         "grad_tile": {"flops": 2 * mn * d + teacher, "bytes": fwd_bytes + mn * e, "elems": mn, "fp64": 0.0,
                       "ctas": SMS},
         "gemm_dq": {"flops": 2 * mn * d, "bytes": mn * e + (n + m) * d * e, **none},
@@ -100,7 +106,7 @@ def rows(sizes: List[int], widths: List[int], e: int, dt: int, features: str,
         for n in sizes:
             ks = kernels(n, d, e, dt, budget)
             c = chunks(n, e, budget) if n > SMALL_MAX else 1
-            launches = {"prologue": 2, "forward": 1 + 2 * symmetric, "finish": 2,
+            launches = {"prologue": 2, "forward": 1 + 2 * symmetric + (n > SMALL_MAX and splits(n, n) > 1), "finish": 2,
                         "dk_accum": c if c > 1 else 0, "grad_gemm": 1}
             exps = {"forward": 1 + symmetric, "grad_tile": 1 + symmetric}
             times = {name: kernel_time(k, features, launches.get(name, c), exps.get(name, 1))

@@ -30,7 +30,8 @@ from mmloss.triton import configs, kernels  # noqa: E402
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_fk", "stride_h",
         "stride_prod", "stride_x", "stride_y", "stride_out", "stride_a", "stride_b", "M", "N", "D", "DT", "DF", "row0",
-        "M_BUCKET", "N_BUCKET", "D_BUCKET", "stride_dq", "stride_dk", "row_parts", "col_parts", "temp_parts"}
+        "M_BUCKET", "N_BUCKET", "D_BUCKET", "stride_dq", "stride_dk", "row_parts", "col_parts", "temp_parts",
+        "SPLITS"}
 FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m", "eps", "inv_temp_value"}
 EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
 FP64 = {"col_acc_ptr"}
@@ -104,6 +105,7 @@ def jobs() -> List[Job]:
             small = dict(configs.ELEMENTWISE, EPS=1e-12)
             out.append(Job("inv_norm_kernel", arch, emb, "-", small, 4, 1))
             out.append(Job("finish_kernel", arch, emb, "-", small, 4, 1))
+        out.append(Job("combine_kernel", arch, "fp32", "-", dict(BLOCK=configs.ELEMENTWISE["BLOCK_M"] * 8), 4, 1))
         out += _similarity_jobs(arch)
     return out
 

@@ -43,10 +43,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
 
 @pytest.fixture(params=["small", "chunked"])
 def path(request, monkeypatch):
-    """Both backward designs: the small-batch path (fused norms, two backward launches) and
-    the chunked one (prologue, scratch + GEMMs), which these sizes reach with SMALL_MAX = 0."""
+    """Both designs: the small-batch path (fused norms, one forward and two backward launches)
+    and the chunked one (prologue, column-split forward + combine, scratch + GEMMs), which
+    these sizes reach with SMALL_MAX = 0; 16-column splits give them several (some empty)."""
     if request.param == "chunked":
         monkeypatch.setattr(tk.ops, "SMALL_MAX", 0)
+        monkeypatch.setattr(tk.ops, "MIN_SPLIT_COLUMNS", 16)
     return request.param
 
 
@@ -237,7 +239,8 @@ class _LaunchLog(TorchDispatchMode):
 @pytest.fixture
 def launch_log(monkeypatch):
     log = _LaunchLog()
-    for name in ("inv_norm_kernel", "forward_kernel", "grad_tile_kernel", "grad_gemm_kernel", "finish_kernel"):
+    for name in ("inv_norm_kernel", "forward_kernel", "combine_kernel", "grad_tile_kernel", "grad_gemm_kernel",
+                 "finish_kernel"):
         counted = log.wrap(name, getattr(tk.kernels, name))
         monkeypatch.setattr(tk.kernels, name, counted)
         if name.replace("_kernel", "") in tk.ops.KERNELS:
@@ -289,3 +292,21 @@ def test_symmetric_beyond_the_one_pass_range_takes_two_passes(launch_log, monkey
     launch_log.launches.clear()
     assert_close_to_oracle(case, torch.float32, learn_temperature=False)
     assert launch_log.launches.count("forward_kernel") == 2, launch_log.launches
+
+
+def test_column_splits_combine(launch_log, monkeypatch):
+    """The chunked forward over 4 column splits (the last one empty) and the combine kernel
+    give the unsplit forward's lse and positive logits."""
+    monkeypatch.setattr(tk.ops, "SMALL_MAX", 0)
+    case = make_case(40, 150, 32, "all", seed=23)
+    q, k = case.query.float(), case.key.float()
+    problem = _problem(case, q, k)
+    monkeypatch.setattr(tk.ops, "MIN_SPLIT_COLUMNS", 1 << 20)
+    whole_lse, whole_pos = tk.forward(q, k, 20.0, problem)
+    monkeypatch.setattr(tk.ops, "MIN_SPLIT_COLUMNS", 16)
+    assert tk.ops.forward_splits(40, 150, q.device) == 4
+    launch_log.launches.clear()
+    lse, pos = tk.forward(q, k, 20.0, problem)
+    assert launch_log.launches == ["inv_norm_kernel", "forward_kernel", "combine_kernel"]
+    torch.testing.assert_close(lse, whole_lse, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(pos, whole_pos, rtol=0, atol=0)

@@ -9,7 +9,9 @@ Row offsets are computed in int64 (M x d and the R x N scratch may pass 2^31 ele
                      squares are summed in fp64, so every kernel that computes a norm gets
                      the same fp32 bits: the backward's logits reproduce the forward's and
                      exp(logit - lse) sums to 1 to the last bits.
-* `forward_kernel`   one program per row block streams all column tiles: per tile one
+* `forward_kernel`   one program per row block and column split streams its column tiles
+                     (splits fill the GPU when rows are few; `combine_kernel` merges
+                     their partial lse): per tile one
                      tl.dot (fp32 accumulation) scaled by a_i b_j, the teacher tiles, the
                      masks, the margin and an online log-sum-exp; writes lse (M,) and
                      pos_logit (M,). SYMMETRIC also accumulates each column's sum of exp
@@ -174,7 +176,7 @@ def _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR: tl.constexpr):
 
 @triton.jit
 def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
-                   pos_ptr, inv_temp_ptr, inv_temp_value, lse_ptr, pos_logit_ptr, col_acc_ptr,
+                   pos_ptr, inv_temp_ptr, inv_temp_value, lse_ptr, pos_logit_ptr, col_acc_ptr, SPLITS,
                    rg_ptr, kg_ptr,
                    tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
                    fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
@@ -189,10 +191,15 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     """lse_i over this key block's allowed columns and the positive's logit (0 if absent).
+    Grid (row blocks, SPLITS): program (r, s) covers the s-th of SPLITS equal spans of
+    columns (whole tiles) and writes its partial lse and positive logit at [s, i] of
+    (SPLITS, M) arrays (`combine_kernel` merges them; with SPLITS = 1 they are the result).
     FUSED_NORMS: a and b are computed here (one launch in all) instead of read from the
     prologue's a_ptr/b_ptr. SYMMETRIC: also adds sum_i exp(logit_ij - 1/tau) of this row
     block to col_acc[j] (fp64, atomics), from which the host takes the column lse.
     M_BUCKET/N_BUCKET/D_BUCKET only key the autotuner."""
+    split = tl.program_id(1)
+    span = tl.cdiv(tl.cdiv(N, SPLITS), BLOCK_N) * BLOCK_N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
@@ -204,7 +211,7 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(split * span, tl.minimum(N, (split + 1) * span), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         if FUSED_NORMS:
             b = _inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
@@ -233,8 +240,27 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
             tl.atomic_add(col_acc_ptr + cols, col_sum.to(tl.float64) * rescale, mask=cols < N)
     shift = tl.where(run_max == float("-inf"), 0.0, run_max)
     lse = shift + tl.log(run_sum)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(pos_logit_ptr + rows, pos_logit, mask=row_ok)
+    tl.store(lse_ptr + split * M + rows, lse, mask=row_ok)
+    tl.store(pos_logit_ptr + split * M + rows, pos_logit, mask=row_ok)
+
+
+@triton.jit
+def combine_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_logit_ptr, M, SPLITS, BLOCK: tl.constexpr):
+    """lse_i = log sum_s exp(part_lse[s, i]) and pos_logit_i = sum_s part_pos[s, i] over the
+    forward's column splits (-inf when no split has an allowed column; NaN stays NaN)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < M
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(0, SPLITS):
+        top = tl.maximum(top, tl.load(part_lse_ptr + s * M + rows, mask=ok, other=float("-inf")))
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        total += tl.exp(tl.load(part_lse_ptr + s * M + rows, mask=ok, other=float("-inf")) - shift)
+        pos += tl.load(part_pos_ptr + s * M + rows, mask=ok, other=0.0)
+    tl.store(lse_ptr + rows, shift + tl.log(total), mask=ok)
+    tl.store(pos_logit_ptr + rows, pos, mask=ok)
 
 
 @triton.jit

@@ -31,6 +31,9 @@ SMALL_MAX = 2048
 # The one-pass symmetric forward shifts column sums by 1/tau in fp64 (exp underflows below
 # -708): for 1/tau above this (tau < 0.0028) a float tau takes two one-direction passes.
 SYMMETRIC_MAX_INV_TEMP = 350.0
+# Columns per split of the chunked forward at least (`forward_splits`).
+MIN_SPLIT_COLUMNS = 256
+INTERPRETER_SMS = 2
 
 
 def scratch_bytes() -> int:
@@ -185,34 +188,57 @@ def _one_pass_symmetric(inv_temp) -> bool:
 
 
 def _forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem, symmetric: bool):
-    """(lse, pos_logit, column lse or None): the forward kernel, plus the norm prologue
-    unless the batch is small, plus for `symmetric` a zero-fill and the column lse's log."""
+    """(lse, pos_logit, column lse or None). Small batches: the forward kernel alone. Else the
+    norm prologue, the forward kernel over (row blocks, column splits) and, with more than one
+    split, `combine_kernel`. Symmetric adds a zero-fill and the column lse's log."""
     query, key = _rows(query), _rows(key)
     (M, D), N = query.shape, key.shape[0]
     dev = query.device
+    small = small_batch(M, N)
+    splits = 1 if small else forward_splits(M, N, dev)
     lse = torch.empty(M, dtype=torch.float32, device=dev)
     pos_logit = torch.empty_like(lse)
+    part_lse, part_pos = (lse, pos_logit) if splits == 1 else torch.empty(2, splits, M, dtype=torch.float32,
+                                                                          device=dev).unbind(0)
     col_acc = torch.zeros(N, dtype=torch.float64, device=dev) if symmetric else lse
     feat, flags = _feature_args(query, problem)
     temp_ptr, temp_value, temp_flag = _temperature_args(inv_temp, dev)
-    small = small_batch(M, N)
     a, b = (lse, lse) if small else _inv_norms(query, key)
     flags = dict(flags, **temp_flag, FUSED_NORMS=small, SYMMETRIC=symmetric, EPS=NORM_EPS)
     args = (query, key, query.stride(0), key.stride(0), M, N, D, a, b,
-            problem.positives, temp_ptr, temp_value, lse, pos_logit, col_acc,
+            problem.positives, temp_ptr, temp_value, part_lse, part_pos, col_acc, splits,
             *feat, configs.bucket(M), configs.bucket(N), configs.bucket(D))
     cls = call_class(query, problem, symmetric)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
     if small:
         meta = _small_meta("forward", cls, dev)
         kernels.forward_kernel[grid(meta)](*args, **flags, **meta)
     else:
         _launch("forward", cls, dev, grid, args, flags)
+    if splits > 1:
+        block = configs.ELEMENTWISE["BLOCK_M"] * 8
+        kernels.combine_kernel[(triton.cdiv(M, block),)](part_lse, part_pos, lse, pos_logit, M, splits, BLOCK=block)
     lse_col = None
     if symmetric:  # the kernel shifted every column by its fp32 1/tau
         shift = temp_ptr.double() if temp_flag["TEMP_PTR"] else temp_value
         lse_col = (torch.log(col_acc) + shift).float()
     return lse, pos_logit, lse_col
+
+
+def forward_splits(M: int, N: int, device: torch.device) -> int:
+    """Column splits of the chunked forward: enough (row block, split) programs for two per
+    SM at 128-row blocks, each split at least MIN_SPLIT_COLUMNS wide."""
+    row_blocks = triton.cdiv(M, 128)
+    wanted = triton.cdiv(2 * _multiprocessors(device), row_blocks)
+    return max(1, min(wanted, N // MIN_SPLIT_COLUMNS))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; in the interpreter a pretend 2, so that tests reach the splits."""
+    if configs.interpreted():
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
