@@ -17,8 +17,10 @@ TOTAL_S=${GPU_SH_TOTAL_S:-570}
 elapsed() { echo $(( $(date +%s) - START )); }
 
 echo "== install ($(date -u +%H:%M:%S))"
+# Editable: _C lands in ./mmloss, which is what the tests and the benchmark import (pytest puts
+# the repository first on sys.path; a plain install would leave ./mmloss without _C).
 MAX_JOBS=${MAX_JOBS:-8} NVCC_THREADS=${NVCC_THREADS:-2} MMLOSS_CUDA_ARCHS=${MMLOSS_CUDA_ARCHS:-90} \
-    pip install --no-build-isolation . > "$OUT_DIR/install.txt" 2>&1 || { tail -20 "$OUT_DIR/install.txt"; exit 1; }
+    pip install --no-build-isolation -e . > "$OUT_DIR/install.txt" 2>&1 || { tail -20 "$OUT_DIR/install.txt"; exit 1; }
 WHEEL=${INFCL_WHEEL:-$(ls bench/wheels/inf_cl-*.whl 2>/dev/null | head -1)}
 if [ -n "$WHEEL" ]; then pip install --no-deps "$WHEEL" >> "$OUT_DIR/install.txt" 2>&1 || echo "Inf-CL wheel failed to install"; fi
 python -m mmloss.info | tee "$OUT_DIR/info.txt"
