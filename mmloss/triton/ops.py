@@ -311,6 +311,8 @@ def backward_symmetric(query: torch.Tensor, key: torch.Tensor, inv_temp, problem
 
 def _backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool,
               lse_col: Optional[torch.Tensor], col_weight: Optional[torch.Tensor]):
+    """Both backward entry points: the small-batch or the chunked path, one direction or
+    (with lse_col and col_weight) both."""
     query, key = _rows(query), _rows(key)
     symmetric = lse_col is not None
     dev = query.device
