@@ -128,7 +128,7 @@ __global__ void finish_kernel(const P* __restrict__ prod, int64_t stride_p, cons
 template <typename T, bool ADAPTIVE, bool FILTER>
 void launch_grad_as(const TileArgs& p, const GradArgs& q, cudaStream_t stream) {
   const int64_t tiles = (q.row_end - q.row0 + kBlockM - 1) / kBlockM * ((p.N + kBlockN - 1) / kBlockN);
-  grad_tile_kernel<T, ADAPTIVE, FILTER><<<unsigned(tiles), kThreads, 0, stream>>>(p, q);
+  MMLOSS_LAUNCH(unsigned(tiles), kThreads, 0, stream, grad_tile_kernel<T, ADAPTIVE, FILTER>)(p, q);
 }
 
 template <typename T>
@@ -146,7 +146,7 @@ void launch_finish_as(const void* prod, int64_t stride_p, const void* x, int64_t
                       int D, cudaStream_t stream) {
   const int threads = 256;
   const int64_t blocks = (rows * D + threads - 1) / threads;
-  finish_kernel<P, T><<<unsigned(blocks < 65536 ? blocks : 65536), threads, 0, stream>>>(
+  MMLOSS_LAUNCH(unsigned(blocks < 65536 ? blocks : 65536), threads, 0, stream, finish_kernel<P, T>)(
       static_cast<const P*>(prod), stride_p, static_cast<const T*>(x), stride_x, static_cast<T*>(out), stride_o,
       inv_norm, radial, scale, rows, D);
 }

@@ -135,7 +135,7 @@ void launch_forward_as(const TileArgs& p, int splits, float* partial, cudaStream
   const int64_t tiles = (p.N + kBlockN - 1) / kBlockN;
   const int tiles_per_split = int((tiles + splits - 1) / splits);
   const dim3 grid(unsigned((p.M + kBlockM - 1) / kBlockM), unsigned(splits));
-  forward_kernel<T, ADAPTIVE, FILTER><<<grid, kThreads, 0, stream>>>(p, tiles_per_split, partial);
+  MMLOSS_LAUNCH(grid, kThreads, 0, stream, forward_kernel<T, ADAPTIVE, FILTER>)(p, tiles_per_split, partial);
 }
 
 template <typename T>
@@ -164,14 +164,16 @@ cudaError_t launch_inv_norms(DType dtype, const void* x, int64_t stride, int64_t
   if (blocks == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
-      inv_norm_kernel<<<blocks, 32 * kNormWarps, 0, stream>>>(static_cast<const float*>(x), stride, rows, D, out);
+      MMLOSS_LAUNCH(blocks, 32 * kNormWarps, 0, stream, inv_norm_kernel<float>)(static_cast<const float*>(x), stride,
+                                                                                rows, D, out);
       break;
     case DType::kBFloat16:
-      inv_norm_kernel<<<blocks, 32 * kNormWarps, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), stride, rows, D,
-                                                              out);
+      MMLOSS_LAUNCH(blocks, 32 * kNormWarps, 0, stream, inv_norm_kernel<__nv_bfloat16>)(
+          static_cast<const __nv_bfloat16*>(x), stride, rows, D, out);
       break;
     case DType::kFloat16:
-      inv_norm_kernel<<<blocks, 32 * kNormWarps, 0, stream>>>(static_cast<const __half*>(x), stride, rows, D, out);
+      MMLOSS_LAUNCH(blocks, 32 * kNormWarps, 0, stream, inv_norm_kernel<__half>)(static_cast<const __half*>(x), stride,
+                                                                                 rows, D, out);
       break;
   }
   return cudaGetLastError();
@@ -186,8 +188,8 @@ cudaError_t launch_forward(const TileArgs& p, int splits, float* partial, float*
     case DType::kFloat16: launch_forward_typed<__half>(p, splits, partial, stream); break;
   }
   const int threads = 256;
-  combine_kernel<<<unsigned((p.M + threads - 1) / threads), threads, 0, stream>>>(partial, splits, p.M, lse,
-                                                                                   pos_logit);
+  MMLOSS_LAUNCH(unsigned((p.M + threads - 1) / threads), threads, 0, stream, combine_kernel)(partial, splits, p.M,
+                                                                                             lse, pos_logit);
   return cudaGetLastError();
 }
 

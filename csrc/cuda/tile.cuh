@@ -19,6 +19,11 @@
 #include "contrastive_cuda.h"
 #include "mmloss/tile_math.h"
 
+// kernel<<<grid, block, smem, stream>>>: the host emulation (tests/cuda_emulation) defines its own.
+#ifndef MMLOSS_LAUNCH
+#define MMLOSS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace mmloss {
 namespace cuda {
 
@@ -104,6 +109,9 @@ __device__ __forceinline__ bool vector_loads(const T* x, int64_t stride, int D) 
 // d += a · b for one m16n8k16 tile (fp32 accumulation).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(MMLOSS_CUDA_HOST_EMULATION)  // tests/cuda_emulation: the instruction's semantics on the host
+  mmloss_emulation::mma_m16n8k16<T>(d, a, b);
+#else
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
@@ -115,6 +123,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#endif
 }
 
 __device__ __forceinline__ uint32_t pair_at(const void* smem, int elem) {
