@@ -15,9 +15,11 @@ from mmloss.constants import IGNORE_INDEX, MARGIN_SIN_EPS, NORM_EPS
 
 
 def _sin_from_cos(c: torch.Tensor) -> torch.Tensor:
-    """sqrt(max(1 - c², ε)) whose derivative is -c / sqrt(max(1 - c², ε)) everywhere (SPEC §1)."""
+    """sqrt(max(1 - c², ε)) whose derivative is -c / sqrt(max(1 - c², ε)) everywhere (SPEC §1).
+    In fp16, where ε = 1e-12 rounds to 0, ε is fp16's smallest normal number instead: a
+    near-duplicate (1 - c² = 0 in fp16) must not divide by zero."""
     u = 1.0 - c * c
-    s = torch.sqrt(torch.clamp(u, min=MARGIN_SIN_EPS))
+    s = torch.sqrt(torch.clamp(u, min=max(MARGIN_SIN_EPS, torch.finfo(u.dtype).tiny)))
     return s.detach() + (u - u.detach()) / (2.0 * s.detach())
 
 
