@@ -28,12 +28,14 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >
 
 echo "== GPU tests ($(elapsed) s)"
 # One config per compiled variant: the tests check numbers, not speed (autotuning every
-# feature x dtype variant would take most of the budget).
-MMLOSS_TRITON_AUTOTUNE=0 timeout $(( TOTAL_S * 2 / 5 )) python -m pytest tests/test_triton_gpu.py -q -x \
+# feature x dtype variant would take most of the budget). Compiling the ~100 variants is
+# the slow part and runs on the CPU: pytest-xdist (in the H100 image) spreads it over cores.
+PARALLEL=$(python -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+MMLOSS_TRITON_AUTOTUNE=0 timeout $(( TOTAL_S * 2 / 5 )) python -m pytest tests/test_triton_gpu.py -q -x $PARALLEL \
     -p no:cacheprovider > "$OUT_DIR/gpu_tests.txt" 2>&1
 TESTS_RC=$?
 tail -3 "$OUT_DIR/gpu_tests.txt"
-timeout $(( TOTAL_S / 5 )) python -m pytest tests/test_cuda_gpu.py -q -x -p no:cacheprovider \
+timeout $(( TOTAL_S / 5 )) python -m pytest tests/test_cuda_gpu.py -q -x $PARALLEL -p no:cacheprovider \
     > "$OUT_DIR/cuda_tests.txt" 2>&1
 CUDA_RC=$?
 tail -3 "$OUT_DIR/cuda_tests.txt"
