@@ -105,7 +105,7 @@ class ContrastiveSymmetricRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         query, key, (lse, lse_col), inv_temp, need_temp_grad = _saved(ctx)
-        weight = (0.5 * grad_rows).to(torch.float32).contiguous()
+        weight = (0.5 * grad_rows).contiguous()
         d_query, d_key, d_inv_temp = ctx.kernel_module.backward_symmetric(
             query, key, inv_temp, ctx.problem, lse, lse_col, weight, weight, need_temp_grad
         )
