@@ -51,11 +51,18 @@ def _dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D,
         d_ok = offs < D
         x = tl.load(x_rows + offs[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         y = tl.load(y_cols + offs[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+        acc = dot_acc(x, y, acc, PRECISION, UPCAST)
     return acc
+
+
+@triton.jit
+def dot_acc(x, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x @ y with fp32 accumulation; UPCAST (the interpreter) converts the operands to
+    fp32 first (see the module docstring)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, y, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -481,10 +488,7 @@ def _h_product(h_ptr, stride_h, y_ptr, stride_y, idx, offs, n_idx, n_inner, D, i
             h = (h * inv_g).to(y_ptr.dtype.element_ty)
         y = tl.load(y_ptr + ks.to(tl.int64)[:, None] * stride_y + offs[None, :],
                     mask=ks_ok[:, None] & (offs < D)[None, :], other=0.0)
-        if UPCAST:
-            h = h.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(h, y, acc, input_precision=PRECISION)
+        acc = dot_acc(h, y, acc, PRECISION, UPCAST)
     return acc
 
 

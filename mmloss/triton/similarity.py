@@ -18,6 +18,7 @@ import triton.language as tl
 
 from mmloss.constants import NORM_EPS
 from mmloss.triton.configs import interpreted
+from mmloss.triton.kernels import dot_acc
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_M = 8
@@ -51,10 +52,7 @@ def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride
         d_ok = offs < D
         x = tl.load(a_rows + offs[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         y = tl.load(b_cols + offs[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+        acc = dot_acc(x, y, acc, PRECISION, UPCAST)
         if NORMALIZE:
             xf = x.to(tl.float32)
             yf = y.to(tl.float32)
