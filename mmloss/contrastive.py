@@ -1,4 +1,4 @@
-"""`contrastive_loss`: checks -> backend choice -> one autograd.Function per direction."""
+"""`contrastive_loss`: checks -> backend choice -> autograd.Functions (one per direction, or one pass for both)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from mmloss import backends
 from mmloss.checks import Temperature, build_problem, check_global_negatives
+from mmloss.constants import SYMMETRIC_MAX_INV_TEMP
 from mmloss.problem import LossProblem
 from mmloss.reference import contrastive_loss_reference
 
@@ -112,6 +113,13 @@ class ContrastiveSymmetricRows(torch.autograd.Function):
         return d_query, d_key, d_inv_temp if need_temp_grad else None, None, None
 
 
+def _one_pass_symmetric(kernel_module, inv_temp) -> bool:
+    """Whether a symmetric loss takes the backend's one-pass pair: it has one, and 1/τ is
+    within SYMMETRIC_MAX_INV_TEMP (a tensor τ is not read back: no host sync)."""
+    return hasattr(kernel_module, "forward_symmetric") and (
+        isinstance(inv_temp, torch.Tensor) or abs(float(inv_temp)) <= SYMMETRIC_MAX_INV_TEMP)
+
+
 def inverse_temperature(temperature: Temperature):
     """1/τ in float64 (a tensor τ keeps its autograd link): rounding it to fp32 first would
     cost ~1e-7 relative error in every logit."""
@@ -198,7 +206,7 @@ def contrastive_loss(
     kernel_module.check(query, problem)
     backends.record(name)
     inv_temp = inverse_temperature(temperature)
-    if symmetric and hasattr(kernel_module, "forward_symmetric"):
+    if symmetric and _one_pass_symmetric(kernel_module, inv_temp):
         rows = ContrastiveSymmetricRows.apply(query, key, inv_temp, problem, kernel_module)
         return {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
     directions = [(query, key, problem)]

@@ -31,12 +31,12 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
         raise ValueError(f"query is on {query.device}: backend 'cpu' needs CPU tensors")
 
 
-def _call(query, key, inv_temp, problem: LossProblem, lse=None, row_weight=None):
+def _call(query, key, inv_temp, problem: LossProblem, lse=None, row_weight=None, **symmetric):
     return _C.contrastive_cpu(
         query, key, float(inv_temp), problem.positives, problem.margin,
         problem.margin_query, problem.margin_key, problem.filter_query, problem.filter_key,
         problem.filter_threshold, problem.row_groups, problem.key_groups, lse, row_weight,
-        strip_rows(query, key, problem),
+        strip_rows(query, key, problem), **symmetric,
     )
 
 
@@ -50,6 +50,22 @@ def forward_with_grad(query, key, inv_temp, problem: LossProblem):
     weight = problem.valid_rows.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
     lse, pos_logit, d_query, d_key, d_inv_temp = _call(query, key, inv_temp, problem, row_weight=weight)
     return lse, pos_logit, d_query, d_key, d_inv_temp
+
+
+def forward_symmetric(query, key, inv_temp, problem: LossProblem):
+    """Row lse (M,), column lse (N,) and the diagonal logit (M,) of a symmetric loss in one
+    pass: the column sums come from the same strips (one more exp per element)."""
+    lse, pos_logit, lse_col = _call(query, key, inv_temp, problem, symmetric=True)
+    return lse, lse_col, pos_logit
+
+
+def backward_symmetric(query, key, inv_temp, problem: LossProblem, lse, lse_col, row_weight, col_weight,
+                       need_temp_grad: bool):
+    """Gradients of both directions in one pass (recompute + 2 GEMMs: 4 in all with the
+    forward, against 6 for two directions)."""
+    _, _, d_query, d_key, d_inv_temp = _call(query, key, inv_temp, problem, lse=lse, row_weight=row_weight,
+                                             symmetric=True, col_lse=lse_col, col_weight=col_weight)
+    return d_query, d_key, d_inv_temp if need_temp_grad else None
 
 
 def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool

@@ -121,3 +121,22 @@ def test_no_grad_and_eval_paths_agree(backend, device):
         free = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)
     tracked = mmloss.contrastive_loss(q, k, temperature=t, backend=backend, **case.kwargs)
     torch.testing.assert_close(free, tracked.detach())
+
+
+def test_cpu_symmetric_is_one_pass(backend, device, monkeypatch):
+    """backend='cpu': a symmetric loss is one call of the kernel forward (row and column lse)
+    and one backward (both directions' gradients), not one per direction."""
+    if backend != "cpu":
+        pytest.skip("the cpu backend's calls")
+    import mmloss.cpu
+    calls = []
+    kernel = mmloss.cpu._C.contrastive_cpu
+
+    def counted(*args, **kwargs):
+        calls.append((kwargs.get("symmetric", False), args[13] is not None))  # (symmetric, backward)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(mmloss.cpu._C, "contrastive_cpu", counted)
+    case = make_case(30, 30, 12, "symmetric_all", seed=17, device=device)
+    assert_matches_reference(case, backend, torch.float64, learn_temperature=True)
+    assert calls == [(True, False), (True, True)]

@@ -145,14 +145,25 @@ double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
   return f_max;
 }
 
-// Row i of the core op, one exp per column. Without `given_lse`: computes the row's
-// log-sum-exp over the block and its positive's logit (0 when not in the block). With
-// `weight`: also overwrites row i of the similarity tile with H_ij = dL/dc_ij · a_i · b_j (a, b
-// the inverse norms, dL the gradient of weight · loss_i, using `given_lse` when set, e.g. a
-// global one) and returns row i's share of dL/d(1/τ).
+// Columns of a symmetric loss (M == N, diagonal positives) that one row works with: in the
+// forward it adds exp(logit_ij - shift) to col_acc (per thread, shift = 1/τ bounds every
+// logit); in the backward it adds the column direction's term v_j (Q_ij - δ_ij), with
+// Q_ij = exp(logit_ij - col_lse_j), to dL/dlogit_ij.
+struct ColumnTerms {
+  double shift = 0.0;
+  double* col_acc = nullptr;          // (N,) forward
+  const double* col_lse = nullptr;    // (N,) backward
+  const double* col_weight = nullptr; // (N,) backward
+};
+
+// Row i of the core op, one exp per column (two for a symmetric loss). Without `given_lse`:
+// computes the row's log-sum-exp over the block and its positive's logit (0 when not in the
+// block). With `weight`: also overwrites row i of the similarity tile with H_ij = dL/dc_ij · a_i
+// · b_j (a, b the inverse norms, dL the gradient of weight · loss_i, using `given_lse` when
+// set, e.g. a global one) and returns row i's share of dL/d(1/τ).
 template <typename T>
 double process_row(const StripArgs<T>& a, int64_t i, RowBuffers& buf, const double* given_lse, double* lse,
-                   double* pos_logit, const double* weight, T* tile) {
+                   double* pos_logit, const double* weight, T* tile, const ColumnTerms& col) {
   const double* f = buf.f.data();
   const double* df = buf.df.data();
   double* e = buf.e.data();
@@ -178,21 +189,38 @@ double process_row(const StripArgs<T>& a, int64_t i, RowBuffers& buf, const doub
     *lse = lse_value(LseAcc<double>{max_logit, total});
     *pos_logit = pos_here ? f[pos] * s : 0.0;
   }
+  if (col.col_acc != nullptr) {
+    double* acc = col.col_acc;
+#pragma omp simd
+    for (int64_t j = 0; j < a.cols; ++j) acc[j] += exp_simd(f[j] * s - col.shift);
+  }
   if (weight == nullptr) return 0.0;
   T* h = tile + i * a.cols;
   const double w = *weight;
-  if (w == 0.0) {
+  if (w == 0.0 && col.col_lse == nullptr) {
     std::fill(h, h + a.cols, T(0));
     return 0.0;
   }
   const double w_over_total = w / total, inv_q = a.inv_norm_q[i];
   const T* inv_k = a.inv_norm_k;
   double d_inv_temp = 0.0;
+  if (col.col_lse == nullptr) {
 #pragma omp simd reduction(+ : d_inv_temp)
-  for (int64_t j = 0; j < a.cols; ++j) {
-    const double g = logit_grad(e[j], total, w_over_total, j == pos);
-    d_inv_temp += inv_temp_grad(g, f[j], f[j] != kRemoved);
-    h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const double g = logit_grad(e[j], total, w_over_total, j == pos);
+      d_inv_temp += inv_temp_grad(g, f[j], f[j] != kRemoved);
+      h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
+    }
+  } else {
+    const double* col_lse = col.col_lse;
+    const double* v = col.col_weight;
+#pragma omp simd reduction(+ : d_inv_temp)
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const double g = logit_grad(e[j], total, w_over_total, j == pos) +
+                       logit_grad(exp_simd(f[j] * s - col_lse[j]), 1.0, v[j], j == pos);
+      d_inv_temp += inv_temp_grad(g, f[j], f[j] != kRemoved);
+      h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
+    }
   }
   return d_inv_temp;
 }
@@ -205,7 +233,9 @@ template <typename T>
 std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv_temp,
                             const at::Tensor& positives, double margin, const Features& feat,
                             double threshold, const c10::optional<at::Tensor>& lse_in,
-                            const c10::optional<at::Tensor>& row_weight, int64_t strip_rows) {
+                            const c10::optional<at::Tensor>& row_weight, int64_t strip_rows, bool symmetric,
+                            const c10::optional<at::Tensor>& col_lse_in,
+                            const c10::optional<at::Tensor>& col_weight_in) {
   const at::ScalarType type = compute_type(q);
   const int64_t M = q.size(0), N = k.size(0), d = q.size(1);
   const bool adaptive = feat.margin_q.defined(), filtering = feat.filter_q.defined();
@@ -229,6 +259,12 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   at::Tensor filter = filtering ? at::empty({R, N}, opts) : at::Tensor();
   const int threads = at::get_num_threads();
   double d_inv_temp = 0.0;
+  // Symmetric: the forward sums each column per thread (threads × N), the backward reads the
+  // column lse and weights.
+  const bool col_sums = symmetric && !want_grad;
+  at::Tensor col_acc = col_sums ? at::zeros({threads, N}, wide) : at::Tensor();
+  at::Tensor col_lse = symmetric && want_grad ? col_lse_in->to(at::kDouble).contiguous() : at::Tensor();
+  at::Tensor col_weight = symmetric && want_grad ? col_weight_in->to(at::kDouble).contiguous() : at::Tensor();
 
   StripArgs<T> a{};
   a.inv_norm_k = inv_k.data_ptr<T>();
@@ -272,10 +308,17 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
 #pragma omp parallel num_threads(threads) reduction(+ : strip_d_inv_temp)
     {
       RowBuffers buf(N);
+      ColumnTerms col;
+      col.shift = inv_temp;
+      if (col_sums) col.col_acc = col_acc.data_ptr<double>() + omp_get_thread_num() * N;
+      if (col_lse.defined()) {
+        col.col_lse = col_lse.data_ptr<double>();
+        col.col_weight = col_weight.data_ptr<double>();
+      }
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < n; ++i) {
         strip_d_inv_temp += process_row(a, i, buf, need_lse ? nullptr : lse_strip + i, lse_strip + i,
-                                        pos_strip + i, want_grad ? weight_strip + i : nullptr, s.data_ptr<T>());
+                                        pos_strip + i, want_grad ? weight_strip + i : nullptr, s.data_ptr<T>(), col);
       }
     }
     if (!want_grad) continue;
@@ -294,6 +337,7 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
     }
     normalize_backward_<T>(q_strip.contiguous(), inv_q.narrow(0, r0, n), U, threads);
   }
+  if (col_sums) return {lse, pos_logit, col_acc.sum(0).log_().add_(inv_temp)};
   if (!want_grad) return {lse, pos_logit};
   for (int64_t r0 = 0; r0 < N; r0 += C) {
     const int64_t n = std::min(C, N - r0);
@@ -314,8 +358,14 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
                                         const c10::optional<at::Tensor>& row_groups,
                                         const c10::optional<at::Tensor>& key_groups,
                                         const c10::optional<at::Tensor>& lse,
-                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows) {
+                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows,
+                                        bool symmetric, const c10::optional<at::Tensor>& col_lse,
+                                        const c10::optional<at::Tensor>& col_weight) {
   TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "mmloss cpu backend: CPU tensors only");
+  TORCH_CHECK(!symmetric || query.size(0) == key.size(0), "mmloss cpu backend: symmetric needs M == N");
+  TORCH_CHECK(!symmetric || !row_weight.has_value() || (col_lse.has_value() && col_weight.has_value() &&
+                                                        lse.has_value()),
+              "mmloss cpu backend: the symmetric backward needs lse, col_lse and col_weight");
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
               "mmloss cpu backend: query (M, d) and key (N, d)");
   TORCH_CHECK(positives.scalar_type() == at::kLong && positives.size(0) == query.size(0),
@@ -330,9 +380,11 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
   feat.key_groups = take(key_groups);
   const at::Tensor q = query.contiguous(), k = key.contiguous(), pos = positives.contiguous();
   if (compute_type(q) == at::kDouble) {
-    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows);
+    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, symmetric,
+                       col_lse, col_weight);
   }
-  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows);
+  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, symmetric,
+                    col_lse, col_weight);
 }
 
 int openmp_threads() { return omp_get_max_threads(); }

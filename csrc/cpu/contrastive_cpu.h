@@ -13,6 +13,9 @@ namespace mmloss {
 // `lse` when present (a global one) or the one it computed. Teacher rows arrive ready to use
 // (unit-norm margin teacher; filter rows as the dot product should see them). Rows are
 // processed `strip_rows` at a time, each strip with (1 + teachers) tiles of strip_rows × N.
+// `symmetric` (M == N, diagonal positives): the forward also returns the column direction's
+// lse (N,); the backward (row_weight, lse, col_lse and col_weight given) adds the column
+// direction's gradient, Σ_j col_weight_j · column loss_j, in the same pass.
 std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tensor& key, double inv_temp,
                                         const at::Tensor& positives, double margin,
                                         const c10::optional<at::Tensor>& margin_query,
@@ -22,7 +25,10 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
                                         const c10::optional<at::Tensor>& row_groups,
                                         const c10::optional<at::Tensor>& key_groups,
                                         const c10::optional<at::Tensor>& lse,
-                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows);
+                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows,
+                                        bool symmetric = false,
+                                        const c10::optional<at::Tensor>& col_lse = c10::nullopt,
+                                        const c10::optional<at::Tensor>& col_weight = c10::nullopt);
 
 // Threads OpenMP would use (0 when built without OpenMP).
 int openmp_threads();

@@ -28,9 +28,6 @@ SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_SCRATCH_BYTES = 1 << 30
 # Batches with M and N up to this take the small-batch path (`small_batch`).
 SMALL_MAX = 2048
-# The one-pass symmetric forward shifts column sums by 1/tau in fp64 (exp underflows below
-# -708): for 1/tau above this (tau < 0.0028) a float tau takes two one-direction passes.
-SYMMETRIC_MAX_INV_TEMP = 350.0
 # Columns per split of the chunked forward at least (`forward_splits`).
 MIN_SPLIT_COLUMNS = 256
 INTERPRETER_SMS = 2
@@ -172,19 +169,10 @@ def forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProbl
 def forward_symmetric(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both directions of a symmetric loss (M == N, diagonal positives) in one pass over the
-    tiles: row lse (M,), column lse (N,) and the diagonal logit (M,), fp32."""
-    if not _one_pass_symmetric(inv_temp):
-        lse, pos_logit = forward(query, key, inv_temp, problem)
-        lse_col, _ = forward(key, query, inv_temp, problem.transposed())
-        return lse, lse_col, pos_logit
+    tiles: row lse (M,), column lse (N,) and the diagonal logit (M,), fp32. The column sums
+    are shifted by 1/tau (constants.SYMMETRIC_MAX_INV_TEMP bounds it)."""
     lse, pos_logit, lse_col = _forward(query, key, inv_temp, problem, symmetric=True)
     return lse, lse_col, pos_logit
-
-
-def _one_pass_symmetric(inv_temp) -> bool:
-    """The one-pass column sums hold for 1/tau <= SYMMETRIC_MAX_INV_TEMP; a tensor tau is
-    not read back (no host sync) and always takes the one pass (docs/triton.md)."""
-    return isinstance(inv_temp, torch.Tensor) or abs(float(inv_temp)) <= SYMMETRIC_MAX_INV_TEMP
 
 
 def _forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem, symmetric: bool):
@@ -301,11 +289,6 @@ def backward_symmetric(query: torch.Tensor, key: torch.Tensor, inv_temp, problem
                        ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of sum_i w_i row_loss_i + sum_j v_j col_loss_j in one pass over the tiles:
     each tile's G carries both directions' softmax terms."""
-    if not _one_pass_symmetric(inv_temp):
-        d_query, d_key, d_temp = backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad)
-        d_key_t, d_query_t, d_temp_t = backward(key, query, inv_temp, problem.transposed(), lse_col,
-                                                col_weight, need_temp_grad)
-        return d_query + d_query_t, d_key + d_key_t, d_temp + d_temp_t if need_temp_grad else None
     return _backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad, lse_col, col_weight)
 
 
