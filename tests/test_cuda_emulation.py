@@ -7,6 +7,7 @@ the 32-wide d chunks, with and without column splits and backward row chunks; bi
 results under another thread order and other strides and alignments; the 16-bit conversions."""
 
 import ctypes
+import functools
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ import mmloss.cuda as ck
 from mmloss import backends
 from mmloss.checks import build_problem
 
-from cases import FEATURES, assert_matches_reference, make_case
+from cases import FEATURES, assert_kernel_matches_reference, make_case
 
 if shutil.which("g++") is None:
     pytest.skip("needs g++", allow_module_level=True)
@@ -52,10 +53,7 @@ def plan(monkeypatch, streamed: bool, chunked: bool) -> None:
         monkeypatch.setattr(ck, "scratch_bytes", lambda: 1)
 
 
-def assert_close_to_oracle(case, dtype, reduction="mean"):
-    """SPEC §1's bar against float64, 8 ulps in fp32 (fp32 logits), as tests/test_cuda_gpu.py."""
-    ulps = 8 if dtype == torch.float32 else 0.5
-    assert_matches_reference(case, "cuda", dtype, reduction, learn_temperature=True, ulps=ulps)
+assert_close_to_oracle = functools.partial(assert_kernel_matches_reference, backend="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -2,6 +2,7 @@
 reference (SPEC §1's bar), odd shapes, the row-chunked backward, key blocks, torch.compile,
 and compute-sanitizer on a small case. Skipped without CUDA or without CUDA kernels in _C."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -20,17 +21,14 @@ if unavailable_reason("cuda", torch.device("cuda")) is not None:
 import mmloss  # noqa: E402
 import mmloss.cuda as ck  # noqa: E402
 
-from cases import FEATURES, assert_matches_reference, make_case  # noqa: E402
+from cases import FEATURES, assert_kernel_matches_reference, make_case  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 BACKEND = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def assert_close_to_oracle(case, dtype, reduction="mean", learn_temperature=True):
-    """SPEC §1's bar against float64 (cases.assert_matches_reference), 8 ulps in fp32 (fp32 logits)."""
-    ulps = 8 if dtype == torch.float32 else 0.5
-    assert_matches_reference(case, BACKEND, dtype, reduction, learn_temperature, ulps=ulps)
+assert_close_to_oracle = functools.partial(assert_kernel_matches_reference, backend=BACKEND)
 
 
 @pytest.fixture(params=["one_chunk", "chunked"])

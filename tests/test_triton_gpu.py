@@ -10,12 +10,13 @@ if not torch.cuda.is_available():  # checked before importing triton (see test_t
 pytest.importorskip("triton")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 
 import mmloss  # noqa: E402
 import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
 
-from cases import FEATURES, assert_matches_reference, loss_and_grads, make_case  # noqa: E402
+from cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 BACKEND = "triton"
@@ -31,10 +32,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-def assert_close_to_oracle(case, dtype, reduction="mean", learn_temperature=True):
-    """SPEC §1's error bar against float64 (cases.assert_matches_reference), with 8 ulps in fp32."""
-    ulps = 8 if dtype == torch.float32 else 0.5
-    assert_matches_reference(case, BACKEND, dtype, reduction, learn_temperature, ulps=ulps)
+assert_close_to_oracle = functools.partial(assert_kernel_matches_reference, backend=BACKEND)
 
 
 # Each feature set x dtype class is a separate compiled variant: bf16 covers every feature,

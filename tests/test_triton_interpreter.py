@@ -12,6 +12,7 @@ that path, not the MMA.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -34,7 +35,7 @@ import mmloss  # noqa: E402
 import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
 
-from cases import FEATURES, assert_matches_reference, loss_and_grads, make_case  # noqa: E402
+from cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
 
 BACKEND = "triton"
 # log(0) = -inf for a row with no allowed column in a tile is intended; numpy warns about it.
@@ -52,10 +53,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-def assert_close_to_oracle(case, dtype, reduction="mean", learn_temperature=True):
-    """SPEC §1's error bar against float64 (cases.assert_matches_reference), with 8 ulps in fp32."""
-    ulps = 8 if dtype == torch.float32 else 0.5
-    assert_matches_reference(case, BACKEND, dtype, reduction, learn_temperature, ulps=ulps)
+assert_close_to_oracle = functools.partial(assert_kernel_matches_reference, backend=BACKEND)
 
 
 @pytest.mark.parametrize("features", sorted(FEATURES))
