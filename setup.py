@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 
 def _version() -> str:
     scope: dict = {}
-    exec((ROOT / "mmloss" / "_version.py").read_text(), scope)
+    exec((ROOT / "src" / "mmloss" / "_version.py").read_text(), scope)
     return scope["__version__"]
 
 
@@ -61,7 +61,8 @@ setup(
     name="mmloss",
     version=_version(),
     description="Fused, memory-lean contrastive losses (MCSE, MCSEO, KDMCSE) for multimodal sentence embeddings",
-    packages=find_packages(include=["mmloss", "mmloss.*"]),
+    package_dir={"": "src"},
+    packages=find_packages("src", include=["mmloss", "mmloss.*"]),
     package_data={"mmloss": ["auto_table.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],

@@ -95,6 +95,22 @@ def make_case(M: int, N: int, d: int, features: str, *, seed: int, device="cpu",
     return Case(q.to(device), k.to(device), temperature, kwargs)
 
 
+def threshold_between(scores: torch.Tensor, quantile: float = 0.5) -> float:
+    """A filter threshold near `quantile` of `scores` that lies midway between two adjacent
+    scores, at least 1e-4 (relative) from each: a score on the decision edge would be kept or
+    dropped depending on the GEMM's rounding, which differs between CPUs (SPEC: such a score
+    may be decided either way)."""
+    values = torch.unique(scores.detach().flatten().double())  # sorted
+    gaps = values[1:] - values[:-1]
+    wide = gaps > 1e-4 * values[:-1].abs().clamp(min=1.0)
+    if not bool(wide.any()):
+        raise ValueError("no two teacher scores are far enough apart for a threshold between them")
+    target = quantile * (len(values) - 1)
+    candidates = torch.nonzero(wide).flatten()
+    i = int(candidates[(candidates.double() - target).abs().argmin()])
+    return float((values[i] + values[i + 1]) / 2)
+
+
 def loss_and_grads(case: Case, backend: str, dtype: torch.dtype, reduction: str = "mean",
                    learn_temperature: bool = False, teacher_dtype: Optional[torch.dtype] = None,
                    rounded_to: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:

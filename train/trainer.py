@@ -30,9 +30,9 @@ from transformers import AutoTokenizer
 from train import checkpoint
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, Collator, load_pairs, load_text
+from train.datasets import senteval_dir
 from train.model import SentenceModel
 
-DEFAULT_STS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "senteval"
 
 
 def _free_port() -> int:
@@ -142,7 +142,7 @@ class Trainer:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.out = Path(config.train.output_dir)
-        self.sts_dir = Path(config.train.sts_dir) if config.train.sts_dir else DEFAULT_STS_DIR
+        self.sts_dir = senteval_dir(config.train.sts_dir)
         t = config.train
         self.evaluating = t.eval_steps > 0 or t.eval_before or t.eval_after
         if self.evaluating:

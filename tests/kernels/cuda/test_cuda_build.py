@@ -3,6 +3,7 @@ against the installed torch's headers) with no warning; ptxas reports no spills 
 frame for any kernel; the SASS of the loss kernels' inner loops uses tensor-core instructions
 (HMMA) for bf16/fp16 and exact fp32 FMAs (FFMA, no HMMA) for fp32, and no local memory."""
 
+from tests.repo import REPO
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 ARCHS = {"80", "90"}
 TILE_KERNELS = ("forward_kernel", "grad_tile_kernel")
 # Mangled template argument of the embeddings' type: bf16, fp16, fp32.

@@ -16,7 +16,7 @@ import mmloss  # noqa: E402
 import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
 
-from cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
+from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 BACKEND = "triton"

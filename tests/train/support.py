@@ -3,12 +3,13 @@ the demo data, and a small configuration."""
 
 from __future__ import annotations
 
+from tests.repo import REPO
+from train.datasets import corpus_file, senteval_dir
 from pathlib import Path
 from typing import Any, Dict
 
-REPO = Path(__file__).resolve().parents[1]
-SENTEVAL = REPO.parent / "shared" / "data" / "senteval"
-CORPUS = REPO.parent / "shared" / "data" / "corpus" / "snli-dev-test-sentences.txt"
+SENTEVAL = senteval_dir()
+CORPUS = corpus_file()
 
 
 def tiny_bert(directory: Path) -> Path:

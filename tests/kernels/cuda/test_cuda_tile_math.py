@@ -3,6 +3,7 @@ CPU backend's suites exercise it through the kernels; this checks the functions 
 kernels use beyond the CPU's path (online log-sum-exp update and merge, float instances)
 directly against float64 Python, compiled with the host C++ compiler (no GPU, no torch)."""
 
+from tests.repo import REPO
 import math
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 CXX = shutil.which("g++") or shutil.which("c++")
 
 PROGRAM = r"""

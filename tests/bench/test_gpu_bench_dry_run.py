@@ -1,6 +1,7 @@
 """The GPU benchmark's harness on the CPU (`bench/gpu_bench.py --dry-run`: Triton interpreter,
 N = 64 and 130): a GPU session is rare, so its script must not fail on a harness bug."""
 
+from tests.repo import REPO
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 pytest.importorskip("triton")
 
 

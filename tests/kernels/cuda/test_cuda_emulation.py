@@ -17,12 +17,12 @@ import mmloss.cuda as ck
 from mmloss import backends
 from mmloss.checks import build_problem
 
-from cases import FEATURES, assert_kernel_matches_reference, make_case
+from tests.cases import FEATURES, assert_kernel_matches_reference, make_case
 
 if shutil.which("g++") is None:
     pytest.skip("needs g++", allow_module_level=True)
 
-from cuda_emulation import emulated  # noqa: E402
+from tests.kernels.cuda.emulation import emulated  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (M, N, d): 1 row, partial tiles, exactly one tile plus one, two tiles plus two; d below one

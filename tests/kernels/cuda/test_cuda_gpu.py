@@ -21,7 +21,7 @@ if unavailable_reason("cuda", torch.device("cuda")) is not None:
 import mmloss  # noqa: E402
 import mmloss.cuda as ck  # noqa: E402
 
-from cases import FEATURES, assert_kernel_matches_reference, make_case  # noqa: E402
+from tests.cases import FEATURES, assert_kernel_matches_reference, make_case  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 BACKEND = "cuda"
@@ -114,7 +114,7 @@ def test_torch_compile_traces_the_op():
 
 SANITIZED = """
 import torch, mmloss
-from cases import make_case
+from tests.cases import make_case
 case = make_case(37, 70, 24, "all", seed=1, device="cuda")
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     q, k, t = case.inputs(dtype, learn_temperature=True)

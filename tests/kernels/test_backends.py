@@ -5,10 +5,8 @@ import pytest
 import torch
 
 import mmloss
-from cases import FEATURES, assert_matches_reference, make_case
-from conftest import KERNEL_BACKENDS
+from tests.cases import FEATURES, assert_matches_reference, make_case
 
-pytestmark = pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 
 SIZES = [(1, 1, 1), (1, 6, 3), (2, 1, 4), (13, 17, 769), (37, 41, 3), (64, 61, 32)]
 

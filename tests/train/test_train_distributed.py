@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("deepspeed")
 
-from test_train_support import small_settings, tiny_bert  # noqa: E402
+from tests.train.support import small_settings, tiny_bert  # noqa: E402
 
 from train.config import METHODS, build_config  # noqa: E402
 from train.demo_data import write_demo_data  # noqa: E402

@@ -10,6 +10,7 @@ kernels fail to write shows.
 
 from __future__ import annotations
 
+from tests.repo import REPO
 import ctypes
 import functools
 import hashlib
@@ -25,7 +26,7 @@ import mmloss.cuda as ck
 from mmloss.problem import LossProblem
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = REPO
 SOURCES = [ROOT / "csrc/cuda/contrastive_forward.cu", ROOT / "csrc/cuda/contrastive_backward.cu",
            HERE / "emulator.cpp", HERE / "driver.cpp"]
 HEADERS = [ROOT / "csrc/cuda/tile.cuh", ROOT / "csrc/cuda/contrastive_cuda.h",

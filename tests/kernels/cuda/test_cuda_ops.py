@@ -12,7 +12,7 @@ from mmloss import backends
 from mmloss.checks import build_problem
 from mmloss.library import _backward_fake, _forward_fake  # noqa: F401  (registers the fakes)
 
-from cases import make_case
+from tests.cases import make_case
 
 
 def _op_args(case, dtype=torch.float64):
