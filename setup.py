@@ -3,10 +3,11 @@
 Environment: MAX_JOBS (parallel compile jobs), NVCC_THREADS (nvcc --threads: architectures
 compiled in parallel per .cu, default 1), MMLOSS_CUDA_ARCHS (default "80;90"),
 MMLOSS_WITH_CUDA=0/1 (default: 1 when torch is a CUDA build and nvcc is found),
-MMLOSS_CPU_NATIVE=0/1 (default 1: -march=native for the CPU kernels; 0 for a portable build),
+MMLOSS_CPU_NATIVE=0/1 (-march=native for the CPU kernels when 1),
 CMAKE_BUILD_TYPE (default Release).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,12 +18,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-
-
-def _version() -> str:
-    scope: dict = {}
-    exec((ROOT / "src" / "mmloss" / "_version.py").read_text(), scope)
-    return scope["__version__"]
+BUILD_RECORD = "_C_build.json"  # read by src/mmloss/extension.py
 
 
 def _with_cuda(torch) -> bool:
@@ -55,18 +51,35 @@ class CMakeBuild(build_ext):
             build += ["-j", os.environ["MAX_JOBS"]]
         subprocess.run(configure, cwd=build_dir, check=True)
         subprocess.run(build, cwd=build_dir, check=True)
+        # What _C was built against: mmloss.extension refuses to load it beside another torch.
+        record = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+        (out_dir / BUILD_RECORD).write_text(json.dumps(record) + "\n")
+
+    # The build record travels with _C: into wheels (get_outputs), editable installs
+    # (_get_output_mapping) and `build_ext --inplace` (copy_extensions_to_source).
+    def _record_pairs(self):
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            yield str(Path(regular_file).with_name(BUILD_RECORD)), str(Path(inplace_file).with_name(BUILD_RECORD))
+
+    def get_outputs(self):
+        return super().get_outputs() + [regular for regular, _ in self._record_pairs()]
+
+    def _get_output_mapping(self):
+        yield from super()._get_output_mapping()
+        yield from self._record_pairs()
+
+    def copy_extensions_to_source(self) -> None:
+        super().copy_extensions_to_source()
+        for regular, inplace in self._record_pairs():
+            self.copy_file(regular, inplace, level=self.verbose)
 
 
 setup(
-    name="mmloss",
-    version=_version(),
-    description="Fused, memory-lean contrastive losses (MCSE, MCSEO, KDMCSE) for multimodal sentence embeddings",
     package_dir={"": "src"},
     packages=find_packages("src", include=["mmloss", "mmloss.*"]),
     package_data={"mmloss": ["auto_table.json"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.6"]},
     ext_modules=[Extension("mmloss._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

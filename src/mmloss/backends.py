@@ -53,16 +53,10 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 
 
 def _load_extension() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """(mmloss._C, None), or (None, why not): not built, or built but failing to load."""
-    try:
-        from mmloss import _C
-    except ModuleNotFoundError as exc:
-        if exc.name != "mmloss._C":
-            raise
-        return None, "not built (pip install --no-build-isolation .)"
-    except ImportError as exc:  # built, but broken: say so instead of hiding it
-        return None, f"built but failed to load: {exc}"
-    return _C, None
+    """(mmloss._C, None), or (None, why not): see mmloss.extension."""
+    from mmloss import extension
+
+    return extension.load()
 
 
 def compiled_extension() -> Optional[ModuleType]:
