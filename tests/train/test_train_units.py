@@ -35,8 +35,20 @@ def test_unknown_key_lists_the_valid_keys():
     ("deepspeed.zero_stage=3", "zero_stage must be one of 0, 1, 2"),
     ("method=clip", "method must be one of"),
     ("train.resume=maybe", "train.resume must be a bool"),
-    ("train.batch_size=0", "train.batch_size must be positive"),
-    ("train.log_steps=0", "train.log_steps must be positive"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.log_steps=0", "train.log_steps must be >= 1"),
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0"),
+    ("loss.vl_temperature=0", "loss.vl_temperature must be > 0"),
+    ("loss.op_temperature=-1", "loss.op_temperature must be > 0"),
+    ("loss.vl_weight=-0.1", "loss.vl_weight must be >= 0"),
+    ("loss.margin=2", r"loss.margin must be in \[0, 1.5708\)"),
+    ("loss.filter_threshold=.nan", "loss.filter_threshold must be a finite number"),
+    ("optim.beta2=1", r"optim.beta2 must be in \[0, 1\)"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("train.seed=-1", "train.seed must be >= 0"),
+    ("deepspeed.gradient_clipping=-1", "deepspeed.gradient_clipping must be >= 0"),
     ("train.save_steps=-1", "train.save_steps must be >= 0"),
     ("model=3", "model must be a mapping"),
     ("train.sts_tasks=STS12,STS99", "unknown STS99"),
@@ -45,6 +57,28 @@ def test_unknown_key_lists_the_valid_keys():
 def test_bad_values_fail_at_start(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config(CONFIGS / "simcse.yaml", [parse_override(override)])
+
+
+def test_every_numeric_key_declares_its_range():
+    """A numeric key without a declared range would pass any value (e.g. optim.lr=nan before)."""
+    import dataclasses
+    import typing
+
+    from train.config import Config, Range
+
+    def fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from fields(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name, hints[f.name], f
+
+    numeric = [(k, f) for k, hint, f in fields(Config) if hint in (int, float)]
+    assert len(numeric) > 20
+    missing = [k for k, f in numeric if not isinstance(f.metadata.get("range"), Range) and "choices" not in f.metadata]
+    assert not missing, f"declare a range (train.config._range) for {missing}"
+    build_config(CONFIGS / "simcse.yaml")  # the defaults are in range
 
 
 def test_overrides_and_yaml_floats():
