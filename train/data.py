@@ -1,9 +1,10 @@
 """Training data: loaders for the on-disk formats (docs/training.md), the batch schedule, collation.
 
 Errors name the bad file (and line, or row of a feature array: non-finite features are
-rejected). Every example keeps its source (file and line) for the trainer's messages. The schedule is a pure function of (seed, epoch, sizes),
-the same on every rank, so that a run resumes at any step and every rank makes the same loss
-calls (text-only and image-caption batches on the same steps, as global negatives require).
+rejected). Every example keeps its source (file and line) for the trainer's messages. The
+schedule is a pure function of (seed, epoch, sizes), the same on every rank, so that a run
+resumes at any step and every rank makes the same loss calls (text-only and image-caption
+batches on the same steps, as global negatives require).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ source lines (train.guard); a checkpoint or model is never written from non-fini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,8 +36,15 @@ from train import checkpoint
 from train.config import Config, ConfigError, to_dict
 from train.data import Batches, Collator, load_pairs, read_text
 from train.datasets import senteval_dir
-from train.guard import (NonFiniteError, describe_sources, format_parts, nonfinite_parameter, nonfinite_part,
-                         ranks_flagging, skipped_update)
+from train.guard import (
+    NonFiniteError,
+    describe_sources,
+    format_parts,
+    nonfinite_parameter,
+    nonfinite_part,
+    ranks_flagging,
+    skipped_update,
+)
 from train.model import SentenceModel
 
 
@@ -154,7 +162,8 @@ class Trainer:
         if self.evaluating:
             _sts_module()
         method = config.method
-        self.texts, self.text_lines = read_text(config.data.text, config.data.text_limit) if config.data.text else ([], [])
+        self.texts, self.text_lines = (read_text(config.data.text, config.data.text_limit) if config.data.text
+                                       else ([], []))
         self.pairs = load_pairs(config.data.pairs, regions=method == "mcseo",
                                 teacher=method == "kdmcse") if method != "simcse" else None
         self.batches = Batches(len(self.texts), len(self.pairs.captions) if self.pairs else 0, t.batch_size,
@@ -277,11 +286,18 @@ class Trainer:
                                  "model was written from this state")
 
     def _train(self) -> None:
+        done = self.state["micro_step"] // self.config.deepspeed.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=done, disable=self.rank != 0, unit="step",
+                   desc=self.config.method, dynamic_ncols=True)
+        try:
+            self._steps(bar)
+        finally:  # also when a non-finite value stops the run
+            bar.close()
+
+    def _steps(self, bar) -> None:
         t, ga = self.config.train, self.config.deepspeed.gradient_accumulation_steps
         total_micro = self.total_steps * ga
         micro = self.state["micro_step"]
-        bar = tqdm(total=self.total_steps, initial=micro // ga, disable=self.rank != 0, unit="step",
-                   desc=self.config.method, dynamic_ncols=True)
         window: Dict[str, List[float]] = defaultdict(list)
         counts: Dict[str, int] = defaultdict(int)  # skipped_terms, nonfinite_steps of the log window
         window_seconds, window_samples, step_samples = 0.0, 0, 0
@@ -307,14 +323,11 @@ class Trainer:
             # DeepSpeed's own check (ZeRO-1/2, bf16) or the one below (ZeRO-0).
             self.engine.backward(loss * float("nan") if bad else loss)
             boundary = (micro + 1) % ga == 0
-            if boundary and plain_optimizer:
-                name = None if skip else nonfinite_parameter(self.engine.module, gradients=True)
-                skip = skip or self._nonfinite(step, f"the gradient of {name} is not finite" if name else None,
-                                               sources)
-            if boundary and plain_optimizer and skip:
-                with skipped_update(self.engine.module, self.engine.optimizer):
-                    self.engine.step()
-            else:
+            if boundary and plain_optimizer and not skip:
+                name = nonfinite_parameter(self.engine.module, gradients=True)
+                skip = self._nonfinite(step, f"the gradient of {name} is not finite" if name else None, sources)
+            drop = boundary and plain_optimizer and skip
+            with skipped_update(self.engine.module, self.engine.optimizer) if drop else contextlib.nullcontext():
                 self.engine.step()
             if boundary and not plain_optimizer and not skip:
                 skip = self._nonfinite(step, None if self.engine.was_step_applied() else
@@ -361,7 +374,6 @@ class Trainer:
             if save:
                 checkpoint.save_checkpoint(self.engine, self.out, step, {"trainer": self.state}, t.keep_checkpoints)
             tick = time.perf_counter()  # evaluation and checkpoints are not training time
-        bar.close()
 
     def _dev(self, step: int) -> None:
         """STS-B dev at `step`; keeps the model when it is the best so far (the official scripts)."""

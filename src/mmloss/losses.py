@@ -220,10 +220,10 @@ class MCSEOLoss(MCSELoss):
         object_batch = _all_or_none("phrases, objects and phrase_object", phrases, objects, phrase_object)
         if object_batch:
             check_embeddings(phrases, objects, ("phrases", "objects"))
-            P, O = phrases.shape[0], objects.shape[0]
-            _check_targets("phrase_object", phrase_object, P, O, phrases.device)
+            n_objects = objects.shape[0]
+            _check_targets("phrase_object", phrase_object, phrases.shape[0], n_objects, phrases.device)
             if object_groups is not None:
-                _check_index_tensor("object_groups", object_groups, O, objects.device)
+                _check_index_tensor("object_groups", object_groups, n_objects, objects.device)
         out = super().forward(z1, z2, s1, s2, m, image_ids)
         if not object_batch:
             return out
