@@ -26,13 +26,19 @@ LAUNCHER = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """The tiny BERT and the shapes data; the launcher variables that the in-process trainers
-    set (rank 0 of 1) are removed afterwards, so that later subprocesses start their own group."""
+    """The tiny BERT and the shapes data. The in-process trainers create a process group (rank 0
+    of 1) and set the launcher variables: both are undone afterwards, so that later tests and
+    subprocesses start as they would alone."""
+    import torch.distributed as dist
+
     root = tmp_path_factory.mktemp("nonfinite")
     tiny_bert(root / "bert")
     write_demo_data(root / "data", images=40)  # 120 captions
     before = {k: os.environ.get(k) for k in LAUNCHER}
+    had_group = dist.is_initialized()
     yield root
+    if dist.is_initialized() and not had_group:
+        dist.destroy_process_group()
     for k, v in before.items():
         os.environ.pop(k, None) if v is None else os.environ.update({k: v})
 
