@@ -2,9 +2,9 @@
 
 Every key is checked at start-up: an unknown key, a value of the wrong type, a value outside
 a key's choices or a number outside its range (declared once, in the field's metadata; every
-float must also be finite) raises `ConfigError` naming the key and listing the valid ones. The YAML files
-in train/configs/ carry each method's official hyperparameters (SPEC §2-3); docs/training.md
-describes every key.
+float must also be finite) raises `ConfigError` naming the key and listing the valid ones.
+The YAML files in train/configs/ carry each method's official hyperparameters (SPEC §2-3);
+docs/training.md describes every key.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def read_text(path: Path, limit: int = 0) -> Tuple[List[str], List[int]]:
     return sentences, lines
 
 
-def _load_arrays(directory: Path, name: str, required: bool) -> Tuple[Optional[Dict[str, torch.Tensor]], Path]:
+def _load_arrays(directory: Path, name: str,
+                 required: bool) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[Path]]:
     """(tensors, file) of `<name>.safetensors` or `<name>.npz` (named arrays), or `<name>.npy`
     as "features"; (None, None) when there is none and it is not required."""
     for suffix in (".safetensors", ".npz", ".npy"):
