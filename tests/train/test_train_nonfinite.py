@@ -133,6 +133,24 @@ def test_skip_nonfinite_skips_and_counts(shared, tmp_path, zero, where):
     assert (tmp_path / "run" / "last" / "heads.safetensors").exists()
 
 
+def test_nan_weights_are_never_saved(shared, tmp_path):
+    """An update that makes a weight NaN from finite gradients (here: injected after the
+    optimizer's second step) stops the run before that step's checkpoint."""
+    trainer = _trainer(shared, tmp_path / "run", max_steps=4, save_steps=1)
+    weight = trainer.engine.module.mlp[0].weight
+    steps = []
+
+    def poison(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            weight.data[0, 0] = float("nan")
+
+    trainer.engine.optimizer.register_step_post_hook(poison)
+    with pytest.raises(NonFiniteError, match="step 2: weight mlp.0.weight is not finite"):
+        trainer.run()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-000001"]
+
+
 def test_resume_with_another_zero_stage_says_what_differs(shared, tmp_path):
     _trainer(shared, tmp_path / "run", zero=2, max_steps=2).run()
     with pytest.raises(ConfigError, match=r"saved with ZeRO stage 2 on 1 rank\(s\), but this run has "
