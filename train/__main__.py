@@ -2,6 +2,8 @@
 `python -m train --preset demo [--method simcse|mcse|mcseo|kdmcse] [--override ...]`
 
 The same command runs under torchrun or the deepspeed launcher (one process per device).
+Exit status: 0 done, 2 a configuration or data error, 3 stopped on a non-finite loss, gradient
+or weight (train.guard).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import List, Optional
 
 from train.config import METHODS, ConfigError, build_config, parse_override, valid_keys
 from train.data import DataError
+from train.guard import NonFiniteError
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -50,6 +53,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # stopped before any non-finite state was saved
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Layout under the run's output directory:
     checkpoints/step-000125/   DeepSpeed engine state (model, optimizer partitions, scheduler),
-                               client state (data position, best score) and rng-rank<r>.pt
+                               client state (data position, best score), rng-rank<r>.pt and
+                               layout.json (ZeRO stage and world size: a resume must match them)
     checkpoints/latest         symlink -> step-000125 (replaced atomically)
     model-step-000125/         a saved model: encoder/ (transformers save_pretrained + tokenizer)
                                and heads.safetensors (pooler and grounding heads)
@@ -16,6 +17,7 @@ models intact; temporary leftovers are removed when the run resumes.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -27,6 +29,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
+
+from train.config import ConfigError
 
 TMP_PREFIX = ".tmp-"
 
@@ -73,6 +77,27 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _layout(engine) -> Dict[str, int]:
+    """What a checkpoint's optimizer state depends on: the ZeRO stage and the world size."""
+    return {"zero_stage": int(engine.zero_optimization_stage()),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def _check_layout(directory: Path, engine) -> None:
+    """A ConfigError saying what differs when `directory` was saved with another ZeRO stage or
+    world size than `engine` runs with (checkpoints without layout.json are not checked)."""
+    path = directory / "layout.json"
+    if not path.exists():
+        return
+    saved, current = json.loads(path.read_text()), _layout(engine)
+    if saved != current:
+        raise ConfigError(
+            f"{directory}: the checkpoint was saved with ZeRO stage {saved['zero_stage']} on {saved['world_size']} "
+            f"rank(s), but this run has deepspeed.zero_stage={current['zero_stage']} on {current['world_size']} "
+            "rank(s); resume with the same settings, or start afresh (train.resume=false or another "
+            "train.output_dir)")
+
+
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -90,6 +115,8 @@ def save_checkpoint(engine, output_dir: Path, step: int, client_state: Dict[str,
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rng_state(), root / tmp_tag / f"rng-rank{rank}.pt")
+    if rank == 0:
+        (root / tmp_tag / "layout.json").write_text(json.dumps(_layout(engine)) + "\n")
     _barrier()
     if rank == 0:
         _publish(root / tmp_tag, root / name)
@@ -115,6 +142,7 @@ def load_latest(engine, output_dir: Path) -> Optional[Dict[str, Any]]:
     if not latest.is_symlink():
         return None
     tag = os.readlink(latest)
+    _check_layout(root / tag, engine)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:

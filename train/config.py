@@ -1,14 +1,16 @@
 """The trainer's settings: nested dataclasses read from YAML, with `section.key=value` overrides.
 
-Every key is checked at start-up: an unknown key, a value of the wrong type or a value outside
-a key's choices raises `ConfigError` naming the key and listing the valid ones. The YAML files
-in train/configs/ carry each method's official hyperparameters (SPEC §2-3); docs/training.md
-describes every key.
+Every key is checked at start-up: an unknown key, a value of the wrong type, a value outside
+a key's choices or a number outside its range (declared once, in the field's metadata; every
+float must also be finite) raises `ConfigError` naming the key and listing the valid ones.
+The YAML files in train/configs/ carry each method's official hyperparameters (SPEC §2-3);
+docs/training.md describes every key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -27,14 +29,46 @@ def _choices(*values: str) -> Dict[str, Any]:
     return {"choices": values}
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: low <= value (low < value when `open_low`), and
+    value < high when `high` is given."""
+
+    low: float
+    open_low: bool = False
+    high: Optional[float] = None
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g})"
+
+
+def _range(low: float, open_low: bool = False, high: Optional[float] = None, default: Any = None) -> Any:
+    """A dataclass field with `default` whose value must lie in Range(low, open_low, high)."""
+    return dataclasses.field(default=default, metadata={"range": Range(low, open_low, high)})
+
+
+def _positive(default: float) -> Any:
+    return _range(0, True, default=default)
+
+
+def _at_least(low: int, default: int) -> Any:
+    return _range(low, default=default)
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The encoder and the heads (SPEC §2)."""
 
     name_or_path: str = "bert-base-uncased"  # transformers hub name or local directory
-    max_length: int = 32  # training tokens per sentence (official scripts: 32)
-    eval_max_length: int = 128  # tokens per sentence when encoding for evaluation
-    grounding_dim: int = 256  # width g of the grounded text and vision heads
+    max_length: int = _at_least(1, 32)  # training tokens per sentence (official scripts: 32)
+    eval_max_length: int = _at_least(1, 128)  # tokens per sentence when encoding for evaluation
+    grounding_dim: int = _at_least(1, 256)  # width g of the grounded text and vision heads
     phrase_encoding: str = dataclasses.field(default="span", metadata=_choices("span", "text"))
 
 
@@ -44,19 +78,19 @@ class DataConfig:
 
     text: Optional[str] = None  # text corpus, one sentence a line
     pairs: Optional[str] = None  # image-caption directory (captions.jsonl, images.*, ...)
-    text_limit: int = 0  # use only the first N sentences of the corpus (0: all)
+    text_limit: int = _at_least(0, 0)  # use only the first N sentences of the corpus (0: all)
 
 
 @dataclasses.dataclass
 class LossConfig:
     """The method loss's settings (mmloss.losses); defaults are the official scripts'."""
 
-    temperature: float = 0.05
-    vl_temperature: float = 0.05
-    vl_weight: float = 0.01  # λ (MCSE, MCSEO's λ1, KDMCSE)
-    op_temperature: float = 0.05  # MCSEO object-phrase τ
-    op_weight: float = 0.01  # MCSEO λ2
-    margin: float = 0.15  # KDMCSE angular margin (radians)
+    temperature: float = _positive(0.05)
+    vl_temperature: float = _positive(0.05)
+    vl_weight: float = _at_least(0, 0.01)  # λ (MCSE, MCSEO's λ1, KDMCSE)
+    op_temperature: float = _positive(0.05)  # MCSEO object-phrase τ
+    op_weight: float = _at_least(0, 0.01)  # MCSEO λ2
+    margin: float = _range(0, high=math.pi / 2, default=0.15)  # KDMCSE angular margin (radians)
     filter_threshold: Optional[float] = None  # KDMCSE teacher filter (None: off, as released)
     filter_normalize: bool = False  # the filter on the cosine instead of the raw dot product
     group_same_image: bool = False  # other captions of a row's image are not negatives
@@ -69,12 +103,12 @@ class OptimConfig:
     """Optimizer and learning-rate schedule (linear decay after an optional warm-up)."""
 
     name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "lamb"))
-    lr: float = 3e-5
-    weight_decay: float = 0.0  # HF Trainer's default, which the official scripts use
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = _positive(3e-5)
+    weight_decay: float = _at_least(0, 0.0)  # HF Trainer's default, which the official scripts use
+    beta1: float = _range(0, high=1, default=0.9)
+    beta2: float = _range(0, high=1, default=0.999)
+    eps: float = _positive(1e-8)
+    warmup_steps: int = _at_least(0, 0)
     schedule: str = dataclasses.field(default="linear", metadata=_choices("linear", "constant"))
 
 
@@ -82,22 +116,23 @@ class OptimConfig:
 class TrainConfig:
     """The loop: batch, length, evaluation, checkpoints."""
 
-    batch_size: int = 64  # sentences (captions) per process per micro-step
-    epochs: int = 3
-    max_steps: int = 0  # optimizer steps; 0: epochs decide
-    seed: int = 42
+    batch_size: int = _at_least(1, 64)  # sentences (captions) per process per micro-step
+    epochs: int = _at_least(1, 3)
+    max_steps: int = _at_least(0, 0)  # optimizer steps; 0: epochs decide
+    seed: int = _at_least(0, 42)
     output_dir: str = "runs/default"
-    eval_steps: int = 125  # STS-B dev every N optimizer steps, keeping the best model (0: never)
-    save_steps: int = 125  # resumable checkpoint every N optimizer steps (0: only at the end)
-    keep_checkpoints: int = 2  # resumable checkpoints kept on disk
-    log_steps: int = 10
+    eval_steps: int = _at_least(0, 125)  # STS-B dev every N optimizer steps, keeping the best model (0: never)
+    save_steps: int = _at_least(0, 125)  # resumable checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = _at_least(0, 2)  # resumable checkpoints kept on disk
+    log_steps: int = _at_least(1, 10)
     resume: bool = True  # continue from output_dir's latest checkpoint when there is one
     sts_dir: Optional[str] = None  # SentEval data; None: MMLOSS_DATA, else the bundled copy (train.datasets)
     eval_before: bool = False  # all STS sets before training
     eval_after: bool = True  # all STS sets after training (the best model)
     eval_cpu_bf16: bool = False  # encode for evaluation under bf16 autocast on the CPU (faster, ±0.x points)
     sts_tasks: str = "all"  # "all" or comma-separated train.sts task names, e.g. "STSBenchmark,SICKRelatedness"
-    threads: int = 0  # torch CPU threads per process (0: torch's default)
+    threads: int = _at_least(0, 0)  # torch CPU threads per process (0: torch's default)
+    skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is not finite, instead of stopping
 
 
 @dataclasses.dataclass
@@ -105,8 +140,8 @@ class DeepSpeedConfig:
     """The DeepSpeed engine's settings (ZeRO 0/1/2 only: evaluation reads whole parameters)."""
 
     zero_stage: int = dataclasses.field(default=0, metadata={"choices": (0, 1, 2)})
-    gradient_accumulation_steps: int = 1  # does not enlarge the negative pool (docs/training.md)
-    gradient_clipping: float = 1.0  # max gradient norm (HF Trainer's 1.0); 0 turns clipping off
+    gradient_accumulation_steps: int = _at_least(1, 1)  # does not enlarge the negative pool (docs/training.md)
+    gradient_clipping: float = _at_least(0, 1.0)  # max gradient norm (HF Trainer's 1.0); 0 turns clipping off
     precision: str = dataclasses.field(default="auto", metadata=_choices("auto", "fp32", "bf16"))
 
 
@@ -157,7 +192,27 @@ def _check_value(key: str, value: Any, hint, f: dataclasses.Field, where: str) -
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    _check_range(key, value, f, where)
     return value
+
+
+def _check_range(key: str, value: Any, f: dataclasses.Field, where: str) -> None:
+    """A float must be finite; a number must lie in the field's declared Range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {key} must be a finite number, got {value}")
+    valid = f.metadata.get("range")
+    if valid is not None and value is not None and value not in valid:
+        raise ConfigError(f"{where}: {key} must be {valid}, got {value}")
+
+
+def _check_ranges(obj, prefix: str = "") -> None:
+    """Every numeric field of dataclass `obj` (recursively) against its range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{prefix}{f.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_range(prefix + f.name, value, f, "config")
 
 
 def _apply(obj, values: Dict[str, Any], where: str, prefix: str = "") -> None:
@@ -215,23 +270,8 @@ def build_config(path: Optional[Path] = None, overrides: Iterable[Dict[str, Any]
 
 
 def validate(config: Config) -> None:
-    """Checks across keys (ranges, what each method needs)."""
-    positive = {"model.max_length": config.model.max_length, "model.eval_max_length": config.model.eval_max_length,
-                "model.grounding_dim": config.model.grounding_dim, "train.batch_size": config.train.batch_size,
-                "train.epochs": config.train.epochs, "train.log_steps": config.train.log_steps,
-                "deepspeed.gradient_accumulation_steps": config.deepspeed.gradient_accumulation_steps,
-                "optim.lr": config.optim.lr, "loss.temperature": config.loss.temperature}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    t = config.train
-    for key, value in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps,
-                       "train.save_steps": t.save_steps, "train.keep_checkpoints": t.keep_checkpoints,
-                       "train.threads": t.threads, "data.text_limit": config.data.text_limit,
-                       "optim.warmup_steps": config.optim.warmup_steps,
-                       "deepspeed.gradient_clipping": config.deepspeed.gradient_clipping}.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
+    """Every numeric key's range, and checks across keys (what each method needs)."""
+    _check_ranges(config)
     if config.train.sts_tasks != "all":
         from train.sts import ALL_TASKS
 

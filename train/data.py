@@ -1,8 +1,10 @@
 """Training data: loaders for the on-disk formats (docs/training.md), the batch schedule, collation.
 
-Errors name the bad file (and line). The schedule is a pure function of (seed, epoch, sizes),
-the same on every rank, so that a run resumes at any step and every rank makes the same loss
-calls (text-only and image-caption batches on the same steps, as global negatives require).
+Errors name the bad file (and line, or row of a feature array: non-finite features are
+rejected). Every example keeps its source (file and line) for the trainer's messages. The
+schedule is a pure function of (seed, epoch, sizes), the same on every rank, so that a run
+resumes at any step and every rank makes the same loss calls (text-only and image-caption
+batches on the same steps, as global negatives require).
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ class DataError(ValueError):
 
 def load_text(path: Path, limit: int = 0) -> List[str]:
     """Sentences of a corpus file, one a line (blank lines skipped); the first `limit` if > 0."""
+    return read_text(path, limit)[0]
+
+
+def read_text(path: Path, limit: int = 0) -> Tuple[List[str], List[int]]:
+    """load_text's sentences and the line number (from 1) of each."""
     path = Path(path)
-    sentences = []
+    sentences, lines = [], []
     try:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
@@ -37,44 +44,52 @@ def load_text(path: Path, limit: int = 0) -> List[str]:
                     raise DataError(f"{path}:{number}: not UTF-8 text ({e})") from None
                 if line:
                     sentences.append(line)
+                    lines.append(number)
                 if limit and len(sentences) == limit:
                     break
     except OSError as e:
         raise DataError(f"{path}: cannot read the text corpus: {e}") from None
     if not sentences:
         raise DataError(f"{path}: the text corpus holds no sentence")
-    return sentences
+    return sentences, lines
 
 
-def _load_arrays(directory: Path, name: str, required: bool) -> Optional[Dict[str, torch.Tensor]]:
-    """Tensors of `<name>.safetensors` or `<name>.npz` (named arrays), or `<name>.npy` as "features"."""
+def _load_arrays(directory: Path, name: str,
+                 required: bool) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[Path]]:
+    """(tensors, file) of `<name>.safetensors` or `<name>.npz` (named arrays), or `<name>.npy`
+    as "features"; (None, None) when there is none and it is not required."""
     for suffix in (".safetensors", ".npz", ".npy"):
         path = directory / (name + suffix)
         if not path.exists():
             continue
         try:
             if suffix == ".safetensors":
-                return load_file(str(path))
+                return load_file(str(path)), path
             if suffix == ".npz":
                 with np.load(path) as arrays:
-                    return {k: torch.from_numpy(arrays[k]) for k in arrays.files}
-            return {"features": torch.from_numpy(np.load(path))}
+                    return {k: torch.from_numpy(arrays[k]) for k in arrays.files}, path
+            return {"features": torch.from_numpy(np.load(path))}, path
         except Exception as e:  # noqa: BLE001  (any parse failure, reported with the file name)
             raise DataError(f"{path}: cannot read: {e}") from None
     if required:
         raise DataError(f"{directory}: no {name}.safetensors, {name}.npz or {name}.npy")
-    return None
+    return None, None
 
 
-def _tensor(arrays: Dict[str, torch.Tensor], key: str, path: str, rows: int, dims: int,
+def _tensor(arrays: Dict[str, torch.Tensor], key: str, path: Path, rows: int, dims: int,
             dtype=torch.float32) -> torch.Tensor:
-    """arrays[key] checked to have `rows` rows (-1: any) and `dims` dimensions."""
+    """arrays[key] checked to have `rows` rows (-1: any) and `dims` dimensions, and finite values."""
     if key not in arrays:
         raise DataError(f"{path}: missing array {key!r} (has {', '.join(arrays) or 'none'})")
     x = arrays[key]
     if x.dim() != dims or (rows >= 0 and x.shape[0] != rows):
         want = f"{rows} rows" if rows >= 0 else "rows"
         raise DataError(f"{path}: {key!r} has shape {tuple(x.shape)}, expected {dims} dimensions and {want}")
+    if x.is_floating_point():
+        finite = torch.isfinite(x)
+        finite = finite.flatten(1).all(1) if x.dim() > 1 else finite
+        if not bool(finite.all()):
+            raise DataError(f"{path}: {key!r} row {int((~finite).nonzero()[0])} holds a non-finite value (NaN or inf)")
     return x.to(dtype)
 
 
@@ -86,6 +101,7 @@ class PairData:
     phrases: per caption, a list of (start, end, region) character spans and region indices.
     region_features (R, d), region_boxes (R, 4) pixels (x0, y0, x1, y1), region_image (R,).
     teacher_image (I, dt), teacher_text (C, dt): frozen teacher features (KDMCSE).
+    where: per caption, "captions.jsonl:<line>" (its source, for messages).
     """
 
     captions: List[str]
@@ -97,6 +113,7 @@ class PairData:
     region_image: Optional[torch.Tensor] = None
     teacher_image: Optional[torch.Tensor] = None
     teacher_text: Optional[torch.Tensor] = None
+    where: List[str] = dataclasses.field(default_factory=list)
 
     @functools.cached_property
     def _by_image(self) -> Dict[int, torch.Tensor]:
@@ -113,11 +130,15 @@ def _read_captions(path: Path) -> List[dict]:
     if not path.exists():
         raise DataError(f"{path.parent}: no captions.jsonl")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -135,9 +156,14 @@ def _read_captions(path: Path) -> List[dict]:
 def _phrases(record: dict, regions: Optional[torch.Tensor]) -> List[Tuple[int, int, int]]:
     """A caption's phrases checked against the caption and the region table."""
     out = []
-    for p in record.get("phrases", []):
-        where = record["where"]
-        if not isinstance(p, dict) or not all(isinstance(p.get(k), int) for k in ("start", "end", "region")):
+    where = record["where"]
+    phrases = record.get("phrases", [])
+    if not isinstance(phrases, list):
+        raise DataError(f'{where}: "phrases" must be a list of {{"start": int, "end": int, "region": int}}, '
+                        f"got {phrases!r}")
+    for p in phrases:
+        if not isinstance(p, dict) or not all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool)
+                                              for k in ("start", "end", "region")):
             raise DataError(f'{where}: a phrase must be {{"start": int, "end": int, "region": int}}, got {p!r}')
         start, end, region = p["start"], p["end"], p["region"]
         if not 0 <= start < end <= len(record["caption"]):
@@ -160,15 +186,16 @@ def load_pairs(directory: Path, regions: bool = False, teacher: bool = False) ->
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory (data.pairs must name an image-caption directory)")
     records = _read_captions(directory / "captions.jsonl")
-    images = _tensor(_load_arrays(directory, "images", True), "features", f"{directory}/images.*", -1, 2)
+    arrays, path = _load_arrays(directory, "images", True)
+    images = _tensor(arrays, "features", path, -1, 2)
     for r in records:
         if not 0 <= r["image"] < len(images):
             raise DataError(f"{r['where']}: image {r['image']} out of range ({len(images)} image feature rows)")
     data = PairData(captions=[r["caption"] for r in records],
-                    image_of=torch.tensor([r["image"] for r in records]), image_features=images, phrases=[])
-    arrays = _load_arrays(directory, "regions", regions)
+                    image_of=torch.tensor([r["image"] for r in records]), image_features=images, phrases=[],
+                    where=[r["where"] for r in records])
+    arrays, where = _load_arrays(directory, "regions", regions)
     if arrays is not None:
-        where = f"{directory}/regions.*"
         data.region_features = _tensor(arrays, "features", where, -1, 2)
         n = len(data.region_features)
         data.region_boxes = _tensor(arrays, "boxes", where, n, 2)
@@ -179,10 +206,10 @@ def load_pairs(directory: Path, regions: bool = False, teacher: bool = False) ->
     data.phrases = [_phrases(r, data.region_image) for r in records]
     if regions and not any(data.phrases):
         raise DataError(f"{directory}/captions.jsonl: no caption has phrases (MCSEO needs object-phrase pairs)")
-    arrays = _load_arrays(directory, "teacher", teacher)
+    arrays, path = _load_arrays(directory, "teacher", teacher)
     if arrays is not None:
-        data.teacher_image = _tensor(arrays, "image", f"{directory}/teacher.*", len(images), 2)
-        data.teacher_text = _tensor(arrays, "text", f"{directory}/teacher.*", len(records), 2)
+        data.teacher_image = _tensor(arrays, "image", path, len(images), 2)
+        data.teacher_text = _tensor(arrays, "text", path, len(records), 2)
     return data
 
 

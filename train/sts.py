@@ -57,7 +57,23 @@ class Pairs:
 def _read_lines(path: Path) -> List[str]:
     if not path.is_file():
         raise FileNotFoundError(f"STS data file not found: {path}")
-    return path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line_no = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line_no}: not UTF-8 text ({e})") from None
+
+
+def _score(text: str, path: Path, line_no: int) -> float:
+    """A gold score: a finite number, else a ValueError naming the file and line."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{path} line {line_no}: gold score {text.strip()!r} is not a number") from None
+    if not np.isfinite(value):
+        raise ValueError(f"{path} line {line_no}: gold score {text.strip()!r} is not finite")
+    return value
 
 
 def _words(text: str) -> str:
@@ -81,7 +97,7 @@ def read_sts_subset(year_dir: PathLike, subset: str) -> Pairs:
             raise ValueError(f"{year_dir / f'STS.input.{subset}.txt'} line {line_no}: expected two tab-separated sentences")
         first.append(_words(cols[0]))
         second.append(_words(cols[1]))
-        scores.append(float(score))
+        scores.append(_score(score, year_dir / f"STS.gs.{subset}.txt", line_no))
     return Pairs(first, second, np.asarray(scores, dtype=np.float64))
 
 
@@ -93,7 +109,7 @@ def read_stsb(path: PathLike) -> Pairs:
         cols = line.split("\t")
         if len(cols) < 7:
             raise ValueError(f"{path} line {line_no}: expected at least 7 tab-separated columns, got {len(cols)}")
-        scores.append(float(cols[4]))
+        scores.append(_score(cols[4], path, line_no))
         first.append(_words(cols[5]))
         second.append(_words(cols[6]))
     return Pairs(first, second, np.asarray(scores, dtype=np.float64))
@@ -119,7 +135,7 @@ def read_sick(path: PathLike) -> Pairs:
             raise ValueError(f"{path} line {line_no}: expected {len(header)} tab-separated columns, got {len(cols)}")
         first.append(_words(cols[a]))
         second.append(_words(cols[b]))
-        scores.append(float(cols[y]))
+        scores.append(_score(cols[y], path, line_no))
     return Pairs(first, second, np.asarray(scores, dtype=np.float64))
 
 

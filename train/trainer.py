@@ -6,10 +6,15 @@ with global negatives (on by default when there are several ranks) every rank's 
 negatives of every row, so the negative pool is batch_size × world size. Gradient
 accumulation averages the gradients of several such micro-batches: it does not enlarge the
 pool (each micro-batch's softmax only sees its own keys).
+
+A non-finite loss, loss part or gradient stops the run before the optimizer applies it (or,
+with train.skip_nonfinite, skips the step), naming the step, the part and the batch's
+source lines (train.guard); a checkpoint or model is never written from non-finite weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,8 +34,17 @@ from transformers import AutoTokenizer
 
 from train import checkpoint
 from train.config import Config, ConfigError, to_dict
-from train.data import Batches, Collator, load_pairs, load_text
+from train.data import Batches, Collator, load_pairs, read_text
 from train.datasets import senteval_dir
+from train.guard import (
+    NonFiniteError,
+    describe_sources,
+    format_parts,
+    nonfinite_parameter,
+    nonfinite_part,
+    ranks_flagging,
+    skipped_update,
+)
 from train.model import SentenceModel
 
 
@@ -148,7 +162,8 @@ class Trainer:
         if self.evaluating:
             _sts_module()
         method = config.method
-        self.texts = load_text(config.data.text, config.data.text_limit) if config.data.text else []
+        self.texts, self.text_lines = (read_text(config.data.text, config.data.text_limit) if config.data.text
+                                       else ([], []))
         self.pairs = load_pairs(config.data.pairs, regions=method == "mcseo",
                                 teacher=method == "kdmcse") if method != "simcse" else None
         self.batches = Batches(len(self.texts), len(self.pairs.captions) if self.pairs else 0, t.batch_size,
@@ -175,7 +190,7 @@ class Trainer:
                                                config=deepspeed_config(config, self.device))
         torch.manual_seed(t.seed + 1 + self.rank)  # different dropout masks on each rank
         self.state: Dict[str, Any] = {"micro_step": 0, "best": None, "results": {}, "train_seconds": 0.0,
-                                      "samples": 0}
+                                      "samples": 0, "skipped_terms": 0, "nonfinite_steps": 0}
 
     # --- evaluation (rank 0 evaluates, the others wait) ---
 
@@ -238,14 +253,56 @@ class Trainer:
             self._log({"sts": when, **results})
         return results
 
+    # --- non-finite values (train.guard) ---
+
+    def _sources(self, kind: str, index: torch.Tensor) -> List[str]:
+        """"file:line" of each example of a batch."""
+        if kind == "text":
+            return [f"{self.config.data.text}:{self.text_lines[i]}" for i in index.tolist()]
+        return [self.pairs.where[i] for i in index.tolist()]
+
+    def _nonfinite(self, step: int, what: Optional[str], sources: List[str]) -> bool:
+        """Every rank, after a check: `what` describes this rank's non-finite value (None: all
+        finite). Raises NonFiniteError on every rank when one flagged (or returns True: skip the
+        step, with train.skip_nonfinite); False when all are finite."""
+        ranks = ranks_flagging(what is not None, self.device)
+        if not ranks:
+            return False
+        if self.config.train.skip_nonfinite:
+            if self.rank == ranks[0]:
+                tqdm.write(f"step {step}: skipped, {what}; batch: {describe_sources(sources)}")
+            return True
+        where = (f"{what} on rank {self.rank}; the batch: {describe_sources(sources)}" if what is not None
+                 else f"a non-finite value on rank(s) {ranks} (that rank's message names the batch)")
+        raise NonFiniteError(f"step {step}: {where}. Stopped before the optimizer step: no checkpoint or model "
+                             "holds this state. Set train.skip_nonfinite=true to skip such steps instead")
+
+    def _check_weights(self, step: int) -> None:
+        """Before a checkpoint, an evaluation or a saved model: the weights must be finite."""
+        name = nonfinite_parameter(self.engine.module, gradients=False)
+        ranks = ranks_flagging(name is not None, self.device)
+        if ranks:
+            raise NonFiniteError(f"step {step}: weight {name} is not finite (rank(s) {ranks}); no checkpoint or "
+                                 "model was written from this state")
+
     def _train(self) -> None:
+        done = self.state["micro_step"] // self.config.deepspeed.gradient_accumulation_steps
+        bar = tqdm(total=self.total_steps, initial=done, disable=self.rank != 0, unit="step",
+                   desc=self.config.method, dynamic_ncols=True)
+        try:
+            self._steps(bar)
+        finally:  # also when a non-finite value stops the run
+            bar.close()
+
+    def _steps(self, bar) -> None:
         t, ga = self.config.train, self.config.deepspeed.gradient_accumulation_steps
         total_micro = self.total_steps * ga
         micro = self.state["micro_step"]
-        bar = tqdm(total=self.total_steps, initial=micro // ga, disable=self.rank != 0, unit="step",
-                   desc=self.config.method, dynamic_ncols=True)
         window: Dict[str, List[float]] = defaultdict(list)
+        counts: Dict[str, int] = defaultdict(int)  # skipped_terms, nonfinite_steps of the log window
         window_seconds, window_samples, step_samples = 0.0, 0, 0
+        plain_optimizer = not hasattr(self.engine.optimizer, "overflow")  # ZeRO-0 fp32: torch's, no check of its own
+        skip, sources = False, []  # this optimizer step is skipped; its examples
         tick = time.perf_counter()
         self.engine.module.train()
         while micro < total_micro:
@@ -255,16 +312,41 @@ class Trainer:
             else:
                 batch = self.collator.pairs(self.pairs, index)
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            step, sources = micro // ga + 1, sources + self._sources(kind, index)
             loss, parts = self.engine(batch)
-            self.engine.backward(loss)
-            self.engine.step()
+            skipped = parts.pop("skipped_terms", None)
+            part = nonfinite_part(loss, parts)
+            bad = self._nonfinite(step, f"loss part {part!r} is not finite ({format_parts(loss, parts)})"
+                                  if part else None, sources)
+            skip = skip or bad
+            # A skipped step's gradients are made NaN, so that every optimizer path drops them:
+            # DeepSpeed's own check (ZeRO-1/2, bf16) or the one below (ZeRO-0).
+            self.engine.backward(loss * float("nan") if bad else loss)
+            boundary = (micro + 1) % ga == 0
+            if boundary and plain_optimizer and not skip:
+                name = nonfinite_parameter(self.engine.module, gradients=True)
+                skip = self._nonfinite(step, f"the gradient of {name} is not finite" if name else None, sources)
+            drop = boundary and plain_optimizer and skip
+            with skipped_update(self.engine.module, self.engine.optimizer) if drop else contextlib.nullcontext():
+                self.engine.step()
+            if boundary and not plain_optimizer and not skip:
+                skip = self._nonfinite(step, None if self.engine.was_step_applied() else
+                                       "a gradient is not finite (DeepSpeed skipped the update)", sources)
             micro += 1
-            window["loss"].append(loss.item())
-            for name, value in parts.items():
-                window[name].append(value.item())
+            if not bad:
+                window["loss"].append(loss.item())
+                for name, value in parts.items():
+                    window[name].append(value.item())
+            if skipped is not None:
+                counts["skipped_terms"] += int(skipped.item())
+                self.state["skipped_terms"] += int(skipped.item())
             step_samples += len(index) * self.world
             if micro % ga:
                 continue
+            if skip:
+                counts["nonfinite_steps"] += 1
+                self.state["nonfinite_steps"] += 1
+            skip, sources = False, []
             step = micro // ga
             now = time.perf_counter()
             window_seconds += now - tick
@@ -276,18 +358,22 @@ class Trainer:
             bar.update(1)
             if step % t.log_steps == 0 or step == self.total_steps:
                 record = {"step": step, "lr": self.engine.get_lr()[0], "samples_per_s": window_samples / window_seconds,
-                          **{k: sum(v) / len(v) for k, v in window.items()}}
+                          **{k: sum(v) / len(v) for k, v in window.items()}, **counts}
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"}, refresh=False)
                 self._log(record)
                 self._log({"step": step, **{k: sum(v) / len(v) for k, v in window.items()}}, "loss.jsonl")
                 window.clear()
+                counts.clear()
                 window_seconds, window_samples = 0.0, 0
-            if t.eval_steps > 0 and (step % t.eval_steps == 0 or step == self.total_steps):
+            evaluate = t.eval_steps > 0 and (step % t.eval_steps == 0 or step == self.total_steps)
+            save = (t.save_steps > 0 and step % t.save_steps == 0) or step == self.total_steps
+            if evaluate or save:
+                self._check_weights(step)
+            if evaluate:
                 self._dev(step)
-            if (t.save_steps > 0 and step % t.save_steps == 0) or step == self.total_steps:
+            if save:
                 checkpoint.save_checkpoint(self.engine, self.out, step, {"trainer": self.state}, t.keep_checkpoints)
             tick = time.perf_counter()  # evaluation and checkpoints are not training time
-        bar.close()
 
     def _dev(self, step: int) -> None:
         """STS-B dev at `step`; keeps the model when it is the best so far (the official scripts)."""
@@ -317,6 +403,7 @@ class Trainer:
         summary = {"method": self.config.method, "steps": self.total_steps, "world_size": self.world,
                    "train_seconds": self.state["train_seconds"],
                    "samples_per_s": self.state["samples"] / max(self.state["train_seconds"], 1e-9),
+                   "skipped_terms": self.state["skipped_terms"], "nonfinite_steps": self.state["nonfinite_steps"],
                    "best": best, "results": self.state["results"]}
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -345,7 +432,9 @@ class Trainer:
                  f"- {summary['steps']} optimizer steps, batch {c.train.batch_size} × {self.world} rank(s) × "
                  f"{c.deepspeed.gradient_accumulation_steps} accumulation, ZeRO-{c.deepspeed.zero_stage}, "
                  f"global negatives: {self.global_negatives or 'off'}",
-                 f"- training time {summary['train_seconds']:.1f} s, {summary['samples_per_s']:.1f} sentences/s"]
+                 f"- training time {summary['train_seconds']:.1f} s, {summary['samples_per_s']:.1f} sentences/s",
+                 f"- {summary['skipped_terms']} loss term(s) skipped for want of a valid row (e.g. no phrase in a "
+                 f"batch), {summary['nonfinite_steps']} step(s) skipped for a non-finite loss or gradient"]
         if summary["best"]:
             facts.append(f"- best STS-B dev {summary['best']['score']:.2f} at step {summary['best']['step']} "
                          f"(model: {summary['best']['model']}; sentence-transformers export: sentence-transformers/)")

@@ -85,13 +85,20 @@ def check_temperature(temperature: Temperature, device: torch.device) -> None:
             raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
         if temperature.device != device:
             raise ValueError(f"temperature is on {temperature.device} but query is on {device}")
-        if not _capturing(device) and bool(temperature.detach() <= 0):
-            raise ValueError(f"temperature must be > 0, got {float(temperature)}")
+        if not _capturing(device):
+            value = float(temperature.detach())
+            if not math.isnan(value):  # a NaN tensor (a learnt τ gone bad) gives NaN out
+                _check_temperature_value(value)
         return
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
-    if not temperature > 0 and not math.isnan(temperature):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature_value(float(temperature))
+
+
+def _check_temperature_value(value: float) -> None:
+    """τ must be finite and > 0 with a finite 1/τ (the kernels scale by 1/τ in float64)."""
+    if not (math.isfinite(value) and value > 0 and math.isfinite(1.0 / value)):
+        raise ValueError(f"temperature must be finite and > 0 (with a finite 1/temperature), got {value}")
 
 
 def check_margin(margin) -> float:

@@ -5,6 +5,11 @@ views, grounded heads, projected image features, teacher features), not the enco
 every term is one call of `mmloss.contrastive_loss`. Each returns a `LossOutput`: the total
 to backpropagate and its named terms before weighting (for logging).
 
+A term whose batch has no valid row (every row ignored, e.g. MCSEO's object-phrase term on a
+batch of captions without phrases, on every rank) is skipped: no kernel runs, its part is
+exactly 0 with no gradient, and `parts["skipped_terms"]` counts the skipped terms of the call.
+The modules check their own arguments (shapes, widths, index ranges) and name them in errors.
+
 Defaults are those of the official training scripts: τ = τ' = 0.05, λ = 0.01, margin
 m = 0.15 rad (KDMCSE). Row i of every query is paired with row/column i of its targets.
 
@@ -26,15 +31,18 @@ import dataclasses
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from mmloss.checks import Temperature
+from mmloss.checks import Temperature, _capturing, _check_index_tensor, check_embeddings
+from mmloss.constants import IGNORE_INDEX
 from mmloss.contrastive import contrastive_loss
 
 
 @dataclasses.dataclass
 class LossOutput:
-    """`total`: the scalar to backpropagate; `parts`: each term before its weight (for logging)."""
+    """`total`: the scalar to backpropagate; `parts`: each term before its weight (for logging),
+    and "skipped_terms" (the number of terms skipped for want of a valid row) when there were any."""
 
     total: torch.Tensor
     parts: Dict[str, torch.Tensor]
@@ -46,6 +54,42 @@ def _all_or_none(names: str, *tensors) -> bool:
     if any(given) and not all(given):
         raise ValueError(f"{names} must be given together (image-caption batch) or all be None (text-only batch)")
     return all(given)
+
+
+def _check_rows(name: str, x: torch.Tensor, rows: int, rows_of: str) -> None:
+    if x.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (one per row of {rows_of}), got shape {tuple(x.shape)}")
+
+
+def _check_pair(names, first: torch.Tensor, second: torch.Tensor, rows: int, rows_of: str) -> None:
+    """Two 2-D float matrices of one dtype, device and width, each with `rows` rows."""
+    check_embeddings(first, second, names)
+    for name, x in zip(names, (first, second)):
+        _check_rows(name, x, rows, rows_of)
+
+
+def _check_targets(name: str, index, length: int, n: int, device: torch.device) -> None:
+    """`index` (length,) int: positions in [0, n) or IGNORE_INDEX."""
+    index = _check_index_tensor(name, index, length, device)
+    if _capturing(device):
+        return
+    bad = ((index < 0) & (index != IGNORE_INDEX)) | (index >= n)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must hold indices in [0, {n}) or {IGNORE_INDEX} (ignored); "
+                         f"got {int(index[bad][0])} at position {int(bad.nonzero()[0])}")
+
+
+def _loss_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype `contrastive_loss` returns for inputs of x's dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows(x, name: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, d), got shape {tuple(x.shape)}")
+    return x.shape[0]
 
 
 def _two_views(n: int, device: torch.device) -> torch.Tensor:
@@ -70,6 +114,17 @@ class _ContrastiveMethod(nn.Module):
         return contrastive_loss(query, key, backend=self.backend, global_negatives=self.global_negatives,
                                 process_group=self.process_group, **kwargs)
 
+    def _no_valid_row(self, positives: torch.Tensor) -> bool:
+        """True when no row of `positives` is valid, on any rank with global negatives (then
+        every rank skips the term together, as the ranks must make the same calls). False while
+        a CUDA graph is captured (no sync): the kernels then give 0 with zero gradients."""
+        if _capturing(positives.device):
+            return False
+        valid = (positives != IGNORE_INDEX).sum()
+        if self.global_negatives is not None:
+            dist.all_reduce(valid, group=self.process_group)
+        return not bool(valid)
+
 
 class SimCSELoss(_ContrastiveMethod):
     """Unsupervised SimCSE (Gao, Yao & Chen, EMNLP 2021, arXiv:2104.08821).
@@ -84,6 +139,7 @@ class SimCSELoss(_ContrastiveMethod):
         super().__init__(temperature, backend, global_negatives, process_group)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> LossOutput:
+        _check_pair(("z1", "z2"), z1, z2, _rows(z1, "z1"), "z1")
         loss = self._core(z1, z2)
         return LossOutput(loss, {"simcse": loss})
 
@@ -114,8 +170,16 @@ class MCSELoss(_ContrastiveMethod):
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, s1: Optional[torch.Tensor] = None,
                 s2: Optional[torch.Tensor] = None, m: Optional[torch.Tensor] = None,
                 image_ids: Optional[torch.Tensor] = None) -> LossOutput:
+        n = _rows(z1, "z1")
+        _check_pair(("z1", "z2"), z1, z2, n, "z1")
+        image_batch = _all_or_none("s1, s2 and m", s1, s2, m)
+        if image_batch:
+            _check_pair(("s1", "s2"), s1, s2, n, "z1")
+            _check_pair(("s1", "m"), s1, m, n, "z1")
+            if image_ids is not None:
+                _check_index_tensor("image_ids", image_ids, n, m.device)
         simcse = self._core(z1, z2)
-        if not _all_or_none("s1, s2 and m", s1, s2, m):
+        if not image_batch:
             return LossOutput(simcse, {"simcse": simcse})
         mml = self._core(torch.cat([s1, s2]), m, temperature=self.vl_temperature,
                          positives=_two_views(m.shape[0], m.device), key_groups=image_ids)
@@ -153,9 +217,20 @@ class MCSEOLoss(MCSELoss):
                 image_ids: Optional[torch.Tensor] = None, phrases: Optional[torch.Tensor] = None,
                 objects: Optional[torch.Tensor] = None, phrase_object: Optional[torch.Tensor] = None,
                 object_groups: Optional[torch.Tensor] = None) -> LossOutput:
+        object_batch = _all_or_none("phrases, objects and phrase_object", phrases, objects, phrase_object)
+        if object_batch:
+            check_embeddings(phrases, objects, ("phrases", "objects"))
+            n_objects = objects.shape[0]
+            _check_targets("phrase_object", phrase_object, phrases.shape[0], n_objects, phrases.device)
+            if object_groups is not None:
+                _check_index_tensor("object_groups", object_groups, n_objects, objects.device)
         out = super().forward(z1, z2, s1, s2, m, image_ids)
-        if not _all_or_none("phrases, objects and phrase_object", phrases, objects, phrase_object):
+        if not object_batch:
             return out
+        if self._no_valid_row(phrase_object):
+            op = torch.zeros((), dtype=_loss_dtype(phrases), device=phrases.device)
+            parts = dict(out.parts, object_phrase=op, skipped_terms=torch.ones((), device=phrases.device))
+            return LossOutput(out.total, parts)
         op = self._core(phrases, objects, temperature=self.op_temperature, positives=phrase_object,
                         key_groups=object_groups)
         return LossOutput(out.total + self.op_weight * op, dict(out.parts, object_phrase=op))
@@ -216,9 +291,21 @@ class KDMCSELoss(_ContrastiveMethod):
                 t: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
                 text_features: Optional[torch.Tensor] = None,
                 image_ids: Optional[torch.Tensor] = None) -> LossOutput:
+        n = _rows(z1, "z1")
+        _check_pair(("z1", "z2"), z1, z2, n, "z1")
+        image_batch = _all_or_none("p1, p2, v, t, image_features and text_features", p1, p2, v, t,
+                                   image_features, text_features)
+        if image_batch:
+            _check_pair(("p1", "p2"), p1, p2, n, "z1")
+            _check_pair(("p1", "v"), p1, v, n, "z1")
+            _check_pair(("p1", "t"), p1, t, n, "z1")
+            for name, x in (("image_features", image_features), ("text_features", text_features)):
+                _rows(x, name)
+                _check_rows(name, x, n, "z1")
+            if image_ids is not None:
+                _check_index_tensor("image_ids", image_ids, n, v.device)
         intra = self._core(z1, z2, margin=self.margin)
-        if not _all_or_none("p1, p2, v, t, image_features and text_features", p1, p2, v, t, image_features,
-                            text_features):
+        if not image_batch:
             return LossOutput(intra, {"intra": intra})
         rows = torch.cat([p1, p2])
         image, text = image_features, text_features

@@ -35,10 +35,15 @@ BAD = [
     (dict(positives=torch.tensor([0, 1, 2, 5])), ValueError, "positives must be column indices"),
     (dict(positives=torch.tensor([0, 1, 2, -1])), ValueError, "positives must be column indices"),
     (dict(positives=[0, 1, 2, 3]), TypeError, "positives must be an integer torch.Tensor"),
-    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
-    (dict(temperature=-0.1), ValueError, "temperature must be > 0"),
+    (dict(temperature=0.0), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=-0.1), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=math.inf), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=math.nan), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=5e-324), ValueError, "with a finite 1/temperature"),
+    (dict(temperature=torch.tensor(math.inf)), ValueError, "temperature must be finite and > 0"),
+    (dict(temperature=torch.tensor(0.0)), ValueError, "temperature must be finite and > 0"),
     (dict(temperature=torch.tensor([0.05])), ValueError, "temperature must be a float or a 0-dim"),
-    (dict(temperature=torch.tensor(-1.0)), ValueError, "temperature must be > 0"),
+    (dict(temperature=torch.tensor(-1.0)), ValueError, "temperature must be finite and > 0"),
     (dict(temperature=torch.tensor(1)), TypeError, "temperature tensor must be floating"),
     (dict(temperature="0.05"), TypeError, "temperature must be a float"),
     (dict(margin=-0.1), ValueError, "margin must be in [0, pi/2)"),
@@ -114,6 +119,12 @@ def test_all_rows_ignored():
         assert mmloss.contrastive_loss(q, k, positives=positives, reduction="sum", backend=backend) == 0
         rows = mmloss.contrastive_loss(q, k, positives=positives, reduction="none", backend=backend)
         assert rows.shape == (4,) and (rows == 0).all()
+
+
+def test_nan_tensor_temperature_gives_nan_out():
+    """A tensor τ is checked at run time: NaN (a learnt τ gone bad) gives NaN out, not an error."""
+    for backend in ("reference", "cpu"):
+        assert torch.isnan(mmloss.contrastive_loss(q, k, temperature=torch.tensor(math.nan), backend=backend))
 
 
 def test_output_dtypes():

@@ -321,3 +321,34 @@ def test_argument_errors_without_process_group():
         mmloss.contrastive_loss(x, x, global_negatives="ring")
     with pytest.raises(ValueError, match="process_group was given without"):
         mmloss.contrastive_loss(x, x, process_group=object())
+
+
+def _skip_worker(rank: int, port: int, out: str) -> None:
+    """MCSEO with global negatives where rank 0's phrases are all ignored: the term runs (rank 1
+    has valid rows) and equals the single-process value; with no valid row on any rank every
+    rank skips it together (no rank left waiting in a collective)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    views = rand(5, 2, 4, 3)  # z1, z2, s1, s2, m of each rank
+    phrases, objects = rand(2, 3, 3), rand(2, 5, 3)
+    targets = torch.tensor([[-100, -100, -100], [0, 4, -100]])
+    module = mmloss.losses.MCSEOLoss(backend="reference", global_negatives="gather")
+    args = tuple(x[rank] for x in views)
+    mixed = module(*args, phrases=phrases[rank], objects=objects[rank], phrase_object=targets[rank])
+    none = module(*args, phrases=phrases[rank], objects=objects[rank], phrase_object=targets[0])
+    single = mmloss.contrastive_loss(phrases.reshape(6, 3), objects.reshape(10, 3), backend="reference",
+                                     positives=torch.tensor([-100, -100, -100, 5, 9, -100]))
+    torch.save({"mixed": mixed.parts, "none": none.parts, "single": single}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_method_term_without_valid_rows_on_some_or_all_ranks(tmp_path):
+    mp.spawn(_skip_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert "skipped_terms" not in r["mixed"]
+        torch.testing.assert_close(r["mixed"]["object_phrase"], r["single"])
+        assert r["none"]["skipped_terms"] == 1 and r["none"]["object_phrase"] == 0

@@ -187,3 +187,82 @@ def test_global_negatives_need_a_process_group():
     x, _, _ = batch(7)
     with pytest.raises(ValueError, match="initialised torch.distributed"):
         SimCSELoss(global_negatives="ring", backend="reference")(x["z1"], x["z2"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mcseo_skips_a_term_without_valid_rows(backend, monkeypatch):
+    """A batch whose phrases are all ignored: the object-phrase term is skipped (no kernel call,
+    part exactly 0, no gradient to phrases or objects) and counted; the rest is untouched."""
+    import mmloss.losses
+
+    x, _, _ = batch(8)
+    calls = []
+    real = mmloss.losses.contrastive_loss
+    monkeypatch.setattr(mmloss.losses, "contrastive_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    phrases = torch.randn(3, G, dtype=torch.float64, requires_grad=True)
+    objects = torch.randn(4, G, dtype=torch.float64, requires_grad=True)
+    module = MCSEOLoss(backend=backend)
+    out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], phrases=phrases, objects=objects,
+                 phrase_object=torch.full((3,), -100))
+    assert len(calls) == 2  # simcse and mml only
+    assert out.parts["object_phrase"] == 0 and out.parts["object_phrase"].dtype == torch.float64
+    assert out.parts["skipped_terms"] == 1
+    mcse = MCSELoss(backend=backend)(x["z1"], x["z2"], x["s1"], x["s2"], x["m"])
+    torch.testing.assert_close(out.total, mcse.total, rtol=0, atol=0)
+    out.total.backward()
+    assert phrases.grad is None and objects.grad is None
+    assert all(torch.isfinite(x[k].grad).all() for k in ("z1", "z2", "s1", "s2", "m"))
+    valid = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], phrases=phrases, objects=objects,
+                   phrase_object=torch.tensor([-100, 2, -100]))
+    assert "skipped_terms" not in valid.parts and valid.parts["object_phrase"] > 0
+
+
+def _method_inputs():
+    x, image_features, text_features = batch(9)
+    return {k: v.detach() for k, v in x.items()}, image_features, text_features
+
+
+def _bad_calls():
+    """(description, call, error type, text the message must contain) of method losses."""
+    x, fi, ft = _method_inputs()
+    z1, z2, s1, s2, m, t = (x[k] for k in ("z1", "z2", "s1", "s2", "m", "t"))
+    objects, phrases = torch.randn(5, G, dtype=torch.float64), torch.randn(7, G, dtype=torch.float64)
+    ok = torch.tensor([0, 1, 2, 3, 4, -100, 0])
+    mcseo = lambda **kw: MCSEOLoss(backend="reference")(  # noqa: E731
+        z1, z2, s1, s2, m, **{"phrases": phrases, "objects": objects, "phrase_object": ok, **kw})
+    kd = KDMCSELoss(backend="reference")
+    return [
+        ("simcse z2 rows", lambda: SimCSELoss(backend="reference")(torch.cat([z1, z1]), z2), ValueError,
+         "z2 must have 12 rows"),
+        ("simcse z1 1-D", lambda: SimCSELoss(backend="reference")(z1[0], z2), ValueError, "z1 must be 2-D"),
+        ("simcse z2 width", lambda: SimCSELoss(backend="reference")(z1, z2[:, :3]), ValueError, "z2 width 3"),
+        ("mcse s2 width", lambda: MCSELoss(backend="reference")(z1, z2, s1, s2[:, :3], m), ValueError,
+         "s2 width 3 differs from s1 width"),
+        ("mcse m rows", lambda: MCSELoss(backend="reference")(z1, z2, s1, s2, m[:4]), ValueError,
+         "m must have 6 rows"),
+        ("mcse s1 rows", lambda: MCSELoss(backend="reference")(z1, z2, s1[:5], s2[:5], m[:5]), ValueError,
+         "s1 must have 6 rows"),
+        ("mcse image_ids", lambda: MCSELoss(backend="reference")(z1, z2, s1, s2, m, image_ids=torch.zeros(4).long()),
+         ValueError, "image_ids must have shape (6,)"),
+        ("mcseo phrase_object range", lambda: mcseo(phrase_object=torch.tensor([0, 1, 2, 3, 5, -100, 0])),
+         ValueError, "phrase_object must hold indices in [0, 5) or -100 (ignored); got 5 at position 4"),
+        ("mcseo phrase_object shape", lambda: mcseo(phrase_object=ok[:6]), ValueError,
+         "phrase_object must have shape (7,)"),
+        ("mcseo object width", lambda: mcseo(objects=objects[:, :3]), ValueError, "objects width 3"),
+        ("mcseo object_groups", lambda: mcseo(object_groups=torch.zeros(4).long()), ValueError,
+         "object_groups must have shape (5,)"),
+        ("kdmcse image_features rows", lambda: kd(z1, z2, s1, s2, m, t, fi[:5], ft), ValueError,
+         "image_features must have 6 rows"),
+        ("kdmcse text_features rows", lambda: kd(z1, z2, s1, s2, m, t, fi, ft[:5]), ValueError,
+         "text_features must have 6 rows"),
+        ("kdmcse v rows", lambda: kd(z1, z2, s1, s2, m[:5], t, fi, ft), ValueError, "v must have 6 rows"),
+        ("kdmcse p2 width", lambda: kd(z1, z2, s1, s2[:, :3], m, t, fi, ft), ValueError, "p2 width 3"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_method_losses_name_their_arguments(index):
+    _, call, error, text = _bad_calls()[index]
+    with pytest.raises(error) as info:
+        call()
+    assert text in str(info.value)

@@ -102,7 +102,7 @@ def test_nan_in_gives_nan_out(backend, device, where):
         k = k.detach().clone()
         k[:, 0] = float("inf")
     elif where == "temperature":
-        t = float("nan")
+        t = torch.tensor(float("nan"), device=device)  # a float NaN τ is a bad argument
     else:
         rows, cols = kwargs[where]
         rows = rows.clone()

@@ -82,6 +82,28 @@ def test_sts_subset_skips_blank_gold_lines_and_normalises_whitespace(tmp_path):
     assert pairs.gold.tolist() == [4.5, 0.0]
 
 
+@pytest.mark.parametrize("score, message", [("abc", "gold score 'abc' is not a number"),
+                                            ("nan", "gold score 'nan' is not finite"),
+                                            ("inf", "gold score 'inf' is not finite")])
+def test_gold_scores_must_be_finite_numbers(tmp_path, score, message):
+    write(tmp_path / "STS.input.x.txt", "a\tb\nc\td\n")
+    write(tmp_path / "STS.gs.x.txt", f"4.5\n{score}\n")
+    with pytest.raises(ValueError, match=f"STS.gs.x.txt line 2: {message}"):
+        read_sts_subset(tmp_path, "x")
+    write(tmp_path / "sts-dev.csv", f"g\tf\ty\t1\t2.0\ta\tb\ng\tf\ty\t2\t{score}\tc\td\n")
+    with pytest.raises(ValueError, match=f"sts-dev.csv line 2: {message}"):
+        read_stsb(tmp_path / "sts-dev.csv")
+    write(tmp_path / "SICK.txt", f"pair_ID\tsentence_A\tsentence_B\trelatedness_score\n1\ta\tb\t{score}\n")
+    with pytest.raises(ValueError, match=f"SICK.txt line 2: {message}"):
+        read_sick(tmp_path / "SICK.txt")
+
+
+def test_sts_file_not_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "sts-dev.csv").write_bytes(b"g\tf\ty\t1\t2.0\ta\tb\ng\tf\ty\t2\t1.0\t\xff\td\n")
+    with pytest.raises(ValueError, match="sts-dev.csv line 2: not UTF-8"):
+        read_stsb(tmp_path / "sts-dev.csv")
+
+
 def test_sts_subset_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="STS.input.x.txt"):
         read_sts_subset(tmp_path, "x")

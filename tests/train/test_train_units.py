@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.config import ConfigError, build_config, parse_override, valid_keys
-from train.data import Batches, Collator, DataError, epoch_schedule, load_pairs, load_text
+from train.data import Batches, Collator, DataError, epoch_schedule, load_pairs, load_text, read_text
 from train.demo_data import FEATURE_DIM, TEACHER_DIM, write_demo_data
 from train.presets import CONFIGS, minilm_dir
 
@@ -35,8 +35,20 @@ def test_unknown_key_lists_the_valid_keys():
     ("deepspeed.zero_stage=3", "zero_stage must be one of 0, 1, 2"),
     ("method=clip", "method must be one of"),
     ("train.resume=maybe", "train.resume must be a bool"),
-    ("train.batch_size=0", "train.batch_size must be positive"),
-    ("train.log_steps=0", "train.log_steps must be positive"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.log_steps=0", "train.log_steps must be >= 1"),
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0"),
+    ("loss.vl_temperature=0", "loss.vl_temperature must be > 0"),
+    ("loss.op_temperature=-1", "loss.op_temperature must be > 0"),
+    ("loss.vl_weight=-0.1", "loss.vl_weight must be >= 0"),
+    ("loss.margin=2", r"loss.margin must be in \[0, 1.5708\)"),
+    ("loss.filter_threshold=.nan", "loss.filter_threshold must be a finite number"),
+    ("optim.beta2=1", r"optim.beta2 must be in \[0, 1\)"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("train.seed=-1", "train.seed must be >= 0"),
+    ("deepspeed.gradient_clipping=-1", "deepspeed.gradient_clipping must be >= 0"),
     ("train.save_steps=-1", "train.save_steps must be >= 0"),
     ("model=3", "model must be a mapping"),
     ("train.sts_tasks=STS12,STS99", "unknown STS99"),
@@ -45,6 +57,28 @@ def test_unknown_key_lists_the_valid_keys():
 def test_bad_values_fail_at_start(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config(CONFIGS / "simcse.yaml", [parse_override(override)])
+
+
+def test_every_numeric_key_declares_its_range():
+    """A numeric key without a declared range would pass any value (e.g. optim.lr=nan before)."""
+    import dataclasses
+    import typing
+
+    from train.config import Config, Range
+
+    def fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from fields(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name, hints[f.name], f
+
+    numeric = [(k, f) for k, hint, f in fields(Config) if hint in (int, float)]
+    assert len(numeric) > 20
+    missing = [k for k, f in numeric if not isinstance(f.metadata.get("range"), Range) and "choices" not in f.metadata]
+    assert not missing, f"declare a range (train.config._range) for {missing}"
+    build_config(CONFIGS / "simcse.yaml")  # the defaults are in range
 
 
 def test_overrides_and_yaml_floats():
@@ -78,6 +112,7 @@ def test_text_errors_name_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"corpus.txt:4: not UTF-8"):
         load_text(path)
     assert load_text(path, limit=2) == ["one sentence", "two"]
+    assert read_text(path, limit=2) == (["one sentence", "two"], [1, 3])  # each sentence's line
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +149,42 @@ def _corrupt(demo, tmp_path, line_no: int, record) -> str:
     ({"image": 1, "caption": "a red circle", "phrases": [{"start": 2, "end": 40, "region": 0}]}, r":5: phrase span"),
     ({"image": 1, "caption": "a red circle", "phrases": [{"start": 0, "end": 5, "region": 0}]},
      r":5: phrase region 0 belongs to image 0"),
+    ({"image": 1, "caption": "a red circle", "phrases": 5}, r'captions.jsonl:5: "phrases" must be a list'),
+    ({"image": 1, "caption": "a red circle", "phrases": None}, r'captions.jsonl:5: "phrases" must be a list'),
+    ({"image": 1, "caption": "a red circle", "phrases": [{"start": True, "end": 5, "region": 3}]},
+     r":5: a phrase must be"),
 ])
 def test_pair_errors_name_file_and_line(demo, tmp_path, record, message):
     with pytest.raises(DataError, match=message):
         load_pairs(_corrupt(demo, tmp_path, 5, record), regions=True)
+
+
+def test_caption_not_utf8_names_file_and_line(demo, tmp_path):
+    bad = _corrupt(demo, tmp_path, 5, "{}")
+    lines = (bad / "captions.jsonl").read_bytes().split(b"\n")
+    lines[4] = b'{"image": 1, "caption": "a \xff circle"}'
+    (bad / "captions.jsonl").write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"captions.jsonl:5: not UTF-8"):
+        load_pairs(bad, regions=True)
+
+
+@pytest.mark.parametrize("name, key, row", [("images", "features", 3), ("regions", "features", 7),
+                                            ("teacher", "text", 11), ("teacher", "image", 0)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_features_name_file_and_row(demo, tmp_path, name, key, row, value):
+    from safetensors.torch import load_file, save_file
+
+    bad = _corrupt(demo, tmp_path, 1, (demo / "captions.jsonl").read_text().splitlines()[0])
+    arrays = load_file(str(bad / f"{name}.safetensors"))
+    arrays[key][row, -1] = value
+    save_file(arrays, str(bad / f"{name}.safetensors"))
+    with pytest.raises(DataError, match=rf"{name}.safetensors: '{key}' row {row} holds a non-finite value"):
+        load_pairs(bad, regions=True, teacher=True)
+
+
+def test_captions_keep_their_source_lines(demo):
+    data = load_pairs(demo)
+    assert data.where[0].endswith("captions.jsonl:1") and data.where[35].endswith("captions.jsonl:36")
 
 
 def test_missing_teacher_is_named(demo, tmp_path):

@@ -79,7 +79,7 @@ def test_nan_in_gives_nan_out(where):
         q = q.detach().clone()
         q[1, 2] = float("nan")
     elif where == "temperature":
-        t = float("nan")
+        t = torch.tensor(float("nan"), device="cuda")  # a float NaN τ is a bad argument
     else:
         rows, cols = kwargs[where]
         kwargs[where] = (torch.full_like(rows, float("nan")), cols)
