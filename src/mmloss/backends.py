@@ -171,7 +171,7 @@ def _warn_once(reason: str, device: torch.device, dtype: torch.dtype) -> None:
         _warned.add(reason)
     warnings.warn(f"mmloss: backend='auto' runs the dense reference (it builds the M x N logits) for "
                   f"{device.type} {dtype} tensors: {reason}. Pass backend='reference' to choose it "
-                  "explicitly, or a kernel backend to make this an error.", stacklevel=4)
+                  "explicitly, or a kernel backend to make this an error.", stacklevel=5)
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, size: Optional[int] = None) -> str:

@@ -114,6 +114,15 @@ def test_value_checks_are_assertions_in_the_graph():
         compiled(q, k, good, negative)
 
 
+def test_auto_is_chosen_and_recorded_when_the_graph_is_traced():
+    from mmloss import backends
+    q, k = torch.randn(6, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    backends.record("reference")
+    loss = torch.compile(lambda q, k: mmloss.contrastive_loss(q, k, margin=0.1), fullgraph=True, backend="aot_eager")(q, k)
+    assert mmloss.last_backend() == "cpu"
+    torch.testing.assert_close(loss, mmloss.contrastive_loss(q, k, margin=0.1, backend="cpu"), rtol=0, atol=0)
+
+
 def _method_inputs(seed: int):
     """Raw inputs of every method's arguments (encoded by linear maps in the step)."""
     g = torch.Generator().manual_seed(seed)
