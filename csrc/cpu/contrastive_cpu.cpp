@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "exp_simd.h"
@@ -360,8 +361,34 @@ std::vector<at::Tensor> dispatch(const at::Tensor& query, const at::Tensor& key,
   TORCH_CHECK(!symmetric || query.size(0) == key.size(0), "mmloss cpu backend: symmetric needs M == N");
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
               "mmloss cpu backend: query (M, d) and key (N, d)");
-  TORCH_CHECK(problem.positives.scalar_type() == at::kLong && problem.positives.size(0) == query.size(0),
+  TORCH_CHECK(problem.positives.scalar_type() == at::kLong && problem.positives.dim() == 1 &&
+                  problem.positives.size(0) == query.size(0),
               "mmloss cpu backend: positives must be int64 (M,)");
+  // The ops are public (torch.ops.mmloss.*): every per-row and per-column input is checked.
+  const int64_t M = query.size(0), N = key.size(0);
+  auto check_rows = [](const c10::optional<at::Tensor>& t, int64_t rows, int64_t dim, const char* name) {
+    TORCH_CHECK(!t.has_value() || (t->dim() == dim && t->size(0) == rows), "mmloss cpu backend: ", name,
+                " must have ", dim, " dimension(s) and ", rows, " rows");
+  };
+  check_rows(problem.margin_query, M, 2, "margin_query");
+  check_rows(problem.margin_key, N, 2, "margin_key");
+  check_rows(problem.filter_query, M, 2, "filter_query");
+  check_rows(problem.filter_key, N, 2, "filter_key");
+  check_rows(problem.row_groups, M, 1, "row_groups");
+  check_rows(problem.key_groups, N, 1, "key_groups");
+  check_rows(lse, M, 1, "lse");
+  check_rows(row_weight, M, 1, "row_weight");
+  check_rows(col_lse, N, 1, "lse_col");
+  check_rows(col_weight, N, 1, "col_weight");
+  for (const auto& [rows, cols, name] : {std::make_tuple(&problem.margin_query, &problem.margin_key, "margin"),
+                                         std::make_tuple(&problem.filter_query, &problem.filter_key, "filter")}) {
+    TORCH_CHECK(rows->has_value() == cols->has_value() && (!rows->has_value() || (*rows)->size(1) == (*cols)->size(1)),
+                "mmloss cpu backend: ", name, "_query (M, w) and ", name, "_key (N, w) come together and share w");
+  }
+  TORCH_CHECK(problem.row_groups.has_value() == problem.key_groups.has_value() &&
+                  (!problem.key_groups.has_value() || (problem.row_groups->scalar_type() == at::kLong &&
+                                                       problem.key_groups->scalar_type() == at::kLong)),
+              "mmloss cpu backend: row_groups and key_groups come together, int64");
   Features feat;
   auto take = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
   feat.margin_q = take(problem.margin_query);

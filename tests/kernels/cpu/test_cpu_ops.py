@@ -108,3 +108,23 @@ def test_fakes_give_dtypes_and_shapes():
     assert lse.shape == pos.shape == (5,) and lse.dtype == torch.float64  # the CPU keeps lse in double
     assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == torch.float32 and dt.dtype == torch.float64
     assert dt.dim() == 0
+
+
+def test_ops_reject_inputs_of_the_wrong_length():
+    """The ops are public: a per-row or per-column input of the wrong length is an error naming
+    it, never a read past its end."""
+    q, k, t, problem = _problem_call("all", M=9, N=11)
+    lead = (q, k, t, *problem.kernel_args())
+    lse, _ = torch.ops.mmloss.contrastive_forward(*lead, 4)
+    weight = problem.valid_rows.double()
+    with pytest.raises(RuntimeError, match="row_weight must have 1 dimension"):
+        torch.ops.mmloss.contrastive_backward(*lead, lse, weight[:-1], True, 4)
+    with pytest.raises(RuntimeError, match="lse must have 1 dimension"):
+        torch.ops.mmloss.contrastive_backward(*lead, lse[:3], weight, True, 4)
+    import dataclasses
+    short = dataclasses.replace(problem, key_groups=problem.key_groups[:-1])
+    with pytest.raises(RuntimeError, match="key_groups must have"):
+        torch.ops.mmloss.contrastive_forward(q, k, t, *short.kernel_args(), 4)
+    unpaired = dataclasses.replace(problem, filter_key=None)
+    with pytest.raises(RuntimeError, match="filter_query .* come together"):
+        torch.ops.mmloss.contrastive_forward(q, k, t, *unpaired.kernel_args(), 4)
