@@ -193,11 +193,20 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, size: Option
     return backend
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """The mark of torch.compiler.assume_constant_result (torch.compile runs `fn` when it
+    traces and keeps its result as a constant), set without importing torch._dynamo, which
+    would double the import time of mmloss."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def choose(backend: str, device: torch.device, dtype: torch.dtype, size: Optional[int] = None) -> str:
-    """`resolve`, then load the backend's kernel module and record the choice (`last_backend`).
-    Under torch.compile this runs once, when the graph is traced: the choice is part of the
-    graph, and calls that reuse the graph do not record again."""
+    """`resolve`, then load the chosen kernel module and record the choice (`last_backend`).
+    Under torch.compile this runs when the graph is traced: the choice is a constant of the
+    graph, recorded then (a compiled graph cannot set a context variable at each run; dynamo
+    drops such side effects of inlined library code)."""
     name = resolve(backend, device, dtype, size)
     if name in _KERNEL_MODULES and name not in _loaded:
         _loaded[name] = importlib.import_module(_KERNEL_MODULES[name])
@@ -218,7 +227,7 @@ def record(name: str) -> None:
 
 def last_backend() -> Optional[str]:
     """The backend that served the most recent `contrastive_loss` call in this thread (or
-    asyncio task); None before the first. Compiled calls record when they are traced."""
+    asyncio task); None before the first. A torch.compile'd call records when it is traced."""
     return _backend_ran.get()
 
 

@@ -114,11 +114,32 @@ def test_value_checks_are_assertions_in_the_graph():
         compiled(q, k, good, negative)
 
 
+def test_batch_sizes_that_change_between_steps():
+    """A loop whose batches change size (a short last batch): dynamo recompiles with dynamic
+    shapes, still without a graph break."""
+    def step(q, k, t, positives, key_groups):
+        return mmloss.contrastive_loss(q, k, temperature=t, positives=positives, key_groups=key_groups,
+                                       margin=0.1, backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(5)
+    for M, N in [(8, 10), (6, 9), (5, 7)]:
+        q, k = torch.randn(M, 4, generator=g, requires_grad=True), torch.randn(N, 4, generator=g, requires_grad=True)
+        t = torch.tensor(0.1, requires_grad=True)
+        args = (q, k, t, torch.randint(0, N, (M,), generator=g), torch.randint(0, 3, (N,), generator=g))
+        got, want = compiled(*args), step(*args)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(torch.autograd.grad(got, (q, k, t)), torch.autograd.grad(want, (q, k, t))):
+            torch.testing.assert_close(a, b)
+
+
 def test_auto_is_chosen_and_recorded_when_the_graph_is_traced():
     from mmloss import backends
     q, k = torch.randn(6, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     backends.record("reference")
-    loss = torch.compile(lambda q, k: mmloss.contrastive_loss(q, k, margin=0.1), fullgraph=True, backend="aot_eager")(q, k)
+    compiled = torch.compile(lambda q, k: mmloss.contrastive_loss(q, k, margin=0.1), fullgraph=True,
+                             backend="aot_eager")
+    loss = compiled(q, k)
     assert mmloss.last_backend() == "cpu"
     torch.testing.assert_close(loss, mmloss.contrastive_loss(q, k, margin=0.1, backend="cpu"), rtol=0, atol=0)
 
