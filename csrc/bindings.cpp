@@ -1,4 +1,5 @@
-// pybind11 module mmloss._C: the compiled kernels and what was compiled.
+// pybind11 module mmloss._C: the similarity kernels and what was compiled. The core op's
+// kernels are torch.library ops (ops.cpp), registered when this module loads.
 #include <torch/extension.h>
 
 #include "cpu/contrastive_cpu.h"
@@ -36,12 +37,6 @@ std::vector<int> cuda_archs() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmloss compiled kernels";
-  m.def("contrastive_cpu", &mmloss::contrastive_cpu, "One key block of the core op on the CPU",
-        py::arg("query"), py::arg("key"), py::arg("inv_temp"), py::arg("positives"), py::arg("margin"),
-        py::arg("margin_query"), py::arg("margin_key"), py::arg("filter_query"), py::arg("filter_key"),
-        py::arg("filter_threshold"), py::arg("row_groups"), py::arg("key_groups"), py::arg("lse"),
-        py::arg("row_weight"), py::arg("strip_rows"), py::arg("symmetric") = false,
-        py::arg("col_lse") = py::none(), py::arg("col_weight") = py::none());
   m.def("similarity_cpu", &mmloss::similarity_cpu, "Cosine (or dot) similarity matrix into out",
         py::arg("a"), py::arg("b"), py::arg("normalize"), py::arg("out"), py::arg("strip_rows"));
   m.def("topk_similarity_cpu", &mmloss::topk_similarity_cpu, "Streaming top-k similarity",

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "exp_simd.h"
@@ -72,7 +73,10 @@ struct StripArgs {
   const int64_t* row_groups;  // (R,) or null
   const int64_t* key_groups;  // (N,) or null
   int64_t rows, cols;
-  double inv_temp, margin, cos_base, cos_margin, sin_margin, threshold;
+  double inv_temp, margin;
+  double cos_threshold;          // cos m: negatives with c < cos m are transformed
+  double fixed_cos_m, fixed_sin_m; // cos m', sin m' of the fixed margin (m' = m)
+  double threshold;              // the filter drops scores above it
   bool has_margin;
 };
 
@@ -101,7 +105,7 @@ void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df) {
   const int64_t* key_groups = a.key_groups;
   const int64_t row_group = kGroups ? a.row_groups[i] : 0;
   const double inv_q = a.inv_norm_q[i];
-  const MarginPair<double> fixed{a.cos_base, a.cos_margin, a.sin_margin};
+  const MarginPair<double> fixed{a.cos_threshold, a.fixed_cos_m, a.fixed_sin_m};
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
     const double c = double(sim[j]) * inv_q * inv_k[j];
@@ -113,7 +117,7 @@ void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df) {
       poisoned = filter_poisons(s);
     }
     const MarginPair<double> margin =
-        kAdaptive ? adaptive_margin(a.cos_base, a.margin, double(teacher[j])) : fixed;
+        kAdaptive ? adaptive_margin(a.cos_threshold, a.margin, double(teacher[j])) : fixed;
     const Element<double> el = evaluate(c, pos == j, removed, poisoned, a.has_margin, margin, 1.0);
     f[j] = masked_logit(el);  // the logit with scale 1: f, -inf when removed, NaN when poisoned
     df[j] = el.df;
@@ -272,9 +276,9 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   a.cols = N;
   a.inv_temp = inv_temp;
   a.margin = margin;
-  a.cos_base = std::cos(margin);
-  a.cos_margin = std::cos(margin);
-  a.sin_margin = std::sin(margin);
+  a.cos_threshold = std::cos(margin);
+  a.fixed_cos_m = std::cos(margin);
+  a.fixed_sin_m = std::sin(margin);
   a.threshold = threshold;
   a.has_margin = margin > 0.0;
 
@@ -347,44 +351,103 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   return {lse, pos_logit, dq.to(q.scalar_type()), dk.to(k.scalar_type()), at::scalar_tensor(d_inv_temp, wide)};
 }
 
-}  // namespace
-
-std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tensor& key, double inv_temp,
-                                        const at::Tensor& positives, double margin,
-                                        const c10::optional<at::Tensor>& margin_query,
-                                        const c10::optional<at::Tensor>& margin_key,
-                                        const c10::optional<at::Tensor>& filter_query,
-                                        const c10::optional<at::Tensor>& filter_key, double filter_threshold,
-                                        const c10::optional<at::Tensor>& row_groups,
-                                        const c10::optional<at::Tensor>& key_groups,
-                                        const c10::optional<at::Tensor>& lse,
-                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows,
-                                        bool symmetric, const c10::optional<at::Tensor>& col_lse,
-                                        const c10::optional<at::Tensor>& col_weight) {
+// The vector `run` returns: {lse, pos_logit} (forward), {lse, pos_logit, lse_col} (symmetric
+// forward), {lse, pos_logit, d_query, d_key, d_inv_temp} (with a row weight).
+std::vector<at::Tensor> dispatch(const at::Tensor& query, const at::Tensor& key, double inv_temp,
+                                 const Problem& problem, const c10::optional<at::Tensor>& lse,
+                                 const c10::optional<at::Tensor>& row_weight, int64_t strip_rows, bool symmetric,
+                                 const c10::optional<at::Tensor>& col_lse, const c10::optional<at::Tensor>& col_weight) {
   TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "mmloss cpu backend: CPU tensors only");
   TORCH_CHECK(!symmetric || query.size(0) == key.size(0), "mmloss cpu backend: symmetric needs M == N");
-  TORCH_CHECK(!symmetric || !row_weight.has_value() || (col_lse.has_value() && col_weight.has_value() &&
-                                                        lse.has_value()),
-              "mmloss cpu backend: the symmetric backward needs lse, col_lse and col_weight");
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
               "mmloss cpu backend: query (M, d) and key (N, d)");
-  TORCH_CHECK(positives.scalar_type() == at::kLong && positives.size(0) == query.size(0),
+  TORCH_CHECK(problem.positives.scalar_type() == at::kLong && problem.positives.dim() == 1 &&
+                  problem.positives.size(0) == query.size(0),
               "mmloss cpu backend: positives must be int64 (M,)");
+  // The ops are public (torch.ops.mmloss.*): every per-row and per-column input is checked.
+  const int64_t M = query.size(0), N = key.size(0);
+  auto check_rows = [](const c10::optional<at::Tensor>& t, int64_t rows, int64_t dim, const char* name) {
+    TORCH_CHECK(!t.has_value() || (t->dim() == dim && t->size(0) == rows), "mmloss cpu backend: ", name,
+                " must have ", dim, " dimension(s) and ", rows, " rows");
+  };
+  check_rows(problem.margin_query, M, 2, "margin_query");
+  check_rows(problem.margin_key, N, 2, "margin_key");
+  check_rows(problem.filter_query, M, 2, "filter_query");
+  check_rows(problem.filter_key, N, 2, "filter_key");
+  check_rows(problem.row_groups, M, 1, "row_groups");
+  check_rows(problem.key_groups, N, 1, "key_groups");
+  check_rows(lse, M, 1, "lse");
+  check_rows(row_weight, M, 1, "row_weight");
+  check_rows(col_lse, N, 1, "lse_col");
+  check_rows(col_weight, N, 1, "col_weight");
+  for (const auto& [rows, cols, name] : {std::make_tuple(&problem.margin_query, &problem.margin_key, "margin"),
+                                         std::make_tuple(&problem.filter_query, &problem.filter_key, "filter")}) {
+    TORCH_CHECK(rows->has_value() == cols->has_value() && (!rows->has_value() || (*rows)->size(1) == (*cols)->size(1)),
+                "mmloss cpu backend: ", name, "_query (M, w) and ", name, "_key (N, w) come together and share w");
+  }
+  TORCH_CHECK(problem.row_groups.has_value() == problem.key_groups.has_value() &&
+                  (!problem.key_groups.has_value() || (problem.row_groups->scalar_type() == at::kLong &&
+                                                       problem.key_groups->scalar_type() == at::kLong)),
+              "mmloss cpu backend: row_groups and key_groups come together, int64");
   Features feat;
   auto take = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
-  feat.margin_q = take(margin_query);
-  feat.margin_k = take(margin_key);
-  feat.filter_q = take(filter_query);
-  feat.filter_k = take(filter_key);
-  feat.row_groups = take(row_groups);
-  feat.key_groups = take(key_groups);
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), pos = positives.contiguous();
+  feat.margin_q = take(problem.margin_query);
+  feat.margin_k = take(problem.margin_key);
+  feat.filter_q = take(problem.filter_query);
+  feat.filter_k = take(problem.filter_key);
+  feat.row_groups = take(problem.row_groups);
+  feat.key_groups = take(problem.key_groups);
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), pos = problem.positives.contiguous();
   if (compute_type(q) == at::kDouble) {
-    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, symmetric,
-                       col_lse, col_weight);
+    return run<double>(q, k, inv_temp, pos, problem.margin, feat, problem.filter_threshold, lse, row_weight,
+                       strip_rows, symmetric, col_lse, col_weight);
   }
-  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, symmetric,
-                    col_lse, col_weight);
+  return run<float>(q, k, inv_temp, pos, problem.margin, feat, problem.filter_threshold, lse, row_weight, strip_rows,
+                    symmetric, col_lse, col_weight);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                           double inv_temp, const Problem& problem,
+                                                           int64_t strip_rows) {
+  auto out = dispatch(query, key, inv_temp, problem, c10::nullopt, c10::nullopt, strip_rows, false, c10::nullopt,
+                      c10::nullopt);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad_cpu(
+    const at::Tensor& query, const at::Tensor& key, double inv_temp, const Problem& problem,
+    const at::Tensor& row_weight, int64_t strip_rows) {
+  auto out = dispatch(query, key, inv_temp, problem, c10::nullopt, row_weight, strip_rows, false, c10::nullopt,
+                      c10::nullopt);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(const at::Tensor& query,
+                                                                        const at::Tensor& key, double inv_temp,
+                                                                        const Problem& problem, const at::Tensor& lse,
+                                                                        const at::Tensor& row_weight,
+                                                                        int64_t strip_rows) {
+  auto out = dispatch(query, key, inv_temp, problem, lse, row_weight, strip_rows, false, c10::nullopt, c10::nullopt);
+  return {out[2], out[3], out[4]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_symmetric_cpu(const at::Tensor& query,
+                                                                                 const at::Tensor& key,
+                                                                                 double inv_temp,
+                                                                                 const Problem& problem,
+                                                                                 int64_t strip_rows) {
+  auto out = dispatch(query, key, inv_temp, problem, c10::nullopt, c10::nullopt, strip_rows, true, c10::nullopt,
+                      c10::nullopt);
+  return {out[0], out[2], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_symmetric_cpu(
+    const at::Tensor& query, const at::Tensor& key, double inv_temp, const Problem& problem, const at::Tensor& lse,
+    const at::Tensor& lse_col, const at::Tensor& row_weight, const at::Tensor& col_weight, int64_t strip_rows) {
+  auto out = dispatch(query, key, inv_temp, problem, lse, row_weight, strip_rows, true, lse_col, col_weight);
+  return {out[2], out[3], out[4]};
 }
 
 int openmp_threads() { return omp_get_max_threads(); }

@@ -1,34 +1,50 @@
-// CPU kernels of the core op (see contrastive_cpu.cpp).
+// CPU kernels of the core op (see contrastive_cpu.cpp): the five entry points of the kernel
+// contract (mmloss.backends), each with a fixed result.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
 
-#include <vector>
+#include <tuple>
+
+#include "mmloss/problem.h"
 
 namespace mmloss {
 
-// One key block of SPEC §1 on the CPU. Without `lse`, computes {lse, pos_logit} (M,) in float64; with
-// `row_weight`, also {d_query, d_key, d_inv_temp} of Σ_i row_weight_i · loss_i, using the given
-// `lse` when present (a global one) or the one it computed. Teacher rows arrive ready to use
-// (unit-norm margin teacher; filter rows as the dot product should see them). Rows are
-// processed `strip_rows` at a time, each strip with (1 + teachers) tiles of strip_rows × N.
-// `symmetric` (M == N, diagonal positives): the forward also returns the column direction's
-// lse (N,); the backward (row_weight, lse, col_lse and col_weight given) adds the column
-// direction's gradient, Σ_j col_weight_j · column loss_j, in the same pass.
-std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tensor& key, double inv_temp,
-                                        const at::Tensor& positives, double margin,
-                                        const c10::optional<at::Tensor>& margin_query,
-                                        const c10::optional<at::Tensor>& margin_key,
-                                        const c10::optional<at::Tensor>& filter_query,
-                                        const c10::optional<at::Tensor>& filter_key, double filter_threshold,
-                                        const c10::optional<at::Tensor>& row_groups,
-                                        const c10::optional<at::Tensor>& key_groups,
-                                        const c10::optional<at::Tensor>& lse,
-                                        const c10::optional<at::Tensor>& row_weight, int64_t strip_rows,
-                                        bool symmetric = false,
-                                        const c10::optional<at::Tensor>& col_lse = c10::nullopt,
-                                        const c10::optional<at::Tensor>& col_weight = c10::nullopt);
+// One key block of SPEC §1 on the CPU. Teacher rows arrive ready to use (unit-norm margin
+// teacher; filter rows as the dot product should see them). Rows are processed `strip_rows`
+// at a time, each strip with (1 + teachers) tiles of strip_rows × N. lse and logits are
+// float64; gradients have the inputs' dtypes; d_inv_temp is a 0-dim float64.
+
+// (lse (M,), pos_logit (M,)).
+std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                           double inv_temp, const Problem& problem,
+                                                           int64_t strip_rows);
+
+// (lse, pos_logit, d_query, d_key, d_inv_temp) of Σ_i row_weight_i · loss_i in one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad_cpu(
+    const at::Tensor& query, const at::Tensor& key, double inv_temp, const Problem& problem,
+    const at::Tensor& row_weight, int64_t strip_rows);
+
+// (d_query, d_key, d_inv_temp) of Σ_i row_weight_i · loss_i with P from the given (possibly
+// global) lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_cpu(const at::Tensor& query,
+                                                                        const at::Tensor& key, double inv_temp,
+                                                                        const Problem& problem, const at::Tensor& lse,
+                                                                        const at::Tensor& row_weight,
+                                                                        int64_t strip_rows);
+
+// Symmetric loss (M == N, diagonal positives): (lse (M,), lse_col (N,), pos_logit (M,)), the
+// column direction's lse from the same strips.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_symmetric_cpu(const at::Tensor& query,
+                                                                                 const at::Tensor& key,
+                                                                                 double inv_temp,
+                                                                                 const Problem& problem,
+                                                                                 int64_t strip_rows);
+
+// (d_query, d_key, d_inv_temp) of Σ_i row_weight_i · row_loss_i + Σ_j col_weight_j · col_loss_j.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_backward_symmetric_cpu(
+    const at::Tensor& query, const at::Tensor& key, double inv_temp, const Problem& problem, const at::Tensor& lse,
+    const at::Tensor& lse_col, const at::Tensor& row_weight, const at::Tensor& col_weight, int64_t strip_rows);
 
 // Threads OpenMP would use (0 when built without OpenMP).
 int openmp_threads();

@@ -1,6 +1,7 @@
 // ATen glue of the CUDA backend: argument checks, allocation, the backward's two GEMMs
 // (at::mm, cuBLAS) and the launches of contrastive_forward.cu / contrastive_backward.cu on the
-// current stream; registered as the CUDA implementation of the mmloss:: ops (csrc/ops.cpp).
+// current stream; registered as the CUDA implementation of the mmloss:: ops contrastive_forward
+// and contrastive_backward (schemas in csrc/ops.cpp, the problem's fields in mmloss/problem.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -10,6 +11,7 @@
 #include <tuple>
 
 #include "contrastive_cuda.h"
+#include "mmloss/problem.h"
 #include "mmloss/tile_math.h"
 
 namespace mmloss {
@@ -62,11 +64,7 @@ void bind_teachers(const at::Tensor& rows, const at::Tensor& cols, const char* n
   width = int(keep_rows.size(1));
 }
 
-Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor& inv_temp,
-                 const at::Tensor& positives, double margin, const c10::optional<at::Tensor>& margin_query,
-                 const c10::optional<at::Tensor>& margin_key, const c10::optional<at::Tensor>& filter_query,
-                 const c10::optional<at::Tensor>& filter_key, double filter_threshold,
-                 const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& key_groups,
+Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor& inv_temp, const Problem& problem,
                  cudaStream_t stream) {
   TORCH_CHECK(query.is_cuda(), "mmloss cuda backend: query must be a CUDA tensor, got ", query.device());
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2 && query.size(1) == key.size(1),
@@ -77,26 +75,28 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   TORCH_CHECK(key.scalar_type() == query.scalar_type(), "mmloss cuda backend: key dtype ", key.scalar_type(),
               " differs from query dtype ", query.scalar_type());
   TORCH_CHECK(query.size(1) < (int64_t(1) << 31), "mmloss cuda backend: d must be below 2^31");
-  TORCH_CHECK(positives.scalar_type() == at::kLong && positives.dim() == 1, "mmloss cuda backend: positives must be int64 (M,)");
+  TORCH_CHECK(problem.positives.scalar_type() == at::kLong && problem.positives.dim() == 1,
+              "mmloss cuda backend: positives must be int64 (M,)");
   TORCH_CHECK(inv_temp.numel() == 1, "mmloss cuda backend: inv_temp must hold one number");
   const int64_t M = query.size(0), N = key.size(0);
   const at::Device device = query.device();
-  check_rows(positives, "positives", M, device);
-  check_rows(margin_query, "margin_query", M, device);
-  check_rows(margin_key, "margin_key", N, device);
-  check_rows(filter_query, "filter_query", M, device);
-  check_rows(filter_key, "filter_key", N, device);
-  check_rows(row_groups, "row_groups", M, device);
-  check_rows(key_groups, "key_groups", N, device);
-  TORCH_CHECK(row_groups.has_value() == key_groups.has_value(),
+  check_rows(problem.positives, "positives", M, device);
+  check_rows(problem.margin_query, "margin_query", M, device);
+  check_rows(problem.margin_key, "margin_key", N, device);
+  check_rows(problem.filter_query, "filter_query", M, device);
+  check_rows(problem.filter_key, "filter_key", N, device);
+  check_rows(problem.row_groups, "row_groups", M, device);
+  check_rows(problem.key_groups, "key_groups", N, device);
+  TORCH_CHECK(problem.row_groups.has_value() == problem.key_groups.has_value(),
               "mmloss cuda backend: row_groups and key_groups come together");
-  TORCH_CHECK(margin_query.has_value() == margin_key.has_value() && filter_query.has_value() == filter_key.has_value(),
+  TORCH_CHECK(problem.margin_query.has_value() == problem.margin_key.has_value() &&
+                  problem.filter_query.has_value() == problem.filter_key.has_value(),
               "mmloss cuda backend: teacher rows come in (query, key) pairs");
 
   Prepared p;
   p.query = rows_of(query);
   p.key = rows_of(key);
-  p.positives = positives.contiguous();
+  p.positives = problem.positives.contiguous();
   p.inv_temp = inv_temp.detach().to(device, at::kFloat).reshape({1}).contiguous();
   const auto f32 = query.options().dtype(at::kFloat);
   p.inv_q = at::empty({M}, f32);
@@ -113,25 +113,25 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   a.inv_norm_q = p.inv_q.data_ptr<float>();
   a.inv_norm_k = p.inv_k.data_ptr<float>();
   a.positives = p.positives.data_ptr<int64_t>();
-  if (key_groups.has_value()) {
-    TORCH_CHECK(row_groups->scalar_type() == at::kLong && key_groups->scalar_type() == at::kLong,
+  if (problem.key_groups.has_value()) {
+    TORCH_CHECK(problem.row_groups->scalar_type() == at::kLong && problem.key_groups->scalar_type() == at::kLong,
                 "mmloss cuda backend: row_groups and key_groups must be int64");
-    p.row_groups = row_groups->contiguous();
-    p.key_groups = key_groups->contiguous();
+    p.row_groups = problem.row_groups->contiguous();
+    p.key_groups = problem.key_groups->contiguous();
     a.row_groups = p.row_groups.data_ptr<int64_t>();
     a.key_groups = p.key_groups.data_ptr<int64_t>();
   }
-  if (margin > 0.0 && margin_query.has_value())
-    bind_teachers(*margin_query, *margin_key, "margin", p.mq, p.mk, a.margin_query, a.margin_key, a.stride_mq,
-                  a.stride_mk, a.DT);
-  if (filter_query.has_value())
-    bind_teachers(*filter_query, *filter_key, "filter", p.fq, p.fk, a.filter_query, a.filter_key, a.stride_fq,
-                  a.stride_fk, a.DF);
-  a.threshold = float(filter_threshold);
-  a.margin = float(margin);
-  a.cos_base = float(std::cos(margin));
-  a.cos_m = float(std::cos(margin));
-  a.sin_m = float(std::sin(margin));
+  if (problem.margin > 0.0 && problem.margin_query.has_value())
+    bind_teachers(*problem.margin_query, *problem.margin_key, "margin", p.mq, p.mk, a.margin_query, a.margin_key,
+                  a.stride_mq, a.stride_mk, a.DT);
+  if (problem.filter_query.has_value())
+    bind_teachers(*problem.filter_query, *problem.filter_key, "filter", p.fq, p.fk, a.filter_query, a.filter_key,
+                  a.stride_fq, a.stride_fk, a.DF);
+  a.threshold = float(problem.filter_threshold);
+  a.margin = float(problem.margin);
+  a.cos_base = float(std::cos(problem.margin));  // the threshold cos m
+  a.cos_m = float(std::cos(problem.margin));     // cos m' and sin m' of the fixed margin (m' = m)
+  a.sin_m = float(std::sin(problem.margin));
   a.inv_temp = p.inv_temp.data_ptr<float>();
   check_launch(launch_inv_norms(a.dtype, a.query, a.stride_q, M, a.D, p.inv_q.data_ptr<float>(), stream),
                "inv_norm_kernel (query)");
@@ -147,17 +147,11 @@ int multiprocessors(int device) {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& query, const at::Tensor& key,
-                                                const at::Tensor& inv_temp, const at::Tensor& positives, double margin,
-                                                const c10::optional<at::Tensor>& margin_query,
-                                                const c10::optional<at::Tensor>& margin_key,
-                                                const c10::optional<at::Tensor>& filter_query,
-                                                const c10::optional<at::Tensor>& filter_key, double filter_threshold,
-                                                const c10::optional<at::Tensor>& row_groups,
-                                                const c10::optional<at::Tensor>& key_groups, int64_t /*chunk_rows*/) {
+                                                const at::Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
+                                                int64_t /*chunk_rows*/) {
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
-  Prepared p = prepare(query, key, inv_temp, positives, margin, margin_query, margin_key, filter_query, filter_key,
-                       filter_threshold, row_groups, key_groups, stream);
+  Prepared p = prepare(query, key, inv_temp, MMLOSS_PROBLEM_FROM_PARAMS, stream);
   const int64_t M = p.args.M;
   const auto f32 = query.options().dtype(at::kFloat);
   const int splits = forward_splits(M, p.args.N, multiprocessors(query.device().index()));
@@ -175,16 +169,13 @@ at::Tensor regular_max(const at::Tensor& inv_norm) {
   return at::where(inv_norm < float(1.0 / kNormEps), inv_norm, at::zeros_like(inv_norm)).amax();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& inv_temp, const at::Tensor& positives,
-    double margin, const c10::optional<at::Tensor>& margin_query, const c10::optional<at::Tensor>& margin_key,
-    const c10::optional<at::Tensor>& filter_query, const c10::optional<at::Tensor>& filter_key,
-    double filter_threshold, const c10::optional<at::Tensor>& row_groups, const c10::optional<at::Tensor>& key_groups,
-    const at::Tensor& lse, const at::Tensor& row_weight, bool need_temp_grad, int64_t chunk_rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                             const at::Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
+                                                             const at::Tensor& lse, const at::Tensor& row_weight,
+                                                             bool need_temp_grad, int64_t chunk_rows) {
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
-  Prepared p = prepare(query, key, inv_temp, positives, margin, margin_query, margin_key, filter_query, filter_key,
-                       filter_threshold, row_groups, key_groups, stream);
+  Prepared p = prepare(query, key, inv_temp, MMLOSS_PROBLEM_FROM_PARAMS, stream);
   const int64_t M = p.args.M, N = p.args.N, D = p.args.D;
   TORCH_CHECK(lse.numel() == M && row_weight.numel() == M, "mmloss cuda backend: lse and row_weight must be (M,)");
   TORCH_CHECK(lse.device() == query.device() && row_weight.device() == query.device(),

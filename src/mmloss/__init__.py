@@ -5,7 +5,7 @@ from mmloss.backends import last_backend
 from mmloss.constants import IGNORE_INDEX
 from mmloss.contrastive import contrastive_loss
 from mmloss.losses import KDMCSELoss, LossOutput, MCSELoss, MCSEOLoss, SimCSELoss
-from mmloss.similarity import similarity, topk_similarity
+from mmloss.similarity_ops import similarity, topk_similarity
 
 __all__ = [
     "IGNORE_INDEX",

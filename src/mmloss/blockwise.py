@@ -45,7 +45,7 @@ def _logits(query, key, inv_temp: InvTemp, problem: LossProblem) -> Tuple[torch.
         else:
             m_eff = torch.full_like(cos, problem.margin)
         arc = cos * torch.cos(m_eff) + _sin_from_cos(cos) * torch.sin(m_eff)
-        f = torch.where(~is_pos & (cos < problem.cos_margin), arc, cos)
+        f = torch.where(~is_pos & (cos < problem.cos_threshold), arc, cos)
     logits = (f * inv_temp).masked_fill(removed & ~is_pos, float("-inf"))
     if scores is not None:
         logits = logits.masked_fill(torch.isnan(scores), float("nan"))

@@ -29,6 +29,17 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _value_check(ok: torch.Tensor, device: torch.device, message) -> bool:
+    """Whether the value check `ok` (a bool tensor) fails and must raise here. Reading it on
+    the host would break a torch.compile graph, so while compiling it becomes an assertion in
+    the graph (torch._assert_async: a RuntimeError with `message()` when it runs); it is
+    skipped while a CUDA graph is captured (no sync allowed there)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message())
+        return False
+    return not _capturing(device) and not bool(ok)
+
+
 def check_embeddings(query, key, names: Tuple[str, str] = ("query", "key")) -> None:
     """Two 2-D float matrices of one dtype, device and width; errors use `names`."""
     for name, x in zip(names, (query, key)):
@@ -67,13 +78,10 @@ def check_positives(positives, M: int, N: int, device: torch.device) -> torch.Te
             raise ValueError(f"positives=None means row i's positive is column i, which needs M <= N; got M={M}, N={N}")
         return torch.arange(M, device=device)
     positives = _check_index_tensor("positives", positives, M, device)
-    if not _capturing(device):
-        bad = ((positives < 0) & (positives != IGNORE_INDEX)) | (positives >= N)
-        if bool(bad.any()):
-            value = int(positives[bad][0])
-            raise ValueError(
-                f"positives must be column indices in [0, {N}) or {IGNORE_INDEX} (ignore the row); got {value}"
-            )
+    bad = ((positives < 0) & (positives != IGNORE_INDEX)) | (positives >= N)
+    rule = f"positives must be column indices in [0, {N}) or {IGNORE_INDEX} (ignore the row)"
+    if _value_check(~bad.any(), device, lambda: rule):
+        raise ValueError(f"{rule}; got {int(positives[bad][0])}")
     return positives
 
 
@@ -85,10 +93,10 @@ def check_temperature(temperature: Temperature, device: torch.device) -> None:
             raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
         if temperature.device != device:
             raise ValueError(f"temperature is on {temperature.device} but query is on {device}")
-        if not _capturing(device):
-            value = float(temperature.detach())
-            if not math.isnan(value):  # a NaN tensor (a learnt τ gone bad) gives NaN out
-                _check_temperature_value(value)
+        t = temperature.detach().double()
+        valid = t.isnan() | ((t > 0) & t.isfinite() & (1.0 / t).isfinite())  # NaN τ (a learnt τ gone bad): NaN out
+        if _value_check(valid, device, lambda: "temperature must be finite and > 0"):
+            _check_temperature_value(float(t))
         return
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")

@@ -5,64 +5,39 @@ Forward: one launch for the inverse norms, one for the loss tiles (tensor cores 
 exact fp32 FMAs for fp32), one to combine column splits. Backward (the Triton backend's
 design): a tile kernel writes H = a_i b_j G_ij / g into an R x N scratch, two cuBLAS GEMMs,
 and a finish kernel for the normalisation's radial term. R keeps the scratch within
-`scratch_bytes()`. Kernels, tiles and resources: docs/cuda.md.
+MMLOSS_CUDA_SCRATCH_MB (default 1 GiB). Kernels, tiles and resources: docs/cuda.md.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
 from mmloss import library  # noqa: F401  (the ops and their fakes)
+from mmloss.kernel_common import check_gpu_dtype, inv_temp_tensor, rows_within, scratch_bytes
 from mmloss.problem import LossProblem
 
-SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_SCRATCH_BYTES = 1 << 30
 ROW_TILE = 64  # the kernels' row tile: chunks are whole tiles
-
-
-def scratch_bytes() -> int:
-    """Budget of the backward's R x N scratch (env MMLOSS_CUDA_SCRATCH_MB, default 1 GiB)."""
-    mb = os.environ.get("MMLOSS_CUDA_SCRATCH_MB")
-    return int(mb) << 20 if mb else DEFAULT_SCRATCH_BYTES
 
 
 def row_chunk(M: int, N: int, element_size: int) -> int:
     """Rows per backward chunk: the R x N scratch within the budget, a multiple of ROW_TILE."""
-    fit = scratch_bytes() // max(1, N * element_size)
-    return M if fit >= M else max(ROW_TILE, fit // ROW_TILE * ROW_TILE)
+    return rows_within(scratch_bytes("cuda"), N * element_size, minimum=ROW_TILE, multiple=ROW_TILE, total=M)
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
     """Raise TypeError/ValueError (naming the argument) for what these kernels cannot serve."""
-    if query.dtype not in SUPPORTED:
-        raise TypeError(f"query dtype {query.dtype} is not supported by backend 'cuda' "
-                        "(float32, bfloat16, float16); use backend='reference' or 'cpu' for float64")
+    check_gpu_dtype(query, "cuda")
     if query.device.type != "cuda":
         raise ValueError(f"query is on {query.device}: backend 'cuda' needs CUDA tensors")
-
-
-def _inv_temp(inv_temp, device: torch.device) -> torch.Tensor:
-    """1/τ as a 1-element device tensor (float64; the kernels read it in fp32)."""
-    if isinstance(inv_temp, torch.Tensor):
-        return inv_temp.detach().to(device=device).reshape(1)
-    return torch.full((1,), float(inv_temp), dtype=torch.float64, device=device)
-
-
-def _problem_args(problem: LossProblem) -> tuple:
-    return (problem.positives, float(problem.margin), problem.margin_query, problem.margin_key,
-            problem.filter_query, problem.filter_key, float(problem.filter_threshold),
-            problem.row_groups, problem.key_groups)
 
 
 def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, torch.Tensor]:
     """lse (M,) fp32 over this key block's allowed columns (-inf if none) and the positive's
     logit (M,) fp32 (0 when the positive is not in this block)."""
-    lse, pos_logit = torch.ops.mmloss.contrastive_forward(
-        query, key, _inv_temp(inv_temp, query.device), *_problem_args(problem), 0)
-    return lse, pos_logit
+    return torch.ops.mmloss.contrastive_forward(
+        query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), 0)
 
 
 def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
@@ -71,6 +46,6 @@ def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_t
     (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim float64 (or None)."""
     rows = row_chunk(query.shape[0], key.shape[0], query.element_size())
     d_query, d_key, d_inv_temp = torch.ops.mmloss.contrastive_backward(
-        query, key, _inv_temp(inv_temp, query.device), *_problem_args(problem), lse, row_weight,
+        query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), lse, row_weight,
         bool(need_temp_grad), rows)
     return d_query, d_key, d_inv_temp if need_temp_grad else None

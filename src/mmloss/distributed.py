@@ -33,8 +33,10 @@ keys) extended to uneven batches and ignored rows. reduction="none" returns this
 
 Before any data moves, the ranks exchange their shapes, dtypes and settings in one small
 all-gather, so that a mismatch raises the same ValueError on every rank and a rank whose
-arguments failed the checks makes the others raise too. A rank that never calls the loss is
-reported when the process group's timeout expires.
+arguments failed the checks (`fail_everywhere`) makes the others raise too. A rank that never
+calls the loss is reported when the process group's timeout expires. The backend is then
+chosen as for one process (`mmloss.backends.choose`, the auto table included), for the
+number of keys each kernel call sees.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ import torch
 import torch.distributed as dist
 
 from mmloss import backends, blockwise
-from mmloss.checks import FLOAT_DTYPES, REDUCTIONS, Temperature, build_problem
+from mmloss.autograd import ContrastiveRows, inverse_temperature
+from mmloss.checks import BACKENDS, FLOAT_DTYPES, REDUCTIONS, Temperature
 from mmloss.constants import IGNORE_INDEX
-from mmloss.contrastive import ContrastiveRows, inverse_temperature
 from mmloss.problem import LossProblem
 
 MODES = ("gather", "ring")
@@ -57,7 +59,8 @@ _KEY_SIDE = ("margin_key", "filter_key", "key_groups")
 # must agree across ranks.
 _FIELDS = ("ok", "rows", "keys", "width", "dtype", "query requires grad", "key requires grad", "symmetric",
            "reduction", "mode", "temperature", "margin", "margin_teacher width", "margin_teacher dtype",
-           "filter_teacher width", "filter_teacher dtype", "filter_threshold", "filter_normalize", "key_groups")
+           "filter_teacher width", "filter_teacher dtype", "filter_threshold", "filter_normalize", "key_groups",
+           "backend")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +91,17 @@ def _dtype_code(t: Optional[torch.Tensor]) -> int:
 def _metadata(query, key, problem: Optional[LossProblem], settings: Tuple[float, ...]) -> torch.Tensor:
     """This rank's line of the exchange (float64, len(_FIELDS)); zeros with ok=0 when its
     arguments failed the checks. `settings`: symmetric, reduction, mode, temperature,
-    filter_normalize as numbers."""
+    filter_normalize, backend as numbers."""
     values: Tuple[float, ...] = (0.0,) * len(_FIELDS)
     if problem is not None:
-        symmetric, reduction, mode, temperature, filter_normalize = settings
+        symmetric, reduction, mode, temperature, filter_normalize, backend = settings
         width = lambda t: -1 if t is None else t.shape[1]  # noqa: E731
         values = (
             1, query.shape[0], key.shape[0], query.shape[1], _dtype_code(query), query.requires_grad,
             key.requires_grad, symmetric, reduction, mode, temperature, problem.margin,
             width(problem.margin_query), _dtype_code(problem.margin_query), width(problem.filter_query),
             _dtype_code(problem.filter_query), problem.filter_threshold, filter_normalize,
-            problem.key_groups is not None,
+            problem.key_groups is not None, backend,
         )
     device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
@@ -124,6 +127,8 @@ def _describe(field: str, value: float) -> str:
         return REDUCTIONS[int(value)]
     if field == "mode":
         return MODES[int(value)]
+    if field == "backend":
+        return BACKENDS[int(value)]
     return "none" if field.endswith("width") and value < 0 else f"{value:g}"
 
 
@@ -285,18 +290,21 @@ def _layout(group, problem_sizes: torch.Tensor) -> _Layout:
                    key_sizes=tuple(int(n) for n in problem_sizes[:, 1]))
 
 
+def fail_everywhere(error: Exception, query, process_group=None):
+    """Raise `error` (this rank's arguments failed the checks) after telling the other ranks,
+    whose exchange then raises a RuntimeError naming this rank."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    _exchange(_metadata(query, None, None, ()), group)
+    raise error
+
+
 def global_contrastive_loss(
     query: torch.Tensor,
     key: torch.Tensor,
+    problem: LossProblem,
     *,
-    positives: Optional[torch.Tensor],
     temperature: Temperature,
-    margin: float,
-    margin_teacher,
-    filter_teacher,
-    filter_threshold: Optional[float],
     filter_normalize: bool,
-    key_groups: Optional[torch.Tensor],
     symmetric: bool,
     reduction: str,
     backend: str,
@@ -304,30 +312,19 @@ def global_contrastive_loss(
     process_group=None,
 ) -> torch.Tensor:
     """`mmloss.contrastive_loss` with the keys of every rank of `process_group` (default: the
-    world) as negatives; arguments as there, `mode` "gather" or "ring" (see the module doc)."""
+    world) as negatives: `problem` is this rank's checked problem (`mmloss.checks.build_problem`,
+    local positives), the other arguments as there, `mode` "gather" or "ring" (the module doc)."""
     group = process_group if process_group is not None else dist.group.WORLD
-    problem, error = None, None
-    try:
-        problem = build_problem(
-            query, key, positives=positives, temperature=temperature, margin=margin,
-            margin_teacher=margin_teacher, filter_teacher=filter_teacher,
-            filter_threshold=filter_threshold, filter_normalize=filter_normalize,
-            key_groups=key_groups, symmetric=symmetric, reduction=reduction, backend=backend,
-        )
-        name = backends.resolve(backend, query.device, query.dtype)
-        kernel_module = blockwise if name == "reference" else backends.kernels(name)
-        kernel_module.check(query, problem)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        problem, error = None, exc
     settings = (symmetric, REDUCTIONS.index(reduction), MODES.index(mode),
                 float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature),
-                filter_normalize) if problem is not None else ()
+                filter_normalize, BACKENDS.index(backend))
     table = _exchange(_metadata(query, key, problem, settings), group)
-    if error is not None:
-        raise error
     _check_agreement(table)
     layout = _layout(group, table[:, 1:3])
-    backends.record(name)
+    seen = sum(layout.key_sizes) if mode == "gather" else max(layout.key_sizes)  # keys per kernel call
+    name = backends.choose(backend, query.device, query.dtype, seen)
+    kernel_module = blockwise if name == "reference" else backends.kernels(name)
+    kernel_module.check(query, problem)
     inv_temp = inverse_temperature(temperature)
     direction = _gather_rows if mode == "gather" else _ring_rows
     rows = direction(query, key, inv_temp, problem, layout, kernel_module)

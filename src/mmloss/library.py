@@ -1,16 +1,25 @@
 """The torch.library ops of mmloss._C and their fake implementations (torch.compile, meta).
 
-    torch.ops.mmloss.contrastive_forward(query, key, inv_temp, positives, margin,
-        margin_query, margin_key, filter_query, filter_key, filter_threshold,
-        row_groups, key_groups, chunk_rows) -> (lse (M,), pos_logit (M,))
-    torch.ops.mmloss.contrastive_backward(<the same>, lse, row_weight, need_temp_grad,
-        chunk_rows) -> (d_query (M, d), d_key (N, d), d_inv_temp 0-dim float64)
+Every op takes (query (M, d), key (N, d), inv_temp (1,), *the problem's fields
+(mmloss.problem.KERNEL_FIELDS, in that order), *its own inputs, chunk_rows) and returns a
+fixed tuple:
 
-One key block of the kernel contract (mmloss.backends); the schemas are defined in
-csrc/ops.cpp. CPU tensors run the OpenMP kernel (lse in float64), CUDA tensors the CUDA kernels
-(lse in float32; only in a CUDA build). `inv_temp` is a 1-element tensor. `chunk_rows` is the
-CPU's strip height and the CUDA backward's scratch chunk (the CUDA forward ignores it).
-Importing this module loads mmloss._C (which registers the ops) and registers the fakes.
+    contrastive_forward            -> (lse (M,), pos_logit (M,))
+    contrastive_forward_with_grad  (row_weight)
+                                   -> (lse, pos_logit, d_query (M, d), d_key (N, d), d_inv_temp ())
+    contrastive_backward           (lse, row_weight, need_temp_grad)
+                                   -> (d_query, d_key, d_inv_temp)
+    contrastive_forward_symmetric  -> (lse (M,), lse_col (N,), pos_logit (M,))
+    contrastive_backward_symmetric (lse, lse_col, row_weight, col_weight, need_temp_grad)
+                                   -> (d_query, d_key, d_inv_temp)
+
+One key block of the kernel contract (mmloss.backends); the schemas are generated in
+csrc/ops.cpp from csrc/include/mmloss/problem.h. CPU tensors run the OpenMP kernels (lse in
+float64, all five ops), CUDA tensors the CUDA kernels (lse in float32; forward and backward,
+only in a CUDA build). `inv_temp` is a 1-element tensor. `chunk_rows` is the CPU's strip height
+and the CUDA backward's scratch chunk (the CUDA forward ignores it). d_inv_temp is float64
+(0 when need_temp_grad is false). Importing this module loads mmloss._C (which registers the
+ops) and registers the fakes.
 """
 
 from __future__ import annotations
@@ -19,20 +28,39 @@ import torch
 
 from mmloss import _C  # noqa: F401  (registers the mmloss:: ops)
 
+OPS = ("contrastive_forward", "contrastive_forward_with_grad", "contrastive_backward",
+       "contrastive_forward_symmetric", "contrastive_backward_symmetric")
 
-def _lse_dtype(query: torch.Tensor) -> torch.dtype:
-    return torch.float64 if query.device.type == "cpu" else torch.float32
+
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    """(rows,) log-sum-exp of `x`'s rows: float64 on the CPU, float32 on CUDA."""
+    return x.new_empty(x.shape[0], dtype=torch.float64 if x.device.type == "cpu" else torch.float32)
+
+
+def _grads(query: torch.Tensor, key: torch.Tensor):
+    return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=torch.float64)
 
 
 @torch.library.register_fake("mmloss::contrastive_forward")
-def _forward_fake(query, key, inv_temp, positives, margin, margin_query, margin_key, filter_query, filter_key,
-                  filter_threshold, row_groups, key_groups, chunk_rows):
-    rows = query.shape[0]
-    return query.new_empty(rows, dtype=_lse_dtype(query)), query.new_empty(rows, dtype=_lse_dtype(query))
+def _forward_fake(query, key, inv_temp, *rest):
+    return _lse(query), _lse(query)
+
+
+@torch.library.register_fake("mmloss::contrastive_forward_with_grad")
+def _forward_with_grad_fake(query, key, inv_temp, *rest):
+    return (_lse(query), _lse(query), *_grads(query, key))
 
 
 @torch.library.register_fake("mmloss::contrastive_backward")
-def _backward_fake(query, key, inv_temp, positives, margin, margin_query, margin_key, filter_query, filter_key,
-                   filter_threshold, row_groups, key_groups, lse, row_weight, need_temp_grad, chunk_rows):
-    return (query.new_empty(query.shape[0], query.shape[1]), key.new_empty(key.shape[0], key.shape[1]),
-            query.new_empty((), dtype=torch.float64))
+def _backward_fake(query, key, inv_temp, *rest):
+    return _grads(query, key)
+
+
+@torch.library.register_fake("mmloss::contrastive_forward_symmetric")
+def _forward_symmetric_fake(query, key, inv_temp, *rest):
+    return _lse(query), _lse(key), _lse(query)
+
+
+@torch.library.register_fake("mmloss::contrastive_backward_symmetric")
+def _backward_symmetric_fake(query, key, inv_temp, *rest):
+    return _grads(query, key)

@@ -1,16 +1,26 @@
 """The validated arguments of one direction of the core op, as every kernel backend gets them.
 
 `mmloss.checks.build_problem` makes a `LossProblem` from the public call's arguments; the
-kernel backends (cpu, triton, cuda) read it and never see the raw keyword arguments.
+kernel backends (cpu, triton, cuda) read it and never see the raw keyword arguments. The
+fields a kernel reads (`KERNEL_FIELDS`) cross into C++ as one struct, declared once in
+csrc/include/mmloss/problem.h in the same order; `kernel_args` is the one place that turns a
+problem into op arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+
+KERNEL_FIELDS: Tuple[str, ...] = (
+    "positives", "margin", "margin_query", "margin_key", "filter_query", "filter_key", "filter_threshold",
+    "row_groups", "key_groups",
+)
+"""The fields every mmloss:: op takes after (query, key, inv_temp), in this order (the field list
+of csrc/include/mmloss/problem.h)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +65,20 @@ class LossProblem:
         return self.filter_query is not None
 
     @property
-    def cos_margin(self) -> float:
-        """Columns with c_ij >= cos(m) keep f = c (SPEC §1: near-duplicates untouched)."""
+    def cos_threshold(self) -> float:
+        """cos m: negatives with c_ij >= cos m keep f = c (SPEC §1: near-duplicates untouched).
+        Not the cosine of the applied margin m' (cos m' and sin m' are the kernels' to form)."""
         return math.cos(self.margin)
+
+    @property
+    def cos_margin(self) -> float:
+        """The old name of `cos_threshold`, still read by mmloss/triton/ops.py."""
+        return self.cos_threshold
+
+    def kernel_args(self) -> tuple:
+        """The KERNEL_FIELDS values in order, as the mmloss:: ops take them (floats as float)."""
+        return tuple(float(v) if isinstance(v, (int, float)) else v
+                     for v in (getattr(self, name) for name in KERNEL_FIELDS))
 
     def transposed(self) -> "LossProblem":
         """The column direction of a symmetric loss: keys become rows (diagonal positives)."""

@@ -7,6 +7,7 @@ import torch
 
 import mmloss
 from mmloss import backends
+from mmloss.kernel_common import triton_interpreted
 
 
 def _inputs(M=4, N=5, d=3, dtype=torch.float32):
@@ -98,7 +99,7 @@ def test_checks_run_before_any_kernel(monkeypatch):
 
 def test_named_backend_that_cannot_run_raises():
     with pytest.raises(RuntimeError, match="backend 'triton' runs on CUDA tensors"):
-        if backends._triton_interpreted():
+        if triton_interpreted():
             pytest.skip("TRITON_INTERPRET=1 lets triton run on CPU tensors")
         mmloss.contrastive_loss(q, k, backend="triton")
     with pytest.raises(RuntimeError, match="backend 'cuda'"):

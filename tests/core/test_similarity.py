@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import mmloss
 from mmloss.backends import unavailable_reason
-from mmloss.similarity import _decode_keys, _score_keys
+from mmloss.similarity_ops import _decode_keys, _score_keys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

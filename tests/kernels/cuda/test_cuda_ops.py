@@ -1,7 +1,8 @@
-"""The CUDA backend's plumbing without a GPU: the torch.library ops (schema, fake
-implementations, torch.compile tracing) exercised through their CPU implementation (the same
-schema), the backend module's argument errors, and `auto`'s committed table, which must never
-pick cuda without a committed GPU run that passed the CUDA suite."""
+"""The CUDA backend's plumbing without a GPU: the torch.library ops it implements
+(contrastive_forward / contrastive_backward; opcheck and fakes in
+tests/kernels/cpu/test_cpu_ops.py) traced by torch.compile through their CPU implementation
+(the same schema), the backend module's argument errors, and `auto`'s committed table, which
+must never pick cuda without a committed GPU run that passed the CUDA suite."""
 
 import json
 
@@ -10,7 +11,7 @@ import torch
 
 from mmloss import backends
 from mmloss.checks import build_problem
-from mmloss.library import _backward_fake, _forward_fake  # noqa: F401  (registers the fakes)
+from mmloss import library  # noqa: F401  (registers the fakes)
 
 from tests.cases import make_case
 
@@ -22,20 +23,7 @@ def _op_args(case, dtype=torch.float64):
               "filter_normalize": False, "reduction": "mean", "backend": "cpu", **case.kwargs}
     problem = build_problem(q, k, temperature=case.temperature, **kwargs)
     inv_temp = torch.tensor([1.0 / case.temperature], dtype=torch.float64)
-    rest = (problem.positives, float(problem.margin), problem.margin_query, problem.margin_key, problem.filter_query,
-            problem.filter_key, float(problem.filter_threshold), problem.row_groups, problem.key_groups)
-    return q, k, inv_temp, rest, problem
-
-
-@pytest.mark.parametrize("features", ["plain", "all"])
-def test_opcheck_forward_and_backward(features):
-    case = make_case(9, 11, 6, features, seed=4)
-    q, k, inv_temp, rest, problem = _op_args(case)
-    torch.library.opcheck(torch.ops.mmloss.contrastive_forward.default, (q, k, inv_temp, *rest, 4))
-    lse, _ = torch.ops.mmloss.contrastive_forward(q, k, inv_temp, *rest, 4)
-    weight = problem.valid_rows.double()
-    torch.library.opcheck(torch.ops.mmloss.contrastive_backward.default,
-                          (q, k, inv_temp, *rest, lse, weight, True, 4))
+    return q, k, inv_temp, problem.kernel_args(), problem
 
 
 def test_ops_match_the_cpu_backend_and_trace_under_torch_compile():
@@ -56,18 +44,6 @@ def test_ops_match_the_cpu_backend_and_trace_under_torch_compile():
     lse, pos = mmloss.cpu.forward(q, k, 1.0 / case.temperature, problem)
     torch.testing.assert_close(eager[0], lse)
     torch.testing.assert_close(eager[1], pos)
-
-
-def test_fakes_give_each_devices_dtypes_and_shapes():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    case = make_case(5, 8, 4, "plain", seed=1)
-    q, k, inv_temp, rest, problem = _op_args(case, torch.float32)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        lse, pos = torch.ops.mmloss.contrastive_forward(q, k, inv_temp, *rest, 0)
-        dq, dk, dt = torch.ops.mmloss.contrastive_backward(q, k, inv_temp, *rest, lse, lse.float(), False, 0)
-    assert lse.shape == pos.shape == (5,) and lse.dtype == torch.float64  # the CPU keeps lse in double
-    assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == torch.float32 and dt.dtype == torch.float64
-    assert dt.dim() == 0
 
 
 def test_cuda_backend_rejects_what_it_cannot_serve():

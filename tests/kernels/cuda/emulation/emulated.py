@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 import mmloss.cuda as ck
+from mmloss.kernel_common import GPU_DTYPES, fp16_scratch_scale, inv_temp_tensor
 from mmloss.problem import LossProblem
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +82,7 @@ def round_trip(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
-    if query.dtype not in ck.SUPPORTED:
+    if query.dtype not in GPU_DTYPES:
         raise TypeError(f"query dtype {query.dtype} is not supported by the CUDA kernels")
 
 
@@ -97,7 +98,7 @@ def _prepare(query, key, inv_temp, problem: LossProblem) -> SimpleNamespace:
     lib = library()
     rows_of = lambda x: x if x.stride(1) == 1 else x.contiguous()  # noqa: E731
     p = SimpleNamespace(query=rows_of(query), key=rows_of(key), positives=problem.positives.contiguous(),
-                        inv_temp=ck._inv_temp(inv_temp, query.device).to(torch.float32).reshape(1).contiguous())
+                        inv_temp=inv_temp_tensor(inv_temp, query.device).to(torch.float32).contiguous())
     M, N, D = query.shape[0], key.shape[0], query.shape[1]
     p.M, p.N, p.D, p.dtype = M, N, D, DTYPES[query.dtype]
     p.inv_q = torch.full((M,), float("nan"))
@@ -141,10 +142,6 @@ def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, t
     return lse, pos_logit
 
 
-def _regular_max(inv_norm: torch.Tensor) -> torch.Tensor:
-    return torch.where(inv_norm < float(1.0 / 1e-12), inv_norm, torch.zeros_like(inv_norm)).amax()
-
-
 def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """mmloss.cuda.backward + backward_cuda."""
@@ -168,8 +165,7 @@ def _backward(lib, p, lse, row_weight, need_temp_grad: bool, chunk_rows: int):
     M, N, D, dtype = p.M, p.N, p.D, p.query.dtype
     lse32, weight = lse.to(torch.float32).contiguous(), row_weight.to(torch.float32).contiguous()
     if dtype == torch.float16:
-        scale = (weight.abs().amax() * _regular_max(p.inv_q) * _regular_max(p.inv_k) * p.inv_temp.abs().reshape(())
-                 ).clamp_min(1e-30).reshape(1)
+        scale = fp16_scratch_scale(weight.abs().amax(), p.inv_q, p.inv_k, p.inv_temp)
     else:
         scale = torch.ones(1)
     sums = torch.zeros(2 * M + N)  # row_sum (M), row_temp (M), col_sum (N)

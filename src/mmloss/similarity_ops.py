@@ -1,5 +1,7 @@
 """Similarity ops for evaluation: `similarity` (the whole matrix) and `topk_similarity` (the best
-k_top columns of each row, streamed over column tiles: no M × N matrix exists).
+k_top columns of each row, streamed over column tiles: no M × N matrix exists). Both are
+exported as `mmloss.similarity` and `mmloss.topk_similarity`; this module is
+`mmloss.similarity_ops`.
 
 Both normalise rows as F.normalize does (â = a / max(‖a‖, 1e-12)) unless normalize=False, form
 products in fp32 (fp64 for fp64 inputs, CPU only) and are not differentiable (evaluation ops:
@@ -25,6 +27,7 @@ import torch
 
 from mmloss.backends import compiled_extension, unavailable_reason
 from mmloss.checks import FLOAT_DTYPES, check_embeddings
+from mmloss.kernel_common import GPU_DTYPES, rows_within
 
 SIM_BACKENDS = ("auto", "cpu", "triton")
 DEFAULT_BLOCK = 4096
@@ -47,7 +50,7 @@ def _check_pair(names: Tuple[str, str], a, b, normalize, backend: str) -> str:
     reason = unavailable_reason(backend, a.device)
     if reason is not None:
         raise RuntimeError(reason)
-    if backend == "triton" and a.dtype == torch.float64:
+    if backend == "triton" and a.dtype not in GPU_DTYPES:
         raise TypeError(f"{names[0]} dtype float64 is not supported by backend 'triton' (float32, bfloat16, float16)")
     return backend
 
@@ -77,8 +80,7 @@ def similarity(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = True,
     out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
     with torch.no_grad():
         if backend == "cpu":
-            row_bytes = 8 * b.shape[0]
-            compiled_extension().similarity_cpu(a, b, normalize, out, max(1, CPU_SCRATCH_BYTES // row_bytes))
+            compiled_extension().similarity_cpu(a, b, normalize, out, rows_within(CPU_SCRATCH_BYTES, 8 * b.shape[0]))
         else:
             from mmloss.triton.similarity import similarity_into
 
@@ -107,11 +109,11 @@ def topk_similarity(q: torch.Tensor, k: torch.Tensor, k_top: int, *, normalize: 
     with torch.no_grad():
         if backend == "cpu":
             item = 8 if q.dtype == torch.float64 else 4
-            rows = CPU_SCRATCH_BYTES // (item * block + HEAP_ENTRY_BYTES * k_top)
-            strip = min(M, max(CPU_MIN_STRIP_ROWS, rows))
+            strip = rows_within(CPU_SCRATCH_BYTES, item * block + HEAP_ENTRY_BYTES * k_top,
+                                minimum=CPU_MIN_STRIP_ROWS, total=M)
             scores, indices = compiled_extension().topk_similarity_cpu(q, k, k_top, normalize, strip, block)
             return scores, indices
-        strip = min(M, max(1, TRITON_SCRATCH_BYTES // (TILE_BYTES_PER_ELEMENT * (block + k_top))))
+        strip = rows_within(TRITON_SCRATCH_BYTES, TILE_BYTES_PER_ELEMENT * (block + k_top), total=M)
         return _topk_triton(q.contiguous(), k.contiguous(), k_top, normalize, block, strip)
 
 
