@@ -202,8 +202,10 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
     columns (whole tiles) and writes its partial lse and positive logit at [s, i] of
     (SPLITS, M) arrays (`combine_kernel` merges them; with SPLITS = 1 they are the result).
     FUSED_NORMS: a and b are computed here (one launch in all) instead of read from the
-    prologue's a_ptr/b_ptr. SYMMETRIC: also adds sum_i exp(logit_ij - 1/tau) of this row
-    block to col_acc[j] (fp64, atomics), from which the host takes the column lse.
+    prologue's a_ptr/b_ptr. lse (fp64) is carried relative to the positive's logit
+    (`_lse_from_parts`). SYMMETRIC: also merges this row block's (max, off-diagonal sum) of
+    each column j into col_acc[j] (packed int64, compare-and-swap), from which
+    `column_lse_kernel` takes the column lse.
     M_BUCKET/N_BUCKET/D_BUCKET only key the autotuner."""
     split = tl.program_id(1)
     span = tl.cdiv(tl.cdiv(N, SPLITS), BLOCK_N) * BLOCK_N
@@ -216,9 +218,11 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
     else:
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    run_off = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(split * span, tl.minimum(N, (split + 1) * span), BLOCK_N):
+    first = split * span
+    last = tl.minimum(N, (split + 1) * span)
+    for n0 in range(first, last, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         if FUSED_NORMS:
             b = _inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
@@ -231,37 +235,114 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
             tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
             threshold, margin, cos_margin, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
             HAS_GROUPS, T_PRECISION, F_PRECISION, BLOCK_T, UPCAST, SIN_EPS)
-        # A NaN logit (NaN filter score or input) reaches run_sum through exp: lse is NaN.
+        # A NaN logit (NaN filter score or input) reaches run_off or pos_logit: lse is NaN.
         new_max = tl.maximum(run_max, tl.max(logit, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(logit - shift[:, None]), axis=1)
+        run_off = run_off * tl.exp(run_max - shift) + tl.sum(
+            tl.where(is_pos, 0.0, tl.exp(logit - shift[:, None])), axis=1)
         run_max = new_max
         pos_logit += tl.sum(tl.where(is_pos, logit, 0.0), axis=1)
         if SYMMETRIC:
-            # Columns are shifted by their tile maximum in fp32, then brought to the common
-            # shift 1/tau >= every logit in fp64 (exp underflows only below 1/tau - 708).
+            # The same (max, off-positive sum) per column of this tile, merged into the
+            # column's running pair by compare-and-swap: exact for every tau.
             col_max = tl.max(logit, axis=0)
             col_shift = tl.where(col_max == float("-inf"), 0.0, col_max)
-            col_sum = tl.sum(tl.exp(logit - col_shift[None, :]), axis=0)
-            rescale = tl.exp(col_shift.to(tl.float64) - inv_temp.to(tl.float64))
-            tl.atomic_add(col_acc_ptr + cols, col_sum.to(tl.float64) * rescale, mask=cols < N)
-    shift = tl.where(run_max == float("-inf"), 0.0, run_max)
-    lse = shift + tl.log(run_sum)
+            col_off = tl.sum(tl.where(is_pos, 0.0, tl.exp(logit - col_shift[None, :])), axis=0)
+            _merge_columns(col_acc_ptr, cols, N, col_max, col_off)
+    has_pos = (pos >= first) & (pos < last)
+    lse = _lse_from_parts(run_max, run_off, pos_logit, has_pos)
     tl.store(lse_ptr + split * M + rows, lse, mask=row_ok)
     tl.store(pos_logit_ptr + split * M + rows, pos_logit, mask=row_ok)
 
 
 @triton.jit
+def _log1p(x):
+    """log(1 + x) for x >= 0 in fp32 with relative accuracy (Goldberg: the rounding of 1 + x
+    cancels in log(u) x / (u - 1)); no libdevice call."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _lse_from_parts(top, off, pos_logit, has_pos):
+    """fp64 log-sum-exp of a row (or column) from its max `top`, the sum `off` of exp(logit -
+    top) over the entries other than the positive, and the positive's logit (when has_pos).
+    With the positive it is pos_logit + loss, loss = delta + log1p(exp(-delta) - 1 + off)
+    with delta = top - pos_logit >= 0, so that lse - pos_logit keeps the loss's relative
+    accuracy when the row is nearly solved (loss << 1; delta = 0 there). Without it (the
+    positive is in another block or the row is ignored): top + log(off)."""
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    delta = tl.where(has_pos, shift - pos_logit, 0.0)
+    loss = delta + _log1p(tl.exp(-delta) - 1.0 + off)
+    with_pos = pos_logit.to(tl.float64) + loss.to(tl.float64)
+    without = shift.to(tl.float64) + tl.log(off).to(tl.float64)
+    return tl.where(has_pos, with_pos, without)
+
+
+@triton.jit
+def _pack(m, s):
+    """(fp32 max, fp32 sum) in one int64: max in the high word, sum in the low word."""
+    hi = m.to(tl.int32, bitcast=True).to(tl.int64)
+    lo = s.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return (hi << 32) | lo
+
+
+@triton.jit
+def _unpack(p):
+    m = (p >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    s = (p & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    return m, s
+
+
+@triton.jit
+def _merge(m1, s1, m2, s2):
+    """The online log-sum-exp merge of (max, sum of exp(x - max)) pairs."""
+    m = tl.maximum(m1, m2)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    return m, s1 * tl.exp(m1 - shift) + s2 * tl.exp(m2 - shift)
+
+
+@triton.jit
+def _merge_columns(acc_ptr, cols, N, m, s):
+    """acc[j] = merge(acc[j], (m_j, s_j)) for the columns j < N, acc holding packed pairs:
+    a compare-and-swap loop (a lane retries until its swap saw the value it merged with;
+    lanes without a change swap a value with itself, which writes nothing)."""
+    live = (cols < N) & ((m > float("-inf")) | (s != s))
+    ptr = acc_ptr + tl.minimum(cols, N - 1)
+    seen = tl.load(ptr)
+    while tl.max(live.to(tl.int32), axis=0) > 0:
+        m_old, s_old = _unpack(seen)
+        m_new, s_new = _merge(m_old, s_old, m, s)
+        want = tl.where(live, _pack(m_new, s_new), seen)
+        prev = tl.atomic_cas(ptr, seen, want)
+        live = live & (prev != seen)
+        seen = prev
+
+
+@triton.jit
+def column_lse_kernel(col_acc_ptr, pos_logit_ptr, lse_col_ptr, N, BLOCK: tl.constexpr):
+    """lse_col (N,) fp64 of a symmetric loss from the packed column pairs and the diagonal
+    logits (the columns' positives), as `_lse_from_parts`."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    m, s = _unpack(tl.load(col_acc_ptr + cols, mask=ok, other=0))
+    pos = tl.load(pos_logit_ptr + cols, mask=ok, other=0.0)
+    tl.store(lse_col_ptr + cols, _lse_from_parts(m, s, pos, ok), mask=ok)
+
+
+@triton.jit
 def combine_kernel(part_lse_ptr, part_pos_ptr, lse_ptr, pos_logit_ptr, M, SPLITS, BLOCK: tl.constexpr):
-    """lse_i = log sum_s exp(part_lse[s, i]) and pos_logit_i = sum_s part_pos[s, i] over the
-    forward's column splits (-inf when no split has an allowed column; NaN stays NaN)."""
+    """lse_i = log sum_s exp(part_lse[s, i]) in fp64 (so the split holding the positive
+    keeps its accuracy relative to the positive's logit) and pos_logit_i = sum_s
+    part_pos[s, i] over the forward's column splits (-inf when no split has an allowed
+    column; NaN stays NaN)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < M
-    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    top = tl.full((BLOCK,), float("-inf"), tl.float64)
     for s in range(0, SPLITS):
         top = tl.maximum(top, tl.load(part_lse_ptr + s * M + rows, mask=ok, other=float("-inf")))
     shift = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float64)
     pos = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLITS):
         total += tl.exp(tl.load(part_lse_ptr + s * M + rows, mask=ok, other=float("-inf")) - shift)
@@ -281,7 +362,7 @@ def _grouped(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, a_ptr, b_ptr,
+def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_ptr, b_ptr,
                      pos_ptr, inv_temp_ptr, inv_temp_value, lse_ptr, w_ptr, lse_col_ptr, v_ptr,
                      scale_ptr, h_ptr, stride_h, row_sum_ptr, col_sum_ptr, temp_grad_ptr,
                      rg_ptr, kg_ptr,
@@ -297,18 +378,18 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, a_ptr, b_p
                      EPS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr):
-    """One tile of rows [row0, M) x columns: G_ij = d_ij f'_ij / tau with
+    """One tile of rows [row0, M) x columns [col0, N): G_ij = d_ij f'_ij / tau with
     d_ij = w_i (P_ij - delta_ij) [+ v_j (Q_ij - delta_ij) if SYMMETRIC], P = exp(logit - lse_i),
-    Q = exp(logit - lse_col_j). Stores H = a_i b_j G / scale at h[i - row0, j] and adds
+    Q = exp(logit - lse_col_j). Stores H = a_i b_j G / scale at h[i - row0, j - col0] and adds
     sum_j G c to row_sum[i], sum_i G c to col_sum[j], sum d f to temp_grad (atomics).
-    FUSED (the small-batch path, row0 = 0): a, b computed here (tiles of the first column /
+    FUSED (the small-batch path, row0 = col0 = 0): a, b computed here (tiles of the first column /
     row store them), H unscaled in fp32, and the three sums written per tile without atomics
     into row_sum[pid_n, i], col_sum[pid_m, j], temp_grad[tile] for `grad_gemm_kernel`.
     1-D grid over tiles, GROUP_M row tiles at a time (the CTAs in flight share K tiles in L2)."""
     tile = tl.program_id(0)
-    pid_m, pid_n = _grouped(tile, tl.cdiv(M - row0, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = _grouped(tile, tl.cdiv(M - row0, BLOCK_M), tl.cdiv(N - col0, BLOCK_N), GROUP_M)
     rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
@@ -327,18 +408,18 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, a_ptr, b_p
         threshold, margin, cos_margin, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
         HAS_GROUPS, T_PRECISION, F_PRECISION, BLOCK_T, UPCAST, SIN_EPS)
     kept = allowed | (logit != logit)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
     positive = is_pos.to(tl.float32)
     d_logit = w[:, None] * (tl.where(kept, tl.exp(logit - lse[:, None]), 0.0) - positive)
     if SYMMETRIC:
-        lse_col = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0)
+        lse_col = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)
         d_logit += v[None, :] * (tl.where(kept, tl.exp(logit - lse_col[None, :]), 0.0) - positive)
     g = d_logit * fprime * inv_temp
     gc = g * c
     h_rows = (rows - row0).to(tl.int64)
-    h_at = h_ptr + h_rows[:, None] * stride_h + cols[None, :]
+    h_at = h_ptr + h_rows[:, None] * stride_h + (cols - col0)[None, :]
     if FUSED:
         tl.store(h_at, g * a[:, None] * b[None, :], mask=row_ok[:, None] & col_ok[None, :])
         tl.store(row_sum_ptr + pid_n * M + rows, tl.sum(gc, axis=1), mask=row_ok)
