@@ -38,9 +38,20 @@ NORM_CHUNK = tl.constexpr(16)  # d-chunk of the in-kernel norms (fp64 tiles take
 
 
 @triton.jit
-def _dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D,
+def dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D,
               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """(BLOCK_M, BLOCK_N) fp32 tile of x[rows] @ y[cols]^T, streaming D in BLOCK_D chunks."""
+    return _scaled_dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D, 1.0, 1.0,
+                            BLOCK_D, PRECISION, UPCAST, False)
+
+
+@triton.jit
+def _scaled_dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D, sx, sy,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     SCALED: tl.constexpr):
+    """`dot_tile` of (sx_i x_i) . (sy_j y_j) when SCALED (fp32 operands; sx, sy powers of
+    two, so the products are exact and the tile is the unscaled one times sx_i sy_j, but
+    neither overflows nor underflows for rows of any norm)."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     row_ok = rows < M
     col_ok = cols < N
@@ -51,8 +62,42 @@ def _dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D,
         d_ok = offs < D
         x = tl.load(x_rows + offs[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         y = tl.load(y_cols + offs[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        if SCALED:
+            x = x * sx[:, None]
+            y = y * sy[None, :]
         acc = dot_acc(x, y, acc, PRECISION, UPCAST)
     return acc
+
+
+@triton.jit
+def _pow2_split(inv_norm):
+    """(s, inv_norm / s) with s the power of two of inv_norm (clamped to fp32's normal
+    range): x * s has norm in (0.5, 1], and inv_norm / s is in [1, 2) (for inv_norm >= 2^-126)."""
+    e = tl.maximum((inv_norm.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+    s = (e << 23).to(tl.float32, bitcast=True)
+    inv_s = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    return s, inv_norm * inv_s
+
+
+@triton.jit
+def cosine_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b,
+             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr):
+    """(c, row factor, column factor): the cosine tile c = <q_i, k_j> a_i b_j and the factors
+    that multiply G in H. SCALED (fp32 inputs): rows are brought to unit scale by powers of
+    two first, so c is exact for any norm (rows of 1e30 or 1e-30) and the factors are the
+    mantissas a/s, b/t (H = G (a/s) (b/t) stays in range; the GEMMs put s and t back).
+    Otherwise (16-bit inputs, whose products cannot leave fp32's range for fp16) a and b."""
+    if SCALED:
+        sa, fa = _pow2_split(a)
+        sb, fb = _pow2_split(b)
+        c = _scaled_dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, sa, sb,
+                             BLOCK_D, PRECISION, UPCAST, True) * fa[:, None] * fb[None, :]
+    else:
+        fa = a
+        fb = b
+        c = dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D,
+                      BLOCK_D, PRECISION, UPCAST) * a[:, None] * b[None, :]
+    return c, fa, fb
 
 
 @triton.jit
@@ -106,7 +151,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
     fprime = tl.full(c.shape, 1.0, tl.float32)
     if HAS_MARGIN:
         if ADAPTIVE:
-            t = _dot_tile(tq_ptr, tk_ptr, stride_tq, stride_tk, rows, cols, M, N, DT,
+            t = dot_tile(tq_ptr, tk_ptr, stride_tq, stride_tk, rows, cols, M, N, DT,
                           BLOCK_T, T_PRECISION, UPCAST)
             cm, sm = _cos_sin(margin * (1.0 - t))
         else:
@@ -123,7 +168,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
         allowed = allowed & ~((rg[:, None] == kg[None, :]) & (~is_pos))
     logit = f * inv_temp
     if HAS_FILTER:
-        s = _dot_tile(fq_ptr, fk_ptr, stride_fq, stride_fk, rows, cols, M, N, DF,
+        s = dot_tile(fq_ptr, fk_ptr, stride_fq, stride_fk, rows, cols, M, N, DF,
                       BLOCK_T, F_PRECISION, UPCAST)
         allowed = allowed & ~((s > threshold) & (~is_pos))
         logit = tl.where(allowed, logit, float("-inf"))
@@ -134,7 +179,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
 
 
 @triton.jit
-def _inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D: tl.constexpr, EPS: tl.constexpr):
+def row_inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D: tl.constexpr, EPS: tl.constexpr):
     """1 / max(||x_i||, EPS) (fp32) of rows `rows` of x. The squares are summed in fp64, so the
     fp32 sum (and all after it) does not depend on the chunking or reduction order: the
     prologue, the fused forward and the fused backward get the same bits (docs/triton.md)."""
@@ -145,7 +190,8 @@ def _inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D: tl.constexpr, EPS: tl.const
         x = tl.load(x_rows + offs[None, :],
                     mask=(rows < M)[:, None] & (offs < D)[None, :], other=0.0).to(tl.float64)
         sq += tl.sum(x * x, axis=1)
-    return _reciprocal(tl.maximum(tl.sqrt(sq.to(tl.float32)), EPS))
+    # sqrt in fp64, then fp32: the squares of fp32 rows of 1e30 overflow fp32, not fp64.
+    return _reciprocal(tl.maximum(tl.sqrt(sq).to(tl.float32), EPS))
 
 
 @triton.jit
@@ -166,10 +212,10 @@ def inv_norm_kernel(x_ptr, y_ptr, a_ptr, b_ptr, M, N, D, stride_x, stride_y,
     x_blocks = tl.cdiv(M, BLOCK_M)
     if pid < x_blocks:
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(a_ptr + rows, _inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D, EPS), mask=rows < M)
+        tl.store(a_ptr + rows, row_inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D, EPS), mask=rows < M)
     else:
         rows = (pid - x_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        tl.store(b_ptr + rows, _inv_norms(y_ptr, stride_y, rows, N, D, BLOCK_D, EPS), mask=rows < N)
+        tl.store(b_ptr + rows, row_inv_norms(y_ptr, stride_y, rows, N, D, BLOCK_D, EPS), mask=rows < N)
 
 
 @triton.jit
@@ -194,7 +240,7 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
                    T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr, SIN_EPS: tl.constexpr,
                    TEMP_PTR: tl.constexpr, FUSED_NORMS: tl.constexpr, SYMMETRIC: tl.constexpr,
-                   EPS: tl.constexpr,
+                   SCALED: tl.constexpr, EPS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_T: tl.constexpr):
     """lse_i over this key block's allowed columns and the positive's logit (0 if absent).
@@ -214,7 +260,7 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
     inv_temp = _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR)
     if FUSED_NORMS:
-        a = _inv_norms(q_ptr, stride_q, rows, M, D, NORM_CHUNK, EPS)
+        a = row_inv_norms(q_ptr, stride_q, rows, M, D, NORM_CHUNK, EPS)
     else:
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -225,11 +271,11 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
     for n0 in range(first, last, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         if FUSED_NORMS:
-            b = _inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
+            b = row_inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
         else:
             b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-        c = _dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D,
-                      BLOCK_D, PRECISION, UPCAST) * a[:, None] * b[None, :]
+        c, _, _ = cosine_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b,
+                           BLOCK_D, PRECISION, UPCAST, SCALED)
         logit, f, fprime, allowed, is_pos = _logits(
             c, rows, cols, M, N, pos, inv_temp, rg_ptr, kg_ptr,
             tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
@@ -375,7 +421,7 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_pt
                      T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
                      UPCAST: tl.constexpr, SIN_EPS: tl.constexpr,
                      TEMP_PTR: tl.constexpr, FUSED: tl.constexpr, SYMMETRIC: tl.constexpr,
-                     EPS: tl.constexpr,
+                     SCALED: tl.constexpr, EPS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr):
     """One tile of rows [row0, M) x columns [col0, N): G_ij = d_ij f'_ij / tau with
@@ -395,13 +441,13 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_pt
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
     inv_temp = _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR)
     if FUSED:
-        a = _inv_norms(q_ptr, stride_q, rows, M, D, NORM_CHUNK, EPS)
-        b = _inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
+        a = row_inv_norms(q_ptr, stride_q, rows, M, D, NORM_CHUNK, EPS)
+        b = row_inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
     else:
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
-    c = _dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D,
-                  BLOCK_D, PRECISION, UPCAST) * a[:, None] * b[None, :]
+    c, fa, fb = cosine_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b,
+                         BLOCK_D, PRECISION, UPCAST, SCALED)
     logit, f, fprime, allowed, is_pos = _logits(
         c, rows, cols, M, N, pos, inv_temp, rg_ptr, kg_ptr,
         tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
@@ -421,7 +467,7 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_pt
     h_rows = (rows - row0).to(tl.int64)
     h_at = h_ptr + h_rows[:, None] * stride_h + (cols - col0)[None, :]
     if FUSED:
-        tl.store(h_at, g * a[:, None] * b[None, :], mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(h_at, g * fa[:, None] * fb[None, :], mask=row_ok[:, None] & col_ok[None, :])
         tl.store(row_sum_ptr + pid_n * M + rows, tl.sum(gc, axis=1), mask=row_ok)
         tl.store(col_sum_ptr + pid_m * N + cols, tl.sum(gc, axis=0), mask=col_ok)
         if NEED_TEMP:
@@ -431,7 +477,7 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_pt
         if pid_m == 0:
             tl.store(b_ptr + cols, b, mask=col_ok)
     else:
-        h = g * (a / tl.load(scale_ptr))[:, None] * b[None, :]
+        h = g * (fa / tl.load(scale_ptr))[:, None] * b[None, :]
         tl.store(h_at, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         tl.atomic_add(row_sum_ptr + rows, tl.sum(gc, axis=1), mask=row_ok)
         tl.atomic_add(col_sum_ptr + cols, tl.sum(gc, axis=0), mask=col_ok)
@@ -482,12 +528,13 @@ def _sum_parts(part_ptr, idx, n, parts):
 @triton.jit
 def _finish_tile(out_ptr, stride_out, x_ptr, stride_x, idx, offs, n, D, acc, scale, inv_norm, r,
                  EPS: tl.constexpr):
-    """out = scale * acc - [||x|| > EPS] inv_norm^2 r x on rows idx, columns offs of d."""
+    """out = scale * acc - [||x|| > EPS] (inv_norm r) (inv_norm x) on rows idx, columns offs
+    of d (inv_norm x is the unit row: no inv_norm^2, which underflows for rows of 1e30)."""
     mask = (idx < n)[:, None] & (offs < D)[None, :]
     r64 = idx.to(tl.int64)[:, None]
     x = tl.load(x_ptr + r64 * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-    coef = tl.where(inv_norm < 1.0 / EPS, inv_norm * inv_norm * r, 0.0)
-    out = scale * acc - coef[:, None] * x
+    coef = tl.where(inv_norm < 1.0 / EPS, inv_norm * r, 0.0)
+    out = scale * acc - coef[:, None] * (inv_norm[:, None] * x)
     tl.store(out_ptr + r64 * stride_out + offs[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -499,13 +546,15 @@ def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_
                      dq_ptr, dk_ptr, stride_dq, stride_dk,
                      NEED_TEMP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                      TEMP_PTR: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE16: tl.constexpr,
-                     EPS: tl.constexpr,
+                     SCALED: tl.constexpr, EPS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """The small-batch backward's second and last launch, after `grad_tile_kernel` (FUSED):
     the first cdiv(M, BLOCK_M) * cdiv(D, BLOCK_D) programs form dQ tiles = H K, the others dK
     tiles = H^T Q, each with the normalisation Jacobian's radial term from the summed
     partials; program 0 also sums the 1/tau gradient. H (M, N) is fp32; it enters the MMA in
-    the inputs' dtype (divided by g for fp16, as in the chunked path)."""
+    the inputs' dtype (divided by g for fp16, as in the chunked path). SCALED (fp32): H holds
+    G (a/s)(b/t) (`cosine_tile`), so y's rows enter the MMA times their power of two and the
+    result is multiplied by the output rows' one."""
     pid = tl.program_id(0)
     d_tiles = tl.cdiv(D, BLOCK_D)
     q_tiles = tl.cdiv(M, BLOCK_M) * d_tiles
@@ -516,8 +565,8 @@ def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_
     inv_g = _reciprocal(g)
     if pid < q_tiles:
         _gradient_tile(pid, d_tiles, h_ptr, stride_h, k_ptr, stride_k, q_ptr, stride_q, dq_ptr, stride_dq,
-                       row_part_ptr, row_parts, a_ptr, M, N, D, g, inv_g, False,
-                       PRECISION, UPCAST, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
+                       row_part_ptr, row_parts, a_ptr, b_ptr, M, N, D, g, inv_g, False,
+                       PRECISION, UPCAST, SCALED, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
         if NEED_TEMP:
             if pid == 0:
                 total = tl.zeros((1024,), dtype=tl.float32)
@@ -527,29 +576,34 @@ def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_
                 tl.store(temp_grad_ptr, tl.sum(total, axis=0))
     else:
         _gradient_tile(pid - q_tiles, d_tiles, h_ptr, stride_h, q_ptr, stride_q, k_ptr, stride_k, dk_ptr, stride_dk,
-                       col_part_ptr, col_parts, b_ptr, N, M, D, g, inv_g, True,
-                       PRECISION, UPCAST, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
+                       col_part_ptr, col_parts, b_ptr, a_ptr, N, M, D, g, inv_g, True,
+                       PRECISION, UPCAST, SCALED, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
 
 
 @triton.jit
 def _gradient_tile(tile, d_tiles, h_ptr, stride_h, y_ptr, stride_y, x_ptr, stride_x, out_ptr, stride_out,
-                   part_ptr, parts, inv_norm_ptr, n_idx, n_inner, D, g, inv_g, TRANSPOSED: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+                   part_ptr, parts, inv_norm_ptr, y_inv_norm_ptr, n_idx, n_inner, D, g, inv_g,
+                   TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   SCALED: tl.constexpr, EPS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tile `tile` of out = g (H y) (TRANSPOSED: g (H^T y)) minus the radial term of x, whose
-    rows idx have the inverse norms inv_norm and radial sums spread over `parts` partials."""
+    rows idx have the inverse norms inv_norm and radial sums spread over `parts` partials
+    (y's rows have y_inv_norm: SCALED uses their powers of two, see grad_gemm_kernel)."""
     idx = (tile // d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = (tile % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = _h_product(h_ptr, stride_h, y_ptr, stride_y, idx, offs, n_idx, n_inner, D, inv_g, TRANSPOSED,
-                     PRECISION, UPCAST, BLOCK_M, BLOCK_D, BLOCK_K)
+    acc = _h_product(h_ptr, stride_h, y_ptr, stride_y, y_inv_norm_ptr, idx, offs, n_idx, n_inner, D, inv_g,
+                     TRANSPOSED, PRECISION, UPCAST, SCALED, BLOCK_M, BLOCK_D, BLOCK_K)
     r = _sum_parts(part_ptr, idx, n_idx, parts)
     inv_norm = tl.load(inv_norm_ptr + idx, mask=idx < n_idx, other=0.0)
+    if SCALED:
+        s, _ = _pow2_split(inv_norm)
+        acc = acc * s[:, None]
     _finish_tile(out_ptr, stride_out, x_ptr, stride_x, idx, offs, n_idx, D, acc, g, inv_norm, r, EPS)
 
 
 @triton.jit
-def _h_product(h_ptr, stride_h, y_ptr, stride_y, idx, offs, n_idx, n_inner, D, inv_g,
-               TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _h_product(h_ptr, stride_h, y_ptr, stride_y, y_inv_norm_ptr, idx, offs, n_idx, n_inner, D, inv_g,
+               TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_M, BLOCK_D) fp32 tile of H y (rows idx of H (n_idx, n_inner)) or, TRANSPOSED, of
     H^T y (columns idx of H (n_inner, n_idx)), over y's d-chunk offs. H (fp32) is scaled by
@@ -569,6 +623,9 @@ def _h_product(h_ptr, stride_h, y_ptr, stride_y, idx, offs, n_idx, n_inner, D, i
             h = (h * inv_g).to(y_ptr.dtype.element_ty)
         y = tl.load(y_ptr + ks.to(tl.int64)[:, None] * stride_y + offs[None, :],
                     mask=ks_ok[:, None] & (offs < D)[None, :], other=0.0)
+        if SCALED:
+            sy, _ = _pow2_split(tl.load(y_inv_norm_ptr + ks, mask=ks_ok, other=0.0))
+            y = y * sy[:, None]
         acc = dot_acc(h, y, acc, PRECISION, UPCAST)
     return acc
 
@@ -576,15 +633,18 @@ def _h_product(h_ptr, stride_h, y_ptr, stride_y, idx, offs, n_idx, n_inner, D, i
 @triton.jit
 def finish_kernel(prod_ptr, x_ptr, out_ptr, inv_norm_ptr, row_sum_ptr, scale_ptr, M, D,
                   stride_prod, stride_x, stride_out,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EPS: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SCALED: tl.constexpr, EPS: tl.constexpr):
     """out_i = scale * prod_i - [||x_i|| > EPS] a_i^2 r_i x_i: the gradient through
-    x / max(||x||, EPS), given prod = (H @ other) and r_i = sum_j G_ij c_ij."""
+    x / max(||x||, EPS), given prod = (H @ other) and r_i = sum_j G_ij c_ij. SCALED: H's rows
+    held a_i / s_i (fp32, `cosine_tile`), so prod_i is multiplied by s_i first."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < M
     a = tl.load(inv_norm_ptr + rows, mask=row_ok, other=0.0)
     r = tl.load(row_sum_ptr + rows, mask=row_ok, other=0.0)
     prod = tl.load(prod_ptr + rows.to(tl.int64)[:, None] * stride_prod + offs[None, :],
-                   mask=row_ok[:, None] & (offs < D)[None, :], other=0.0)
-    _finish_tile(out_ptr, stride_out, x_ptr, stride_x, rows, offs, M, D, prod.to(tl.float32),
-                 tl.load(scale_ptr), a, r, EPS)
+                   mask=row_ok[:, None] & (offs < D)[None, :], other=0.0).to(tl.float32)
+    if SCALED:
+        s, _ = _pow2_split(a)
+        prod = prod * s[:, None]
+    _finish_tile(out_ptr, stride_out, x_ptr, stride_x, rows, offs, M, D, prod, tl.load(scale_ptr), a, r, EPS)

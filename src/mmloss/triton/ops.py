@@ -178,7 +178,7 @@ def _feature_args(query: torch.Tensor, f: Fields) -> Dict[str, object]:
         PRECISION=_precision(query.dtype),
         T_PRECISION=_precision(tq.dtype) if adaptive else "ieee",
         F_PRECISION=_precision(fq.dtype) if has_filter else "ieee",
-        UPCAST=configs.interpreted(), SIN_EPS=MARGIN_SIN_EPS,
+        UPCAST=configs.interpreted(), SIN_EPS=MARGIN_SIN_EPS, SCALED=query.dtype == torch.float32,
     )
 
 
@@ -259,13 +259,14 @@ def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 def _finish(prod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor,
-            row_sum: torch.Tensor, scale: torch.Tensor) -> None:
-    """out = scale * prod - [||x|| > eps] inv_norm^2 row_sum x (rows of equal count)."""
+            row_sum: torch.Tensor, scale: torch.Tensor, scaled: bool) -> None:
+    """out = scale * prod - [||x|| > eps] inv_norm^2 row_sum x (rows of equal count); scaled:
+    prod's rows are first multiplied by the powers of two of inv_norm (kernels._cosines)."""
     M, D = x.shape
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
     kernels.finish_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
         prod, x, out, inv_norm, row_sum, scale, M, D, prod.stride(0), x.stride(0), out.stride(0),
-        BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
+        BLOCK_M=bm, BLOCK_D=bd, SCALED=scaled, EPS=NORM_EPS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -284,6 +285,12 @@ def _scratch_scale(weight_max: torch.Tensor, a: torch.Tensor, b: torch.Tensor, i
         return torch.where(inv_norm < 1.0 / NORM_EPS, inv_norm, torch.zeros_like(inv_norm)).amax()
     inv_t = inv_temp.abs() if isinstance(inv_temp, torch.Tensor) else abs(inv_temp)
     return (weight_max * regular_max(a) * regular_max(b) * inv_t).clamp_min(1e-30).reshape(1)
+
+
+def _pow2(inv_norm: torch.Tensor) -> torch.Tensor:
+    """The powers of two of fp32 inverse norms, as kernels._pow2_split (clamped to normal)."""
+    bits = (inv_norm.view(torch.int32) >> 23 & 0xFF).clamp_min(1) << 23
+    return bits.view(torch.float32)
 
 
 def chunk_shape(M: int, N: int, element_size: int) -> Tuple[int, int]:
@@ -357,7 +364,7 @@ def _backward_small(query, key, f: Fields, common: Dict[str, object]):
         dq_ptr=d_query, dk_ptr=d_key, stride_dq=d_query.stride(0), stride_dk=d_key.stride(0),
         NEED_TEMP=common["NEED_TEMP"], PRECISION=common["PRECISION"], UPCAST=common["UPCAST"],
         TEMP_PTR=common["TEMP_PTR"], SYMMETRIC=common["SYMMETRIC"], SCALE16=query.dtype == torch.float16,
-        EPS=NORM_EPS, **gemm)
+        SCALED=common["SCALED"], EPS=NORM_EPS, **gemm)
     return d_query, d_key, temp_grad
 
 
@@ -389,6 +396,7 @@ def _backward_chunked(query, key, f: Fields, common: Dict[str, object]):
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
         q_rows = query[r0:r1]
+        q_scaled = q_rows * _pow2(a[r0:r1])[:, None] if common["SCALED"] else q_rows
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
             h = scratch[: r1 - r0, : c1 - c0]
@@ -409,10 +417,11 @@ def _backward_chunked(query, key, f: Fields, common: Dict[str, object]):
                     torch.mm(h, key[c0:c1], out=prod)
                 else:
                     prod.addmm_(h, key[c0:c1])
-            key_prod = torch.mm(h.t(), q_rows)
+            # SCALED: H's rows hold a_i / s_i, so dK takes the rows s_i q_i (a copy of R rows).
+            key_prod = torch.mm(h.t(), q_scaled)
             if key_acc is not None:
                 key_acc[c0:c1].add_(key_prod)
-        _finish(prod, q_rows, d_query[r0:r1], a[r0:r1], row_sum[r0:r1], scale)
+        _finish(prod, q_rows, d_query[r0:r1], a[r0:r1], row_sum[r0:r1], scale, common["SCALED"])
     d_key = torch.empty(key.shape, dtype=key.dtype, device=dev)
-    _finish(key_prod if key_acc is None else key_acc, key, d_key, b, col_sum, scale)
+    _finish(key_prod if key_acc is None else key_acc, key, d_key, b, col_sum, scale, False)
     return d_query, d_key, temp_grad

@@ -498,3 +498,102 @@ def test_nearly_solved_row_keeps_its_relative_accuracy(path):
     assert float(want.max()) < 1e-4 and float(want.min()) > 0
     got = mmloss.contrastive_loss(q.float(), k.float(), temperature=0.05, reduction="none", backend=BACKEND)
     torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+
+
+def _scaled_rows(M, N, d, seed, row_scale, key_scale):
+    """float64 query/key (each row correlated with its positive) with the rows multiplied by
+    the given per-row scales (cycled)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, d, generator=g, dtype=torch.float64)
+    k = torch.randn(N, d, generator=g, dtype=torch.float64)
+    q = q + 1.5 * k[:M]
+    rs = torch.tensor(row_scale, dtype=torch.float64).repeat(M)[:M, None]
+    ks = torch.tensor(key_scale, dtype=torch.float64).repeat(N)[:N, None]
+    return q * rs, k * ks
+
+
+def _unit_scaled(grad, x):
+    """Gradient rows times their input's norm: O(1) whatever the row's scale (d(x/|x|) ~ 1/|x|)."""
+    return grad.double() * x.double().norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_fp32_rows_of_huge_and_tiny_norms(learn, path):
+    """fp32 rows of 1e30 and 1e-30 (and ordinary ones) among queries and keys: the loss and
+    the gradients are the float64 reference's (fp32 squares of 1e30 overflow, products of
+    1e30 rows overflow and the backward's a_i b_j underflow unless scaled)."""
+    q, k = _scaled_rows(9, 70, 16, 40, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-25, 1.0])
+    ref_inputs = (q.clone().requires_grad_(), k.clone().requires_grad_())
+    t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    want = contrastive_loss_reference(*ref_inputs, temperature=t64 if learn else 0.05, reduction="none")
+    want_grads = torch.autograd.grad(want.sum(), list(ref_inputs) + ([t64] if learn else []))
+    qf, kf = q.float().requires_grad_(), k.float().requires_grad_()
+    t32 = torch.tensor(0.05, requires_grad=True)
+    got = mmloss.contrastive_loss(qf, kf, temperature=t32 if learn else 0.05, reduction="none", backend=BACKEND)
+    grads = torch.autograd.grad(got.sum(), [qf, kf] + ([t32] if learn else []))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for g, w, x in zip(grads[:2], want_grads[:2], (q, k)):
+        g, w = _unit_scaled(g, x), _unit_scaled(w, x)
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * float(w.abs().max()))
+    if learn:
+        torch.testing.assert_close(grads[2].double(), want_grads[2], rtol=1e-5, atol=0)
+
+
+def test_fp32_power_of_two_scaling_changes_nothing(path):
+    """Rows scaled by powers of two (2^100 ... 2^-30: norms above eps) give the unscaled rows'
+    loss to the last bit and their gradients times the inverse scales (the kernels' own
+    scaling is by powers of two, so it changes no rounding)."""
+    q, k = _scaled_rows(9, 70, 16, 41, [1.0], [1.0])
+    s_q = torch.tensor([2.0 ** 100, 2.0 ** -30, 1.0]).repeat(3)[:, None]
+    s_k = torch.tensor([2.0 ** -30, 1.0, 2.0 ** 100, 2.0 ** 60]).repeat(18)[:70, None]
+    runs = []
+    for a, b in ((q.float(), k.float()), (q.float() * s_q, k.float() * s_k)):
+        a, b = a.requires_grad_(), b.requires_grad_()
+        loss = mmloss.contrastive_loss(a, b, temperature=0.05, reduction="none", backend=BACKEND)
+        runs.append((loss,) + torch.autograd.grad(loss.sum(), [a, b]))
+    (l0, dq0, dk0), (l1, dq1, dk1) = runs
+    assert torch.equal(l0, l1)
+    torch.testing.assert_close(dq1 * s_q, dq0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dk1 * s_k, dk0, rtol=1e-6, atol=0)
+
+
+def test_fp16_rows_of_norm_above_65504(path):
+    """fp16 rows whose norm exceeds fp16's range (entries ~1e4, d = 64): loss and gradients
+    are the float64 reference's on the same inputs (the fp16 reference itself overflows)."""
+    q, k = _scaled_rows(20, 70, 64, 42, [1e4, 1.0], [1e4])
+    q, k = q.clamp(-6e4, 6e4).half(), k.clamp(-6e4, 6e4).half()
+    assert float(q.double().norm(dim=1).max()) > 65504
+    ref_inputs = (q.double().requires_grad_(), k.double().requires_grad_())
+    want = contrastive_loss_reference(*ref_inputs, temperature=0.05, reduction="none")
+    want_grads = torch.autograd.grad(want.sum(), ref_inputs)
+    qh, kh = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got = mmloss.contrastive_loss(qh, kh, temperature=0.05, reduction="none", backend=BACKEND)
+    grads = torch.autograd.grad(got.sum(), [qh, kh])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # Such rows' gradients (~1e-5) are fp16 subnormals, spaced 2^-24, and H enters the MMA in
+    # fp16 (as for every fp16 input): a few units of that spacing.
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=4 * 2.0 ** -24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_similarity_and_topk_of_huge_rows(dtype):
+    """similarity / topk_similarity (backend triton) of fp32 rows of 1e30 and 1e-30, and of
+    fp16 rows of norm > 65504: the float64 cosines, and the float64 top-k columns."""
+    from mmloss.similarity import similarity, topk_similarity
+
+    if dtype == torch.float32:
+        a, b = _scaled_rows(9, 70, 16, 43, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-30])
+    else:
+        a, b = _scaled_rows(9, 70, 64, 43, [1e4, 1.0], [1e4])
+        a, b = a.clamp(-6e4, 6e4), b.clamp(-6e4, 6e4)
+    a, b = a.to(dtype), b.to(dtype)
+    want = torch.nn.functional.normalize(a.double(), dim=1) @ torch.nn.functional.normalize(b.double(), dim=1).T
+    got = similarity(a, b, out_dtype=torch.float32, backend=BACKEND)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    scores, idx = topk_similarity(a, b, 5, block=32, backend=BACKEND)
+    want_scores, want_idx = want.topk(5, dim=1)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    if dtype == torch.float32:
+        assert torch.equal(idx, want_idx)
