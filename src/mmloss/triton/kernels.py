@@ -12,17 +12,19 @@ Row offsets are computed in int64 (M x d and the R x N scratch may pass 2^31 ele
 * `forward_kernel`   one program per row block and column split streams its column tiles
                      (splits fill the GPU when rows are few; `combine_kernel` merges
                      their partial lse): per tile one
-                     tl.dot (fp32 accumulation) scaled by a_i b_j, the teacher tiles, the
-                     masks, the margin and an online log-sum-exp; writes lse (M,) and
-                     pos_logit (M,). SYMMETRIC also accumulates each column's sum of exp
-                     (the column lse) in the same pass. FUSED_NORMS computes the norms
-                     itself (small batches: one launch).
+                     tl.dot (fp32 accumulation) scaled by a_i b_j (`cosine_tile`: fp32 rows
+                     scaled by powers of two, exact for any norm), the teacher tiles, the
+                     masks, the margin and an online log-sum-exp; writes lse (M,) fp64,
+                     relative to the positive's logit, and pos_logit (M,). SYMMETRIC also
+                     merges each column's (max, sum) by compare-and-swap in the same pass
+                     (`column_lse_kernel` turns them into the column lse). FUSED_NORMS
+                     computes the norms itself (small batches: one launch).
 * `grad_tile_kernel` one program per tile of a row chunk: recomputes the logits exactly as
                      the forward does and writes
                      H_ij = a_i b_j G_ij / g (G = dLoss/dc) into a scratch for two cuBLAS
                      GEMMs, plus the row/column sums of G*c (normalisation Jacobian) and
                      the 1/tau gradient, by atomics (FUSED: per-tile partials, no atomics).
-* `finish_kernel`    out = g * X - [norm > eps] a^2 r * x (the Jacobian's radial term).
+* `finish_kernel`    out = g * X - [norm > eps] (a r) (a x) (the Jacobian's radial term).
 * `grad_gemm_kernel` small batches: dQ = H K and dK = H^T Q with the radial term, in one
                      launch after the FUSED tile kernel (the backward is two launches).
 

@@ -1,12 +1,12 @@
 """Host side of the Triton backend: argument packing, launches, the backward's GEMMs.
 
-Backward design (see docs/triton.md): per row chunk of R rows, `grad_tile_kernel`
-recomputes the logits tile by tile and writes H = a_i b_j G_ij / g into an R x N scratch
-(input dtype; fp32 for fp32 inputs), then two cuBLAS GEMMs give dQ_R = H K and
-dK += H^T Q_R, and `finish_kernel` adds the normalisation Jacobian's radial term from the
-row/column sums of G*c that the tile kernel accumulated. For fp16, g = max|w| max(a) max(b)
-/ tau bounds |H| by |f'|; bf16 and fp32 use g = 1. R keeps the scratch within
-`scratch_bytes()`.
+Backward design (see docs/triton.md): per chunk of R rows x C columns, `grad_tile_kernel`
+recomputes the logits tile by tile and writes H = a_i b_j G_ij / g into an R x C scratch
+(input dtype; fp32 for fp32 inputs, whose rows' powers of two are kept out of H), then two
+cuBLAS GEMMs give dQ_R (+)= H K_C and dK_C += H^T Q_R, and `finish_kernel` adds the
+normalisation Jacobian's radial term from the row/column sums of G*c that the tile kernel
+accumulated. For fp16, g = max|w| max(a) max(b) / tau bounds |H| by |f'|; bf16 and fp32
+use g = 1. R x C keeps the scratch within `scratch_bytes()` for every M and N.
 """
 
 from __future__ import annotations
@@ -253,7 +253,8 @@ def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, to
     b = torch.empty(N, dtype=torch.float32, device=query.device)
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
     grid = (triton.cdiv(M, bm) + triton.cdiv(N, bm),)
-    kernels.inv_norm_kernel[grid](query, key, a, b, M, N, D, query.stride(0), key.stride(0),
+    kernels.inv_norm_kernel[grid](x_ptr=query, y_ptr=key, a_ptr=a, b_ptr=b, M=M, N=N, D=D,
+                                  stride_x=query.stride(0), stride_y=key.stride(0),
                                   BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
     return a, b
 
@@ -261,11 +262,12 @@ def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, to
 def _finish(prod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor,
             row_sum: torch.Tensor, scale: torch.Tensor, scaled: bool) -> None:
     """out = scale * prod - [||x|| > eps] inv_norm^2 row_sum x (rows of equal count); scaled:
-    prod's rows are first multiplied by the powers of two of inv_norm (kernels._cosines)."""
+    prod's rows are first multiplied by the powers of two of inv_norm (kernels.cosine_tile)."""
     M, D = x.shape
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
     kernels.finish_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
-        prod, x, out, inv_norm, row_sum, scale, M, D, prod.stride(0), x.stride(0), out.stride(0),
+        prod_ptr=prod, x_ptr=x, out_ptr=out, inv_norm_ptr=inv_norm, row_sum_ptr=row_sum, scale_ptr=scale,
+        M=M, D=D, stride_prod=prod.stride(0), stride_x=x.stride(0), stride_out=out.stride(0),
         BLOCK_M=bm, BLOCK_D=bd, SCALED=scaled, EPS=NORM_EPS)
 
 
