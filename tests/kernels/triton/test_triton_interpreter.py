@@ -421,7 +421,7 @@ def test_contrastive_loss_compiles_as_shipped(learn):
     the Triton backend (module lookup in backends.py, host reads of positives and of a
     tensor tau in checks.py), the test is skipped with Dynamo's reason; any other failure fails."""
     try:
-        compiled, eager = _compiled_loss_step("all", learn)
+        compiled, eager = _compiled_loss_step("adaptive_margin", learn)
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as exc:
         where = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("File")]
         pytest.skip(f"graph break outside mmloss.triton: {str(exc).splitlines()[0]} at {where[-1:]}")
@@ -468,13 +468,15 @@ def test_symmetric_tiny_temperature_through_contrastive_loss(symmetric, path):
     assert_close_to_oracle(case, torch.float32, learn_temperature=True)
 
 
-def test_all_rows_ignored_gives_zero_gradients(path):
-    """A term whose rows are all ignored: zero gradients (no 0/0 anywhere); the "sum" loss
-    is 0, "mean" is 0/0 (NaN, as F.cross_entropy) and still back-propagates zeros."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_all_rows_ignored_gives_zero_gradients(dtype, path):
+    """A term whose rows are all ignored: zero gradients (no 0/0 anywhere, the fp16 scratch
+    scale of zero weights included); the "sum" loss is 0, "mean" is 0/0 (NaN, as
+    F.cross_entropy) and still back-propagates zeros."""
     g = torch.Generator().manual_seed(33)
     for reduction in ("sum", "mean", "none"):
-        q = torch.randn(9, 16, generator=g).requires_grad_()
-        k = torch.randn(70, 16, generator=g).requires_grad_()
+        q = torch.randn(9, 16, generator=g).to(dtype).requires_grad_()
+        k = torch.randn(70, 16, generator=g).to(dtype).requires_grad_()
         t = torch.tensor(0.05, requires_grad=True)
         loss = mmloss.contrastive_loss(q, k, positives=torch.full((9,), mmloss.IGNORE_INDEX), temperature=t,
                                        reduction=reduction, backend=BACKEND)
