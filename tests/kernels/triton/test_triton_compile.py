@@ -29,7 +29,8 @@ from mmloss.triton import configs, kernels  # noqa: E402
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_fk", "stride_h",
-        "stride_prod", "stride_x", "stride_y", "stride_out", "stride_a", "stride_b", "M", "N", "D", "DT", "DF", "row0", "col0",
+        "stride_prod", "stride_x", "stride_y", "stride_out", "stride_a", "stride_b", "M", "N", "D", "DT", "DF", "row0",
+        "col0",
         "M_BUCKET", "N_BUCKET", "D_BUCKET", "stride_dq", "stride_dk", "row_parts", "col_parts", "temp_parts",
         "SPLITS"}
 FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m", "eps", "inv_temp_value"}
@@ -105,8 +106,9 @@ def jobs() -> List[Job]:
         for emb in ("bf16", "fp32"):
             small = dict(configs.ELEMENTWISE, EPS=1e-12)
             out.append(Job("inv_norm_kernel", arch, emb, "-", small, 4, 1))
-            for scaled in {False, emb == "fp32"}:
-                out.append(Job("finish_kernel", arch, emb, "scaled" if scaled else "-", dict(small, SCALED=scaled), 4, 1))
+            for scaled in sorted({False, emb == "fp32"}):
+                label = "scaled" if scaled else "-"
+                out.append(Job("finish_kernel", arch, emb, label, dict(small, SCALED=scaled), 4, 1))
         for name in ("combine_kernel", "column_lse_kernel"):
             out.append(Job(name, arch, "fp32", "-", dict(BLOCK=configs.ELEMENTWISE["BLOCK_M"] * 8), 4, 1))
         out += _similarity_jobs(arch)
