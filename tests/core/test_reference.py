@@ -115,3 +115,45 @@ def test_margin_is_finite_at_duplicates_in_low_precision(dtype):
     loss = reference(q, k, positives=torch.tensor([0, 1]), margin=0.2)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_fp32_loss_of_nearly_solved_rows_keeps_relative_accuracy():
+    """fp32, tau = 0.05, positives that are near-duplicates of their rows: losses of 1e-7 ...
+    1e-4, where lse and the positive's logit (~20) agree to 6-9 digits and their fp32
+    difference cancels; the fp32 reference gives them with a small relative error."""
+    g = torch.Generator().manual_seed(34)
+    q = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    k[:5] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k[5:] = -k[5:].abs() * q[0].sign()
+    want = reference(q, k, temperature=0.05, reduction="none")
+    assert float(want.max()) < 1e-4 and float(want.min()) > 0
+    qf, kf = q.float().requires_grad_(), k.float().requires_grad_()
+    got = reference(qf, kf, temperature=0.05, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+    got.sum().backward()  # and the gradient through the relative form is finite
+    assert torch.isfinite(qf.grad).all() and torch.isfinite(kf.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_loss_matches_logsumexp_form(dtype):
+    """The relative form equals logsumexp - positive (to rounding), every feature that masks
+    columns included (groups, ignored rows), and so do its gradients."""
+    torch.manual_seed(3)
+    q, k = torch.randn(9, 8), torch.randn(12, 8)
+    positives = torch.tensor([0, -100, 3, 6, 11, 2, 2, -100, 5])
+    groups = torch.randint(0, 4, (12,))
+    qd, kd = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+    got = reference(qd, kd, positives=positives, key_groups=groups, temperature=0.1, reduction="none")
+    gq, gk = torch.autograd.grad(got.sum(), [qd, kd])
+    logits = ((F.normalize(qd, dim=1) @ F.normalize(kd, dim=1).T) / 0.1).float()  # the reference's rounding
+    cols = torch.where(positives >= 0, positives, 0)
+    same = groups[None, :] == groups[cols][:, None]
+    same[torch.arange(9), cols] = False
+    logits = logits.masked_fill(same, float("-inf"))
+    want = torch.where(positives >= 0, torch.logsumexp(logits, 1) - logits.gather(1, cols[:, None])[:, 0], 0.0)
+    wq, wk = torch.autograd.grad(want.sum(), [qd, kd])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(gq.float(), wq.float(), **tol)
+    torch.testing.assert_close(gk.float(), wk.float(), **tol)

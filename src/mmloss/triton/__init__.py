@@ -2,8 +2,9 @@
 
 check(query, problem), forward(query, key, inv_temp, problem) -> (lse, pos_logit),
 backward(...) -> (d_query, d_key, d_inv_temp), and the optional symmetric pair
-forward_symmetric / backward_symmetric (both directions in one pass). Runs on CUDA tensors, or on CPU tensors in
-the Triton interpreter (TRITON_INTERPRET=1, set before this module is imported).
+forward_symmetric / backward_symmetric (both directions in one pass), each through a
+torch.library custom op (`torch.ops.mmloss.triton_*`, library.py). Runs on CUDA tensors, or
+on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1, set before this module is imported).
 Design, precision and tuning: docs/triton.md.
 """
 
@@ -13,7 +14,8 @@ import torch
 
 from mmloss.problem import LossProblem
 from mmloss.triton.configs import interpreted
-from mmloss.triton.ops import SUPPORTED, backward, backward_symmetric, forward, forward_symmetric
+from mmloss.triton.library import backward, backward_symmetric, forward, forward_symmetric
+from mmloss.triton.ops import SUPPORTED
 
 __all__ = ["backward", "backward_symmetric", "check", "forward", "forward_symmetric"]
 

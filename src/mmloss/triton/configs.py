@@ -65,7 +65,8 @@ _SHAPES = {
     "grad_tile": {
         "plain16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
                     80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
-        "feat16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        # feat16's 64 x 128 spills (16 bytes) since the fp64 lse and the column offset.
+        "feat16": {90: [(128, 64, 8, 3), (64, 64, 4, 3)],
                    80: [(128, 64, 8, 2), (64, 64, 8, 2)]},
         "sym16": {90: [(64, 64, 8, 3)], 80: [(64, 64, 8, 2)]},
         "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
@@ -78,13 +79,15 @@ TABLES = {kind: {cls: _table(cls, shapes) for cls, shapes in by_cls.items()}
 # The small-batch path (`ops.SMALL_MAX`) runs one fixed config per kernel, never autotuned
 # (a batch of a few hundred rows is launch-bound): 64-row tiles spread it over more SMs.
 # grad_gemm's tile is (BLOCK_M rows of dQ or dK, BLOCK_D of d), its reduction BLOCK_K wide.
-# On sm_80 two-stage pipelines of the fp32-operand kernels keep two values on the stack.
+# Two-stage pipelines of the fp32-operand kernels (fp32, teacher32) spill, on sm_90 since the
+# scaled fp32 rows and the compare-and-swap column merge: one stage there; sm_80's fp32
+# grad_gemm (scaled rows) needs 8 warps.
 _SMALL = {
-    "forward": {"16": {90: (64, 64, 4, 3), 80: (64, 64, 4, 2)}, "32": {90: (64, 64, 8, 2), 80: (64, 64, 8, 1)}},
-    "grad_tile": {"16": {90: (64, 64, 8, 3), 80: (64, 64, 8, 2)}, "32": {90: (64, 64, 8, 2), 80: (64, 64, 8, 1)}},
+    "forward": {"16": {90: (64, 64, 4, 3), 80: (64, 64, 4, 2)}, "32": {90: (64, 64, 8, 1), 80: (64, 64, 8, 1)}},
+    "grad_tile": {"16": {90: (64, 64, 8, 3), 80: (64, 64, 8, 2)}, "32": {90: (64, 64, 8, 1), 80: (64, 64, 8, 1)}},
 }
 _SMALL_GEMM = {"16": {90: (64, 64, 64, 4, 3), 80: (64, 64, 64, 4, 1)},
-               "32": {90: (64, 64, 16, 4, 2), 80: (64, 64, 16, 4, 2)}}
+               "32": {90: (64, 64, 16, 4, 2), 80: (64, 64, 16, 8, 2)}}
 
 
 def arch_key(capability: int) -> int:

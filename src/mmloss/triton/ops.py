@@ -1,12 +1,12 @@
 """Host side of the Triton backend: argument packing, launches, the backward's GEMMs.
 
-Backward design (see docs/triton.md): per row chunk of R rows, `grad_tile_kernel`
-recomputes the logits tile by tile and writes H = a_i b_j G_ij / g into an R x N scratch
-(input dtype; fp32 for fp32 inputs), then two cuBLAS GEMMs give dQ_R = H K and
-dK += H^T Q_R, and `finish_kernel` adds the normalisation Jacobian's radial term from the
-row/column sums of G*c that the tile kernel accumulated. For fp16, g = max|w| max(a) max(b)
-/ tau bounds |H| by |f'|; bf16 and fp32 use g = 1. R keeps the scratch within
-`scratch_bytes()`.
+Backward design (see docs/triton.md): per chunk of R rows x C columns, `grad_tile_kernel`
+recomputes the logits tile by tile and writes H = a_i b_j G_ij / g into an R x C scratch
+(input dtype; fp32 for fp32 inputs, whose rows' powers of two are kept out of H), then two
+cuBLAS GEMMs give dQ_R (+)= H K_C and dK_C += H^T Q_R, and `finish_kernel` adds the
+normalisation Jacobian's radial term from the row/column sums of G*c that the tile kernel
+accumulated. For fp16, g = max|w| max(a) max(b) / tau bounds |H| by |f'|; bf16 and fp32
+use g = 1. R x C keeps the scratch within `scratch_bytes()` for every M and N.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -31,6 +31,29 @@ SMALL_MAX = 2048
 # Columns per split of the chunked forward at least (`forward_splits`).
 MIN_SPLIT_COLUMNS = 256
 INTERPRETER_SMS = 2
+# The packed (max, sum) = (-inf, 0) of a column no row has reached (kernels._pack).
+EMPTY_COLUMN = struct.unpack("<q", struct.pack("<ff", 0.0, float("-inf")))[0]  # low word: sum
+
+
+class Fields(NamedTuple):
+    """The fields of a `LossProblem` the kernels read (the custom ops take them one by one;
+    valid_rows is the caller's business)."""
+
+    positives: torch.Tensor
+    margin: float
+    margin_query: Optional[torch.Tensor]
+    margin_key: Optional[torch.Tensor]
+    filter_query: Optional[torch.Tensor]
+    filter_key: Optional[torch.Tensor]
+    filter_threshold: float
+    row_groups: Optional[torch.Tensor]
+    key_groups: Optional[torch.Tensor]
+
+
+def fields(problem: LossProblem) -> Fields:
+    return Fields(problem.positives, float(problem.margin), problem.margin_query, problem.margin_key,
+                  problem.filter_query, problem.filter_key, float(problem.filter_threshold),
+                  problem.row_groups, problem.key_groups)
 
 
 def scratch_bytes() -> int:
@@ -69,7 +92,7 @@ _TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_
 TUNE_KEY = {"forward": _TUNE_KEY, "grad_tile": _TUNE_KEY + ["NEED_TEMP"]}
 
 
-def call_class(query: torch.Tensor, problem: LossProblem, symmetric: bool = False) -> str:
+def call_class(query: torch.Tensor, problem, symmetric: bool = False) -> str:
     """Which config class (configs.py) a call uses: by embedding and teacher dtypes, features
     and direction count."""
     if query.dtype == torch.float32:
@@ -92,14 +115,14 @@ def _tuned(kind: str, cls: str, capability: int, autotune: bool):
                            reset_to_zero=reset)(KERNELS[kind])
 
 
-def _launch(kind: str, cls: str, device: torch.device, grid_fn, args: tuple, flags: Dict[str, object]) -> None:
-    """Interpreter: the raw kernel with the fixed small config. GPU: the autotuned one."""
+def _launch(kind: str, cls: str, device: torch.device, grid_fn, kwargs: Dict[str, object]) -> None:
+    """Interpreter: the raw kernel with the fixed small config. GPU: the autotuned one. By keyword."""
     if configs.interpreted():
         meta = configs.interpreter_meta()
-        KERNELS[kind][grid_fn(meta)](*args, **flags, **meta)
+        KERNELS[kind][grid_fn(meta)](**kwargs, **meta)
     else:
         autotune = os.environ.get("MMLOSS_TRITON_AUTOTUNE", "1") != "0"
-        _tuned(kind, cls, _capability(device), autotune)[grid_fn](*args, **flags)
+        _tuned(kind, cls, _capability(device), autotune)[grid_fn](**kwargs)
 
 
 def _small_meta(kind: str, cls: str, device: torch.device) -> Dict[str, object]:
@@ -119,97 +142,91 @@ def small_batch(M: int, N: int) -> bool:
     return max(M, N) <= SMALL_MAX
 
 
-def _temperature_args(inv_temp, device: torch.device) -> Tuple[torch.Tensor, float, Dict[str, bool]]:
-    """(pointer, value, flag) of 1/tau: a tensor stays on the device (no host sync,
+def _temperature_args(inv_temp: Optional[torch.Tensor], inv_temp_value: float, device: torch.device
+                      ) -> Dict[str, object]:
+    """The kernels' 1/tau arguments: a tensor stays on the device (no host sync,
     graph-capturable), a float is passed by value (no fill launch)."""
-    if isinstance(inv_temp, torch.Tensor):
-        return inv_temp.detach().to(device=device, dtype=torch.float32).reshape(1), 0.0, {"TEMP_PTR": True}
-    as_fp32 = struct.unpack("f", struct.pack("f", float(inv_temp)))[0]  # what the kernel sees
-    return _one(device), as_fp32, {"TEMP_PTR": False}
+    if inv_temp is not None:
+        ptr = inv_temp.detach().to(device=device, dtype=torch.float32).reshape(1)
+        return dict(inv_temp_ptr=ptr, inv_temp_value=0.0, TEMP_PTR=True)
+    as_fp32 = struct.unpack("f", struct.pack("f", float(inv_temp_value)))[0]  # what the kernel sees
+    return dict(inv_temp_ptr=_one(device), inv_temp_value=as_fp32, TEMP_PTR=False)
 
 
-def _feature_args(query: torch.Tensor, problem: LossProblem) -> Tuple[tuple, Dict[str, object]]:
-    """(group, teacher, filter and margin arguments, constexpr flags) shared by the kernels."""
+def _feature_args(query: torch.Tensor, f: Fields) -> Dict[str, object]:
+    """The group, teacher, filter and margin arguments and constexpr flags shared by the
+    loss kernels, by parameter name."""
     dummy = query
-    tq, tk = _teacher(problem.margin_query), _teacher(problem.margin_key)
-    fq, fk = _teacher(problem.filter_query), _teacher(problem.filter_key)
-    has_margin = problem.margin > 0.0
+    tq, tk = _teacher(f.margin_query), _teacher(f.margin_key)
+    fq, fk = _teacher(f.filter_query), _teacher(f.filter_key)
+    has_margin = f.margin > 0.0
     adaptive = has_margin and tq is not None
     has_filter = fq is not None
-    has_groups = problem.key_groups is not None
-    m_eff = problem.margin
-    args = (
-        problem.row_groups if has_groups else dummy, problem.key_groups if has_groups else dummy,
-        tq if adaptive else dummy, tk if adaptive else dummy,
-        tq.stride(0) if adaptive else 0, tk.stride(0) if adaptive else 0, tq.shape[1] if adaptive else 1,
-        fq if has_filter else dummy, fk if has_filter else dummy,
-        fq.stride(0) if has_filter else 0, fk.stride(0) if has_filter else 0, fq.shape[1] if has_filter else 1,
-        float(problem.filter_threshold),
-        float(problem.margin), float(problem.cos_margin), math.cos(m_eff), math.sin(m_eff),
-    )
-    flags = dict(
+    has_groups = f.key_groups is not None
+    return dict(
+        rg_ptr=f.row_groups if has_groups else dummy, kg_ptr=f.key_groups if has_groups else dummy,
+        tq_ptr=tq if adaptive else dummy, tk_ptr=tk if adaptive else dummy,
+        stride_tq=tq.stride(0) if adaptive else 0, stride_tk=tk.stride(0) if adaptive else 0,
+        DT=tq.shape[1] if adaptive else 1,
+        fq_ptr=fq if has_filter else dummy, fk_ptr=fk if has_filter else dummy,
+        stride_fq=fq.stride(0) if has_filter else 0, stride_fk=fk.stride(0) if has_filter else 0,
+        DF=fq.shape[1] if has_filter else 1, threshold=float(f.filter_threshold),
+        # cos_margin: the threshold cos m above which f = c; cos_m, sin_m: the fixed margin's.
+        margin=float(f.margin), cos_margin=math.cos(f.margin), cos_m=math.cos(f.margin),
+        sin_m=math.sin(f.margin),
         HAS_MARGIN=has_margin, ADAPTIVE=adaptive, HAS_FILTER=has_filter, HAS_GROUPS=has_groups,
         PRECISION=_precision(query.dtype),
         T_PRECISION=_precision(tq.dtype) if adaptive else "ieee",
         F_PRECISION=_precision(fq.dtype) if has_filter else "ieee",
-        UPCAST=configs.interpreted(), SIN_EPS=MARGIN_SIN_EPS,
+        UPCAST=configs.interpreted(), SIN_EPS=MARGIN_SIN_EPS, SCALED=query.dtype == torch.float32,
     )
-    return args, flags
 
 
-def forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """lse (M,) fp32 over this key block's allowed columns and the positive's logit (M,)
-    fp32 (0 when the positive is not in this block). One launch for small batches (norms
-    fused), else two (norms, loss)."""
-    lse, pos_logit, _ = _forward(query, key, inv_temp, problem, symmetric=False)
-    return lse, pos_logit
-
-
-def forward_symmetric(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both directions of a symmetric loss (M == N, diagonal positives) in one pass over the
-    tiles: row lse (M,), column lse (N,) and the diagonal logit (M,), fp32. The column sums
-    are shifted by 1/tau (constants.SYMMETRIC_MAX_INV_TEMP bounds it)."""
-    lse, pos_logit, lse_col = _forward(query, key, inv_temp, problem, symmetric=True)
-    return lse, lse_col, pos_logit
-
-
-def _forward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem, symmetric: bool):
-    """(lse, pos_logit, column lse or None). Small batches: the forward kernel alone. Else the
-    norm prologue, the forward kernel over (row blocks, column splits) and, with more than one
-    split, `combine_kernel`. Symmetric adds a zero-fill and the column lse's log."""
+def run_forward(query: torch.Tensor, key: torch.Tensor, inv_temp: Optional[torch.Tensor], inv_temp_value: float,
+                f: Fields, symmetric: bool):
+    """(lse, pos_logit, column lse or None): the body of the forward custom ops (library.py).
+    lse and lse_col are fp64 (carried relative to the positive's logit), pos_logit fp32.
+    Small batches: the forward kernel alone. Else the norm prologue, the forward kernel over
+    (row blocks, column splits) and, with more than one split, `combine_kernel`. Symmetric
+    adds a fill of the packed column pairs and `column_lse_kernel`."""
     query, key = _rows(query), _rows(key)
     (M, D), N = query.shape, key.shape[0]
     dev = query.device
     small = small_batch(M, N)
     splits = 1 if small else forward_splits(M, N, dev)
-    lse = torch.empty(M, dtype=torch.float32, device=dev)
-    pos_logit = torch.empty_like(lse)
-    part_lse, part_pos = (lse, pos_logit) if splits == 1 else torch.empty(2, splits, M, dtype=torch.float32,
-                                                                          device=dev).unbind(0)
-    col_acc = torch.zeros(N, dtype=torch.float64, device=dev) if symmetric else lse
-    feat, flags = _feature_args(query, problem)
-    temp_ptr, temp_value, temp_flag = _temperature_args(inv_temp, dev)
-    a, b = (lse, lse) if small else _inv_norms(query, key)
-    flags = dict(flags, **temp_flag, FUSED_NORMS=small, SYMMETRIC=symmetric, EPS=NORM_EPS)
-    args = (query, key, query.stride(0), key.stride(0), M, N, D, a, b,
-            problem.positives, temp_ptr, temp_value, part_lse, part_pos, col_acc, splits,
-            *feat, configs.bucket(M), configs.bucket(N), configs.bucket(D))
-    cls = call_class(query, problem, symmetric)
+    lse = torch.empty(M, dtype=torch.float64, device=dev)
+    pos_logit = torch.empty(M, dtype=torch.float32, device=dev)
+    part_lse, part_pos = lse, pos_logit
+    if splits > 1:
+        part_lse = torch.empty(splits, M, dtype=torch.float64, device=dev)
+        part_pos = torch.empty(splits, M, dtype=torch.float32, device=dev)
+    col_acc = torch.full((N,), EMPTY_COLUMN, dtype=torch.int64, device=dev) if symmetric else lse
+    temp = _temperature_args(inv_temp, inv_temp_value, dev)
+    a, b = (pos_logit, pos_logit) if small else _inv_norms(query, key)
+    kwargs = dict(
+        q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=M, N=N, D=D,
+        a_ptr=a, b_ptr=b, pos_ptr=f.positives, **temp, lse_ptr=part_lse, pos_logit_ptr=part_pos,
+        col_acc_ptr=col_acc, SPLITS=splits, **_feature_args(query, f),
+        M_BUCKET=configs.bucket(M), N_BUCKET=configs.bucket(N), D_BUCKET=configs.bucket(D),
+        FUSED_NORMS=small, SYMMETRIC=symmetric, EPS=NORM_EPS)
+    cls = call_class(query, f, symmetric)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
     if small:
         meta = _small_meta("forward", cls, dev)
-        kernels.forward_kernel[grid(meta)](*args, **flags, **meta)
+        kernels.forward_kernel[grid(meta)](**kwargs, **meta)
     else:
-        _launch("forward", cls, dev, grid, args, flags)
+        _launch("forward", cls, dev, grid, kwargs)
     if splits > 1:
         block = configs.ELEMENTWISE["BLOCK_M"] * 8
-        kernels.combine_kernel[(triton.cdiv(M, block),)](part_lse, part_pos, lse, pos_logit, M, splits, BLOCK=block)
+        kernels.combine_kernel[(triton.cdiv(M, block),)](
+            part_lse_ptr=part_lse, part_pos_ptr=part_pos, lse_ptr=lse, pos_logit_ptr=pos_logit, M=M,
+            SPLITS=splits, BLOCK=block)
     lse_col = None
-    if symmetric:  # the kernel shifted every column by its fp32 1/tau
-        shift = temp_ptr.double() if temp_flag["TEMP_PTR"] else temp_value
-        lse_col = (torch.log(col_acc) + shift).float()
+    if symmetric:
+        lse_col = torch.empty(N, dtype=torch.float64, device=dev)
+        block = configs.ELEMENTWISE["BLOCK_M"] * 8
+        kernels.column_lse_kernel[(triton.cdiv(N, block),)](
+            col_acc_ptr=col_acc, pos_logit_ptr=pos_logit, lse_col_ptr=lse_col, N=N, BLOCK=block)
     return lse, pos_logit, lse_col
 
 
@@ -236,19 +253,22 @@ def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, to
     b = torch.empty(N, dtype=torch.float32, device=query.device)
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
     grid = (triton.cdiv(M, bm) + triton.cdiv(N, bm),)
-    kernels.inv_norm_kernel[grid](query, key, a, b, M, N, D, query.stride(0), key.stride(0),
+    kernels.inv_norm_kernel[grid](x_ptr=query, y_ptr=key, a_ptr=a, b_ptr=b, M=M, N=N, D=D,
+                                  stride_x=query.stride(0), stride_y=key.stride(0),
                                   BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
     return a, b
 
 
 def _finish(prod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor,
-            row_sum: torch.Tensor, scale: torch.Tensor) -> None:
-    """out = scale * prod - [||x|| > eps] inv_norm^2 row_sum x (rows of equal count)."""
+            row_sum: torch.Tensor, scale: torch.Tensor, scaled: bool) -> None:
+    """out = scale * prod - [||x|| > eps] inv_norm^2 row_sum x (rows of equal count); scaled:
+    prod's rows are first multiplied by the powers of two of inv_norm (kernels.cosine_tile)."""
     M, D = x.shape
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
     kernels.finish_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
-        prod, x, out, inv_norm, row_sum, scale, M, D, prod.stride(0), x.stride(0), out.stride(0),
-        BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
+        prod_ptr=prod, x_ptr=x, out_ptr=out, inv_norm_ptr=inv_norm, row_sum_ptr=row_sum, scale_ptr=scale,
+        M=M, D=D, stride_prod=prod.stride(0), stride_x=x.stride(0), stride_out=out.stride(0),
+        BLOCK_M=bm, BLOCK_D=bd, SCALED=scaled, EPS=NORM_EPS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -269,125 +289,141 @@ def _scratch_scale(weight_max: torch.Tensor, a: torch.Tensor, b: torch.Tensor, i
     return (weight_max * regular_max(a) * regular_max(b) * inv_t).clamp_min(1e-30).reshape(1)
 
 
-def row_chunk(M: int, N: int, element_size: int) -> int:
-    """Rows per backward chunk: the R x N scratch within the budget, a multiple of 128."""
-    fit = scratch_bytes() // max(1, N * element_size)
-    return max(128, min(M, fit) // 128 * 128) if fit < M else M
+def _pow2(inv_norm: torch.Tensor) -> torch.Tensor:
+    """The powers of two of fp32 inverse norms, as kernels._pow2_split (clamped to normal)."""
+    bits = (inv_norm.view(torch.int32) >> 23 & 0xFF).clamp_min(1) << 23
+    return bits.view(torch.float32)
 
 
-def backward(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem,
-             lse: torch.Tensor, row_weight: torch.Tensor, need_temp_grad: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients of sum_i w_i loss_i over this block's columns, with P from the given lse:
-    d_query (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim (or None)."""
-    return _backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad, None, None)
+def chunk_shape(M: int, N: int, element_size: int) -> Tuple[int, int]:
+    """(rows R, columns C) of the chunked backward's R x C scratch: within the budget
+    (`scratch_bytes()`) for every M and N. Whole rows (C = N) while 128 of them fit, R a
+    multiple of 128; beyond that R = 128 and C the largest multiple of 128 that fits (at
+    least 128: the scratch never exceeds max(budget, 128 x 128 elements))."""
+    budget = scratch_bytes() // element_size
+    if 128 * N <= budget or N <= 128:
+        fit = budget // max(1, N)
+        return (M if fit >= M else max(128, fit // 128 * 128)), N
+    rows = min(M, 128)
+    return rows, max(128, budget // rows // 128 * 128)
 
 
-def backward_symmetric(query: torch.Tensor, key: torch.Tensor, inv_temp, problem: LossProblem,
-                       lse: torch.Tensor, lse_col: torch.Tensor, row_weight: torch.Tensor,
-                       col_weight: torch.Tensor, need_temp_grad: bool
-                       ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients of sum_i w_i row_loss_i + sum_j v_j col_loss_j in one pass over the tiles:
-    each tile's G carries both directions' softmax terms."""
-    return _backward(query, key, inv_temp, problem, lse, row_weight, need_temp_grad, lse_col, col_weight)
-
-
-def _backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool,
-              lse_col: Optional[torch.Tensor], col_weight: Optional[torch.Tensor]):
-    """Both backward entry points: the small-batch or the chunked path, one direction or
-    (with lse_col and col_weight) both."""
+def run_backward(query, key, inv_temp: Optional[torch.Tensor], inv_temp_value: float, f: Fields, lse,
+                 row_weight, need_temp_grad: bool, lse_col: Optional[torch.Tensor], col_weight: Optional[torch.Tensor]):
+    """(d_query, d_key, d_inv_temp fp32 0-dim): the body of the backward custom ops. The
+    small-batch or the chunked path, one direction or (with lse_col and col_weight) both;
+    d_inv_temp holds a value only when need_temp_grad."""
     query, key = _rows(query), _rows(key)
     symmetric = lse_col is not None
     dev = query.device
     weight = row_weight.to(torch.float32).contiguous()
-    lse = lse.to(torch.float32).contiguous()
+    lse = lse.contiguous()  # fp32 or fp64: the kernels read either and round to fp32
     if symmetric:
-        lse_col = lse_col.to(torch.float32).contiguous()
+        lse_col = lse_col.contiguous()
         col_weight = col_weight.to(torch.float32).contiguous()
-    feat, flags = _feature_args(query, problem)
-    temp_ptr, temp_value, temp_flag = _temperature_args(inv_temp, dev)
-    flags = dict(flags, **temp_flag, NEED_TEMP=bool(need_temp_grad), SYMMETRIC=symmetric, EPS=NORM_EPS)
-    temp = (temp_ptr, temp_value)
-    cols = (lse_col, col_weight) if symmetric else (lse, weight)  # dummies unless symmetric
+    common = dict(
+        pos_ptr=f.positives, **_temperature_args(inv_temp, inv_temp_value, dev), lse_ptr=lse, w_ptr=weight,
+        lse_col_ptr=lse_col if symmetric else lse, v_ptr=col_weight if symmetric else weight,  # dummies
+        **_feature_args(query, f), NEED_TEMP=bool(need_temp_grad), SYMMETRIC=symmetric, EPS=NORM_EPS)
     run = _backward_small if small_batch(query.shape[0], key.shape[0]) else _backward_chunked
-    d_query, d_key, temp_grad = run(query, key, problem, temp, lse, weight, cols, feat, flags)
-    d_inv_temp = None
-    if need_temp_grad:
-        t_dtype = inv_temp.dtype if isinstance(inv_temp, torch.Tensor) else torch.float32
-        d_inv_temp = temp_grad.reshape(()).to(t_dtype)
-    return d_query, d_key, d_inv_temp
+    d_query, d_key, temp_grad = run(query, key, f, common)
+    return d_query, d_key, temp_grad.reshape(())
 
 
-def _backward_small(query, key, problem: LossProblem, temp, lse, weight, cols, feat, flags):
+def _backward_small(query, key, f: Fields, common: Dict[str, object]):
     """Two launches: `grad_tile_kernel` (FUSED: norms in the kernel, H in an fp32 M x N
     scratch, per-tile partial sums, no atomics, no fills), then `grad_gemm_kernel`."""
     (M, D), N = query.shape, key.shape[0]
     dev = query.device
-    cls = call_class(query, problem, flags["SYMMETRIC"])
+    cls = call_class(query, f, common["SYMMETRIC"])
     tile = _small_meta("grad_tile", cls, dev)
     tiles_m, tiles_n = triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(N, tile["BLOCK_N"])
     a = torch.empty(M, dtype=torch.float32, device=dev)
     b = torch.empty(N, dtype=torch.float32, device=dev)
-    parts = torch.empty(tiles_n * M + tiles_m * N + tiles_m * tiles_n + 1, dtype=torch.float32, device=dev)
-    row_part, col_part = parts[: tiles_n * M], parts[tiles_n * M: tiles_n * M + tiles_m * N]
-    temp_part, temp_grad = parts[tiles_n * M + tiles_m * N: -1], parts[-1:]
+    # One allocation; temp_grad first (the op returns it: a view at storage offset 0).
+    parts = torch.empty(1 + tiles_n * M + tiles_m * N + tiles_m * tiles_n, dtype=torch.float32, device=dev)
+    temp_grad, row_part = parts[:1], parts[1: 1 + tiles_n * M]
+    col_part, temp_part = parts[1 + tiles_n * M: 1 + tiles_n * M + tiles_m * N], parts[1 + tiles_n * M + tiles_m * N:]
     h = torch.empty(M, N, dtype=torch.float32, device=dev)
     kernels.grad_tile_kernel[(tiles_m * tiles_n,)](
-        query, key, query.stride(0), key.stride(0), M, N, query.shape[1], 0, a, b,
-        problem.positives, *temp, lse, weight, *cols, _one(dev), h, h.stride(0),
-        row_part, col_part, temp_part, *feat, configs.bucket(M), configs.bucket(N), configs.bucket(D),
-        **flags, FUSED=True, GROUP_M=configs.GROUP_M, **tile)
-    d_query, d_key = torch.empty_like(query), torch.empty_like(key)
+        q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=M, N=N, D=D,
+        row0=0, col0=0, a_ptr=a, b_ptr=b, **common, scale_ptr=_one(dev), h_ptr=h, stride_h=h.stride(0),
+        row_sum_ptr=row_part, col_sum_ptr=col_part, temp_grad_ptr=temp_part,
+        M_BUCKET=configs.bucket(M), N_BUCKET=configs.bucket(N), D_BUCKET=configs.bucket(D),
+        FUSED=True, GROUP_M=configs.GROUP_M, **tile)
+    d_query = torch.empty(query.shape, dtype=query.dtype, device=dev)
+    d_key = torch.empty(key.shape, dtype=key.dtype, device=dev)
     gemm = _small_meta("grad_gemm", cls, dev)
     d_tiles = triton.cdiv(D, gemm["BLOCK_D"])
     grid = ((triton.cdiv(M, gemm["BLOCK_M"]) + triton.cdiv(N, gemm["BLOCK_M"])) * d_tiles,)
     kernels.grad_gemm_kernel[grid](
-        query, key, query.stride(0), key.stride(0), M, N, D, a, b, weight, cols[1], *temp, h, h.stride(0),
-        row_part, col_part, temp_part, temp_grad, tiles_n, tiles_m, tiles_m * tiles_n,
-        d_query, d_key, d_query.stride(0), d_key.stride(0),
-        NEED_TEMP=flags["NEED_TEMP"], PRECISION=flags["PRECISION"], UPCAST=flags["UPCAST"],
-        TEMP_PTR=flags["TEMP_PTR"], SYMMETRIC=flags["SYMMETRIC"], SCALE16=query.dtype == torch.float16,
-        EPS=NORM_EPS, **gemm)
+        q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=M, N=N, D=D,
+        a_ptr=a, b_ptr=b, w_ptr=common["w_ptr"], v_ptr=common["v_ptr"],
+        inv_temp_ptr=common["inv_temp_ptr"], inv_temp_value=common["inv_temp_value"],
+        h_ptr=h, stride_h=h.stride(0), row_part_ptr=row_part, col_part_ptr=col_part,
+        temp_part_ptr=temp_part, temp_grad_ptr=temp_grad,
+        row_parts=tiles_n, col_parts=tiles_m, temp_parts=tiles_m * tiles_n,
+        dq_ptr=d_query, dk_ptr=d_key, stride_dq=d_query.stride(0), stride_dk=d_key.stride(0),
+        NEED_TEMP=common["NEED_TEMP"], PRECISION=common["PRECISION"], UPCAST=common["UPCAST"],
+        TEMP_PTR=common["TEMP_PTR"], SYMMETRIC=common["SYMMETRIC"], SCALE16=query.dtype == torch.float16,
+        SCALED=common["SCALED"], EPS=NORM_EPS, **gemm)
     return d_query, d_key, temp_grad
 
 
-def _backward_chunked(query, key, problem: LossProblem, temp, lse, weight, cols, feat, flags):
-    """Per row chunk of R rows: the tile kernel fills an R x N scratch H, two cuBLAS GEMMs,
-    the finish kernels (the module docstring)."""
+def _backward_chunked(query, key, f: Fields, common: Dict[str, object]):
+    """Per chunk of R rows x C columns (`chunk_shape`): the tile kernel fills an R x C scratch
+    H, two cuBLAS GEMMs, the finish kernels (the module docstring). With several column
+    chunks dQ_R accumulates in fp32 over them; with several row chunks dK does."""
     (M, D), N = query.shape, key.shape[0]
     dev = query.device
     h_dtype = query.dtype
     a, b = _inv_norms(query, key)
     scale = _one(dev)
     if query.dtype == torch.float16:
-        weight_max = weight.abs().amax() + (cols[1].abs().amax() if flags["SYMMETRIC"] else 0.0)
-        scale = _scratch_scale(weight_max, a, b, temp[0] if flags["TEMP_PTR"] else temp[1])
-    sums = torch.zeros(M + N + 1, dtype=torch.float32, device=dev)  # one launch for all three
-    row_sum, col_sum, temp_grad = sums[:M], sums[M:M + N], sums[M + N:]
+        weight_max = common["w_ptr"].abs().amax() + (common["v_ptr"].abs().amax() if common["SYMMETRIC"] else 0.0)
+        inv_t = common["inv_temp_ptr"] if common["TEMP_PTR"] else common["inv_temp_value"]
+        scale = _scratch_scale(weight_max, a, b, inv_t)
+    sums = torch.zeros(1 + M + N, dtype=torch.float32, device=dev)  # one launch for all three
+    temp_grad, row_sum, col_sum = sums[:1], sums[1:1 + M], sums[1 + M:]
 
-    R = row_chunk(M, N, torch.finfo(h_dtype).bits // 8)
+    R, C = chunk_shape(M, N, torch.finfo(h_dtype).bits // 8)
     # The autotune key uses R, the same for every chunk: tuning (whose reset_to_zero clears
     # col_sum and temp_grad) can then only happen on the first chunk, before they hold sums.
-    scratch = torch.empty(R, N, dtype=h_dtype, device=dev)
-    d_query = torch.empty_like(query)
-    key_acc = None if R >= M else torch.zeros(N, D, dtype=torch.float32, device=dev)
+    scratch = torch.empty(R, C, dtype=h_dtype, device=dev)
+    d_query = torch.empty(query.shape, dtype=query.dtype, device=dev)
+    key_acc = None if R >= M and C >= N else torch.zeros(N, D, dtype=torch.float32, device=dev)
+    query_acc = None if C >= N else torch.empty(R, D, dtype=torch.float32, device=dev)
     key_prod = None
+    cls = call_class(query, f, common["SYMMETRIC"])
     for r0 in range(0, M, R):
         r1 = min(M, r0 + R)
-        h = scratch[: r1 - r0]
-        args = (query, key, query.stride(0), key.stride(0), r1, N, D, r0, a, b,
-                problem.positives, *temp, lse, weight, *cols, scale,
-                h, h.stride(0), row_sum, col_sum, temp_grad, *feat,
-                configs.bucket(R), configs.bucket(N), configs.bucket(D))
-        _launch("grad_tile", call_class(query, problem, flags["SYMMETRIC"]), dev,
-                lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-                args, dict(flags, FUSED=False, GROUP_M=configs.GROUP_M))
         q_rows = query[r0:r1]
-        prod = torch.mm(h, key)
-        _finish(prod, q_rows, d_query[r0:r1], a[r0:r1], row_sum[r0:r1], scale)
-        key_prod = torch.mm(h.t(), q_rows)
-        if key_acc is not None:
-            key_acc.add_(key_prod)
-    d_key = torch.empty_like(key)
-    _finish(key_prod if key_acc is None else key_acc, key, d_key, b, col_sum, scale)
+        q_scaled = q_rows * _pow2(a[r0:r1])[:, None] if common["SCALED"] else q_rows
+        for c0 in range(0, N, C):
+            c1 = min(N, c0 + C)
+            h = scratch[: r1 - r0, : c1 - c0]
+            kwargs = dict(
+                q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=r1, N=c1, D=D,
+                row0=r0, col0=c0, a_ptr=a, b_ptr=b, **common, scale_ptr=scale, h_ptr=h, stride_h=h.stride(0),
+                row_sum_ptr=row_sum, col_sum_ptr=col_sum, temp_grad_ptr=temp_grad,
+                M_BUCKET=configs.bucket(R), N_BUCKET=configs.bucket(C), D_BUCKET=configs.bucket(D),
+                FUSED=False, GROUP_M=configs.GROUP_M)
+            _launch("grad_tile", cls, dev,
+                    lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(c1 - c0, meta["BLOCK_N"]),),
+                    kwargs)
+            if query_acc is None:
+                prod = torch.mm(h, key)
+            else:
+                prod = query_acc[: r1 - r0]
+                if c0 == 0:
+                    torch.mm(h, key[c0:c1], out=prod)
+                else:
+                    prod.addmm_(h, key[c0:c1])
+            # SCALED: H's rows hold a_i / s_i, so dK takes the rows s_i q_i (a copy of R rows).
+            key_prod = torch.mm(h.t(), q_scaled)
+            if key_acc is not None:
+                key_acc[c0:c1].add_(key_prod)
+        _finish(prod, q_rows, d_query[r0:r1], a[r0:r1], row_sum[r0:r1], scale, common["SCALED"])
+    d_key = torch.empty(key.shape, dtype=key.dtype, device=dev)
+    _finish(key_prod if key_acc is None else key_acc, key, d_key, b, col_sum, scale, False)
     return d_query, d_key, temp_grad

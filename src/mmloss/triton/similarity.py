@@ -1,10 +1,13 @@
 """Fused similarity kernel: out[i, j] = <a_i, b_j> · s_i · t_j, with s_i = 1/max(‖a_i‖, ε) and
 t_j = 1/max(‖b_j‖, ε) when normalising (else 1), in one launch.
 
-Each program owns one BLOCK_M × BLOCK_N output tile and streams d in BLOCK_D chunks: one
+Each program owns one BLOCK_M × BLOCK_N output tile. Normalising, it first takes the inverse
+norms of its rows and columns (squares summed in fp64, as the loss kernels: no overflow for
+fp16 rows of norm > 65,504 or fp32 rows of 1e30), then streams d in BLOCK_D chunks: one
 tl.dot per chunk (fp32 accumulation; exact fp32 products for fp32 inputs, tensor cores for
-16-bit ones) and, from the same loaded chunks, the squared norms of its rows and columns.
-No normalised copy of an input exists; the tile is scaled and cast to out's dtype on store.
+16-bit ones). fp32 rows enter the dot times the power of two of their inverse norm (exact),
+so products neither overflow nor underflow. No normalised copy of an input exists; the tile
+is scaled and cast to out's dtype on store.
 The 1-D grid is ordered in bands of GROUP_M row tiles so tiles in flight share b in L2.
 In the interpreter (TRITON_INTERPRET=1, CPU tensors) dot operands are upcast to fp32: its
 bf16 tl.dot is wrong, and 16-bit products are exact in fp32.
@@ -18,17 +21,17 @@ import triton.language as tl
 
 from mmloss.constants import NORM_EPS
 from mmloss.triton.configs import interpreted
-from mmloss.triton.kernels import dot_acc
+from mmloss.triton.kernels import NORM_CHUNK, cosine_tile, dot_tile, row_inv_norms
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_M = 8
 
 
 @triton.jit
-def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride_out, eps,
+def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride_out,
                       NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      UPCAST: tl.constexpr, SCALED: tl.constexpr, EPS: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -42,26 +45,13 @@ def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
-    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_b
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sq_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sq_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs < D
-        x = tl.load(a_rows + offs[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        y = tl.load(b_cols + offs[:, None], mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        acc = dot_acc(x, y, acc, PRECISION, UPCAST)
-        if NORMALIZE:
-            xf = x.to(tl.float32)
-            yf = y.to(tl.float32)
-            sq_a += tl.sum(xf * xf, axis=1)
-            sq_b += tl.sum(yf * yf, axis=0)
     if NORMALIZE:
-        inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), eps)
-        inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), eps)
-        acc = acc * inv_a[:, None] * inv_b[None, :]
+        inv_a = row_inv_norms(a_ptr, stride_a, rows, M, D, NORM_CHUNK, EPS)
+        inv_b = row_inv_norms(b_ptr, stride_b, cols, N, D, NORM_CHUNK, EPS)
+        acc, _, _ = cosine_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, M, N, D, inv_a, inv_b,
+                            BLOCK_D, PRECISION, UPCAST, SCALED)
+    else:
+        acc = dot_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, M, N, D, BLOCK_D, PRECISION, UPCAST)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -83,8 +73,9 @@ def similarity_into(a: torch.Tensor, b: torch.Tensor, normalize: bool, out: torc
     meta = _meta(a.dtype)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     similarity_kernel[grid](
-        a, b, out, M, N, D, a.stride(0), b.stride(0), out.stride(0), NORM_EPS,
-        NORMALIZE=normalize, GROUP=GROUP_M,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=interpreted(), **meta,
+        a_ptr=a, b_ptr=b, out_ptr=out, M=M, N=N, D=D, stride_a=a.stride(0), stride_b=b.stride(0),
+        stride_out=out.stride(0), NORMALIZE=normalize, GROUP=GROUP_M,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=interpreted(),
+        SCALED=a.dtype == torch.float32, EPS=NORM_EPS, **meta,
     )
     return out

@@ -30,13 +30,14 @@ from mmloss.triton import configs, kernels  # noqa: E402
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_fk", "stride_h",
         "stride_prod", "stride_x", "stride_y", "stride_out", "stride_a", "stride_b", "M", "N", "D", "DT", "DF", "row0",
+        "col0",
         "M_BUCKET", "N_BUCKET", "D_BUCKET", "stride_dq", "stride_dk", "row_parts", "col_parts", "temp_parts",
         "SPLITS"}
 FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m", "eps", "inv_temp_value"}
 EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
-FP64 = {"col_acc_ptr"}
+FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr"}  # the forward's lse (the backward reads it as given)
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
-INDICES = {"pos_ptr", "rg_ptr", "kg_ptr"}
+INDICES = {"pos_ptr", "rg_ptr", "kg_ptr", "col_acc_ptr"}  # int64 (col_acc: packed column pairs)
 CLASS_DTYPES = {"plain16": ("bf16", "bf16"), "feat16": ("bf16", "bf16"), "sym16": ("bf16", "bf16"),
                 "teacher32": ("bf16", "fp32"), "fp32": ("fp32", "fp32")}
 _OFF = dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=False, SYMMETRIC=False)
@@ -83,7 +84,8 @@ def jobs() -> List[Job]:
     for arch in (90, 80):
         for cls, (emb, teach) in CLASS_DTYPES.items():
             prec = dict(PRECISION=_precision(emb), T_PRECISION=_precision(teach),
-                        F_PRECISION=_precision(teach), UPCAST=False, SIN_EPS=1e-12, EPS=1e-12)
+                        F_PRECISION=_precision(teach), UPCAST=False, SIN_EPS=1e-12, EPS=1e-12,
+                        SCALED=emb == "fp32")
             for feat in CLASS_FEATURES[cls]:
                 for cfg, path in _variants("forward", cls, arch):
                     const = dict(prec, **FEATURES[feat], **cfg.kwargs, FUSED_NORMS=path["FUSED_NORMS"],
@@ -98,14 +100,17 @@ def jobs() -> List[Job]:
         for emb, cls, symmetric in (("bf16", "plain16", False), ("fp16", "plain16", True), ("fp32", "fp32", False)):
             cfg = configs.small_config("grad_gemm", cls, arch)
             const = dict(cfg.kwargs, NEED_TEMP=True, PRECISION=_precision(emb), UPCAST=False, TEMP_PTR=False,
-                         SYMMETRIC=symmetric, SCALE16=emb == "fp16", EPS=1e-12)
+                         SYMMETRIC=symmetric, SCALE16=emb == "fp16", SCALED=emb == "fp32", EPS=1e-12)
             out.append(Job("grad_gemm_kernel", arch, emb, "sym" if symmetric else "-", const, cfg.num_warps,
                            cfg.num_stages))
         for emb in ("bf16", "fp32"):
             small = dict(configs.ELEMENTWISE, EPS=1e-12)
             out.append(Job("inv_norm_kernel", arch, emb, "-", small, 4, 1))
-            out.append(Job("finish_kernel", arch, emb, "-", small, 4, 1))
-        out.append(Job("combine_kernel", arch, "fp32", "-", dict(BLOCK=configs.ELEMENTWISE["BLOCK_M"] * 8), 4, 1))
+            for scaled in sorted({False, emb == "fp32"}):
+                label = "scaled" if scaled else "-"
+                out.append(Job("finish_kernel", arch, emb, label, dict(small, SCALED=scaled), 4, 1))
+        for name in ("combine_kernel", "column_lse_kernel"):
+            out.append(Job(name, arch, "fp32", "-", dict(BLOCK=configs.ELEMENTWISE["BLOCK_M"] * 8), 4, 1))
         out += _similarity_jobs(arch)
     return out
 
@@ -123,7 +128,8 @@ def _similarity_jobs(arch: int) -> List[Job]:
             meta = dict(similarity._meta(getattr(__import__("torch"), dtype)))
         warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
         for normalize in (False, True):
-            const = dict(meta, NORMALIZE=normalize, GROUP=similarity.GROUP_M, PRECISION=_precision(emb), UPCAST=False)
+            const = dict(meta, NORMALIZE=normalize, GROUP=similarity.GROUP_M, PRECISION=_precision(emb), UPCAST=False,
+                         SCALED=emb == "fp32", EPS=1e-12)
             jobs_.append(Job("similarity_kernel", arch, emb, "normalize" if normalize else "-", const, warps, stages))
     return jobs_
 

@@ -71,7 +71,7 @@ def test_large_n(dtype):
 def test_row_chunked_backward(monkeypatch):
     """A 1 MiB scratch budget forces 128-row chunks and the fp32 d_key accumulator."""
     monkeypatch.setenv("MMLOSS_TRITON_SCRATCH_MB", "1")
-    assert tk.ops.row_chunk(2000, 4096, 2) < 2000
+    assert tk.ops.chunk_shape(2000, 4096, 2)[0] < 2000
     assert_close_to_oracle(make_case(2000, 4096, 256, "all", seed=14, device="cuda"), torch.bfloat16)
 
 
@@ -161,3 +161,24 @@ def test_small_batch_launches(n):
     assert _gpu_work(lambda: tk.forward(q, k, 20.0, problem)) == ["forward_kernel"]
     assert _gpu_work(lambda: tk.backward(q, k, 20.0, problem, lse, weight, True)) == [
         "grad_tile_kernel", "grad_gemm_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_symmetric_tiny_learnable_temperature(dtype, path):
+    """tau = 1e-3 (learnable) in one pass: the compare-and-swap column merge on the device
+    gives the reference's finite loss (the old shift by 1/tau gave -inf)."""
+    case = make_case(256, 256, 64, "symmetric", seed=30, device="cuda")
+    case = type(case)(case.query, case.key, 1e-3, case.kwargs)
+    assert_close_to_oracle(case, dtype, learn_temperature=True)
+
+
+def test_fp32_rows_of_huge_and_tiny_norms(path):
+    """fp32 rows of 1e30 / 1e-30 (exact fp32 dots, scaled rows): the float64 reference's loss."""
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    k = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    q = (q + 1.5 * k) * torch.tensor([1e30, 1e-30, 1.0], dtype=torch.float64).repeat(100)[:, None]
+    k = k * torch.tensor([1.0, 1e30], dtype=torch.float64).repeat(150)[:, None]
+    want = mmloss.contrastive_loss(q, k, reduction="none", backend="reference")
+    got = mmloss.contrastive_loss(q.float().cuda(), k.float().cuda(), reduction="none", backend=BACKEND)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import mmloss  # noqa: E402
 import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
+from mmloss.reference import contrastive_loss_reference  # noqa: E402
 
 from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
 
@@ -116,8 +117,29 @@ def test_row_chunks_of_the_backward(monkeypatch):
     monkeypatch.setenv("MMLOSS_TRITON_SCRATCH_MB", "0")
     monkeypatch.setattr(tk.configs, "GROUP_M", 2)
     monkeypatch.setattr(tk.ops, "SMALL_MAX", 0)
-    assert tk.ops.row_chunk(330, 65, 4) == 128
+    assert tk.ops.chunk_shape(330, 65, 4) == (128, 65)
     assert_close_to_oracle(make_case(330, 65, 64, "positives", seed=6), torch.float32)
+
+
+@pytest.mark.parametrize("features", ["positives", "symmetric_all"])
+def test_row_and_column_chunks_of_the_backward(features, monkeypatch):
+    """Beyond 128 rows' worth of columns the scratch is tiled in columns too: 300 rows x 300
+    columns in 128 x 128 chunks (3 x 3, short last ones), dQ accumulated over column chunks."""
+    monkeypatch.setenv("MMLOSS_TRITON_SCRATCH_MB", "0")
+    monkeypatch.setattr(tk.ops, "SMALL_MAX", 0)
+    assert tk.ops.chunk_shape(300, 300, 4) == (128, 128)
+    assert_close_to_oracle(make_case(300, 300, 20, features, seed=16), torch.float32)
+
+
+@pytest.mark.parametrize("M,N,e", [(300, 2_000_000, 4), (256, 30_000_000, 2), (1, 10**9, 4), (10**6, 10**6, 2),
+                                   (64, 64, 4), (5000, 100, 2)])
+def test_backward_scratch_is_bounded_for_every_shape(M, N, e):
+    """The R x C scratch stays within the budget (1 GiB) for every M and N, small M with huge
+    N included; whole rows while 128 of them fit."""
+    R, C = tk.ops.chunk_shape(M, N, e)
+    assert R * C * e <= tk.ops.scratch_bytes()
+    assert 1 <= R <= M and 1 <= C <= N
+    assert (C == N) == (128 * N * e <= tk.ops.scratch_bytes() or N <= 128)
 
 
 def _problem(case, q, k):
@@ -237,7 +259,8 @@ class _LaunchLog(TorchDispatchMode):
 @pytest.fixture
 def launch_log(monkeypatch):
     log = _LaunchLog()
-    for name in ("inv_norm_kernel", "forward_kernel", "combine_kernel", "grad_tile_kernel", "grad_gemm_kernel",
+    for name in ("inv_norm_kernel", "forward_kernel", "combine_kernel", "column_lse_kernel", "grad_tile_kernel",
+                 "grad_gemm_kernel",
                  "finish_kernel"):
         counted = log.wrap(name, getattr(tk.kernels, name))
         monkeypatch.setattr(tk.kernels, name, counted)
@@ -258,12 +281,14 @@ def test_small_batch_forward_is_one_launch_and_backward_two(launch_log):
     kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
     problem = _problem(type(case)(q, k, case.temperature, kw), q, k)  # fp32 teachers: no copies
     weight = torch.where(problem.valid_rows, torch.ones(70), torch.zeros(70))
-    tk.forward(q, k, 20.0, problem)  # warm the cached device constants
+    fields = tk.ops.fields(problem)
+    # The ops' bodies (the custom ops themselves add no device work, only dispatch).
+    tk.ops.run_forward(q, k, None, 20.0, fields, False)  # warm the cached device constants
     launch_log.launches.clear()
     with launch_log:
-        lse, _ = tk.forward(q, k, 20.0, problem)
+        lse, _, _ = tk.ops.run_forward(q, k, None, 20.0, fields, False)
         forward_launches = list(launch_log.launches)
-        tk.backward(q, k, 20.0, problem, lse, weight, True)
+        tk.ops.run_backward(q, k, None, 20.0, fields, lse, weight, True, None, None)
     assert forward_launches == ["forward_kernel"]
     assert launch_log.launches[1:] == ["grad_tile_kernel", "grad_gemm_kernel"]
     assert set(launch_log.host_ops) <= NO_LAUNCH, launch_log.host_ops
@@ -308,3 +333,267 @@ def test_column_splits_combine(launch_log, monkeypatch):
     assert launch_log.launches == ["inv_norm_kernel", "forward_kernel", "combine_kernel"]
     torch.testing.assert_close(lse, whole_lse, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(pos, whole_pos, rtol=0, atol=0)
+
+
+def _op_args(features, M=7, N=20, d=16, seed=30, tensor_temp=True):
+    """(query, key, inv_temp tensor or None, inv_temp value, fields..., problem) of a case."""
+    case = make_case(M, N, d, features, seed=seed)
+    q, k = case.query.float(), case.key.float()
+    kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
+    case = type(case)(q, k, case.temperature, kw)
+    problem = _problem(case, q, k)
+    inv_t = (torch.tensor(1.0 / case.temperature, dtype=torch.float64), 0.0) if tensor_temp \
+        else (None, 1.0 / case.temperature)
+    return (q, k, *inv_t, *tk.ops.fields(problem)), problem
+
+
+@pytest.mark.parametrize("features,tensor_temp", [("plain", False), ("all", True)])
+def test_opcheck_forward_and_backward(features, tensor_temp, path):
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) of
+    the one-direction ops."""
+    args, problem = _op_args(features, tensor_temp=tensor_temp)
+    torch.library.opcheck(torch.ops.mmloss.triton_forward.default, args)
+    lse, _ = torch.ops.mmloss.triton_forward(*args)
+    weight = torch.where(problem.valid_rows, torch.linspace(0.5, 1.5, 7), torch.zeros(7))
+    torch.library.opcheck(torch.ops.mmloss.triton_backward.default, (*args, lse, weight, True))
+
+
+def test_opcheck_symmetric(path):
+    args, _ = _op_args("symmetric_all", M=20, tensor_temp=True)
+    torch.library.opcheck(torch.ops.mmloss.triton_forward_symmetric.default, args)
+    lse, lse_col, _ = torch.ops.mmloss.triton_forward_symmetric(*args)
+    w = torch.linspace(0.5, 1.5, 20)
+    torch.library.opcheck(torch.ops.mmloss.triton_backward_symmetric.default,
+                          (*args, lse, w, True, lse_col, w.flip(0)))
+
+
+def test_ops_compile_with_fullgraph():
+    """A step on the ops (forward, the loss, backward) compiles without a graph break and
+    gives eager's numbers."""
+    args, problem = _op_args("all", tensor_temp=True)
+    weight = problem.valid_rows.float()
+
+    def step(*a):
+        lse, pos = torch.ops.mmloss.triton_forward(*a)
+        dq, dk, dt = torch.ops.mmloss.triton_backward(*a, lse, weight, True)
+        return (lse - pos).sum(), dq, dk, dt
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), step(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _compiled_loss_step(features, learn, monkeypatch=None):
+    """(compiled, eager) losses and gradients of a training step calling contrastive_loss."""
+    case = make_case(20, 20, 16, features, seed=31)
+
+    def step(q, k, t):
+        loss = mmloss.contrastive_loss(q, k, temperature=t, backend=BACKEND, **case.kwargs)
+        return loss
+
+    results = []
+    for run in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        q, k, t = case.inputs(torch.float32, learn)
+        loss = run(q, k, t)
+        loss.backward()
+        results.append((loss.detach(), q.grad, k.grad) + ((t.grad,) if learn else ()))
+    return results
+
+
+@pytest.mark.parametrize("features", ["adaptive_margin", "filter", "groups", "symmetric_all"])
+def test_contrastive_loss_compiles_with_fullgraph(features, monkeypatch):
+    """torch.compile(fullgraph=True) of a step calling contrastive_loss(backend="triton")
+    with a float tau: no graph break, eager's loss and gradients. The kernel module is
+    looked up directly here: `backends.kernels` calls importlib.import_module, which Dynamo
+    does not trace; and explicit positives are left out: checks.check_positives reads them
+    on the host (graph breaks outside this backend; the test below reports them)."""
+    monkeypatch.setattr(mmloss.backends, "kernels", lambda name: tk)
+    compiled, eager = _compiled_loss_step(features, learn=False)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_contrastive_loss_compiles_as_shipped(learn):
+    """The same without help, float and learnable tau. Where Dynamo breaks the graph outside
+    the Triton backend (module lookup in backends.py, host reads of positives and of a
+    tensor tau in checks.py), the test is skipped with Dynamo's reason; any other failure fails."""
+    try:
+        compiled, eager = _compiled_loss_step("adaptive_margin", learn)
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as exc:
+        where = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("File")]
+        pytest.skip(f"graph break outside mmloss.triton: {str(exc).splitlines()[0]} at {where[-1:]}")
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_symmetric_tiny_learnable_temperature_is_exact(path):
+    """tau = 1e-3 as a learnable tensor, 16 x 256: the one-pass column sums (running max
+    per column, merged by compare-and-swap) give the float64 reference's loss (119.4) and
+    gradients; the kernel module's symmetric pair is called directly (no gate in between)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, 256, generator=g), torch.randn(16, 256, generator=g)
+    t = torch.tensor(1e-3, dtype=torch.float64, requires_grad=True)
+    want = contrastive_loss_reference(q.double().requires_grad_(), k.double().requires_grad_(),
+                                      temperature=t, symmetric=True, reduction="none")
+    want_grads = torch.autograd.grad(want.mean(), [t])
+    problem = build_problem(q, k, positives=None, temperature=t, margin=0.0, margin_teacher=None,
+                            filter_teacher=None, filter_threshold=None, filter_normalize=False, key_groups=None,
+                            symmetric=True, reduction="none", backend=BACKEND)
+    inv_t = 1.0 / t.detach()
+    lse, lse_col, pos = tk.forward_symmetric(q, k, inv_t, problem)
+    rows = 0.5 * ((lse - pos) + (lse_col - pos))
+    assert torch.isfinite(rows).all()
+    torch.testing.assert_close(rows.mean(), want.detach().mean(), rtol=1e-6, atol=0)
+    assert abs(float(rows.mean()) - 119.4) < 0.05
+    w = torch.full((16,), 0.5 / 16)
+    dq, dk, d_inv_t = tk.backward_symmetric(q, k, inv_t, problem, lse, lse_col, w, w, True)
+    d_t = -d_inv_t / t.detach() ** 2  # d/dtau of 1/tau
+    torch.testing.assert_close(d_t, want_grads[0], rtol=1e-4, atol=0)
+    ref_q = q.double().requires_grad_()
+    ref_k = k.double().requires_grad_()
+    ref = contrastive_loss_reference(ref_q, ref_k, temperature=1e-3, symmetric=True)
+    gq, gk = torch.autograd.grad(ref, [ref_q, ref_k])
+    for got, want in ((dq, gq), (dk, gk)):  # fp32 logits of size 1/tau = 1000: ~1e-4 relative
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_symmetric_tiny_temperature_through_contrastive_loss(symmetric, path):
+    """The public call with tau = 1e-3 (float, and learnable below): finite and the reference's."""
+    case = make_case(16, 16, 64, "symmetric" if symmetric else "plain", seed=32)
+    case = type(case)(case.query, case.key, 1e-3, case.kwargs)
+    assert_close_to_oracle(case, torch.float32, learn_temperature=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_all_rows_ignored_gives_zero_gradients(dtype, path):
+    """A term whose rows are all ignored: zero gradients (no 0/0 anywhere, the fp16 scratch
+    scale of zero weights included); the "sum" loss is 0, "mean" is 0/0 (NaN, as
+    F.cross_entropy) and still back-propagates zeros."""
+    g = torch.Generator().manual_seed(33)
+    for reduction in ("sum", "mean", "none"):
+        q = torch.randn(9, 16, generator=g).to(dtype).requires_grad_()
+        k = torch.randn(70, 16, generator=g).to(dtype).requires_grad_()
+        t = torch.tensor(0.05, requires_grad=True)
+        loss = mmloss.contrastive_loss(q, k, positives=torch.full((9,), mmloss.IGNORE_INDEX), temperature=t,
+                                       reduction=reduction, backend=BACKEND)
+        if reduction != "mean":
+            assert torch.equal(loss, torch.zeros_like(loss))
+        loss.sum().backward()
+        for grad in (q.grad, k.grad, t.grad):
+            assert torch.equal(grad, torch.zeros_like(grad)), (reduction, grad)
+
+
+def test_nearly_solved_row_keeps_its_relative_accuracy(path):
+    """fp32, tau = 0.05, a positive that is a near-duplicate of its row: the true loss is
+    1e-7 ... 1e-4 (lse and the positive's logit, ~20, agree to 6-9 digits), and reduction="none" gives it
+    with a small relative error, not 0 (lse - pos would cancel in fp32)."""
+    g = torch.Generator().manual_seed(34)
+    q = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    k[:5] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k[5:] = -k[5:].abs() * q[0].sign()  # far from every row
+    want = contrastive_loss_reference(q, k, temperature=0.05, reduction="none")
+    assert float(want.max()) < 1e-4 and float(want.min()) > 0
+    got = mmloss.contrastive_loss(q.float(), k.float(), temperature=0.05, reduction="none", backend=BACKEND)
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
+
+
+def _scaled_rows(M, N, d, seed, row_scale, key_scale):
+    """float64 query/key (each row correlated with its positive) with the rows multiplied by
+    the given per-row scales (cycled)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, d, generator=g, dtype=torch.float64)
+    k = torch.randn(N, d, generator=g, dtype=torch.float64)
+    q = q + 1.5 * k[:M]
+    rs = torch.tensor(row_scale, dtype=torch.float64).repeat(M)[:M, None]
+    ks = torch.tensor(key_scale, dtype=torch.float64).repeat(N)[:N, None]
+    return q * rs, k * ks
+
+
+def _unit_scaled(grad, x):
+    """Gradient rows times their input's norm: O(1) whatever the row's scale (d(x/|x|) ~ 1/|x|)."""
+    return grad.double() * x.double().norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_fp32_rows_of_huge_and_tiny_norms(learn, path):
+    """fp32 rows of 1e30 and 1e-30 (and ordinary ones) among queries and keys: the loss and
+    the gradients are the float64 reference's (fp32 squares of 1e30 overflow, products of
+    1e30 rows overflow and the backward's a_i b_j underflow unless scaled)."""
+    q, k = _scaled_rows(9, 70, 16, 40, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-25, 1.0])
+    ref_inputs = (q.clone().requires_grad_(), k.clone().requires_grad_())
+    t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    want = contrastive_loss_reference(*ref_inputs, temperature=t64 if learn else 0.05, reduction="none")
+    want_grads = torch.autograd.grad(want.sum(), list(ref_inputs) + ([t64] if learn else []))
+    qf, kf = q.float().requires_grad_(), k.float().requires_grad_()
+    t32 = torch.tensor(0.05, requires_grad=True)
+    got = mmloss.contrastive_loss(qf, kf, temperature=t32 if learn else 0.05, reduction="none", backend=BACKEND)
+    grads = torch.autograd.grad(got.sum(), [qf, kf] + ([t32] if learn else []))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for g, w, x in zip(grads[:2], want_grads[:2], (q, k)):
+        g, w = _unit_scaled(g, x), _unit_scaled(w, x)
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * float(w.abs().max()))
+    if learn:
+        torch.testing.assert_close(grads[2].double(), want_grads[2], rtol=1e-5, atol=0)
+
+
+def test_fp32_power_of_two_scaling_changes_nothing(path):
+    """Rows scaled by powers of two (2^100 ... 2^-30: norms above eps) give the unscaled rows'
+    loss to the last bit and their gradients times the inverse scales (the kernels' own
+    scaling is by powers of two, so it changes no rounding)."""
+    q, k = _scaled_rows(9, 70, 16, 41, [1.0], [1.0])
+    s_q = torch.tensor([2.0 ** 100, 2.0 ** -30, 1.0]).repeat(3)[:, None]
+    s_k = torch.tensor([2.0 ** -30, 1.0, 2.0 ** 100, 2.0 ** 60]).repeat(18)[:70, None]
+    runs = []
+    for a, b in ((q.float(), k.float()), (q.float() * s_q, k.float() * s_k)):
+        a, b = a.requires_grad_(), b.requires_grad_()
+        loss = mmloss.contrastive_loss(a, b, temperature=0.05, reduction="none", backend=BACKEND)
+        runs.append((loss,) + torch.autograd.grad(loss.sum(), [a, b]))
+    (l0, dq0, dk0), (l1, dq1, dk1) = runs
+    assert torch.equal(l0, l1)
+    torch.testing.assert_close(dq1 * s_q, dq0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dk1 * s_k, dk0, rtol=1e-6, atol=0)
+
+
+def test_fp16_rows_of_norm_above_65504(path):
+    """fp16 rows whose norm exceeds fp16's range (entries ~1e4, d = 64): loss and gradients
+    are the float64 reference's on the same inputs (the fp16 reference itself overflows)."""
+    q, k = _scaled_rows(20, 70, 64, 42, [1e4, 1.0], [1e4])
+    q, k = q.clamp(-6e4, 6e4).half(), k.clamp(-6e4, 6e4).half()
+    assert float(q.double().norm(dim=1).max()) > 65504
+    ref_inputs = (q.double().requires_grad_(), k.double().requires_grad_())
+    want = contrastive_loss_reference(*ref_inputs, temperature=0.05, reduction="none")
+    want_grads = torch.autograd.grad(want.sum(), ref_inputs)
+    qh, kh = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got = mmloss.contrastive_loss(qh, kh, temperature=0.05, reduction="none", backend=BACKEND)
+    grads = torch.autograd.grad(got.sum(), [qh, kh])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # Such rows' gradients (~1e-5) are fp16 subnormals, spaced 2^-24, and H enters the MMA in
+    # fp16 (as for every fp16 input): a few units of that spacing.
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=4 * 2.0 ** -24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_similarity_and_topk_of_huge_rows(dtype):
+    """similarity / topk_similarity (backend triton) of fp32 rows of 1e30 and 1e-30, and of
+    fp16 rows of norm > 65504: the float64 cosines, and the float64 top-k columns."""
+    from mmloss.similarity import similarity, topk_similarity
+
+    if dtype == torch.float32:
+        a, b = _scaled_rows(9, 70, 16, 43, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-30])
+    else:
+        a, b = _scaled_rows(9, 70, 64, 43, [1e4, 1.0], [1e4])
+        a, b = a.clamp(-6e4, 6e4), b.clamp(-6e4, 6e4)
+    a, b = a.to(dtype), b.to(dtype)
+    want = torch.nn.functional.normalize(a.double(), dim=1) @ torch.nn.functional.normalize(b.double(), dim=1).T
+    got = similarity(a, b, out_dtype=torch.float32, backend=BACKEND)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    scores, idx = topk_similarity(a, b, 5, block=32, backend=BACKEND)
+    want_scores, want_idx = want.topk(5, dim=1)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    if dtype == torch.float32:
+        assert torch.equal(idx, want_idx)
