@@ -6,8 +6,8 @@
 #   (non-editable) install of this checkout and of the anchors' wheels in bench/wheels, offline;
 #   the ceilings, the correctness grid of every GPU backend against float64, the anchors'
 #   errors, and N = 8,192 ... 65,536, d = 768 bf16 of every method (bench/gpu_bench.py).
-# Stage 2, until GPU_SH_STAGE2_S (240) s more: features, small batches with and without CUDA
-#   graphs, the full grid, N = 1,048,576 at d = 256.
+# Stage 2, until GPU_SH_STAGE2_S (240) s more: what stage 1 had no time for, features, small
+#   batches with and without CUDA graphs, N = 1,048,576 at d = 256, the full grid.
 # Stage 3, only with GPU_SH_PYTEST=1, until GPU_SH_STAGE3_S (240) s more: the GPU test suites
 #   (tests/kernels/{triton,cuda}/test_*_gpu.py, one config per Triton variant).
 # After each stage bench/gpu_report.py rewrites RESULTS_GPU.md, auto_table.json and bench.png.
@@ -55,6 +55,9 @@ stage() {
 say "install"
 if [ ${#DRY[@]} -eq 0 ]; then
   nvidia-smi >> "$LOG" 2>&1 || true
+  if ! command -v nvcc > /dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH="/usr/local/cuda/bin:$PATH"  # the CUDA kernels build when nvcc is found
+  fi
   # Plain install: the tests and the benchmark import the installed package (src/ layout).
   MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-2} MMLOSS_CUDA_ARCHS=${MMLOSS_CUDA_ARCHS:-90} \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index . >> "$LOG" 2>&1 \

@@ -12,11 +12,11 @@ ceilings.json; correctness of every GPU backend against float64 and the anchors'
 correctness.csv; fwd+bwd time and peak memory at N = 8,192, 32,768, 65,536, d = 768 bf16 of
 mmloss Triton and CUDA, the 3-GEMM floor, cut-cross-entropy, eager bf16, torch.compile and
 Inf-CL (fp32, as in PERF.md) -> stage1.csv.
-Stage 2: each feature's overhead at N = 65,536 (d = 768, 256); small batches N = 64 ... 4,096
-with and without CUDA graphs; the grid d = 256 and 768, N = 8,192 ... 262,144 (mmloss Triton
-and CUDA, floor, cut-cross-entropy; dense baselines to 65,536, Inf-CL to 131,072);
-N = 1,048,576 at d = 256 -> stage2.csv.
-bench/gpu_report.py turns the CSVs into summary.txt, RESULTS_GPU.md, auto_table.json and
+Stage 2: what stage 1 had no time for; each feature's overhead at N = 65,536 (d = 768, 256);
+small batches N = 64 ... 4,096 with and without CUDA graphs; N = 1,048,576 at d = 256; the
+grid d = 256 and 768, N = 8,192 ... 262,144 (mmloss Triton and CUDA, floor,
+cut-cross-entropy; dense baselines to 65,536, Inf-CL to 131,072) -> stage2.csv.
+bench/gpu_report.py turns the CSVs into RESULTS_GPU.md, auto_table.json and
 bench.png. Timing: CUDA events around one or more steps after a warm-up step (which compiles
 and autotunes), median of up to --reps samples; a step of a second or more is timed once by
 the host clock. Memory: peak allocated during one step beyond what was allocated before it
@@ -99,8 +99,8 @@ def stage1_items(sz: Sizes) -> List[Dict[str, object]]:
 
 
 def stage2_items(sz: Sizes) -> List[Dict[str, object]]:
-    """In order of priority: features, small batches, the grid (without what stage 1
-    measured), N = 1,048,576, then Inf-CL beyond the dense sizes."""
+    """In order of priority: features, small batches, N = 1,048,576, the grid (without what
+    stage 1 measured), then Inf-CL beyond the dense sizes."""
     items = []
     for d in sz.features_d:
         for m in ("mmloss_triton", "mmloss_cuda"):
@@ -110,6 +110,8 @@ def stage2_items(sz: Sizes) -> List[Dict[str, object]]:
             items.append(item(2, "small", m, "bf16", n, sz.small_d))
         for m in ("mmloss_triton", "mmloss_cuda", "eager"):
             items.append(item(2, "small", m, "bf16", n, sz.small_d, graph=True))
+    n, d = sz.scale
+    items += [item(2, "scale", m, "bf16", n, d) for m in ("mmloss_triton", "floor", "mmloss_cuda")]
     tail = []
     for d in sz.grid_d:
         for n in sz.grid:
@@ -121,8 +123,6 @@ def stage2_items(sz: Sizes) -> List[Dict[str, object]]:
             elif n <= sz.infcl_max:
                 tail.append(item(2, "grid", "infcl", "fp32", n, d))
             items += [item(2, "grid", m, t, n, d) for m, t in methods]
-    n, d = sz.scale
-    items += [item(2, "scale", m, "bf16", n, d) for m in ("mmloss_triton", "floor", "mmloss_cuda")]
     return items + tail
 
 
@@ -209,8 +209,8 @@ def needed_s(it, history: Dict[tuple, tuple], model: float) -> float:
     else:
         guess = model if math.isfinite(model) else static_model.floor_ms(it["N"], it["d"]) * (
             30 if it["method"] == "infcl" else 5)
-        step_s = 2 * guess / 1e3
-    return (8.0 if series(it) not in history else 1.0) + 3 * step_s + min(2.0, step_s * 5)
+        step_s = 1.5 * guess / 1e3
+    return (5.0 if series(it) not in history else 1.0) + 3 * step_s + min(2.0, step_s * 5)
 
 
 def run_item(it, args, clock: Clock, torch, mmloss, device, history, failed: Dict[tuple, str],
@@ -251,8 +251,11 @@ def run_item(it, args, clock: Clock, torch, mmloss, device, history, failed: Dic
     finally:
         step = None
         if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except RuntimeError:  # a lost context: the caller stops the stage
+                pass
     row["seconds"] = round(time.time() - start, 2)
     return row
 
@@ -318,9 +321,21 @@ def print_row(row) -> None:
           f'  {row["status"]}', flush=True)
 
 
+def skipped_rows(path: str) -> List[Dict[str, str]]:
+    """Rows of an earlier stage's CSV that were skipped for want of time (or of a CUDA context)."""
+    def for_time(status: str) -> bool:
+        return status.startswith(("skipped: needs", "skipped: CUDA context lost")) or status in (
+            "skipped: stage time", "skipped: killed at the stage's deadline")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if for_time(r["status"])]
+
+
 def run_checks(args, torch, sz: Sizes, cuda_why) -> None:
     """The parallel jobs of the stage: warm-ups first, then (stage 1) the correctness grid
-    and the anchors' errors, until the stage's deadline less the timings' reserve."""
+    and the anchors' errors, until the stage's deadline less the timings' reserve; stage 2
+    runs the checks that stage 1 had no time for (their rows follow the skipped ones)."""
     jobs = gpu_check.warm_jobs(warm_variants(args.stage, args.dry_run))
     if args.stage == 1:
         backends = ["triton"] + ([] if cuda_why else ["cuda"])
@@ -329,7 +344,11 @@ def run_checks(args, torch, sz: Sizes, cuda_why) -> None:
                                       ["eager", "cce", "infcl"], args.dry_run)
         deadline = args.deadline - (0 if args.dry_run else args.timing_reserve_s)
     else:
-        deadline = min(args.deadline - 30, time.time() + 45)
+        left = [dict(kind=r["kind"], backend=r["backend"], path=r["path"], features=r["features"], dtype=r["dtype"],
+                     shape=(int(r["M"]), int(r["N"]), int(r["d"])))
+                for r in skipped_rows(os.path.join(args.out, "correctness.csv")) if r["kind"] != "warm"]
+        jobs += left
+        deadline = min(args.deadline - 60, time.time() + (90 if left else 45))
     t0 = time.time()
     rows = gpu_check.run_pool(jobs, os.path.join(args.out, "correctness.csv"), args.workers, deadline)
     counts: Dict[str, int] = {}
@@ -363,14 +382,27 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "ceilings.json"), "w") as f:
             json.dump(info, f, indent=2)
         print(f'== ceilings: GEMM {info["gemm_tflops"]} TFLOP/s, copy {info["copy_tbps"]} TB/s', flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     run_checks(args, torch, sz, cuda_why)
-    items = stage1_items(sz) if args.stage == 1 else stage2_items(sz)
+    items = stage1_items(sz)
+    if args.stage == 2:  # first what stage 1 had no time for
+        items = [dict(item(2, r["section"], r["method"], r["dtype"], int(r["N"]), int(r["d"]), r["features"]),
+                      graph=r["graph"]) for r in skipped_rows(os.path.join(args.out, "stage1.csv"))]
+        items += stage2_items(sz)
     log = CsvLog(os.path.join(args.out, f"stage{args.stage}.csv"))
     history: Dict[tuple, tuple] = {}
     failed: Dict[tuple, str] = {}
     print(f"== stage {args.stage} timings: {len(items)} items, {clock.left():.0f} s left", flush=True)
+    lost = None
     for it in items:
-        row = run_item(it, args, clock, torch, mmloss, device, history, failed, cuda_why)
+        if lost:
+            row = dict(it, ms=float("nan"), peak_mib=float("nan"), model_ms=model_ms(it, args.teacher_width),
+                       status=f"skipped: CUDA context lost ({lost})", timing="", seconds=0.0)
+        else:
+            row = run_item(it, args, clock, torch, mmloss, device, history, failed, cuda_why)
+            if gpu_check.context_lost(row["status"]):
+                lost = f'{row["method"]} {row["features"]} N={row["N"]} d={row["d"]}'
         log.write(row)
         print_row(row)
     print(f"== stage {args.stage} done, {clock.left():.0f} s left", flush=True)

@@ -152,20 +152,36 @@ def _warm(job) -> Dict[str, str]:
     return {"status": "ok", "detail": ""}
 
 
+STICKY = ("illegal memory access", "unspecified launch failure", "device-side assert", "misaligned address",
+          "illegal instruction", "CUDA error: an illegal")
+_lost: List[str] = []  # in a worker: the job after which its CUDA context is unusable
+
+
+def context_lost(text: str) -> bool:
+    """Whether an error leaves the process's CUDA context unusable (every later call fails)."""
+    return any(s in text for s in STICKY)
+
+
 def run_job(job) -> Dict[str, object]:
-    """In a worker: one job, its CSV row (never raises)."""
+    """In a worker: one job, its CSV row (never raises). After an error that leaves the CUDA
+    context unusable, the worker's later jobs are not run and say after which job."""
     M, N, d = job["shape"]
     row = {k: job.get(k, "") for k in ("kind", "backend", "path", "features", "dtype")}
     row.update(M=M, N=N, d=d)
     if time.time() > job["deadline"]:
         return dict(row, status="skipped: stage time", detail="", seconds=0.0)
+    if _lost:
+        return dict(row, status="error", detail=f"not run: CUDA context lost after {_lost[0]}", seconds=0.0)
     start = time.time()
     try:
         row.update({"check": _check, "anchor": _anchor, "warm": _warm}[job["kind"]](job))
     except ImportError as exc:
         row.update(status="unavailable", detail=str(exc)[:200])
     except Exception as exc:  # noqa: BLE001 - one broken case must not end the grid
-        row.update(status="error", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        text = str(exc).splitlines()[0][:200] if str(exc) else ""
+        row.update(status="error", detail=f"{type(exc).__name__}: {text}")
+        if context_lost(str(exc)):
+            _lost.append(f'{job["kind"]} {job["backend"]} {job.get("path", "")} {job["features"]} {job["dtype"]} {M}x{N}x{d}')
     return dict(row, seconds=round(time.time() - start, 2))
 
 

@@ -85,8 +85,9 @@ def _step(provider: str, fn, q, k) -> None:
 
 
 def measure_here(provider: str, n: int, d: int, dtype: str, repeats: int) -> Dict[str, float]:
-    """Runs in the child: returns seconds (median of `repeats`), extra/scratch bytes and, up
-    to ERROR_MAX_N, the loss's relative error against float64 (NaN for the floor)."""
+    """Runs in the child: returns seconds (median of `repeats`), the process's CPU seconds
+    (all threads; median), extra/scratch bytes and, up to ERROR_MAX_N, the loss's relative
+    error against float64 (NaN for the floor)."""
     fn = None if provider == "floor" else loss_fn(provider)
     torch.manual_seed(0)
     small = [torch.randn(8, d, dtype=DTYPES[dtype], requires_grad=True) for _ in range(2)]
@@ -94,18 +95,19 @@ def measure_here(provider: str, n: int, d: int, dtype: str, repeats: int) -> Dic
     q = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
     k = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
     baseline = reset_peak()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     _step(provider, fn, q, k)
-    times = [time.perf_counter() - start]
+    times, cpu_times = [time.perf_counter() - start], [time.process_time() - cpu]
     extra = status_bytes("VmHWM") - baseline
     for _ in range(repeats - 1):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         _step(provider, fn, q, k)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
     grads = 0 if provider == "floor" else 2 * q.numel() * q.element_size()
     error = loss_error(provider, q, k) if provider != "floor" and n <= ERROR_MAX_N else float("nan")
-    return {"seconds": statistics.median(times), "extra_bytes": extra, "scratch_bytes": max(0, extra - grads),
-            "loss_error": error}
+    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times), "extra_bytes": extra,
+            "scratch_bytes": max(0, extra - grads), "loss_error": error}
 
 
 def measure(provider: str, n: int, d: int, dtype: str = "fp32", repeats: int = 3, threads: int = 2,

@@ -134,3 +134,27 @@ def test_auto_table_lists_where_cuda_won_at_every_d():
     assert table["cuda_faster"] == [{"dtype": "bf16", "min_n": 1, "max_n": 1024},
                                     {"dtype": "bf16", "min_n": 4097, "max_n": 16384}]
     assert gpu_report.auto_table(rows, {"device": "x"}, "not passed (1 of 2 cases not ok)")["cuda_faster"] == []
+
+
+def test_a_worker_stops_after_its_cuda_context_is_lost(monkeypatch):
+    def crash(job):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(gpu_check, "_check", crash)
+    monkeypatch.setattr(gpu_check, "_lost", [])
+    job = dict(kind="check", backend="cuda", path="chunked", features="all", dtype="fp16", shape=(7, 129, 100),
+               deadline=time.time() + 60)
+    first, second = gpu_check.run_job(job), gpu_check.run_job(dict(job, dtype="bf16"))
+    assert first["status"] == "error" and "illegal memory access" in first["detail"]
+    assert second["detail"] == "not run: CUDA context lost after check cuda chunked all fp16 7x129x100"
+    assert gpu_check.context_lost("error: RuntimeError: CUDA error: an illegal memory access was encountered")
+
+
+def test_stage2_reruns_what_stage1_skipped_for_time(tmp_path):
+    statuses = ["ok", "skipped: needs ~9 s, 3 s left in the stage", "skipped: OOM at N=131072",
+                "skipped: CUDA context lost (mmloss_cuda plain N=8192 d=768)", "skipped: stage time", "FAIL"]
+    path = tmp_path / "stage1.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["method", "status"])
+        writer.writeheader()
+        writer.writerows({"method": str(i), "status": s} for i, s in enumerate(statuses))
+    assert [r["method"] for r in gpu_bench.skipped_rows(str(path))] == ["1", "3", "4"]
