@@ -26,15 +26,19 @@ def eager_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05
     return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device))
 
 
-def cce_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05, impl: str = "cce") -> torch.Tensor:
+def cce_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05, impl: str = "cce",
+             filter_eps="high") -> torch.Tensor:
     """cut-cross-entropy's linear cross-entropy of the τ-scaled normalised queries (the
     "embeddings") against the normalised keys (the "classifier"), targets = the diagonal.
-    impl="cce": its fused Triton kernels (GPU; default gradient filtering, filter_eps="high");
-    impl="torch_compile": its compiled dense path (materialises the logits; runs on the CPU)."""
+    impl="cce": its fused Triton kernels (GPU), with its gradient filtering by default
+    (filter_eps="high": gradient blocks whose softmax entries are all below eps/32 of the
+    dtype are skipped, which drops Σ p_ij k_j where the softmax is flat) or none (None);
+    impl="torch_compile": its compiled dense path (materialises the logits; runs on the CPU;
+    no filtering)."""
     from cut_cross_entropy import linear_cross_entropy
     targets = torch.arange(query.shape[0], device=query.device)
     embeddings = F.normalize(query, dim=-1) * (1.0 / temperature)
-    return linear_cross_entropy(embeddings, F.normalize(key, dim=-1), targets, impl=impl)
+    return linear_cross_entropy(embeddings, F.normalize(key, dim=-1), targets, impl=impl, filter_eps=filter_eps)
 
 
 def _free_port() -> int:

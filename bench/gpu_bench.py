@@ -10,8 +10,9 @@ Stage 1: the ceilings (bf16 GEMM rate on random data, device copy bandwidth) ->
 ceilings.json; correctness of every GPU backend against float64 and the anchors' errors
 (bench/gpu_check.py, in parallel worker processes that also warm the compile caches) ->
 correctness.csv; fwd+bwd time and peak memory at N = 8,192, 32,768, 65,536, d = 768 bf16 of
-mmloss Triton and CUDA, the 3-GEMM floor, cut-cross-entropy, eager bf16, torch.compile and
-Inf-CL (fp32, as in PERF.md) -> stage1.csv.
+mmloss Triton and CUDA, the 3-GEMM floor, cut-cross-entropy (with its default gradient
+filtering and without), eager bf16, torch.compile and Inf-CL (fp32, as in PERF.md) ->
+stage1.csv. Inputs: keys standard normal, queries = keys + noise (bench/gpu_steps.py).
 Stage 2: what stage 1 had no time for; each feature's overhead at N = 65,536 (d = 768, 256);
 small batches N = 64 ... 4,096 with and without CUDA graphs; N = 1,048,576 at d = 256; the
 grid d = 256 and 768, N = 8,192 ... 262,144 (mmloss Triton and CUDA, floor,
@@ -46,7 +47,7 @@ FIELDS = ["stage", "section", "method", "features", "dtype", "N", "d", "graph", 
           "status", "timing", "seconds"]
 STAGE1_SIZES = [8192, 32768, 65536]
 STAGE1_METHODS = [("mmloss_triton", "bf16"), ("floor", "bf16"), ("mmloss_cuda", "bf16"), ("cce", "bf16"),
-                  ("eager", "bf16"), ("compiled", "bf16"), ("infcl", "fp32")]
+                  ("cce_exact", "bf16"), ("eager", "bf16"), ("compiled", "bf16"), ("infcl", "fp32")]
 GRID_SIZES = [8192, 16384, 32768, 65536, 131072, 262144]
 SMALL_SIZES = [64, 256, 1024, 4096]
 FEATURE_SETS = ["margin", "adaptive", "filter", "groups", "symmetric"]
@@ -117,7 +118,8 @@ def stage2_items(sz: Sizes) -> List[Dict[str, object]]:
         for n in sz.grid:
             if d == sz.stage1_d and n in sz.stage1:
                 continue
-            methods = [("mmloss_triton", "bf16"), ("floor", "bf16"), ("mmloss_cuda", "bf16"), ("cce", "bf16")]
+            methods = [("mmloss_triton", "bf16"), ("floor", "bf16"), ("mmloss_cuda", "bf16"), ("cce", "bf16"),
+                       ("cce_exact", "bf16")]
             if n <= sz.dense_max:
                 methods += [("eager", "bf16"), ("eager", "fp32"), ("compiled", "bf16"), ("infcl", "fp32")]
             elif n <= sz.infcl_max:
@@ -341,7 +343,7 @@ def run_checks(args, torch, sz: Sizes, cuda_why) -> None:
         backends = ["triton"] + ([] if cuda_why else ["cuda"])
         jobs += gpu_check.check_jobs(backends, args.dry_run)
         jobs += gpu_check.anchor_jobs(["mmloss_triton"] + ([] if cuda_why else ["mmloss_cuda"]) +
-                                      ["eager", "cce", "infcl"], args.dry_run)
+                                      ["eager", "cce", "cce_exact", "infcl"], args.dry_run)
         deadline = args.deadline - (0 if args.dry_run else args.timing_reserve_s)
     else:
         left = [dict(kind=r["kind"], backend=r["backend"], path=r["path"], features=r["features"], dtype=r["dtype"],

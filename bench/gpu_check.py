@@ -34,34 +34,39 @@ DRY_SHAPE = (70, 130, 40)
 
 
 def check_jobs(backends: Iterable[str], dry_run: bool) -> List[Dict[str, object]]:
-    """Every feature × dtype × path of each backend at CHECK_SHAPE, bf16 first, then the
-    heaviest feature set at ODD_SHAPES. Dry run: every feature in bf16 on the small path and
-    plain fp32/fp16 on the chunked path, at DRY_SHAPE (the interpreter is slow)."""
+    """Every feature × dtype × path of each backend at CHECK_SHAPE, bf16 first and the
+    backends interleaved (a run cut short has some of each), then the heaviest feature set at
+    ODD_SHAPES. Dry run: every feature in bf16 on the first path and plain fp32/fp16 on the
+    second, at DRY_SHAPE (the interpreter is slow)."""
     from tests.cases import FEATURES
+    backends = list(backends)
     jobs = []
-    for backend in backends:
-        if dry_run:
+    if dry_run:
+        for backend in backends:
             jobs += [dict(backend=backend, path=PATHS[backend][0], features=f, dtype="bf16", shape=DRY_SHAPE)
                      for f in sorted(FEATURES)]
             jobs += [dict(backend=backend, path=PATHS[backend][1], features="plain", dtype=t, shape=DRY_SHAPE)
                      for t in ("fp32", "fp16")]
-            continue
-        for dtype in CHECK_DTYPES:
-            for path in PATHS[backend]:
-                jobs += [dict(backend=backend, path=path, features=f, dtype=dtype, shape=CHECK_SHAPE)
+        return [dict(job, kind="check") for job in jobs]
+    for dtype in CHECK_DTYPES:
+        for i in (0, 1):
+            for backend in backends:
+                jobs += [dict(backend=backend, path=PATHS[backend][i], features=f, dtype=dtype, shape=CHECK_SHAPE)
                          for f in sorted(FEATURES)]
-        jobs += [dict(backend=backend, path=path, features="all", dtype=dtype, shape=shape)
-                 for shape in ODD_SHAPES for dtype in CHECK_DTYPES for path in PATHS[backend]]
+    jobs += [dict(backend=backend, path=path, features="all", dtype=dtype, shape=shape)
+             for shape in ODD_SHAPES for dtype in CHECK_DTYPES for backend in backends for path in PATHS[backend]]
     return [dict(job, kind="check") for job in jobs]
 
 
 def anchor_jobs(methods: Iterable[str], dry_run: bool) -> List[Dict[str, object]]:
     """Loss and gradient errors at N = 2,048, d = 256 (PERF.md's Inf-CL figure), each method
-    in its benchmarked dtype."""
-    n, d = (130, 32) if dry_run else (2048, 256)
+    in its benchmarked dtype; cut-cross-entropy also at N = 16,384, where its gradient
+    filter meets a flatter softmax."""
+    sizes = [(130, 32)] if dry_run else [(2048, 256), (16384, 256)]
     dtypes = {"infcl": "fp32"}
     return [dict(kind="anchor", backend=m, path="", features="plain", dtype=dtypes.get(m, "bf16"),
-                 shape=(n, n, d)) for m in methods]
+                 shape=(n, n, d)) for i, (n, d) in enumerate(sizes) for m in methods
+            if i == 0 or m.startswith("cce")]
 
 
 def warm_jobs(variants: Iterable[tuple]) -> List[Dict[str, object]]:

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import static_model  # noqa: E402
 
 PLAIN = [("mmloss_triton", "bf16", "triton"), ("mmloss_cuda", "bf16", "cuda"), ("floor", "bf16", "floor"),
-         ("cce", "bf16", "CCE"), ("eager", "bf16", "eager16"), ("eager", "fp32", "eager32"),
+         ("cce", "bf16", "CCE"), ("cce_exact", "bf16", "CCE exact"), ("eager", "bf16", "eager16"),
+         ("eager", "fp32", "eager32"),
          ("compiled", "bf16", "compiled"), ("infcl", "fp32", "Inf-CL32")]
 FEATURE_TARGETS = {"margin": "<= 1.10", "adaptive": "<= 1.10 (1 + dt/d)", "filter": "<= 1.10 (1 + dt/d)",
                    "groups": "<= 1.05", "symmetric": "none (two passes: 2)"}

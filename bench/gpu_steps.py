@@ -6,7 +6,8 @@
 Methods: mmloss_triton, mmloss_cuda (contrastive_loss with that backend and a feature set:
 plain, margin, adaptive, filter, groups, symmetric), eager (bench.anchors.eager_loss, dense),
 compiled (torch.compile of eager, dynamic shapes: one compile serves every N), cce
-(cut-cross-entropy's fused kernels), infcl (Inf-CL's ring kernel), floor (the 3 GEMMs of
+(cut-cross-entropy's fused kernels with its default gradient filtering), cce_exact (the same
+without filtering), infcl (Inf-CL's ring kernel), floor (the 3 GEMMs of
 N × N × d that any exact method does: S = QKᵀ, dQ = S K, dK = Sᵀ Q, in ≤ 1 GiB row chunks).
 graph=True captures the step into a CUDA graph (run = one replay). On the CPU (the dry
 run) compiled uses torch.compile's "eager" backend and cce its torch_compile path.
@@ -33,11 +34,13 @@ class Step:
 
 
 def make_inputs(torch, n: int, d: int, dtype, device, seed: int = 0):
-    """Query and key (n, d), standard normal, generated on the device, requiring grad."""
+    """Query and key (n, d), generated on the device, requiring grad: standard normal keys and
+    queries = key + standard normal noise (cos ≈ 0.7 with the positive, ≈ 0 with the rest),
+    so that losses, errors and cut-cross-entropy's gradient filtering see a peaked softmax."""
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(n, d, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
-    k = torch.randn(n, d, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_(True)
-    return q, k
+    k = torch.randn(n, d, generator=g, device=device, dtype=torch.float32)
+    q = k + torch.randn(n, d, generator=g, device=device, dtype=torch.float32)
+    return q.to(dtype).requires_grad_(True), k.to(dtype).requires_grad_(True)
 
 
 def feature_kwargs(torch, features: str, n: int, dt: int, dtype, device) -> Dict[str, object]:
@@ -75,9 +78,10 @@ def loss_fn(torch, mmloss, method: str, features: str, n: int, dt: int, dtype, d
     if method == "compiled":
         backend = "inductor" if device.type == "cuda" else "eager"
         return torch.compile(lambda q, k: anchors.eager_loss(q, k, TEMPERATURE), dynamic=True, backend=backend)
-    if method == "cce":
+    if method in ("cce", "cce_exact"):
         impl = "cce" if device.type == "cuda" else "torch_compile"
-        return lambda q, k: anchors.cce_loss(q, k, TEMPERATURE, impl=impl)
+        eps = "high" if method == "cce" else None
+        return lambda q, k: anchors.cce_loss(q, k, TEMPERATURE, impl=impl, filter_eps=eps)
     if method == "infcl":
         if device.type != "cuda":
             raise ImportError("Inf-CL needs CUDA and NCCL")

@@ -10,8 +10,9 @@ included; "scratch" subtracts the gradients, which every method must return.
 Providers: eager (dense logits, bench.anchors.eager_loss), mmloss-cpu (the compiled backend),
 cce (cut-cross-entropy's torch_compile path, which materialises the logits) and floor (the
 three GEMMs of N × N × d that any exact method does, S = QKᵀ, S K, Sᵀ Q, in the inputs'
-dtype, no loss). Up to ERROR_MAX_N the child also reports the loss's relative error against
-the float64 reference on the same (rounded) inputs.
+dtype, no loss). Inputs: standard normal keys, queries = keys + standard normal noise (a
+peaked softmax, as in training). Up to ERROR_MAX_N the child also reports the loss's relative
+error against the float64 reference on the same (rounded) inputs.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def measure_here(provider: str, n: int, d: int, dtype: str, repeats: int) -> Dic
     torch.manual_seed(0)
     small = [torch.randn(8, d, dtype=DTYPES[dtype], requires_grad=True) for _ in range(2)]
     _step(provider, fn, *small)  # loads kernels and thread pools (and compiles) before the baseline
-    q = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
-    k = torch.randn(n, d, dtype=DTYPES[dtype], requires_grad=True)
+    k = torch.randn(n, d)
+    q = (k + torch.randn(n, d)).to(DTYPES[dtype]).requires_grad_(True)  # cos ≈ 0.7 with its positive
+    k = k.to(DTYPES[dtype]).requires_grad_(True)
     baseline = reset_peak()
     start, cpu = time.perf_counter(), time.process_time()
     _step(provider, fn, q, k)

@@ -166,7 +166,7 @@ def eager_ms(n: int, d: int, e: int) -> float:
 def predict(method: str, features: str, n: int, d: int, dt: int, e: int = 2,
             budget: int = 1 << 30) -> float:
     """Predicted fwd+bwd ms of one measured GPU row, NaN where nothing is modelled.
-    method: mmloss_triton, mmloss_cuda, floor, eager, cce; features: a key of EPILOGUE_OPS
+    method: mmloss_triton, mmloss_cuda, floor, eager, cce, cce_exact; features: a key of EPILOGUE_OPS
     or "symmetric" (plain, both directions in one pass)."""
     if method in ("mmloss_triton", "mmloss_cuda"):
         symmetric = features == "symmetric"
@@ -177,7 +177,7 @@ def predict(method: str, features: str, n: int, d: int, dt: int, e: int = 2,
         return floor_ms(n, d)
     if method == "eager" and features == "plain":
         return eager_ms(n, d, e)
-    if method == "cce" and features == "plain":
+    if method in ("cce", "cce_exact") and features == "plain":
         return 4 / 3 * floor_ms(n, d)
     return float("nan")
 
