@@ -136,7 +136,8 @@ def warm_variants(stage: int, dry_run: bool) -> List[tuple]:
     n, d = (64, 32) if dry_run else (4096, 768)
     if stage == 1:
         return [("mmloss_triton", "plain", "bf16", n, d), ("compiled", "plain", "bf16", n, d),
-                ("cce", "plain", "bf16", n, d), ("infcl", "plain", "fp32", n, d)]
+                ("cce", "plain", "bf16", n, d), ("cce_exact", "plain", "bf16", n, d),
+                ("infcl", "plain", "fp32", n, d)]
     if dry_run:
         return [("mmloss_triton", "margin", "bf16", n, d)]
     return [("mmloss_triton", f, "bf16", n, 256) for f in FEATURE_SETS] + \

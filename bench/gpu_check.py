@@ -76,8 +76,8 @@ def warm_jobs(variants: Iterable[tuple]) -> List[Dict[str, object]]:
 
 @contextlib.contextmanager
 def _path(backend: str, path: str):
-    """The chunked designs at small sizes: Triton's SMALL_MAX = 0, CUDA's 1-byte scratch
-    budget (64-row chunks), as the GPU test suites set them."""
+    """The chunked designs at small sizes: Triton's SMALL_MAX = 0, CUDA's scratch budget 0
+    (64-row chunks: MMLOSS_CUDA_SCRATCH_MB=0), as the GPU test suites set them."""
     if path != "chunked":
         yield
         return
@@ -89,12 +89,15 @@ def _path(backend: str, path: str):
         finally:
             ops.SMALL_MAX = old
     else:
-        import mmloss.cuda as ck
-        old, ck.scratch_bytes = ck.scratch_bytes, lambda: 1
+        old = os.environ.get("MMLOSS_CUDA_SCRATCH_MB")
+        os.environ["MMLOSS_CUDA_SCRATCH_MB"] = "0"
         try:
             yield
         finally:
-            ck.scratch_bytes = old
+            if old is None:
+                del os.environ["MMLOSS_CUDA_SCRATCH_MB"]
+            else:
+                os.environ["MMLOSS_CUDA_SCRATCH_MB"] = old
 
 
 def _device(torch):
