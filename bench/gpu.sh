@@ -16,6 +16,8 @@
 # auto_table.json (commit as src/mmloss/auto_table.json after reading the run), bench.png.
 # --dry-run: installs nothing and runs both stages on the CPU (Triton interpreter, tiny sizes)
 # with the Python environment at hand, to check the harness.
+# On the lent GPU machine: `bash bench/gpu.sh` (OUT is set there) with a command limit of at
+# least 540 s; GPU_SH_STAGE2_S=0 runs stage 1 alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
