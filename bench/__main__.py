@@ -134,7 +134,8 @@ def targets(rows: list) -> str:
     if row:
         m = row["mmloss-cpu"]
         done = "error" not in m
-        lines.append(f"- N = 65,536, d = 256: mmloss cpu {'completes in ' + format_result(m) if done else 'failed: ' + m['error']}"
+        outcome = "completes in " + format_result(m) if done else "failed: " + m["error"]
+        lines.append(f"- N = 65,536, d = 256: mmloss cpu {outcome}"
                      f"; eager: {row['eager'].get('error', 'ran')} (target: completes where eager needs > 24 GiB: "
                      f"{'met' if done and 'error' in row['eager'] else 'not shown'})")
     return "\n".join(lines)

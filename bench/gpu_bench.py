@@ -249,7 +249,8 @@ def run_item(it, args, clock: Clock, torch, mmloss, device, history, failed: Dic
         failed[key] = row["status"]
     except Exception as exc:  # noqa: BLE001 - one failed series must not end the run
         oom = "out of memory" in str(exc).lower()
-        row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {first}"[:160]
         failed[key] = f'skipped: {"OOM" if oom else "error"} at N={it["N"]}'
     finally:
         step = None
@@ -320,8 +321,8 @@ class CsvLog:
 
 def print_row(row) -> None:
     print(f'{row["method"]:>14} {row["features"]:>9} {row["dtype"]:>4} N={row["N"]:>8} d={row["d"]:>4} '
-          f'graph={row["graph"]:>3} {row["ms"]:>10.3f} ms {row["peak_mib"]:>10.1f} MiB  model {row["model_ms"]:>9.3f} ms'
-          f'  {row["status"]}', flush=True)
+          f'graph={row["graph"]:>3} {row["ms"]:>10.3f} ms {row["peak_mib"]:>10.1f} MiB  '
+          f'model {row["model_ms"]:>9.3f} ms  {row["status"]}', flush=True)
 
 
 def skipped_rows(path: str) -> List[Dict[str, str]]:
@@ -356,7 +357,8 @@ def run_checks(args, torch, sz: Sizes, cuda_why) -> None:
     rows = gpu_check.run_pool(jobs, os.path.join(args.out, "correctness.csv"), args.workers, deadline)
     counts: Dict[str, int] = {}
     for r in rows:
-        counts[f'{r["kind"]} {r["status"].split(":")[0]}'] = counts.get(f'{r["kind"]} {r["status"].split(":")[0]}', 0) + 1
+        name = f'{r["kind"]} {r["status"].split(":")[0]}'
+        counts[name] = counts.get(name, 0) + 1
     print(f"== stage {args.stage} parallel jobs in {time.time() - t0:.0f} s: "
           + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), flush=True)
     for r in rows:
@@ -371,6 +373,7 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
         args.workers = min(args.workers, 2)
     import torch
+
     import mmloss
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

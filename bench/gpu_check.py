@@ -106,6 +106,7 @@ def _device(torch):
 
 def _check(job) -> Dict[str, str]:
     import torch
+
     from tests.cases import assert_kernel_matches_reference, make_case
     M, N, d = job["shape"]
     case = make_case(M, N, d, job["features"], seed=M + N + d, device=_device(torch))
@@ -126,6 +127,7 @@ def _relative(got, want) -> float:
 def _anchor(job) -> Dict[str, str]:
     """Relative errors of loss and gradients against float64 eager on the rounded inputs."""
     import torch
+
     import mmloss
     from bench import anchors
     from bench.gpu_steps import DTYPES, TEMPERATURE, loss_fn, make_inputs
@@ -147,6 +149,7 @@ def _anchor(job) -> Dict[str, str]:
 
 def _warm(job) -> Dict[str, str]:
     import torch
+
     import mmloss
     from bench.gpu_steps import DTYPES, build_step
     n, _, d = job["shape"]
@@ -189,7 +192,8 @@ def run_job(job) -> Dict[str, object]:
         text = str(exc).splitlines()[0][:200] if str(exc) else ""
         row.update(status="error", detail=f"{type(exc).__name__}: {text}")
         if context_lost(str(exc)):
-            _lost.append(f'{job["kind"]} {job["backend"]} {job.get("path", "")} {job["features"]} {job["dtype"]} {M}x{N}x{d}')
+            _lost.append(f'{job["kind"]} {job["backend"]} {job.get("path", "")} {job["features"]} {job["dtype"]} '
+                         f'{M}x{N}x{d}')
     return dict(row, seconds=round(time.time() - start, 2))
 
 
