@@ -1,1 +1,2 @@
-"""mmloss benchmarks: `python -m bench` prints the CPU table; bench/test_*.py are pytest-benchmark suites."""
+"""mmloss benchmarks: `python -m bench` prints the CPU table, `bash bench/gpu.sh` is the GPU run,
+bench/test_*.py are pytest-benchmark suites."""

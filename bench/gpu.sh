@@ -1,85 +1,101 @@
 #!/usr/bin/env bash
-# On a GPU machine: install mmloss (CUDA kernels included when torch is a CUDA build and nvcc
-# is found), run the Triton and CUDA GPU tests, run the benchmark (triton and cuda side by
-# side), all in < 10 minutes.
-#   bash bench/gpu.sh [OUT_DIR]        (default: $OUT, else bench/out)
-# Writes OUT_DIR/{info.txt,gpu_tests.txt,cuda_tests.txt,bench.csv,bench.png,summary.txt,
-# static_model.txt,auto_table.json,RESULTS_GPU.md} and prints the short table last.
-# auto_table.json records whether the CUDA suite passed and where cuda beat triton: commit it
-# as mmloss/auto_table.json (backend="auto" reads only the committed file). An Inf-CL wheel, if carried, is taken
-# from $INFCL_WHEEL or bench/wheels/inf_cl-*.whl.
-set -uo pipefail
-cd "$(dirname "$0")/.."
+# The GPU run in stages, each writing its results under OUT_DIR before the next begins (a run
+# cut short still returns numbers), each within its own time; the summary prints last.
+#   bash bench/gpu.sh [--dry-run] [OUT_DIR]     (OUT_DIR: default $OUT, else bench/out)
+# Stage 1, until GPU_SH_STAGE1_S (240) s after the start, the install included: a plain
+#   (non-editable) install of this checkout and of the anchors' wheels in bench/wheels, offline;
+#   the ceilings, the correctness grid of every GPU backend against float64, the anchors'
+#   errors, and N = 8,192 ... 65,536, d = 768 bf16 of every method (bench/gpu_bench.py).
+# Stage 2, until GPU_SH_STAGE2_S (240) s more: what stage 1 had no time for, features, small
+#   batches with and without CUDA graphs, N = 1,048,576 at d = 256, the full grid.
+# Stage 3, only with GPU_SH_PYTEST=1, until GPU_SH_STAGE3_S (240) s more: the GPU test suites
+#   (tests/kernels/{triton,cuda}/test_*_gpu.py, one config per Triton variant).
+# After each stage bench/gpu_report.py rewrites RESULTS_GPU.md, auto_table.json and bench.png.
+# OUT_DIR then holds 8 files (the device tool returns at most 8): run.log, ceilings.json,
+# correctness.csv, stage1.csv, stage2.csv, RESULTS_GPU.md (commit as bench/RESULTS_GPU.md),
+# auto_table.json (commit as src/mmloss/auto_table.json after reading the run), bench.png.
+# --dry-run: installs nothing and runs both stages on the CPU (Triton interpreter, tiny sizes)
+# with the Python environment at hand, to check the harness.
+# On the lent GPU machine: `bash bench/gpu.sh` (OUT is set there) with a command limit of at
+# least 540 s; GPU_SH_STAGE2_S=0 runs stage 1 alone.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DRY=()
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY=(--dry-run)
+  shift
+fi
 OUT_DIR=${1:-${OUT:-bench/out}}
+PY=${PYTHON:-python3}
+if [ ${#DRY[@]} -eq 0 ]; then DEFAULT_S=240; else DEFAULT_S=900; fi
+STAGE1_S=${GPU_SH_STAGE1_S:-$DEFAULT_S}
+STAGE2_S=${GPU_SH_STAGE2_S:-$DEFAULT_S}
+STAGE3_S=${GPU_SH_STAGE3_S:-240}
 mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/run.log"
 START=$(date +%s)
-TOTAL_S=${GPU_SH_TOTAL_S:-570}
-elapsed() { echo $(( $(date +%s) - START )); }
+export PYTHONUNBUFFERED=1
 
-echo "== install ($(date -u +%H:%M:%S))"
-# Editable: _C lands in ./mmloss, which is what the tests and the benchmark import (pytest puts
-# the repository first on sys.path; a plain install would leave ./mmloss without _C).
-MAX_JOBS=${MAX_JOBS:-8} NVCC_THREADS=${NVCC_THREADS:-2} MMLOSS_CUDA_ARCHS=${MMLOSS_CUDA_ARCHS:-90} \
-    pip install --no-build-isolation -e . > "$OUT_DIR/install.txt" 2>&1 || { tail -20 "$OUT_DIR/install.txt"; exit 1; }
-WHEEL=${INFCL_WHEEL:-$(ls bench/wheels/inf_cl-*.whl 2>/dev/null | head -1)}
-if [ -n "$WHEEL" ]; then pip install --no-deps "$WHEEL" >> "$OUT_DIR/install.txt" 2>&1 || echo "Inf-CL wheel failed to install"; fi
-python -m mmloss.info | tee "$OUT_DIR/info.txt"
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >> "$OUT_DIR/info.txt" 2>/dev/null
+say() { echo "== $* (+$(( $(date +%s) - START )) s, $(date -u +%H:%M:%S) UTC)" | tee -a "$LOG"; }
 
-echo "== GPU tests ($(elapsed) s)"
-# One config per compiled variant: the tests check numbers, not speed (autotuning every
-# feature x dtype variant would take most of the budget). Compiling the ~100 variants is
-# the slow part and runs on the CPU: pytest-xdist (in the H100 image) spreads it over cores.
-PARALLEL=$(python -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
-MMLOSS_TRITON_AUTOTUNE=0 timeout $(( TOTAL_S * 2 / 5 )) python -m pytest tests/test_triton_gpu.py -q -x $PARALLEL \
-    -p no:cacheprovider > "$OUT_DIR/gpu_tests.txt" 2>&1
-TESTS_RC=$?
-tail -3 "$OUT_DIR/gpu_tests.txt"
-timeout $(( TOTAL_S / 5 )) python -m pytest tests/test_cuda_gpu.py -q -x $PARALLEL -p no:cacheprovider \
-    > "$OUT_DIR/cuda_tests.txt" 2>&1
-CUDA_RC=$?
-tail -3 "$OUT_DIR/cuda_tests.txt"
-# "passed" only when the suite ran and passed (not when it was skipped: no CUDA kernels).
-if [ $CUDA_RC -eq 0 ] && grep -q " passed" "$OUT_DIR/cuda_tests.txt" && ! grep -q "skipped" "$OUT_DIR/cuda_tests.txt"; then
-  CUDA_TESTS=passed
+# A stage: bench/gpu_bench.py with the stage's deadline (it skips what would not fit), then the
+# report; `timeout` ends a stage that overruns its deadline by more than 20 s.
+stage() {
+  local n=$1 end=$(( START + $2 )) left
+  left=$(( end - $(date +%s) ))
+  if [ "$left" -le 10 ]; then
+    say "stage $n skipped: ${left} s left"
+    return 0
+  fi
+  say "stage $n, ${left} s"
+  timeout --kill-after=10 $(( left + 20 )) "$PY" -m bench.gpu_bench --stage "$n" --out "$OUT_DIR" \
+    --deadline "$end" "${DRY[@]}" 2>&1 | tee -a "$LOG" || say "stage $n ended with exit $?"
+  "$PY" -m bench.gpu_report --out "$OUT_DIR" > /dev/null 2>> "$LOG" || say "report after stage $n failed"
+}
+
+say "install"
+if [ ${#DRY[@]} -eq 0 ]; then
+  nvidia-smi >> "$LOG" 2>&1 || true
+  if ! command -v nvcc > /dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH="/usr/local/cuda/bin:$PATH"  # the CUDA kernels build when nvcc is found
+  fi
+  # Plain install: the tests and the benchmark import the installed package (src/ layout). If
+  # the CUDA kernels do not build, the Triton backend is still measured (the CUDA rows say why).
+  install() {
+    MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-2} MMLOSS_CUDA_ARCHS=${MMLOSS_CUDA_ARCHS:-90} \
+      "$PY" -m pip install --no-build-isolation --no-deps --no-index . >> "$LOG" 2>&1
+  }
+  if ! install; then
+    tail -40 "$LOG"
+    say "install failed; again without the CUDA kernels"
+    MMLOSS_WITH_CUDA=0 install || { say "install failed"; exit 1; }
+  fi
+  for wheel in bench/wheels/*.whl; do
+    "$PY" -m pip install --no-deps --no-index "$wheel" >> "$LOG" 2>&1 || say "$wheel failed to install"
+  done
 else
-  CUDA_TESTS="failed (exit $CUDA_RC)"
+  echo "dry run: nothing installed" >> "$LOG"
+fi
+"$PY" -m mmloss.info 2>&1 | tee -a "$LOG" || say "mmloss does not import"
+
+stage 1 "$STAGE1_S"
+if [ "$STAGE2_S" -gt 0 ]; then  # its deadline: stage 1's + STAGE2_S (it gets stage 1's unused time)
+  stage 2 $(( STAGE1_S + STAGE2_S ))
+else
+  say "stage 2 not run (GPU_SH_STAGE2_S=0)"
 fi
 
-echo "== static model"
-python bench/static_model.py --csv "$OUT_DIR/static_model.csv" > "$OUT_DIR/static_model.txt"
+if [ "${GPU_SH_PYTEST:-0}" = 1 ] && [ ${#DRY[@]} -eq 0 ]; then
+  left=$(( START + STAGE1_S + STAGE2_S + STAGE3_S - $(date +%s) ))
+  say "stage 3 (GPU test suites), ${left} s"
+  workers=()
+  if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-16}"); fi
+  MMLOSS_TRITON_AUTOTUNE=0 timeout --kill-after=10 "$left" "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" \
+    tests/kernels/triton/test_triton_gpu.py tests/kernels/cuda/test_cuda_gpu.py >> "$LOG" 2>&1 \
+    || say "GPU test suites ended with exit $?"
+  tail -3 "$LOG"
+fi
 
-BUDGET=$(( TOTAL_S - $(elapsed) - 60 ))
-echo "== benchmark, budget ${BUDGET} s ($(elapsed) s)"
-python bench/gpu_bench.py --out "$OUT_DIR" --budget-s "$BUDGET" --cuda-tests "$CUDA_TESTS" \
-    > "$OUT_DIR/bench_log.txt" 2>&1
-BENCH_RC=$?
-
-{
-  echo "# mmloss Triton and CUDA backends: GPU results"
-  echo
-  echo "$(head -1 "$OUT_DIR/summary.txt" 2>/dev/null)"
-  echo
-  echo '```'
-  cat "$OUT_DIR/info.txt"
-  echo '```'
-  echo
-  echo "GPU tests (exit $TESTS_RC): $(tail -1 "$OUT_DIR/gpu_tests.txt")"
-  echo
-  echo "CUDA backend tests ($CUDA_TESTS): $(tail -1 "$OUT_DIR/cuda_tests.txt")"
-  echo
-  echo "## Forward + backward, bf16 (benchmark exit $BENCH_RC; full rows in bench.csv, plot bench.png)"
-  echo
-  echo '```'
-  tail -n +2 "$OUT_DIR/summary.txt" 2>/dev/null
-  echo '```'
-  echo
-  echo "## Static model (H100 peak rates), for comparison"
-  echo
-  echo '```'
-  cat "$OUT_DIR/static_model.txt"
-  echo '```'
-} > "$OUT_DIR/RESULTS_GPU.md"
-
-echo "== done in $(elapsed) s; tests exit $TESTS_RC, cuda tests $CUDA_TESTS, bench exit $BENCH_RC"
-cat "$OUT_DIR/summary.txt" 2>/dev/null || tail -20 "$OUT_DIR/bench_log.txt"
+say "done; the summary (also in $OUT_DIR/RESULTS_GPU.md)"
+"$PY" -m bench.gpu_report --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
