@@ -52,9 +52,9 @@ def _compare(make_loss, base, names=None):
 @pytest.mark.parametrize("negatives", [0, 1, 3])
 @pytest.mark.parametrize("directions,partition_mode", COMBOS)
 def test_ranking_loss_matches_peer(directions, partition_mode, negatives):
+    classes = {"peer": st.MultipleNegativesRankingLoss, "mmloss": ml.MultipleNegativesRankingLoss}
     for seed, (batch, width) in enumerate([(7, 10), (1, 3), (33, 17)]):
         base = _embeddings(batch, 2 + negatives, width, seed)
-        classes = {"peer": st.MultipleNegativesRankingLoss, "mmloss": ml.MultipleNegativesRankingLoss}
         _compare(lambda impl: classes[impl](None, scale=13.0, directions=directions, partition_mode=partition_mode),
                  base)
     assert mmloss.last_backend() != "reference"
@@ -132,10 +132,11 @@ def test_cached_in_eval_without_grad(tiny_model):
 
 def test_config_and_citation_are_the_peers(tiny_model):
     kwargs = dict(scale=30.0, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
-    for ours, theirs in [(ml.MultipleNegativesRankingLoss(None, **kwargs), st.MultipleNegativesRankingLoss(None, **kwargs)),
-                         (ml.MultipleNegativesRankingLoss(None, directions=ALL), st.MultipleNegativesRankingLoss(None, directions=ALL)),
-                         (ml.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs),
-                          st.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs))]:
+    pairs = [(ml.MultipleNegativesRankingLoss(None, **kwargs), st.MultipleNegativesRankingLoss(None, **kwargs)),
+             (ml.MultipleNegativesRankingLoss(None, directions=ALL), st.MultipleNegativesRankingLoss(None, directions=ALL)),
+             (ml.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs),
+              st.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs))]
+    for ours, theirs in pairs:
         assert ours.get_config_dict() == theirs.get_config_dict()
         assert ours.citation == theirs.citation
         assert ours.temperature == theirs.temperature

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,8 +43,8 @@ try:
     import sentence_transformers
     from sentence_transformers.sentence_transformer import losses as _st_losses
     from sentence_transformers.util import cos_sim
-    from sentence_transformers.util.similarity import SimilarityFunction
     from sentence_transformers.util.misc import similarity_fct_name
+    from sentence_transformers.util.similarity import SimilarityFunction
 except ImportError as exc:  # pragma: no cover - exercised only where sentence-transformers is absent
     raise ImportError(
         "mmloss.integrations.sentence_transformers needs sentence-transformers 6.x "
