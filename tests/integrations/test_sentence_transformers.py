@@ -133,7 +133,8 @@ def test_cached_in_eval_without_grad(tiny_model):
 def test_config_and_citation_are_the_peers(tiny_model):
     kwargs = dict(scale=30.0, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
     pairs = [(ml.MultipleNegativesRankingLoss(None, **kwargs), st.MultipleNegativesRankingLoss(None, **kwargs)),
-             (ml.MultipleNegativesRankingLoss(None, directions=ALL), st.MultipleNegativesRankingLoss(None, directions=ALL)),
+             (ml.MultipleNegativesRankingLoss(None, directions=ALL),
+              st.MultipleNegativesRankingLoss(None, directions=ALL)),
              (ml.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs),
               st.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs))]
     for ours, theirs in pairs:
