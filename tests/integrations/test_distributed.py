@@ -1,0 +1,175 @@
+"""The integrations on 2 and 3 gloo ranks against their peers on the same local inputs.
+
+ClipLoss, for every (local_loss, gather_with_grad): every rank's loss and the gradients of its
+features and of logit_scale equal OpenCLIP's ClipLoss on that rank (float64, 1e-10), and so do
+the weight gradients of two DDP-wrapped towers after DDP's averaging. sentence-transformers'
+MultipleNegativesRankingLoss with gather_across_devices: every rank's loss and embedding
+gradients equal the peer's. One spawn per world size runs every case and writes each rank's
+largest relative error (or its traceback) to a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import socket
+import traceback
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+WORLDS = (2, 3)
+CLIP_CASES = list(itertools.product((False, True), (False, True)))  # (local_loss, gather_with_grad)
+ST_CASES = {"query_to_doc": (("query_to_doc",), "joint"),
+            "all_joint": (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint"),
+            "symmetric": (("query_to_doc", "doc_to_query"), "per_direction")}
+LOCAL, WIDTH, TOL = 4, 6, 1e-10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _relative(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
+    return max(float((g - w).abs().max()) / max(float(w.abs().max()), 1e-3) for g, w in zip(got, want))
+
+
+def _local_slice(x: torch.Tensor, rank: int) -> torch.Tensor:
+    return x[rank * LOCAL:(rank + 1) * LOCAL].clone()
+
+
+def _clip_features(world: int, rank: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64)
+    text = F.normalize(image + torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64), dim=1)
+    return _local_slice(F.normalize(image, dim=1), rank), _local_slice(text, rank)
+
+
+def _clip_case(world: int, rank: int, local_loss: bool, gather_with_grad: bool, seed: int) -> float:
+    from mmloss.integrations.open_clip import ClipLoss
+    from tests.integrations.support import open_clip_loss
+
+    image, text = _clip_features(world, rank, seed)
+    kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+    results = []
+    for cls in (open_clip_loss().ClipLoss, ClipLoss):
+        i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+        s = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+        loss = cls(**kwargs)(i, t, s)
+        results.append([loss.detach(), *torch.autograd.grad(loss, (i, t, s))])
+    return _relative(results[1], results[0])
+
+
+class _Towers(torch.nn.Module):
+    """Two linear towers and a learnable log scale, as a CLIP model's parts the loss touches."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = torch.nn.Linear(5, WIDTH, dtype=torch.float64)
+        self.text = torch.nn.Linear(3, WIDTH, dtype=torch.float64)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x_image, x_text):
+        return (F.normalize(self.image(x_image), dim=1), F.normalize(self.text(x_text), dim=1),
+                self.logit_scale.exp())
+
+
+def _clip_ddp_case(world: int, rank: int, local_loss: bool, gather_with_grad: bool, seed: int) -> float:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmloss.integrations.open_clip import ClipLoss
+    from tests.integrations.support import open_clip_loss
+
+    g = torch.Generator().manual_seed(seed)
+    x_image = _local_slice(torch.randn(world * LOCAL, 5, generator=g, dtype=torch.float64), rank)
+    x_text = _local_slice(torch.randn(world * LOCAL, 3, generator=g, dtype=torch.float64), rank)
+    kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+    grads = []
+    for cls in (open_clip_loss().ClipLoss, ClipLoss):
+        model = DistributedDataParallel(_Towers())
+        loss = cls(**kwargs)(*model(x_image, x_text))
+        loss.backward()  # DDP averages the weight gradients over the ranks here
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return _relative(grads[1], grads[0])
+
+
+def _st_case(world: int, rank: int, name: str, seed: int) -> float:
+    from sentence_transformers.sentence_transformer import losses as st
+
+    from mmloss.integrations import sentence_transformers as ml
+
+    directions, partition_mode = ST_CASES[name]
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64)
+    columns = [anchors] + [anchors + torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64)
+                           for _ in range(2)]
+    local = [_local_slice(c, rank) for c in columns]
+    results = []
+    for cls in (st.MultipleNegativesRankingLoss, ml.MultipleNegativesRankingLoss):
+        embeddings = [c.clone().requires_grad_() for c in local]
+        loss = cls(None, scale=9.0, gather_across_devices=True, directions=directions,
+                   partition_mode=partition_mode).compute_loss_from_embeddings(embeddings, None)
+        results.append([loss.detach(), *torch.autograd.grad(loss, embeddings)])
+    return _relative(results[1], results[0])
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    cases = [(("clip",) + c, _clip_case, c) for c in CLIP_CASES]
+    cases += [(("clip_ddp",) + c, _clip_ddp_case, c) for c in CLIP_CASES]
+    cases += [(("st", name), _st_case, (name,)) for name in ST_CASES]
+    for seed, (key, run, args) in enumerate(cases):
+        try:
+            results[key] = run(world, rank, *args, seed)
+        except Exception:  # recorded for the test that asks; the other ranks time out
+            results[key] = traceback.format_exc()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+_RESULTS: Dict[int, List[Dict]] = {}
+
+
+def _results(world: int, tmp_path_factory) -> List[Dict]:
+    """Every rank's results of the one spawn for `world` processes (run on first use)."""
+    if world not in _RESULTS:
+        out = tmp_path_factory.mktemp(f"integrations_world{world}")
+        mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world)
+        _RESULTS[world] = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    return _RESULTS[world]
+
+
+def _check(world: int, key, tmp_path_factory) -> None:
+    for rank, results in enumerate(_results(world, tmp_path_factory)):
+        error = results[key]
+        assert not isinstance(error, str), f"rank {rank} raised:\n{error}"
+        assert error <= TOL, f"rank {rank}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("local_loss,gather_with_grad", CLIP_CASES)
+@pytest.mark.parametrize("world", WORLDS)
+def test_clip_loss_equals_open_clip_on_every_rank(world, local_loss, gather_with_grad, tmp_path_factory):
+    _check(world, ("clip", local_loss, gather_with_grad), tmp_path_factory)
+
+
+@pytest.mark.parametrize("local_loss,gather_with_grad", CLIP_CASES)
+@pytest.mark.parametrize("world", WORLDS)
+def test_clip_loss_ddp_gradients_equal_open_clip(world, local_loss, gather_with_grad, tmp_path_factory):
+    _check(world, ("clip_ddp", local_loss, gather_with_grad), tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", list(ST_CASES))
+@pytest.mark.parametrize("world", WORLDS)
+def test_ranking_loss_gather_equals_sentence_transformers(world, name, tmp_path_factory):
+    _check(world, ("st", name), tmp_path_factory)
