@@ -36,6 +36,10 @@ class ModelConfig:
     eval_max_length: int = 128  # tokens per sentence when encoding for evaluation
     grounding_dim: int = 256  # width g of the grounded text and vision heads
     phrase_encoding: str = dataclasses.field(default="span", metadata=_choices("span", "text"))
+    # the sentence embedding h (SimCSE's pooler options plus mean): cls (CLS state through the MLP
+    # pooler, in evaluation too), cls_before_pooler (CLS state; the MLP in training only: unsup
+    # SimCSE, MCSE, KDMCSE), mean (masked mean of the token states; the MLP in training only)
+    pooling: str = dataclasses.field(default="cls_before_pooler", metadata=_choices("cls", "cls_before_pooler", "mean"))
 
 
 @dataclasses.dataclass
@@ -56,7 +60,8 @@ class LossConfig:
     vl_weight: float = 0.01  # λ (MCSE, MCSEO's λ1, KDMCSE)
     op_temperature: float = 0.05  # MCSEO object-phrase τ
     op_weight: float = 0.01  # MCSEO λ2
-    margin: float = 0.15  # KDMCSE angular margin (radians)
+    margin: float = 0.15  # KDMCSE intra margin m1 (text-text), radians
+    inter_margin: float = 0.15  # KDMCSE inter margin m2 (text-image, text-caption), radians
     filter_threshold: Optional[float] = None  # KDMCSE teacher filter (None: off, as released)
     filter_normalize: bool = False  # the filter on the cosine instead of the raw dot product
     group_same_image: bool = False  # other captions of a row's image are not negatives
@@ -68,7 +73,9 @@ class LossConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule (linear decay after an optional warm-up)."""
 
-    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "lamb"))
+    # adamw: torch's; adamw_hf: transformers 4.x's AdamW (eps added to the uncorrected sqrt(v)),
+    # which the official SimCSE, MCSE and KDMCSE scripts use; lamb: GPU only
+    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "adamw_hf", "lamb"))
     lr: float = 3e-5
     weight_decay: float = 0.0  # HF Trainer's default, which the official scripts use
     beta1: float = 0.9
@@ -98,6 +105,7 @@ class TrainConfig:
     eval_cpu_bf16: bool = False  # encode for evaluation under bf16 autocast on the CPU (faster, ±0.x points)
     sts_tasks: str = "all"  # "all" or comma-separated train.sts task names, e.g. "STSBenchmark,SICKRelatedness"
     threads: int = 0  # torch CPU threads per process (0: torch's default)
+    global_batch: int = 0  # the experiment's global batch (the paper's); start-up notes when the run differs (0: unstated)
 
 
 @dataclasses.dataclass
@@ -107,6 +115,8 @@ class DeepSpeedConfig:
     zero_stage: int = dataclasses.field(default=0, metadata={"choices": (0, 1, 2)})
     gradient_accumulation_steps: int = 1  # does not enlarge the negative pool (docs/training.md)
     gradient_clipping: float = 1.0  # max gradient norm (HF Trainer's 1.0); 0 turns clipping off
+    # fp32 weights and optimizer always; bf16: the forward under bf16 autocast (the loss in fp32);
+    # auto: bf16 autocast on a GPU with bf16, fp32 elsewhere
     precision: str = dataclasses.field(default="auto", metadata=_choices("auto", "fp32", "bf16"))
 
 
@@ -228,6 +238,7 @@ def validate(config: Config) -> None:
     for key, value in {"train.max_steps": t.max_steps, "train.eval_steps": t.eval_steps,
                        "train.save_steps": t.save_steps, "train.keep_checkpoints": t.keep_checkpoints,
                        "train.threads": t.threads, "data.text_limit": config.data.text_limit,
+                       "train.global_batch": t.global_batch,
                        "optim.warmup_steps": config.optim.warmup_steps,
                        "deepspeed.gradient_clipping": config.deepspeed.gradient_clipping}.items():
         if value < 0:

@@ -63,7 +63,7 @@ def test_prepare_writes_a_loadable_directory(tmp_path):
     captions.write_text("".join(json.dumps({"image": f"{r['image']:05d}.png", "caption": r["caption"]}) + "\n"
                                 for r in lines))
     out = tmp_path / "prepared"
-    assert main(["--images", str(scenes / "images"), "--captions", str(captions), "--out", str(out),
+    assert main(["--images", str(scenes / "images"), "--caption-file", str(captions), "--out", str(out),
                  "--image-model", str(tmp_path / "resnet"), "--teacher", str(tmp_path / "clip"),
                  "--detector", str(tmp_path / "owl"), "--batch-size", "2"]) == 0
     data = load_pairs(out, regions=True, teacher=True)
@@ -77,6 +77,6 @@ def test_prepare_writes_a_loadable_directory(tmp_path):
 def test_prepare_names_a_missing_image(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     (tmp_path / "c.jsonl").write_text('{"image": "nope.png", "caption": "a dog"}\n')
-    assert main(["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "c.jsonl"), "--out",
+    assert main(["--images", str(tmp_path / "images"), "--caption-file", str(tmp_path / "c.jsonl"), "--out",
                  str(tmp_path / "o"), "--image-model", str(tmp_path)]) == 2
     assert "c.jsonl:1: image" in capsys.readouterr().err
