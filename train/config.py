@@ -36,9 +36,9 @@ class ModelConfig:
     eval_max_length: int = 128  # tokens per sentence when encoding for evaluation
     grounding_dim: int = 256  # width g of the grounded text and vision heads
     phrase_encoding: str = dataclasses.field(default="span", metadata=_choices("span", "text"))
-    # the sentence embedding h (SimCSE's pooler options plus mean): cls (CLS state through the MLP
-    # pooler, in evaluation too), cls_before_pooler (CLS state; the MLP in training only: unsup
-    # SimCSE, MCSE, KDMCSE), mean (masked mean of the token states; the MLP in training only)
+    # the sentence embedding (SimCSE's options): cls (CLS state through the MLP pooler, in
+    # evaluation too), cls_before_pooler (CLS state; the MLP in training only: unsup SimCSE, MCSE,
+    # KDMCSE), mean (SimCSE's avg: masked mean of the token states, no MLP)
     pooling: str = dataclasses.field(default="cls_before_pooler", metadata=_choices("cls", "cls_before_pooler", "mean"))
 
 
@@ -105,7 +105,7 @@ class TrainConfig:
     eval_cpu_bf16: bool = False  # encode for evaluation under bf16 autocast on the CPU (faster, ±0.x points)
     sts_tasks: str = "all"  # "all" or comma-separated train.sts task names, e.g. "STSBenchmark,SICKRelatedness"
     threads: int = 0  # torch CPU threads per process (0: torch's default)
-    global_batch: int = 0  # the experiment's global batch (the paper's); start-up notes when the run differs (0: unstated)
+    global_batch: int = 0  # the experiment's global batch (the paper's): start-up notes if a run differs (0: unstated)
 
 
 @dataclasses.dataclass

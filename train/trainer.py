@@ -144,13 +144,14 @@ def experiment_notes(config: Config, world: int, global_negatives: Optional[str]
     notes = []
     if run != stated:
         notes.append(f"global batch {run} ({local} per rank × {world} rank(s) × {ga} accumulation) where the "
-                     f"configured experiment has {stated}: {stated / run:.3g}× the optimizer steps per epoch of that experiment")
+                     f"configured experiment has {stated}: {stated / run:.3g}× the optimizer steps per epoch "
+                     "of that experiment")
     if keys != stated:
         notes.append(f"each softmax sees {keys} keys (global negatives: {global_negatives or 'off'}) where the "
                      f"configured experiment's sees {stated}")
     if notes and stated % world == 0:
         notes.append(f"the configured experiment on {world} rank(s): --override train.batch_size={stated // world} "
-                     f"deepspeed.gradient_accumulation_steps=1" + (" loss.global_negatives=gather" if world > 1 else ""))
+                     "deepspeed.gradient_accumulation_steps=1" + (" loss.global_negatives=gather" if world > 1 else ""))
     return notes
 
 

@@ -182,13 +182,18 @@ def test_pooling_choices(tiny):
         build_config(CONFIGS / "simcse.yaml", [parse_override("model.pooling=avg")])
     ids = torch.tensor([[2, 7, 9, 3, 0], [2, 5, 3, 0, 0]])
     mask = (ids > 0).long()
+    models = {}
     for pooling in ("cls", "cls_before_pooler", "mean"):
         config.model.pooling = pooling
-        model = SentenceModel(config).eval()
+        model = models[pooling] = SentenceModel(config).eval()
         h, hidden = model._encode(ids, mask)
         want = hidden[:, 0] if pooling != "mean" else (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         torch.testing.assert_close(h, want)
-    encoder = TransformersEncoder(model.encoder, _tokenizer(tiny), pooling="cls", head=model.mlp, device="cpu")
+    assert models["mean"].mlp is None and models["cls"].mlp is not None  # SimCSE's avg has no MLP
+    loss, _ = models["mean"]({"input_ids": ids, "attention_mask": mask})
+    assert torch.isfinite(loss)
+    encoder = TransformersEncoder(models["cls"].encoder, _tokenizer(tiny), pooling="cls", head=models["cls"].mlp,
+                                  device="cpu")
     assert encoder(["a b c"]).shape == (1, 32)
 
 
