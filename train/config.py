@@ -36,9 +36,10 @@ class ModelConfig:
     eval_max_length: int = 128  # tokens per sentence when encoding for evaluation
     grounding_dim: int = 256  # width g of the grounded text and vision heads
     phrase_encoding: str = dataclasses.field(default="span", metadata=_choices("span", "text"))
-    # the sentence embedding (SimCSE's options): cls (CLS state through the MLP pooler, in
-    # evaluation too), cls_before_pooler (CLS state; the MLP in training only: unsup SimCSE, MCSE,
-    # KDMCSE), mean (SimCSE's avg: masked mean of the token states, no MLP)
+    # the sentence state h and what evaluation takes (SimCSE's options plus mean); the MLP pooler
+    # is always trained on h: cls (CLS state through the MLP, in evaluation too), cls_before_pooler
+    # (CLS state; the MLP in training only: unsup SimCSE, MCSE, KDMCSE), mean (masked mean of the
+    # token states; the MLP in training only)
     pooling: str = dataclasses.field(default="cls_before_pooler", metadata=_choices("cls", "cls_before_pooler", "mean"))
 
 

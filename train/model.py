@@ -3,9 +3,9 @@
 SPEC §2. h = the sentence state of the encoder (hidden width H) by model.pooling: the CLS
 state (cls, cls_before_pooler) or the masked mean of the token states (mean). Each sentence is
 encoded twice in one forward (2N rows; dropout makes the two views differ).
-- SimCSE pooler: z = tanh(W h) (H -> H) with the CLS poolings. Evaluation takes h with
-  "cls_before_pooler" (unsup SimCSE's MLP in training only, as MCSE and KDMCSE), z with "cls"
-  (SimCSE's MLP in both). "mean" is SimCSE's "avg": no MLP, z = h.
+- SimCSE pooler: z = tanh(W h) (H -> H), the training loss's sentence embedding. Evaluation
+  takes h with "cls_before_pooler" (unsup SimCSE's MLP in training only, as MCSE and KDMCSE)
+  and "mean", z with "cls" (SimCSE's MLP in both).
 - grounded text head (MCSE, MCSEO, KDMCSE): s = l2n(tanh(W_g h)) (H -> g), before the pooler.
 - vision head (MCSE, MCSEO): m = l2n(tanh(W_v x)) on image features, and on region features
   for MCSEO objects (one head: regions and images have the same width).
@@ -79,8 +79,7 @@ class SentenceModel(nn.Module):
         self.encoder = AutoModel.from_pretrained(config.model.name_or_path, add_pooling_layer=False,
                                                  dtype=torch.float32)
         width, g = self.encoder.config.hidden_size, config.model.grounding_dim
-        self.mlp = (None if self.pooling == "mean" else
-                    _bert_init(_head(width, width), getattr(self.encoder.config, "initializer_range", 0.02)))
+        self.mlp = _bert_init(_head(width, width), getattr(self.encoder.config, "initializer_range", 0.02))
         if self.method != "simcse":
             self.ground = _head(width, g)
         if self.method in ("mcse", "mcseo"):
@@ -112,7 +111,7 @@ class SentenceModel(nn.Module):
         """The method loss's arguments (positional, keyword) for `batch` (see forward)."""
         n = batch["input_ids"].shape[0]
         h, hidden = self._encode(batch["input_ids"].repeat(2, 1), batch["attention_mask"].repeat(2, 1))
-        z = h if self.mlp is None else self.mlp(h)
+        z = self.mlp(h)
         z1, z2 = z[:n], z[n:]
         if "image_features" not in batch:
             return (z1, z2), {}
