@@ -47,7 +47,8 @@ def _bert_init(head: nn.Module, std: float) -> nn.Module:
 
 
 def _l2n(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
+    """Unit rows in fp32 (a head's bf16 output under autocast is normalised in fp32)."""
+    return F.normalize(x.float(), dim=-1)
 
 
 def build_loss(config: Config, global_negatives: Optional[str]) -> nn.Module:
