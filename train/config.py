@@ -70,6 +70,11 @@ class ModelConfig:
     eval_max_length: int = _at_least(1, 128)  # tokens per sentence when encoding for evaluation
     grounding_dim: int = _at_least(1, 256)  # width g of the grounded text and vision heads
     phrase_encoding: str = dataclasses.field(default="span", metadata=_choices("span", "text"))
+    # the sentence state h and what evaluation takes (SimCSE's options plus mean); the MLP pooler
+    # is always trained on h: cls (CLS state through the MLP, in evaluation too), cls_before_pooler
+    # (CLS state; the MLP in training only: unsup SimCSE, MCSE, KDMCSE), mean (masked mean of the
+    # token states; the MLP in training only)
+    pooling: str = dataclasses.field(default="cls_before_pooler", metadata=_choices("cls", "cls_before_pooler", "mean"))
 
 
 @dataclasses.dataclass
@@ -90,7 +95,8 @@ class LossConfig:
     vl_weight: float = _at_least(0, 0.01)  # λ (MCSE, MCSEO's λ1, KDMCSE)
     op_temperature: float = _positive(0.05)  # MCSEO object-phrase τ
     op_weight: float = _at_least(0, 0.01)  # MCSEO λ2
-    margin: float = _range(0, high=math.pi / 2, default=0.15)  # KDMCSE angular margin (radians)
+    margin: float = _range(0, high=math.pi / 2, default=0.15)  # KDMCSE intra margin m1 (text-text), radians
+    inter_margin: float = _range(0, high=math.pi / 2, default=0.15)  # KDMCSE inter margin m2 (text-image, text-caption), radians
     filter_threshold: Optional[float] = None  # KDMCSE teacher filter (None: off, as released)
     filter_normalize: bool = False  # the filter on the cosine instead of the raw dot product
     group_same_image: bool = False  # other captions of a row's image are not negatives
@@ -102,7 +108,9 @@ class LossConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule (linear decay after an optional warm-up)."""
 
-    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "lamb"))
+    # adamw: torch's; adamw_hf: transformers 4.x's AdamW (eps added to the uncorrected sqrt(v)),
+    # which the official SimCSE, MCSE and KDMCSE scripts use; lamb: GPU only
+    name: str = dataclasses.field(default="adamw", metadata=_choices("adamw", "adamw_hf", "lamb"))
     lr: float = _positive(3e-5)
     weight_decay: float = _at_least(0, 0.0)  # HF Trainer's default, which the official scripts use
     beta1: float = _range(0, high=1, default=0.9)
@@ -133,6 +141,7 @@ class TrainConfig:
     sts_tasks: str = "all"  # "all" or comma-separated train.sts task names, e.g. "STSBenchmark,SICKRelatedness"
     threads: int = _at_least(0, 0)  # torch CPU threads per process (0: torch's default)
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is not finite, instead of stopping
+    global_batch: int = _at_least(0, 0)  # the experiment's global batch (the paper's): start-up notes if a run differs (0: unstated)
 
 
 @dataclasses.dataclass
@@ -142,6 +151,8 @@ class DeepSpeedConfig:
     zero_stage: int = dataclasses.field(default=0, metadata={"choices": (0, 1, 2)})
     gradient_accumulation_steps: int = _at_least(1, 1)  # does not enlarge the negative pool (docs/training.md)
     gradient_clipping: float = _at_least(0, 1.0)  # max gradient norm (HF Trainer's 1.0); 0 turns clipping off
+    # fp32 weights and optimizer always; bf16: the forward under bf16 autocast (the loss in fp32);
+    # auto: bf16 autocast on a GPU with bf16, fp32 elsewhere
     precision: str = dataclasses.field(default="auto", metadata=_choices("auto", "fp32", "bf16"))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -27,11 +27,13 @@ class TransformersEncoder:
     layer: sentence-transformers models such as all-MiniLM-L6-v2). Sentences are encoded in
     batches of `batch_size`, sorted by length (less padding), truncated at `max_length`
     tokens (at most the model's max_position_embeddings); the model runs in eval mode under no_grad on `device` and then gets its previous
-    mode back (a model in training keeps its dropout).
+    mode back (a model in training keeps its dropout). `head`: an optional module applied to the
+    pooled states (SimCSE's MLP pooler with its "cls" pooling); its output width is the embedding's.
     """
 
     def __init__(self, model: Union[str, Path, torch.nn.Module], tokenizer=None, *, pooling: str = "cls",
-                 batch_size: int = 128, max_length: int = 256, device: Union[str, torch.device, None] = None):
+                 batch_size: int = 128, max_length: int = 256, device: Union[str, torch.device, None] = None,
+                 head: Optional[torch.nn.Module] = None):
         from transformers import AutoModel, AutoTokenizer
 
         if pooling not in POOLINGS:
@@ -52,6 +54,7 @@ class TransformersEncoder:
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.pooling = pooling
+        self.head = head
         self.batch_size = batch_size
         self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
 
@@ -59,8 +62,8 @@ class TransformersEncoder:
     def __call__(self, sentences: List[str]) -> torch.Tensor:
         if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
             raise TypeError("sentences must be a list of str")
-        hidden = self.model.config.hidden_size
-        out = torch.empty(len(sentences), hidden, dtype=torch.float32)
+        width = self.model.config.hidden_size if self.head is None else self.head[0].out_features
+        out = torch.empty(len(sentences), width, dtype=torch.float32)
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         was_training = self.model.training
         self.model.eval()
@@ -70,7 +73,8 @@ class TransformersEncoder:
                 batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
                                        max_length=self.max_length, return_tensors="pt").to(self.device)
                 states = self.model(**batch).last_hidden_state
-                out[idx] = pool(states, batch["attention_mask"], self.pooling).float().cpu()
+                pooled = pool(states, batch["attention_mask"], self.pooling)
+                out[idx] = (pooled if self.head is None else self.head(pooled)).float().cpu()
         finally:
             self.model.train(was_training)
         return out

@@ -4,7 +4,8 @@
   tokenizer): `AutoModel.from_pretrained(out)`.
 * `export_sentence_transformers(encoder, out)`: the same files plus a sentence-transformers
   Transformer module (max_seq_length = the encoder's max_length) and a Pooling module with the
-  encoder's pooling ("cls" or "mean"), so that `SentenceTransformer(out).encode(sentences)`
+  encoder's pooling ("cls" or "mean"), then a Dense module with the encoder's head (a Linear +
+  Tanh: SimCSE's "cls" pooling) when it has one, so that `SentenceTransformer(out).encode(sentences)`
   gives the embeddings the evaluator computed (no normalisation module: cosine scores are the same).
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Union
+
+import torch
 
 from train.encoders import TransformersEncoder
 
@@ -30,10 +33,15 @@ def export_transformers(encoder: TransformersEncoder, out_dir: PathLike) -> Path
 def export_sentence_transformers(encoder: TransformersEncoder, out_dir: PathLike) -> Path:
     """Save a sentence-transformers model directory (Transformer + Pooling) into out_dir; returns it."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
 
     out_dir = export_transformers(encoder, out_dir)
     transformer = Transformer(str(out_dir), max_seq_length=encoder.max_length)
-    pooling = Pooling(encoder.model.config.hidden_size, pooling_mode=encoder.pooling)
-    SentenceTransformer(modules=[transformer, pooling], device="cpu").save(str(out_dir))
+    modules = [transformer, Pooling(encoder.model.config.hidden_size, pooling_mode=encoder.pooling)]
+    if encoder.head is not None:
+        linear = encoder.head[0]
+        dense = Dense(linear.in_features, linear.out_features, activation_function=torch.nn.Tanh())
+        dense.linear.load_state_dict(linear.state_dict())
+        modules.append(dense)
+    SentenceTransformer(modules=modules, device="cpu").save(str(out_dir))
     return out_dir

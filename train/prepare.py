@@ -1,15 +1,26 @@
 """`python -m train.prepare`: a folder of images and a captions file -> an image-caption directory.
 
-    python -m train.prepare --images DIR --captions captions.jsonl --out DIR --image-model PATH
-        [--teacher CLIP_PATH] [--detector OWLVIT_PATH] [--batch-size 32]
+    python -m train.prepare --images DIR --caption-file captions.jsonl --out DIR
+        (--resnet50 WEIGHTS | --image-model PATH | --teacher CLIP_PATH alone)
+        [--captions one|all] [--seed 0] [--teacher CLIP_PATH] [--detector OWLVIT_PATH] [--batch-size 32]
 
 Input captions: JSONL, one `{"image": "<file name in DIR>", "caption": "..."}` a line.
 Output (docs/training.md): captions.jsonl (image ids, phrases), images.safetensors, and with
 `--teacher` teacher.safetensors (KDMCSE), with `--detector` regions.safetensors (MCSEO).
 
-- image features: `--image-model` is a local transformers directory: a CLIP model (its
-  image embedding) or a vision backbone such as ResNet (its pooled output, 2048-d for
-  ResNet-50 as MCSE).
+The papers' recipes (Flickr30k Entities train split, 29,783 images):
+- MCSE: `--captions one --resnet50 resnet50-0676ba61.pth`: one random caption per image
+  (its prepare_flickr.py: `random.sample(sentences, 1)`, here from `--seed`), torchvision
+  ResNet-50 IMAGENET1K_V1 features (train.resnet50).
+- KDMCSE: `--captions all --teacher <CLIP ViT-L/14 directory>`: every caption, the CLIP
+  image and caption features as teacher, the CLIP image features also as images.safetensors
+  (KDMCSE's "img" is that feature).
+
+- `--captions`: `all` keeps every caption; `one` keeps one per image, drawn with
+  random.Random(seed).sample(captions of the image, 1) image after image in first-seen order.
+- image features: `--resnet50` a torchvision ResNet-50 state-dict file (MCSE's extractor);
+  `--image-model` a local transformers directory: a CLIP model (its image embedding) or a
+  vision backbone (its pooled output); neither: the teacher's image features.
 - teacher features: a CLIP model's image and text embeddings, unnormalised.
 - phrases: `noun_phrases`, a rule-based chunker (no model, no download).
 - regions: an open-vocabulary detector (OWL-ViT) queried with each caption's phrases; each
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 from pathlib import Path
@@ -74,6 +86,21 @@ def noun_phrases(text: str) -> List[Tuple[int, int]]:
             spans.append((start, end))
         i = j
     return spans
+
+
+def keep_captions(rows: Sequence[Tuple[str, str]], mode: str, seed: int) -> List[Tuple[str, str]]:
+    """The (image, caption) rows to train on: all of them, or (mode "one") one per image drawn
+    with random.Random(seed).sample(captions, 1) (MCSE's prepare_flickr.py), images in
+    first-seen order."""
+    if mode == "all":
+        return list(rows)
+    if mode != "one":
+        raise ValueError(f"captions must be 'one' or 'all', got {mode!r}")
+    by_image: Dict[str, List[str]] = {}
+    for name, caption in rows:
+        by_image.setdefault(name, []).append(caption)
+    rng = random.Random(seed)
+    return [(name, rng.sample(captions, 1)[0]) for name, captions in by_image.items()]
 
 
 def _read_captions(path: Path, images: Path) -> Tuple[List[str], List[str]]:
@@ -162,15 +189,28 @@ class Detector:
         return boxes.clamp(min=0).minimum(torch.tensor([image.width, image.height] * 2, dtype=boxes.dtype))
 
 
-def prepare(images_dir: Path, captions_file: Path, out: Path, image_model: Path, teacher: Optional[Path] = None,
-            detector: Optional[Path] = None, batch_size: int = 32) -> Path:
+def prepare(images_dir: Path, captions_file: Path, out: Path, image_model: Optional[Path] = None,
+            teacher: Optional[Path] = None, detector: Optional[Path] = None, batch_size: int = 32,
+            resnet50: Optional[Path] = None, captions: str = "all", seed: int = 0) -> Path:
     """Write the image-caption directory `out` (see the module docstring); returns `out`."""
+    if sum(x is not None for x in (image_model, resnet50)) > 1 or not (image_model or resnet50 or teacher):
+        raise ValueError("give one of --resnet50 and --image-model, or --teacher alone (its image features)")
+    if detector is not None and image_model is None and resnet50 is None:
+        raise ValueError("--detector needs --resnet50 or --image-model for the region features")
     names, rows = _read_captions(Path(captions_file), Path(images_dir))
+    rows = keep_captions(rows, captions, seed)
     pictures = [Image.open(Path(images_dir) / n).convert("RGB") for n in names]
     index = {n: i for i, n in enumerate(names)}
-    encoder = ImageEncoder(image_model, batch_size)
+    if resnet50 is not None:
+        from train.resnet50 import ResNet50Features
+
+        encoder = ResNet50Features(resnet50, batch_size, "cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        encoder = ImageEncoder(image_model, batch_size) if image_model is not None else None
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"features": encoder(pictures)}, str(out / "images.safetensors"))
+    teacher_out = teacher_features(teacher, pictures, [c for _, c in rows], batch_size) if teacher else None
+    images = encoder(pictures) if encoder is not None else teacher_out["image"]
+    save_file({"features": images}, str(out / "images.safetensors"))
     records = [{"image": index[n], "caption": c, "phrases": []} for n, c in rows]
     if detector is not None:
         detect = Detector(detector)
@@ -192,9 +232,8 @@ def prepare(images_dir: Path, captions_file: Path, out: Path, image_model: Path,
             raise DataError(f"{captions_file}: the chunker found no noun phrase in any caption")
         save_file({"features": torch.stack(features), "boxes": torch.stack(boxes).float(),
                    "image": torch.tensor(region_image)}, str(out / "regions.safetensors"))
-    if teacher is not None:
-        features = teacher_features(teacher, pictures, [c for _, c in rows], batch_size)
-        save_file(features, str(out / "teacher.safetensors"))
+    if teacher_out is not None:
+        save_file(teacher_out, str(out / "teacher.safetensors"))
     (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
 
@@ -202,16 +241,25 @@ def prepare(images_dir: Path, captions_file: Path, out: Path, image_model: Path,
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of image files")
-    parser.add_argument("--captions", type=Path, required=True, help='JSONL: {"image": "<file>", "caption": "..."}')
+    parser.add_argument("--caption-file", type=Path, required=True,
+                        help='JSONL: {"image": "<file>", "caption": "..."}')
     parser.add_argument("--out", type=Path, required=True, help="the image-caption directory to write")
-    parser.add_argument("--image-model", type=Path, required=True, help="local CLIP or vision backbone directory")
-    parser.add_argument("--teacher", type=Path, help="local CLIP directory: teacher features (KDMCSE)")
+    parser.add_argument("--captions", choices=("one", "all"), default="all",
+                        help="one random caption per image (MCSE) or every caption (KDMCSE); default all")
+    parser.add_argument("--seed", type=int, default=0, help="the draw of --captions one")
+    parser.add_argument("--resnet50", type=Path,
+                        help="torchvision ResNet-50 state dict (IMAGENET1K_V1: resnet50-0676ba61.pth): MCSE's features")
+    parser.add_argument("--image-model", type=Path, help="local CLIP or vision backbone directory")
+    parser.add_argument("--teacher", type=Path,
+                        help="local CLIP directory (KDMCSE: ViT-L/14): teacher features, and the image features "
+                             "when neither --resnet50 nor --image-model is given")
     parser.add_argument("--detector", type=Path, help="local OWL-ViT directory: regions for the phrases (MCSEO)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     try:
-        prepare(args.images, args.captions, args.out, args.image_model, args.teacher, args.detector, args.batch_size)
-    except DataError as e:
+        prepare(args.images, args.caption_file, args.out, args.image_model, args.teacher, args.detector,
+                args.batch_size, args.resnet50, args.captions, args.seed)
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

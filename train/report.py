@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -112,6 +113,38 @@ def _save(fig, out: PathLike) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
+
+
+def seeds_table(results: Dict[int, Dict[str, float]]) -> str:
+    """Markdown table: one row per seed, then the mean and the sample standard deviation (n - 1)
+    of each STS task and the average over the seeds."""
+    if not results:
+        raise ValueError("results is empty")
+    present = {t for r in results.values() for t in r}
+    columns = [t for t in ALL_TASKS if t in present] + (["avg"] if "avg" in present else [])
+    lines = ["| seed | " + " | ".join(COLUMN_NAMES.get(c, c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for seed, row in results.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+    stats = {c: np.array([row[c] for row in results.values()]) for c in columns}
+    std = {c: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for c, v in stats.items()}
+    lines.append("| mean ± std | " + " | ".join(f"{stats[c].mean():.2f} ± {std[c]:.2f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seeds_report(out_dir: PathLike, results: Dict[int, Dict[str, float]]) -> Path:
+    """seeds.md (seeds_table) and seeds.json ({"runs": {seed: scores}, "mean": ..., "std": ...}) in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = sorted({t for r in results.values() for t in r})
+    values = {t: np.array([r[t] for r in results.values()]) for t in tasks}
+    summary = {"runs": {str(s): r for s, r in results.items()},
+               "mean": {t: float(v.mean()) for t, v in values.items()},
+               "std": {t: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for t, v in values.items()}}
+    (out_dir / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out = out_dir / "seeds.md"
+    out.write_text(f"# STS over {len(results)} seeds (Spearman × 100, after training)\n\n" + seeds_table(results) +
+                   "\nEach seed's run: seed-<s>/report.md. ± is the sample standard deviation (n - 1).\n")
     return out
 
 

@@ -85,8 +85,8 @@ def init_distributed() -> torch.device:
 
 
 def build_optimizer(config: Config, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (torch, fused on GPU), or LAMB: apex's FusedLAMB when NVIDIA apex is importable,
-    DeepSpeed's FusedLamb otherwise; LAMB needs a GPU."""
+    """AdamW (torch, fused on GPU), transformers 4.x's AdamW (adamw_hf: train.optim), or LAMB:
+    apex's FusedLAMB when NVIDIA apex is importable, DeepSpeed's FusedLamb otherwise; LAMB needs a GPU."""
     o = config.optim
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -95,6 +95,10 @@ def build_optimizer(config: Config, model: torch.nn.Module, device: torch.device
     common = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
     if o.name == "adamw":
         return torch.optim.AdamW(groups, fused=device.type == "cuda", **common)
+    if o.name == "adamw_hf":
+        from train.optim import AdamWHF
+
+        return AdamWHF(groups, **common)
     if device.type != "cuda":
         raise ConfigError("optim.name=lamb needs a GPU (apex's FusedLAMB and DeepSpeed's FusedLamb are CUDA "
                           "kernels); use optim.name=adamw on the CPU")
@@ -120,19 +124,49 @@ def build_scheduler(config: Config, optimizer, total_steps: int) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def deepspeed_config(config: Config, device: torch.device) -> Dict[str, Any]:
-    """The DeepSpeed JSON config from the deepspeed section."""
+def autocast_dtype(config: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The forward's autocast dtype (None: fp32) from deepspeed.precision. The weights, their
+    gradients and the optimizer stay fp32 (DeepSpeed's own bf16 mode, which casts the model,
+    is never used), so evaluation, best-model selection and the saved models are fp32."""
+    p = config.deepspeed.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def deepspeed_config(config: Config) -> Dict[str, Any]:
+    """The DeepSpeed JSON config from the deepspeed section (fp32 engine: see autocast_dtype)."""
     d = config.deepspeed
-    if d.precision == "bf16" and device.type != "cuda":
-        raise ConfigError("deepspeed.precision=bf16 needs a GPU; the CPU trains in fp32 (precision: auto or fp32)")
-    bf16 = d.precision == "bf16" or (d.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     return {"train_micro_batch_size_per_gpu": config.train.batch_size,
             "gradient_accumulation_steps": d.gradient_accumulation_steps,
             "gradient_clipping": d.gradient_clipping,
             "zero_optimization": {"stage": d.zero_stage},
             "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": bf16},
             "steps_per_print": 1 << 30}
+
+
+def experiment_notes(config: Config, world: int, global_negatives: Optional[str]) -> List[str]:
+    """How this run differs from the experiment its configuration states (train.global_batch:
+    that global batch on one process, every softmax over the whole batch); [] when it does not
+    or when no global batch is stated."""
+    stated, local = config.train.global_batch, config.train.batch_size
+    if not stated:
+        return []
+    ga = config.deepspeed.gradient_accumulation_steps
+    run = local * world * ga
+    keys = local * (world if global_negatives else 1)
+    notes = []
+    if run != stated:
+        notes.append(f"global batch {run} ({local} per rank × {world} rank(s) × {ga} accumulation) where the "
+                     f"configured experiment has {stated}: {stated / run:.3g}× the optimizer steps per epoch "
+                     "of that experiment")
+    if keys != stated:
+        notes.append(f"each softmax sees {keys} keys (global negatives: {global_negatives or 'off'}) where the "
+                     f"configured experiment's sees {stated}")
+    if notes and stated % world == 0:
+        notes.append(f"the configured experiment on {world} rank(s): --override train.batch_size={stated // world} "
+                     "deepspeed.gradient_accumulation_steps=1" + (" loss.global_negatives=gather" if world > 1 else ""))
+    return notes
 
 
 def _sts_module():
@@ -174,10 +208,14 @@ class Trainer:
         mode = config.loss.global_negatives
         mode = ("gather" if self.world > 1 else None) if mode == "auto" else None if mode == "none" else mode
         self.global_negatives = mode
+        self.notes = experiment_notes(config, self.world, mode)
+        if self.rank == 0:
+            for note in self.notes:
+                tqdm.write(f"note: this run is not the configured experiment: {note}", file=sys.stderr)
         torch.manual_seed(t.seed)  # the same initial heads on every rank
         image_dim = self.pairs.image_features.shape[1] if self.pairs else None
         teacher_dim = self.pairs.teacher_text.shape[1] if self.pairs is not None and method == "kdmcse" else None
-        model = SentenceModel(config, image_dim, teacher_dim, mode).to(self.device)
+        model = SentenceModel(config, image_dim, teacher_dim, mode, autocast_dtype(config, self.device)).to(self.device)
         ga = config.deepspeed.gradient_accumulation_steps
         steps_per_epoch = len(self.batches) // ga
         self.total_steps = t.max_steps or t.epochs * steps_per_epoch
@@ -187,19 +225,28 @@ class Trainer:
         optimizer = build_optimizer(config, model, self.device)
         scheduler = build_scheduler(config, optimizer, self.total_steps)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(config, self.device))
+                                               config=deepspeed_config(config))
         torch.manual_seed(t.seed + 1 + self.rank)  # different dropout masks on each rank
         self.state: Dict[str, Any] = {"micro_step": 0, "best": None, "results": {}, "train_seconds": 0.0,
                                       "samples": 0, "skipped_terms": 0, "nonfinite_steps": 0}
 
     # --- evaluation (rank 0 evaluates, the others wait) ---
 
-    def _encoder(self, desc: str):
-        """encode(sentences) -> (n, H): the encoder's CLS state, in chunks under a progress bar."""
+    def _sentence_encoder(self, pooling: Optional[str] = None):
+        """The model's sentence encoder (train.encoders.TransformersEncoder) with model.pooling, or
+        with encoder pooling `pooling` ("cls", "mean") and no head."""
         from train.encoders import TransformersEncoder
 
-        encoder = TransformersEncoder(self.engine.module.encoder, self.tokenizer, pooling="cls",
-                                      max_length=self.config.model.eval_max_length, device=self.device)
+        model = self.engine.module
+        head = model.mlp if pooling is None and self.config.model.pooling == "cls" else None
+        pooling = pooling or ("mean" if self.config.model.pooling == "mean" else "cls")
+        return TransformersEncoder(model.encoder, self.tokenizer, pooling=pooling, head=head,
+                                   max_length=self.config.model.eval_max_length, device=self.device)
+
+    def _encoder(self, desc: str, pooling: Optional[str] = None):
+        """encode(sentences) -> (n, H): the sentence embeddings (see _sentence_encoder), in chunks
+        under a progress bar."""
+        encoder = self._sentence_encoder(pooling)
 
         bf16 = self.config.train.eval_cpu_bf16 and self.device.type == "cpu"
 
@@ -212,12 +259,13 @@ class Trainer:
 
         return encode
 
-    def _evaluate(self, full: bool) -> Optional[Any]:
-        """All STS sets (full) or the STS-B dev score, on rank 0; None on the other ranks."""
+    def _evaluate(self, full: bool, pooling: Optional[str] = None) -> Optional[Any]:
+        """All STS sets (full) or the STS-B dev score, on rank 0; None on the other ranks.
+        pooling: see _sentence_encoder."""
         result = None
         if self.rank == 0:
             sts = _sts_module()
-            encode = self._encoder("STS" if full else "STS-B dev")
+            encode = self._encoder("STS" if full else "STS-B dev", pooling)
             tasks = sts.ALL_TASKS if self.config.train.sts_tasks == "all" else self.config.train.sts_tasks.split(",")
             result = sts.evaluate_sts(encode, self.sts_dir, tasks) if full else sts.stsb_dev(encode, self.sts_dir)
             self.engine.module.train()
@@ -243,9 +291,25 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         if self.state["micro_step"] == 0 and t.eval_before:
             self.state["results"]["before"] = self._report_sts("before training", self._evaluate(full=True))
+            self._evaluate_own_pooling()
         self._train()
         summary = self._finish()
         return summary
+
+    def _evaluate_own_pooling(self) -> None:
+        """The starting model as it was meant to be used: a sentence-transformers directory's
+        own pooling (results "own"; the "before" scores when the run evaluates that way)."""
+        from train.evaluate import detect_pooling
+
+        path = Path(self.config.model.name_or_path)
+        if not (path / "1_Pooling" / "config.json").is_file():
+            return
+        own = detect_pooling(path)
+        self.state["own_pooling"] = own
+        same = self.config.model.pooling == {"mean": "mean", "cls": "cls_before_pooler"}[own]
+        self.state["results"]["own"] = (self.state["results"]["before"] if same else
+                                        self._report_sts(f"of the starting model, its own {own} pooling",
+                                                         self._evaluate(full=True, pooling=own)))
 
     def _report_sts(self, when: str, results: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
         if self.rank == 0 and results is not None:
@@ -414,13 +478,10 @@ class Trainer:
 
     def _export(self) -> None:
         """The model the run ends with (the best by STS-B dev when eval_after, else the last) as a
-        sentence-transformers directory with CLS pooling."""
-        from train.encoders import TransformersEncoder
+        sentence-transformers directory with the run's pooling (and the MLP with pooling "cls")."""
         from train.export import export_sentence_transformers
 
-        encoder = TransformersEncoder(self.engine.module.encoder, self.tokenizer, pooling="cls",
-                                      max_length=self.config.model.eval_max_length, device=self.device)
-        export_sentence_transformers(encoder, self.out / "sentence-transformers")
+        export_sentence_transformers(self._sentence_encoder(), self.out / "sentence-transformers")
 
     def _report(self, summary: Dict[str, Any]) -> None:
         """report.md: the run's facts, the STS table and plots (train.report), the loss curves."""
@@ -435,14 +496,39 @@ class Trainer:
                  f"- training time {summary['train_seconds']:.1f} s, {summary['samples_per_s']:.1f} sentences/s",
                  f"- {summary['skipped_terms']} loss term(s) skipped for want of a valid row (e.g. no phrase in a "
                  f"batch), {summary['nonfinite_steps']} step(s) skipped for a non-finite loss or gradient"]
+        facts.append(f"- pooling {c.model.pooling}, precision {c.deepspeed.precision} (fp32 weights), "
+                     f"optimizer {c.optim.name} (eps {c.optim.eps:g}), seed {c.train.seed}")
+        facts += [f"- note: this run is not the configured experiment: {note}" for note in self.notes]
         if summary["best"]:
             facts.append(f"- best STS-B dev {summary['best']['score']:.2f} at step {summary['best']['step']} "
                          f"(model: {summary['best']['model']}; sentence-transformers export: sentence-transformers/)")
+        results = summary["results"]
+        verdict = training_verdict(results, self.state.get("own_pooling"))
+        if verdict:
+            facts.append(f"- **{verdict}**")
+            tqdm.write(verdict)
+        labels = {"own": f"starting model, own pooling ({self.state.get('own_pooling')})", "before": "before",
+                  "after": "after"}
         title = f"{c.method} run: {self.out.name}"
-        path = write_report(self.out, sts={k: v for k, v in summary["results"].items() if v} or None,
-                            log_file=self.out / "loss.jsonl", title=title)
+        path = write_report(self.out, sts={labels[k]: results[k] for k in ("own", "before", "after") if results.get(k)}
+                            or None, log_file=self.out / "loss.jsonl", title=title)
         text = path.read_text()
         path.write_text(text.replace(f"# {title}\n", f"# {title}\n\n" + "\n".join(facts) + "\n", 1))
+
+
+def training_verdict(results: Dict[str, Optional[Dict[str, float]]], own_pooling: Optional[str]) -> Optional[str]:
+    """One sentence: did training beat the starting model's own score (results "own"), else its
+    score before training ("before")? None without "after" or a reference."""
+    after = results.get("after")
+    name, ref = ((f"the starting model's own score ({own_pooling} pooling)", results["own"]) if results.get("own")
+                 else ("the starting model's score", results.get("before")))
+    if not after or not ref:
+        return None
+    delta = after["avg"] - ref["avg"]
+    if delta > 0:
+        return f"Training improved the STS average over {name}: {ref['avg']:.2f} -> {after['avg']:.2f} ({delta:+.2f})."
+    return (f"Training did not improve on {name}: {ref['avg']:.2f} -> {after['avg']:.2f} ({delta:+.2f}); "
+            "the trained model is no better than the starting model used as it was meant to be.")
 
 
 def train(config: Config) -> Dict[str, Any]:

@@ -254,7 +254,9 @@ class KDMCSELoss(_ContrastiveMethod):
     inter (AdapACSE) = ½Σ_k InfoNCE(p_k -> v; m' = m(1 - cos(I_i, I_j)), filter <T_i, I_j> > thr)
                      + ½Σ_k InfoNCE(p_k -> t; m' = m(1 - cos(T_i, T_j)), filter <I_i, T_j> > thr)
     (each a single call of 2N rows), L = L_S + λ·inter; text-only batches give L_S.
-    Defaults (official scripts): τ = τ' = 0.05, m = 0.15 rad, λ = 0.01, filter off.
+    margin is the intra margin (the scripts' margin1), inter_margin the inter one (margin2;
+    None: the same as margin). Defaults (official scripts): τ = τ' = 0.05, m1 = m2 = 0.15 rad,
+    λ = 0.01, filter off.
     filter_threshold: None (off, as the released scripts) or an explicit threshold on the raw
         dot product of the teacher features (its scale is that of their norms, for CLIP
         ViT-L/14 far above 1: look at the distribution of T @ I.T on your data), or on their
@@ -264,11 +266,12 @@ class KDMCSELoss(_ContrastiveMethod):
 
     def __init__(self, temperature: Temperature = 0.05, vl_temperature: Temperature = 0.05,
                  margin: float = 0.15, vl_weight: float = 0.01, filter_threshold: Optional[float] = None,
-                 filter_normalize: bool = False, *, backend: str = "auto",
+                 filter_normalize: bool = False, *, inter_margin: Optional[float] = None, backend: str = "auto",
                  global_negatives: Optional[str] = None, process_group=None):
         super().__init__(temperature, backend, global_negatives, process_group)
         self.vl_temperature = vl_temperature
         self.margin = margin
+        self.inter_margin = margin if inter_margin is None else inter_margin
         self.vl_weight = vl_weight
         self.filter_threshold = filter_threshold
         self.filter_normalize = filter_normalize
@@ -280,7 +283,7 @@ class KDMCSELoss(_ContrastiveMethod):
         filtering = self.filter_threshold is not None
         return self._core(
             rows, target, temperature=self.vl_temperature, positives=_two_views(target.shape[0], target.device),
-            margin=self.margin, margin_teacher=(two(teacher_rows), teacher_target),
+            margin=self.inter_margin, margin_teacher=(two(teacher_rows), teacher_target),
             filter_teacher=(two(filter_rows), teacher_target) if filtering else None,
             filter_threshold=self.filter_threshold, filter_normalize=self.filter_normalize,
             key_groups=image_ids,

@@ -44,7 +44,7 @@ def small_settings(root: Path, model: Path, pairs: Path, **train: Any) -> Dict[s
     """Overrides of a method's YAML for a few steps of a tiny run under `root`."""
     return {"model": {"name_or_path": str(model), "max_length": 16, "eval_max_length": 16, "grounding_dim": 8},
             "data": {"text": str(CORPUS), "pairs": str(pairs), "text_limit": 200},
-            "loss": {"group_same_image": True},
+            "loss": {"group_same_image": True, "global_negatives": "auto"},
             "optim": {"lr": 1e-3},
             "train": {"batch_size": 4, "max_steps": 3, "eval_steps": 0, "save_steps": 0, "eval_before": False,
                       "eval_after": False, "output_dir": str(root), "threads": 1, "log_steps": 1, **train},

@@ -60,6 +60,22 @@ def test_tiny_bert_export_round_trip(tiny_encoder, tmp_path, pooling):
     assert detect_pooling(st_dir) == pooling and detect_pooling(hf_dir) == "cls"
 
 
+def test_head_export_round_trip(tiny_encoder, tmp_path):
+    """SimCSE's "cls" pooling: the CLS state through the MLP pooler, exported as a Dense module."""
+    from sentence_transformers import SentenceTransformer
+
+    model, tokenizer = tiny_encoder
+    torch.manual_seed(1)
+    head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh())
+    encoder = TransformersEncoder(model, tokenizer, pooling="cls", max_length=16, device="cpu", head=head)
+    plain = TransformersEncoder(model, tokenizer, pooling="cls", max_length=16, device="cpu")
+    want = encoder(SENTENCES)
+    with torch.no_grad():
+        torch.testing.assert_close(want, head(plain(SENTENCES)))
+    st = SentenceTransformer(str(export_sentence_transformers(encoder, tmp_path / "st")), device="cpu")
+    torch.testing.assert_close(st.encode(SENTENCES, convert_to_tensor=True).cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_minilm_export_matches_the_evaluator_and_the_original(tmp_path):
     from sentence_transformers import SentenceTransformer
 

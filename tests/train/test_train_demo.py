@@ -30,6 +30,10 @@ def test_demo_smoke(tmp_path):
     assert "samples_per_s" in proc.stderr and "object_phrase" in proc.stderr
     report = (out / "report.md").read_text()
     assert "| before |" in report and "| after |" in report, report
+    # MiniLM trains and evaluates with its own mean pooling: the own-score row is the "before" row
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in report.splitlines() if line.startswith("| ")}
+    assert rows["starting model, own pooling (mean)"] == rows["before"]
+    assert "Training improved" in report or "Training did not improve on the starting model's own score" in report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["best"]["step"] == 2
     assert (out / "best" / "encoder" / "config.json").exists() and (out / "best" / "heads.safetensors").exists()

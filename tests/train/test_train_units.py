@@ -9,17 +9,29 @@ import pytest
 import torch
 
 from train.config import ConfigError, build_config, parse_override, valid_keys
-from train.data import Batches, Collator, DataError, epoch_schedule, load_pairs, load_text, read_text
+from train.data import Batches, Collator, DataError, load_pairs, load_text, mixed_step, read_text
 from train.demo_data import FEATURE_DIM, TEACHER_DIM, write_demo_data
 from train.presets import CONFIGS, minilm_dir
 
 
-def test_every_method_config_loads_with_official_settings():
-    for method in ("simcse", "mcse", "mcseo", "kdmcse"):
-        c = build_config(CONFIGS / f"{method}.yaml")
-        assert c.method == method and c.optim.lr == 3e-5 and c.train.batch_size == 64
-        assert c.model.max_length == 32 and c.train.eval_steps == 125 and c.loss.temperature == 0.05
-    assert build_config(CONFIGS / "kdmcse.yaml").loss.margin == 0.15
+def test_every_config_loads_with_official_settings():
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"simcse", "mcse", "mcse-roberta", "mcse-coco", "mcse-flickr-only", "kdmcse",
+                                         "mcseo"}
+    for path in configs:
+        c = build_config(path)
+        assert c.optim.lr == 3e-5 and c.train.batch_size == 64 and c.train.global_batch == 64, path
+        assert c.model.max_length == 32 and c.train.eval_steps == 125 and c.loss.temperature == 0.05, path
+        assert c.loss.global_negatives == "none" and c.model.pooling == "cls_before_pooler", path
+        assert c.optim.name == "adamw_hf" and c.optim.eps == (1e-8 if c.method == "simcse" else 1e-6), path
+        assert c.deepspeed.precision == ("auto" if c.method == "simcse" else "fp32"), path
+    kd = build_config(CONFIGS / "kdmcse.yaml")
+    assert kd.loss.margin == kd.loss.inter_margin == 0.15 and kd.loss.vl_weight == 0.01 and kd.train.epochs == 3
+    assert kd.loss.filter_threshold is None and kd.train.seed == 1234
+    flickr = build_config(CONFIGS / "mcse-flickr-only.yaml")
+    assert flickr.loss.vl_weight == 0.05 and flickr.train.epochs == 6 and flickr.data.text is None
+    assert build_config(CONFIGS / "simcse.yaml").train.epochs == 1
+    assert build_config(CONFIGS / "mcse.yaml").data.pairs != kd.data.pairs  # one caption per image vs all
 
 
 def test_unknown_key_lists_the_valid_keys():
@@ -89,12 +101,33 @@ def test_overrides_and_yaml_floats():
         build_config(CONFIGS / "mcse.yaml", [parse_override("data.pairs=null")])
 
 
-def test_schedule_mixes_a_caption_batch_every_ratio_steps():
-    s = epoch_schedule(10, 3)
-    assert s == [("text", 0), ("text", 1), ("text", 2), ("pairs", 0), ("text", 3), ("text", 4), ("text", 5),
-                 ("pairs", 1), ("text", 6), ("text", 7), ("text", 8), ("pairs", 2), ("text", 9)]
-    assert epoch_schedule(0, 2) == [("pairs", 0), ("pairs", 1)]
-    assert epoch_schedule(3, 0) == [("text", i) for i in range(3)]
+def test_schedule_mixes_as_the_official_loop():
+    # 10 text and 3 caption batches: k = 10 // 3 = 3, an epoch of 13 steps, captions at 0, 3, 6, 9, 12
+    steps = [mixed_step(s, 10, 3) for s in range(26)]
+    assert [k for k, _ in steps[:13]] == ["pairs" if i % 3 == 0 else "text" for i in range(13)]
+    assert [k for k, _ in steps[13:]] == [k for k, _ in steps[:13]]  # the step counter restarts each epoch
+    assert [c for k, c in steps if k == "pairs"] == list(range(10))  # the caption loader cycles on
+    assert [c for k, c in steps if k == "text"] == list(range(16))
+    assert mixed_step(5, 0, 2) == ("pairs", 5) and mixed_step(5, 3, 0) == ("text", 5)
+    assert [k for k, _ in (mixed_step(s, 2, 5) for s in range(7))] == ["pairs"] * 7  # k = max(1, 2 // 5)
+
+
+def _caption_share(n_text: int, n_pairs: int, batch: int = 64) -> float:
+    text, pairs = n_text // batch, n_pairs // batch
+    return sum(mixed_step(s, text, pairs)[0] == "pairs" for s in range(text + pairs)) / (text + pairs)
+
+
+def test_caption_share_of_the_official_settings():
+    assert round(100 * _caption_share(1_000_000, 148_915), 1) == 16.7  # KDMCSE: Wiki1M + every Flickr30k caption
+    assert round(100 * _caption_share(1_000_000, 29_783), 1) == 3.0  # MCSE: one caption per image
+
+
+def test_caption_batches_cycle_through_permutations():
+    b = Batches(40, 20, local_batch=4, rank=0, world=1, seed=3)  # 10 text, 5 caption batches, 8 caption steps an epoch
+    captions = [b.indices(s)[1] for s in range(len(b)) if b.indices(s)[0] == "pairs"]
+    assert len(b) == 15 and len(captions) == 8
+    assert sorted(torch.cat(captions[:5]).tolist()) == list(range(20))  # one pass: every caption once
+    assert not torch.equal(torch.cat(captions[5:]), torch.cat(captions[:3]))  # the next pass: a new order
 
 
 def test_batches_shard_a_global_batch_and_are_pure():
