@@ -41,7 +41,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("margin_query"), py::arg("margin_key"), py::arg("filter_query"), py::arg("filter_key"),
         py::arg("filter_threshold"), py::arg("row_groups"), py::arg("key_groups"), py::arg("lse"),
         py::arg("row_weight"), py::arg("strip_rows"), py::arg("symmetric") = false,
-        py::arg("col_lse") = py::none(), py::arg("col_weight") = py::none());
+        py::arg("col_lse") = py::none(), py::arg("col_weight") = py::none(), py::arg("block_cols") = 0);
   m.def("similarity_cpu", &mmloss::similarity_cpu, "Cosine (or dot) similarity matrix into out",
         py::arg("a"), py::arg("b"), py::arg("normalize"), py::arg("out"), py::arg("strip_rows"));
   m.def("topk_similarity_cpu", &mmloss::topk_similarity_cpu, "Streaming top-k similarity",

@@ -63,15 +63,15 @@ void normalize_backward_(const at::Tensor& x, const at::Tensor& inv, at::Tensor&
 
 template <typename T>
 struct StripArgs {
-  const T* sim;            // (R, N) raw dot products <q_i, k_j>
-  const T* teacher;        // (R, N) margin-teacher cosines, or null
-  const T* filter;         // (R, N) filter scores, or null
-  const T* inv_norm_q;     // (R,)
-  const T* inv_norm_k;     // (N,)
-  const int64_t* positives;   // (R,) column of the positive in this block (else outside [0, N))
-  const int64_t* row_groups;  // (R,) or null
-  const int64_t* key_groups;  // (N,) or null
-  int64_t rows, cols;
+  const T* sim;            // (rows, cols) raw dot products <q_i, k_j> of the tile
+  const T* teacher;        // (rows, cols) margin-teacher cosines, or null
+  const T* filter;         // (rows, cols) filter scores, or null
+  const T* inv_norm_q;     // (rows,)
+  const T* inv_norm_k;     // (cols,) of the tile's columns
+  const int64_t* positives;   // (rows,) column of the positive in the block (else outside [0, N))
+  const int64_t* row_groups;  // (rows,) or null
+  const int64_t* key_groups;  // (cols,) of the tile's columns, or null
+  int64_t rows, cols, col0;   // the tile: rows × cols from column col0 of the block
   double inv_temp, margin, cos_base, cos_margin, sin_margin, threshold;
   bool has_margin;
 };
@@ -79,21 +79,23 @@ struct StripArgs {
 // Per-element math runs in double whatever T is: it costs little next to exp on a CPU, and it
 // keeps fp32 runs' logits, probabilities and dL/d(1/τ) free of avoidable rounding.
 
-// Per-thread row buffers, each of the block's N columns.
+// Per-thread row buffers, each of the tile's columns.
 struct RowBuffers {
   explicit RowBuffers(int64_t n) : f(n), df(n), e(n) {}
   std::vector<double> f;   // transformed similarity; -inf = removed column, NaN = poisoned
   std::vector<double> df;  // df/dc
-  std::vector<double> e;   // exp(logit - row max), or the probability when lse is given
+  std::vector<double> e;   // exp(logit - shift): see row_forward and row_backward
 };
 
 constexpr double kRemoved = -INFINITY;
+
+inline double exp_scalar(double x) { return exp_simd(x); }
 
 // f and df/dc of every column of row i (tile_math.h's evaluate). The features are template
 // flags so that the column loop has no branches left and vectorises.
 template <typename T, bool kGroups, bool kFilter, bool kAdaptive>
 void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df) {
-  const int64_t cols = a.cols, pos = a.positives[i];
+  const int64_t cols = a.cols, pos = a.positives[i] - a.col0;
   const T* sim = a.sim + i * cols;
   const T* teacher = kAdaptive ? a.teacher + i * cols : nullptr;
   const T* filter = kFilter ? a.filter + i * cols : nullptr;
@@ -145,62 +147,73 @@ double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
   return f_max;
 }
 
-// Columns of a symmetric loss (M == N, diagonal positives) that one row works with: in the
-// forward it adds exp(logit_ij - shift) to col_acc (per thread, shift = 1/τ bounds every
-// logit); in the backward it adds the column direction's term v_j (Q_ij - δ_ij), with
-// Q_ij = exp(logit_ij - col_lse_j), to dL/dlogit_ij.
-struct ColumnTerms {
-  double shift = 0.0;
-  double* col_acc = nullptr;          // (N,) forward
-  const double* col_lse = nullptr;    // (N,) backward
-  const double* col_weight = nullptr; // (N,) backward
+// Column direction of a symmetric loss (M == N, diagonal positives) in the forward: one
+// thread's running log-sum-exp {max, sum} of each of the tile's columns over its rows.
+struct ColumnAcc {
+  double* max;  // (cols,)
+  double* sum;  // (cols,)
 };
 
-// Row i of the core op, one exp per column (two for a symmetric loss). Without `given_lse`:
-// computes the row's log-sum-exp over the block and its positive's logit (0 when not in the
-// block). With `weight`: also overwrites row i of the similarity tile with H_ij = dL/dc_ij · a_i
-// · b_j (a, b the inverse norms, dL the gradient of weight · loss_i, using `given_lse` when
-// set, e.g. a global one) and returns row i's share of dL/d(1/τ).
+// Adds row i's logits l_j to the column accumulators, exact for every τ: with
+// x = exp(-|l - max|), max' = max(max, l) and sum' = sum · x + 1 when l > max, else sum + x
+// (one exp per element). Removed columns (l = -inf) add nothing; a NaN logit makes the sum NaN.
+inline void add_to_columns(const double* f, double s, int64_t cols, const ColumnAcc& acc) {
+  double* acc_max = acc.max;
+  double* acc_sum = acc.sum;
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) {
+    const double l = f[j] * s, m = acc_max[j], sum = acc_sum[j];
+    const double x = exp_simd(-std::fabs(l - m));
+    const bool up = l > m;
+    acc_sum[j] = l == kRemoved ? sum : (up ? sum * x + 1.0 : sum + x);
+    acc_max[j] = up ? l : m;
+  }
+}
+
+// Row i over the tile's columns, one exp per column (two for a symmetric loss): merges the
+// tile's logits into the row's running log-sum-exp `acc` (the online update of tile_math.h),
+// sets the positive's logit when the positive is in the tile, adds to the column accumulators
+// when given, and leaves e_j = exp(logit_j - lse_shift(acc.max)) in buf.e.
 template <typename T>
-double process_row(const StripArgs<T>& a, int64_t i, RowBuffers& buf, const double* given_lse, double* lse,
-                   double* pos_logit, const double* weight, T* tile, const ColumnTerms& col) {
+void row_forward(const StripArgs<T>& a, int64_t i, RowBuffers& buf, LseAcc<double>& acc, double* pos_logit,
+                 const ColumnAcc* col) {
   const double* f = buf.f.data();
-  const double* df = buf.df.data();
   double* e = buf.e.data();
   const double s = a.inv_temp;
-  const double f_max = row_values(a, i, buf);
-  const int64_t pos = a.positives[i];
-  const bool pos_here = pos >= 0 && pos < a.cols;
-  // e_j = exp(logit_j - shift); P_j = e_j / total.
-  double shift, total = 0.0;
-  if (given_lse != nullptr) {
-    shift = *given_lse;
-    total = 1.0;
-#pragma omp simd
-    for (int64_t j = 0; j < a.cols; ++j) e[j] = exp_simd(f[j] * s - shift);
-  } else {
-    const double max_logit = f_max * s;
-    shift = lse_shift(max_logit);
+  const double tile_max = row_values(a, i, buf) * s;
+  acc = lse_rescale(acc, tile_max > acc.max ? tile_max : acc.max, exp_scalar);
+  const double shift = lse_shift(acc.max);
+  double total = 0.0;
 #pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < a.cols; ++j) {
-      e[j] = exp_simd(f[j] * s - shift);  // removed columns: exp(-inf) = 0; NaN stays NaN
-      total += e[j];
-    }
-    *lse = lse_value(LseAcc<double>{max_logit, total});
-    *pos_logit = pos_here ? f[pos] * s : 0.0;
+  for (int64_t j = 0; j < a.cols; ++j) {
+    e[j] = exp_simd(f[j] * s - shift);  // removed columns: exp(-inf) = 0; NaN stays NaN
+    total += e[j];
   }
-  if (col.col_acc != nullptr) {
-    double* acc = col.col_acc;
-#pragma omp simd
-    for (int64_t j = 0; j < a.cols; ++j) acc[j] += exp_simd(f[j] * s - col.shift);
-  }
-  if (weight == nullptr) return 0.0;
+  acc.sum += total;
+  const int64_t pos = a.positives[i] - a.col0;
+  if (pos >= 0 && pos < a.cols) *pos_logit = f[pos] * s;
+  if (col != nullptr) add_to_columns(f, s, a.cols, *col);
+}
+
+// The symmetric backward's column direction for the tile's columns: it adds v_j (Q_ij - δ_ij),
+// Q_ij = exp(logit_ij - col_lse_j), to dL/dlogit_ij.
+struct ColumnTerms {
+  const double* col_lse = nullptr;     // (cols,)
+  const double* col_weight = nullptr;  // (cols,)
+};
+
+// Overwrites row i of the tile with H_ij = dL/dc_ij · a_i · b_j (a, b the inverse norms, dL the
+// gradient of w · loss_i) from buf (f, df and e_j = exp(logit_j - shift) with `total` = Σ_j e_j
+// over the whole row, so that P_j = e_j / total); returns row i's share of dL/d(1/τ).
+template <typename T>
+double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double total, double w, T* tile,
+                const ColumnTerms& col) {
+  const double* f = buf.f.data();
+  const double* df = buf.df.data();
+  const double* e = buf.e.data();
+  const double s = a.inv_temp;
+  const int64_t pos = a.positives[i] - a.col0;
   T* h = tile + i * a.cols;
-  const double w = *weight;
-  if (w == 0.0 && col.col_lse == nullptr) {
-    std::fill(h, h + a.cols, T(0));
-    return 0.0;
-  }
   const double w_over_total = w / total, inv_q = a.inv_norm_q[i];
   const T* inv_k = a.inv_norm_k;
   double d_inv_temp = 0.0;
@@ -225,6 +238,87 @@ double process_row(const StripArgs<T>& a, int64_t i, RowBuffers& buf, const doub
   return d_inv_temp;
 }
 
+// Row i of the tile for the gradient of w · loss_i given its final log-sum-exp: H into the tile
+// (zeros for a row of weight 0 without a column term); returns its share of dL/d(1/τ).
+template <typename T>
+double row_backward(const StripArgs<T>& a, int64_t i, RowBuffers& buf, double lse, double w, T* tile,
+                    const ColumnTerms& col) {
+  if (w == 0.0 && col.col_lse == nullptr) {
+    std::fill(tile + i * a.cols, tile + (i + 1) * a.cols, T(0));
+    return 0.0;
+  }
+  row_values(a, i, buf);
+  const double* f = buf.f.data();
+  double* e = buf.e.data();
+  const double s = a.inv_temp;
+#pragma omp simd
+  for (int64_t j = 0; j < a.cols; ++j) e[j] = exp_simd(f[j] * s - lse);
+  return row_grad(a, i, buf, 1.0, w, tile, col);
+}
+
+// The forward of one tile for its rows: updates their running log-sum-exp (row_acc) and
+// positive logits; symmetric (col_max, col_sum of threads × cols given): each thread's column
+// accumulators of the tile, reset first. With `weight` (only when the tile spans every column):
+// also the gradient tile H of Σ_i weight_i loss_i into `h`; returns its dL/d(1/τ).
+template <typename T>
+double tile_forward(const StripArgs<T>& a, LseAcc<double>* row_acc, double* pos_logit, const double* weight, T* h,
+                    double* col_max, double* col_sum, int threads) {
+  if (col_max != nullptr) {
+    std::fill(col_max, col_max + threads * a.cols, kRemoved);
+    std::fill(col_sum, col_sum + threads * a.cols, 0.0);
+  }
+  double d_inv_temp = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : d_inv_temp)
+  {
+    RowBuffers buf(a.cols);
+    const int t = omp_get_thread_num();
+    const ColumnAcc col{col_max != nullptr ? col_max + t * a.cols : nullptr,
+                        col_sum != nullptr ? col_sum + t * a.cols : nullptr};
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.rows; ++i) {
+      row_forward(a, i, buf, row_acc[i], pos_logit + i, col_max != nullptr ? &col : nullptr);
+      if (weight != nullptr) {
+        if (weight[i] == 0.0) {
+          std::fill(h + i * a.cols, h + (i + 1) * a.cols, T(0));
+        } else {
+          d_inv_temp += row_grad(a, i, buf, row_acc[i].sum, weight[i], h, ColumnTerms{});
+        }
+      }
+    }
+  }
+  return d_inv_temp;
+}
+
+// Merges the threads' column accumulators of a tile (threads × cols) into the block's running
+// ones, max and sum (cols,).
+void merge_columns(const double* col_max, const double* col_sum, int threads, int64_t cols, double* max,
+                   double* sum) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t j = 0; j < cols; ++j) {
+    LseAcc<double> acc{max[j], sum[j]};
+    for (int t = 0; t < threads; ++t)
+      acc = lse_combine(acc, LseAcc<double>{col_max[t * cols + j], col_sum[t * cols + j]}, exp_scalar);
+    max[j] = acc.max;
+    sum[j] = acc.sum;
+  }
+}
+
+// The gradient tile H of Σ_i weight_i loss_i for the tile's rows given their final lse (rows,)
+// (symmetric: plus the column direction, col_lse and col_weight of the tile's columns); returns
+// its dL/d(1/τ).
+template <typename T>
+double tile_backward(const StripArgs<T>& a, const double* lse, const double* weight, T* h, const ColumnTerms& col,
+                     int threads) {
+  double d_inv_temp = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : d_inv_temp)
+  {
+    RowBuffers buf(a.cols);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.rows; ++i) d_inv_temp += row_backward(a, i, buf, lse[i], weight[i], h, col);
+  }
+  return d_inv_temp;
+}
+
 struct Features {
   at::Tensor margin_q, margin_k, filter_q, filter_k, row_groups, key_groups;
 };
@@ -233,16 +327,20 @@ template <typename T>
 std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv_temp,
                             const at::Tensor& positives, double margin, const Features& feat,
                             double threshold, const c10::optional<at::Tensor>& lse_in,
-                            const c10::optional<at::Tensor>& row_weight, int64_t strip_rows, bool symmetric,
-                            const c10::optional<at::Tensor>& col_lse_in,
+                            const c10::optional<at::Tensor>& row_weight, int64_t strip_rows, int64_t block_cols,
+                            bool symmetric, const c10::optional<at::Tensor>& col_lse_in,
                             const c10::optional<at::Tensor>& col_weight_in) {
   const at::ScalarType type = compute_type(q);
   const int64_t M = q.size(0), N = k.size(0), d = q.size(1);
   const bool adaptive = feat.margin_q.defined(), filtering = feat.filter_q.defined();
   const bool want_grad = row_weight.has_value();
-  const int64_t R = std::clamp<int64_t>(strip_rows, 1, M);
-  // 16-bit keys are upcast one column chunk at a time; full-precision keys are used in place.
-  const int64_t C = k.scalar_type() == type ? N : std::min<int64_t>(N, 4096);
+  const int64_t R = std::clamp<int64_t>(strip_rows, 1, std::max<int64_t>(M, 1));
+  const int64_t C = block_cols > 0 ? std::min(block_cols, N) : N;
+  // A tile spanning every column gives a row's final lse in the forward, so the gradient comes
+  // in the same pass (3 GEMMs); narrower tiles take a second pass over the strip's tiles.
+  const bool fused = want_grad && !lse_in.has_value() && C >= N;
+  // 16-bit keys are upcast a column chunk at a time; full-precision keys are used in place.
+  const int64_t chunk = k.scalar_type() == type ? std::max<int64_t>(C, 1) : std::min<int64_t>(std::max<int64_t>(C, 1), 4096);
   const auto opts = q.options().dtype(type);
 
   const at::Tensor inv_q = inverse_norms(q, type), inv_k = inverse_norms(k, type);
@@ -250,26 +348,26 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   at::Tensor lse = lse_in.has_value() ? lse_in->to(at::kDouble).contiguous() : at::empty({M}, wide);
   at::Tensor pos_logit = at::zeros({M}, wide);
   at::Tensor weight = want_grad ? row_weight->to(at::kDouble).contiguous() : at::Tensor();
-  at::Tensor dq, dk = want_grad ? at::zeros({N, d}, opts) : at::Tensor();
-  if (want_grad) dq = at::empty({M, d}, opts);
+  at::Tensor dq = want_grad ? at::zeros({M, d}, opts) : at::Tensor();
+  at::Tensor dk = want_grad ? at::zeros({N, d}, opts) : at::Tensor();
   const at::Tensor mk = adaptive ? feat.margin_k.to(type) : at::Tensor();
   const at::Tensor fk = filtering ? feat.filter_k.to(type) : at::Tensor();
-  at::Tensor sim = at::empty({R, N}, opts);
-  at::Tensor teacher = adaptive ? at::empty({R, N}, opts) : at::Tensor();
-  at::Tensor filter = filtering ? at::empty({R, N}, opts) : at::Tensor();
+  at::Tensor sim = at::empty({R * C}, opts);
+  at::Tensor teacher = adaptive ? at::empty({R * C}, opts) : at::Tensor();
+  at::Tensor filter = filtering ? at::empty({R * C}, opts) : at::Tensor();
   const int threads = at::get_num_threads();
   double d_inv_temp = 0.0;
-  // Symmetric: the forward sums each column per thread (threads × N), the backward reads the
-  // column lse and weights.
+  // Symmetric: the forward keeps each column's running lse (N,), from per-thread accumulators
+  // of a tile (threads × C) merged after each tile; the backward reads the column lse and weights.
   const bool col_sums = symmetric && !want_grad;
-  at::Tensor col_acc = col_sums ? at::zeros({threads, N}, wide) : at::Tensor();
+  at::Tensor col_max = col_sums ? at::full({N}, kRemoved, wide) : at::Tensor();
+  at::Tensor col_sum = col_sums ? at::zeros({N}, wide) : at::Tensor();
+  at::Tensor thread_cols = col_sums ? at::empty({2, threads, C}, wide) : at::Tensor();
   at::Tensor col_lse = symmetric && want_grad ? col_lse_in->to(at::kDouble).contiguous() : at::Tensor();
   at::Tensor col_weight = symmetric && want_grad ? col_weight_in->to(at::kDouble).contiguous() : at::Tensor();
+  std::vector<LseAcc<double>> row_acc(R);
 
   StripArgs<T> a{};
-  a.inv_norm_k = inv_k.data_ptr<T>();
-  a.key_groups = feat.key_groups.defined() ? feat.key_groups.data_ptr<int64_t>() : nullptr;
-  a.cols = N;
   a.inv_temp = inv_temp;
   a.margin = margin;
   a.cos_base = std::cos(margin);
@@ -278,69 +376,96 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   a.threshold = threshold;
   a.has_margin = margin > 0.0;
 
-  for (int64_t r0 = 0; r0 < M; r0 += R) {
-    const int64_t n = std::min(R, M - r0);
-    const at::Tensor q_strip = rows_as(q, r0, n, type);
-    at::Tensor s = sim.narrow(0, 0, n);
-    for (int64_t c0 = 0; c0 < N; c0 += C) {
-      const int64_t w = std::min(C, N - c0);
-      at::Tensor block = s.narrow(1, c0, w);
-      at::mm_out(block, q_strip, rows_as(k, c0, w, type).t());
+  // The tiles of rows [r0, r0 + n) × columns [c0, c0 + w) (similarity and teachers) into the
+  // scratch, and `a` pointed at them; returns the similarity tile (n, w).
+  auto compute_tiles = [&](const at::Tensor& q_strip, int64_t r0, int64_t n, int64_t c0, int64_t w) {
+    at::Tensor s = sim.narrow(0, 0, n * w).view({n, w});
+    for (int64_t kc = 0; kc < w; kc += chunk) {
+      const int64_t kw = std::min(chunk, w - kc);
+      at::Tensor block = s.narrow(1, kc, kw);
+      at::mm_out(block, q_strip, rows_as(k, c0 + kc, kw, type).t());
     }
-    at::Tensor teacher_strip = adaptive ? teacher.narrow(0, 0, n) : at::Tensor();
-    at::Tensor filter_strip = filtering ? filter.narrow(0, 0, n) : at::Tensor();
-    if (adaptive) at::mm_out(teacher_strip, rows_as(feat.margin_q, r0, n, type), mk.t());
-    if (filtering) at::mm_out(filter_strip, rows_as(feat.filter_q, r0, n, type), fk.t());
-
+    if (adaptive) {
+      at::Tensor t = teacher.narrow(0, 0, n * w).view({n, w});
+      at::mm_out(t, rows_as(feat.margin_q, r0, n, type), mk.narrow(0, c0, w).t());
+    }
+    if (filtering) {
+      at::Tensor t = filter.narrow(0, 0, n * w).view({n, w});
+      at::mm_out(t, rows_as(feat.filter_q, r0, n, type), fk.narrow(0, c0, w).t());
+    }
     a.sim = s.data_ptr<T>();
     a.teacher = adaptive ? teacher.data_ptr<T>() : nullptr;
     a.filter = filtering ? filter.data_ptr<T>() : nullptr;
+    a.inv_norm_k = inv_k.data_ptr<T>() + c0;
+    a.key_groups = feat.key_groups.defined() ? feat.key_groups.data_ptr<int64_t>() + c0 : nullptr;
+    a.cols = w;
+    a.col0 = c0;
+    return s;
+  };
+  // U (rows of dq) += H K and the dK accumulator += Hᵀ Q for the gradient tile h (n, w) of
+  // columns [c0, c0 + w): row i of U is a_i dL/dq̂_i, row j of dK is b_j dL/dk̂_j.
+  auto gradient_gemms = [&](const at::Tensor& h, at::Tensor& U, const at::Tensor& q_strip, int64_t c0, int64_t w) {
+    for (int64_t kc = 0; kc < w; kc += chunk) {
+      const int64_t kw = std::min(chunk, w - kc);
+      const at::Tensor hk = h.narrow(1, kc, kw);
+      U.addmm_(hk, rows_as(k, c0 + kc, kw, type));
+      dk.narrow(0, c0 + kc, kw).addmm_(hk.t(), q_strip);
+    }
+  };
+
+  for (int64_t r0 = 0; r0 < M; r0 += R) {
+    const int64_t n = std::min(R, M - r0);
+    const at::Tensor q_strip = rows_as(q, r0, n, type);
     a.inv_norm_q = inv_q.data_ptr<T>() + r0;
     a.positives = positives.data_ptr<int64_t>() + r0;
-    a.row_groups = a.key_groups != nullptr ? feat.row_groups.data_ptr<int64_t>() + r0 : nullptr;
+    a.row_groups = feat.key_groups.defined() ? feat.row_groups.data_ptr<int64_t>() + r0 : nullptr;
     a.rows = n;
     double* lse_strip = lse.data_ptr<double>() + r0;
     double* pos_strip = pos_logit.data_ptr<double>() + r0;
     const double* weight_strip = want_grad ? weight.data_ptr<double>() + r0 : nullptr;
-    const bool need_lse = !lse_in.has_value();
+    at::Tensor U = want_grad ? dq.narrow(0, r0, n) : at::Tensor();
     double strip_d_inv_temp = 0.0;
 
-#pragma omp parallel num_threads(threads) reduction(+ : strip_d_inv_temp)
-    {
-      RowBuffers buf(N);
-      ColumnTerms col;
-      col.shift = inv_temp;
-      if (col_sums) col.col_acc = col_acc.data_ptr<double>() + omp_get_thread_num() * N;
-      if (col_lse.defined()) {
-        col.col_lse = col_lse.data_ptr<double>();
-        col.col_weight = col_weight.data_ptr<double>();
+    if (!lse_in.has_value()) {
+      std::fill(row_acc.begin(), row_acc.begin() + n, LseAcc<double>{kRemoved, 0.0});
+      for (int64_t c0 = 0; c0 < N; c0 += C) {
+        const int64_t w = std::min(C, N - c0);
+        const at::Tensor s = compute_tiles(q_strip, r0, n, c0, w);
+        double* tmax = col_sums ? thread_cols.data_ptr<double>() : nullptr;
+        double* tsum = col_sums ? tmax + threads * w : nullptr;
+        strip_d_inv_temp += tile_forward(a, row_acc.data(), pos_strip, fused ? weight_strip : nullptr, s.data_ptr<T>(),
+                                         tmax, tsum, threads);
+        if (col_sums) {
+          merge_columns(tmax, tsum, threads, w, col_max.data_ptr<double>() + c0, col_sum.data_ptr<double>() + c0);
+        }
+        if (fused) gradient_gemms(s, U, q_strip, c0, w);
       }
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; ++i) {
-        strip_d_inv_temp += process_row(a, i, buf, need_lse ? nullptr : lse_strip + i, lse_strip + i,
-                                        pos_strip + i, want_grad ? weight_strip + i : nullptr, s.data_ptr<T>(), col);
+      for (int64_t i = 0; i < n; ++i) lse_strip[i] = lse_value(row_acc[i]);
+    }
+    if (want_grad && !fused) {
+      for (int64_t c0 = 0; c0 < N; c0 += C) {
+        const int64_t w = std::min(C, N - c0);
+        const at::Tensor s = compute_tiles(q_strip, r0, n, c0, w);
+        ColumnTerms col;
+        if (col_lse.defined()) {
+          col.col_lse = col_lse.data_ptr<double>() + c0;
+          col.col_weight = col_weight.data_ptr<double>() + c0;
+        }
+        strip_d_inv_temp += tile_backward(a, lse_strip, weight_strip, s.data_ptr<T>(), col, threads);
+        gradient_gemms(s, U, q_strip, c0, w);
       }
     }
     if (!want_grad) continue;
     d_inv_temp += strip_d_inv_temp;
-    // U = H K (row i: a_i dL/dq̂_i), dK-accumulator += Hᵀ Q (row j: b_j dL/dk̂_j).
-    at::Tensor U = dq.narrow(0, r0, n);
-    for (int64_t c0 = 0; c0 < N; c0 += C) {
-      const int64_t w = std::min(C, N - c0);
-      const at::Tensor h = s.narrow(1, c0, w);
-      if (c0 == 0) {
-        at::mm_out(U, h, rows_as(k, c0, w, type));
-      } else {
-        U.addmm_(h, rows_as(k, c0, w, type));
-      }
-      dk.narrow(0, c0, w).addmm_(h.t(), q_strip);
-    }
     normalize_backward_<T>(q_strip.contiguous(), inv_q.narrow(0, r0, n), U, threads);
   }
-  if (col_sums) return {lse, pos_logit, col_acc.sum(0).log_().add_(inv_temp)};
+  if (col_sums) {
+    at::Tensor lse_col = col_max.masked_fill(col_max == kRemoved, 0.0).add_(col_sum.log());
+    return {lse, pos_logit, lse_col};
+  }
   if (!want_grad) return {lse, pos_logit};
-  for (int64_t r0 = 0; r0 < N; r0 += C) {
-    const int64_t n = std::min(C, N - r0);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t n = std::min(chunk, N - r0);
     at::Tensor dk_rows = dk.narrow(0, r0, n);
     normalize_backward_<T>(rows_as(k, r0, n, type).contiguous(), inv_k.narrow(0, r0, n), dk_rows, threads);
   }
@@ -360,7 +485,7 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
                                         const c10::optional<at::Tensor>& lse,
                                         const c10::optional<at::Tensor>& row_weight, int64_t strip_rows,
                                         bool symmetric, const c10::optional<at::Tensor>& col_lse,
-                                        const c10::optional<at::Tensor>& col_weight) {
+                                        const c10::optional<at::Tensor>& col_weight, int64_t block_cols) {
   TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "mmloss cpu backend: CPU tensors only");
   TORCH_CHECK(!symmetric || query.size(0) == key.size(0), "mmloss cpu backend: symmetric needs M == N");
   TORCH_CHECK(!symmetric || !row_weight.has_value() || (col_lse.has_value() && col_weight.has_value() &&
@@ -380,11 +505,11 @@ std::vector<at::Tensor> contrastive_cpu(const at::Tensor& query, const at::Tenso
   feat.key_groups = take(key_groups);
   const at::Tensor q = query.contiguous(), k = key.contiguous(), pos = positives.contiguous();
   if (compute_type(q) == at::kDouble) {
-    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, symmetric,
-                       col_lse, col_weight);
+    return run<double>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, block_cols,
+                       symmetric, col_lse, col_weight);
   }
-  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, symmetric,
-                    col_lse, col_weight);
+  return run<float>(q, k, inv_temp, pos, margin, feat, filter_threshold, lse, row_weight, strip_rows, block_cols,
+                    symmetric, col_lse, col_weight);
 }
 
 int openmp_threads() { return omp_get_max_threads(); }

@@ -1,8 +1,11 @@
 """The compiled CPU backend: `backend="cpu"`, the kernel contract of mmloss.backends on mmloss._C.
 
-Rows are processed in strips against the whole key block. A strip's tiles (similarity, and
-one per teacher) take at most MMLOSS_CPU_SCRATCH_MB (default 4 MiB) unless that leaves fewer
-than MIN_STRIP_ROWS rows, which keep the GEMMs compute-bound: never M × N.
+Rows are processed in strips, each strip in column tiles of the key block. A strip's tiles
+(similarity, and one per teacher) take at most MMLOSS_CPU_SCRATCH_MB (default 4 MiB), whatever
+M and N: a strip spans every column while that leaves it MIN_FULL_ROWS rows (then the fused
+forward+gradient is one pass of 3 GEMMs), else tiles are MIN_STRIP_ROWS rows by what the budget
+leaves of columns (at least MIN_TILE_COLS), which keeps the GEMMs compute-bound; the fused path
+then takes a second pass over the tiles (4 GEMMs).
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ from mmloss import _C
 from mmloss.problem import LossProblem
 
 SCRATCH_BYTES = int(float(os.environ.get("MMLOSS_CPU_SCRATCH_MB", "4")) * 2**20)
+MIN_FULL_ROWS = 128
 MIN_STRIP_ROWS = 256
+MIN_TILE_COLS = 64
 
 
-def strip_rows(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> int:
-    """Rows per strip: what SCRATCH_BYTES allows for the strip's tiles, at least MIN_STRIP_ROWS."""
+def tile_shape(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> Tuple[int, int]:
+    """(rows, columns) of a strip's tiles within SCRATCH_BYTES (see the module docstring)."""
     tiles = 1 + problem.adaptive_margin + problem.has_filter
     item = 8 if query.dtype == torch.float64 else 4
-    return max(MIN_STRIP_ROWS, SCRATCH_BYTES // (item * key.shape[0] * tiles), 1)
+    elements = max(SCRATCH_BYTES // (item * tiles), 1)
+    n = max(key.shape[0], 1)
+    if elements >= MIN_FULL_ROWS * n:
+        return elements // n, n
+    return MIN_STRIP_ROWS, max(elements // MIN_STRIP_ROWS, MIN_TILE_COLS)
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
@@ -32,11 +41,12 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
 
 
 def _call(query, key, inv_temp, problem: LossProblem, lse=None, row_weight=None, **symmetric):
+    rows, cols = tile_shape(query, key, problem)
     return _C.contrastive_cpu(
         query, key, float(inv_temp), problem.positives, problem.margin,
         problem.margin_query, problem.margin_key, problem.filter_query, problem.filter_key,
         problem.filter_threshold, problem.row_groups, problem.key_groups, lse, row_weight,
-        strip_rows(query, key, problem), **symmetric,
+        rows, **symmetric, block_cols=cols,
     )
 
 

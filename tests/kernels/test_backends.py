@@ -18,10 +18,11 @@ def widest(backend: str) -> torch.dtype:
 
 @pytest.fixture
 def small_strips(monkeypatch, backend):
-    """Makes the cpu backend cut its rows into strips of 3 rows."""
+    """Makes the cpu backend cut its rows into strips of 3 rows and its columns into tiles of 5."""
     if backend == "cpu":
         monkeypatch.setattr("mmloss.cpu.SCRATCH_BYTES", 0)
         monkeypatch.setattr("mmloss.cpu.MIN_STRIP_ROWS", 3)
+        monkeypatch.setattr("mmloss.cpu.MIN_TILE_COLS", 5)
 
 
 @pytest.mark.parametrize("features", list(FEATURES))
