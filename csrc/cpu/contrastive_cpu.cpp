@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "exp_simd.h"
+#include "row_norms.h"
 #include "mmloss/tile_math.h"
 
 namespace mmloss {
@@ -21,18 +22,6 @@ namespace {
 
 at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// 1 / max(‖x_i‖, ε) per row, in the compute dtype, converting a chunk of rows at a time.
-at::Tensor inverse_norms(const at::Tensor& x, at::ScalarType type) {
-  const int64_t rows = x.size(0), chunk = 4096;
-  at::Tensor out = at::empty({rows}, x.options().dtype(type));
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-    const int64_t n = std::min(chunk, rows - r0);
-    at::Tensor norms = at::linalg_vector_norm(x.narrow(0, r0, n).to(type), 2, {1});
-    out.narrow(0, r0, n).copy_(norms.clamp_min(kNormEps).reciprocal());
-  }
-  return out;
 }
 
 // Rows [r0, r0 + n) of x in the compute dtype (a view when x already has it).
@@ -81,9 +70,10 @@ struct StripArgs {
 
 // Per-thread row buffers, each of the tile's columns.
 struct RowBuffers {
-  explicit RowBuffers(int64_t n) : f(n), df(n), e(n) {}
-  std::vector<double> f;   // transformed similarity; -inf = removed column, NaN = poisoned
+  explicit RowBuffers(int64_t n) : f(n), df(n), l(n), e(n) {}
+  std::vector<double> f;   // transformed similarity
   std::vector<double> df;  // df/dc
+  std::vector<double> l;   // logit f/τ, rounded once; -inf = removed column, NaN = poisoned
   std::vector<double> e;   // exp(logit - shift): see row_forward and row_backward
 };
 
@@ -91,10 +81,12 @@ constexpr double kRemoved = -INFINITY;
 
 inline double exp_scalar(double x) { return exp_simd(x); }
 
-// f and df/dc of every column of row i (tile_math.h's evaluate). The features are template
-// flags so that the column loop has no branches left and vectorises.
+// f, df/dc and the logit of every column of row i (tile_math.h's evaluate). The features are
+// template flags so that the column loop has no branches left and vectorises. The logit is
+// stored, and every exp reads it: a product f · (1/τ) fused into the subtraction of a shift
+// (an FMA) would leave that product's rounding error, huge for a tiny τ, in the exponent.
 template <typename T, bool kGroups, bool kFilter, bool kAdaptive>
-void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df) {
+void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df, double* l) {
   const int64_t cols = a.cols, pos = a.positives[i] - a.col0;
   const T* sim = a.sim + i * cols;
   const T* teacher = kAdaptive ? a.teacher + i * cols : nullptr;
@@ -116,35 +108,37 @@ void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df) {
     }
     const MarginPair<double> margin =
         kAdaptive ? adaptive_margin(a.cos_base, a.margin, double(teacher[j])) : fixed;
-    const Element<double> el = evaluate(c, pos == j, removed, poisoned, a.has_margin, margin, 1.0);
-    f[j] = masked_logit(el);  // the logit with scale 1: f, -inf when removed, NaN when poisoned
+    const Element<double> el = evaluate(c, pos == j, removed, poisoned, a.has_margin, margin, a.inv_temp);
+    f[j] = el.f;
     df[j] = el.df;
+    l[j] = masked_logit(el);
   }
 }
 
-// Fills f and df of row i; returns the row's largest f (ignoring NaN).
+// Fills f, df and l of row i; returns the row's largest logit (ignoring NaN).
 template <typename T>
 double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
   double* f = buf.f.data();
   double* df = buf.df.data();
+  double* l = buf.l.data();
   const bool groups = a.key_groups != nullptr, filter = a.filter != nullptr, adaptive = a.teacher != nullptr;
   if (groups) {
     if (filter) {
-      adaptive ? row_values_with<T, true, true, true>(a, i, f, df) : row_values_with<T, true, true, false>(a, i, f, df);
+      adaptive ? row_values_with<T, true, true, true>(a, i, f, df, l) : row_values_with<T, true, true, false>(a, i, f, df, l);
     } else {
-      adaptive ? row_values_with<T, true, false, true>(a, i, f, df) : row_values_with<T, true, false, false>(a, i, f, df);
+      adaptive ? row_values_with<T, true, false, true>(a, i, f, df, l) : row_values_with<T, true, false, false>(a, i, f, df, l);
     }
   } else {
     if (filter) {
-      adaptive ? row_values_with<T, false, true, true>(a, i, f, df) : row_values_with<T, false, true, false>(a, i, f, df);
+      adaptive ? row_values_with<T, false, true, true>(a, i, f, df, l) : row_values_with<T, false, true, false>(a, i, f, df, l);
     } else {
-      adaptive ? row_values_with<T, false, false, true>(a, i, f, df) : row_values_with<T, false, false, false>(a, i, f, df);
+      adaptive ? row_values_with<T, false, false, true>(a, i, f, df, l) : row_values_with<T, false, false, false>(a, i, f, df, l);
     }
   }
-  double f_max = kRemoved;
-#pragma omp simd reduction(max : f_max)
-  for (int64_t j = 0; j < a.cols; ++j) f_max = f[j] > f_max ? f[j] : f_max;
-  return f_max;
+  double l_max = kRemoved;
+#pragma omp simd reduction(max : l_max)
+  for (int64_t j = 0; j < a.cols; ++j) l_max = l[j] > l_max ? l[j] : l_max;
+  return l_max;
 }
 
 // Column direction of a symmetric loss (M == N, diagonal positives) in the forward: one
@@ -157,12 +151,12 @@ struct ColumnAcc {
 // Adds row i's logits l_j to the column accumulators, exact for every τ: with
 // x = exp(-|l - max|), max' = max(max, l) and sum' = sum · x + 1 when l > max, else sum + x
 // (one exp per element). Removed columns (l = -inf) add nothing; a NaN logit makes the sum NaN.
-inline void add_to_columns(const double* f, double s, int64_t cols, const ColumnAcc& acc) {
+inline void add_to_columns(const double* logit, int64_t cols, const ColumnAcc& acc) {
   double* acc_max = acc.max;
   double* acc_sum = acc.sum;
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
-    const double l = f[j] * s, m = acc_max[j], sum = acc_sum[j];
+    const double l = logit[j], m = acc_max[j], sum = acc_sum[j];
     const double x = exp_simd(-std::fabs(l - m));
     const bool up = l > m;
     acc_sum[j] = l == kRemoved ? sum : (up ? sum * x + 1.0 : sum + x);
@@ -177,22 +171,21 @@ inline void add_to_columns(const double* f, double s, int64_t cols, const Column
 template <typename T>
 void row_forward(const StripArgs<T>& a, int64_t i, RowBuffers& buf, LseAcc<double>& acc, double* pos_logit,
                  const ColumnAcc* col) {
-  const double* f = buf.f.data();
+  const double* l = buf.l.data();
   double* e = buf.e.data();
-  const double s = a.inv_temp;
-  const double tile_max = row_values(a, i, buf) * s;
+  const double tile_max = row_values(a, i, buf);
   acc = lse_rescale(acc, tile_max > acc.max ? tile_max : acc.max, exp_scalar);
   const double shift = lse_shift(acc.max);
   double total = 0.0;
 #pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < a.cols; ++j) {
-    e[j] = exp_simd(f[j] * s - shift);  // removed columns: exp(-inf) = 0; NaN stays NaN
+    e[j] = exp_simd(l[j] - shift);  // removed columns: exp(-inf) = 0; NaN stays NaN
     total += e[j];
   }
   acc.sum += total;
   const int64_t pos = a.positives[i] - a.col0;
-  if (pos >= 0 && pos < a.cols) *pos_logit = f[pos] * s;
-  if (col != nullptr) add_to_columns(f, s, a.cols, *col);
+  if (pos >= 0 && pos < a.cols) *pos_logit = l[pos];
+  if (col != nullptr) add_to_columns(l, a.cols, *col);
 }
 
 // The symmetric backward's column direction for the tile's columns: it adds v_j (Q_ij - δ_ij),
@@ -210,6 +203,7 @@ double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double 
                 const ColumnTerms& col) {
   const double* f = buf.f.data();
   const double* df = buf.df.data();
+  const double* l = buf.l.data();
   const double* e = buf.e.data();
   const double s = a.inv_temp;
   const int64_t pos = a.positives[i] - a.col0;
@@ -221,7 +215,7 @@ double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double 
 #pragma omp simd reduction(+ : d_inv_temp)
     for (int64_t j = 0; j < a.cols; ++j) {
       const double g = logit_grad(e[j], total, w_over_total, j == pos);
-      d_inv_temp += inv_temp_grad(g, f[j], f[j] != kRemoved);
+      d_inv_temp += inv_temp_grad(g, f[j], l[j] != kRemoved);
       h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
     }
   } else {
@@ -230,8 +224,8 @@ double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double 
 #pragma omp simd reduction(+ : d_inv_temp)
     for (int64_t j = 0; j < a.cols; ++j) {
       const double g = logit_grad(e[j], total, w_over_total, j == pos) +
-                       logit_grad(exp_simd(f[j] * s - col_lse[j]), 1.0, v[j], j == pos);
-      d_inv_temp += inv_temp_grad(g, f[j], f[j] != kRemoved);
+                       logit_grad(exp_simd(l[j] - col_lse[j]), 1.0, v[j], j == pos);
+      d_inv_temp += inv_temp_grad(g, f[j], l[j] != kRemoved);
       h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
     }
   }
@@ -248,11 +242,10 @@ double row_backward(const StripArgs<T>& a, int64_t i, RowBuffers& buf, double ls
     return 0.0;
   }
   row_values(a, i, buf);
-  const double* f = buf.f.data();
+  const double* l = buf.l.data();
   double* e = buf.e.data();
-  const double s = a.inv_temp;
 #pragma omp simd
-  for (int64_t j = 0; j < a.cols; ++j) e[j] = exp_simd(f[j] * s - lse);
+  for (int64_t j = 0; j < a.cols; ++j) e[j] = exp_simd(l[j] - lse);
   return row_grad(a, i, buf, 1.0, w, tile, col);
 }
 
@@ -324,14 +317,20 @@ struct Features {
 };
 
 template <typename T>
-std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv_temp,
+std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, double inv_temp,
                             const at::Tensor& positives, double margin, const Features& feat,
                             double threshold, const c10::optional<at::Tensor>& lse_in,
                             const c10::optional<at::Tensor>& row_weight, int64_t strip_rows, int64_t block_cols,
                             bool symmetric, const c10::optional<at::Tensor>& col_lse_in,
                             const c10::optional<at::Tensor>& col_weight_in) {
-  const at::ScalarType type = compute_type(q);
-  const int64_t M = q.size(0), N = k.size(0), d = q.size(1);
+  const at::ScalarType type = compute_type(q_in);
+  const int64_t M = q_in.size(0), N = k_in.size(0), d = q_in.size(1);
+  // Norms in float64 without overflow; rows of norm above 2^40 scaled by a power of two (exact:
+  // the cosines do not change) so that the GEMMs' raw products stay in range, and their
+  // gradients scaled back at the end.
+  const RowScaling rows_q = row_scaling(q_in, type), rows_k = row_scaling(k_in, type);
+  const at::Tensor q = scaled_rows(q_in, rows_q, type), k = scaled_rows(k_in, rows_k, type);
+  const at::Tensor &inv_q = rows_q.inv, &inv_k = rows_k.inv;
   const bool adaptive = feat.margin_q.defined(), filtering = feat.filter_q.defined();
   const bool want_grad = row_weight.has_value();
   const int64_t R = std::clamp<int64_t>(strip_rows, 1, std::max<int64_t>(M, 1));
@@ -343,7 +342,6 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
   const int64_t chunk = k.scalar_type() == type ? std::max<int64_t>(C, 1) : std::min<int64_t>(std::max<int64_t>(C, 1), 4096);
   const auto opts = q.options().dtype(type);
 
-  const at::Tensor inv_q = inverse_norms(q, type), inv_k = inverse_norms(k, type);
   const auto wide = q.options().dtype(at::kDouble);
   at::Tensor lse = lse_in.has_value() ? lse_in->to(at::kDouble).contiguous() : at::empty({M}, wide);
   at::Tensor pos_logit = at::zeros({M}, wide);
@@ -469,7 +467,9 @@ std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, double inv
     at::Tensor dk_rows = dk.narrow(0, r0, n);
     normalize_backward_<T>(rows_as(k, r0, n, type).contiguous(), inv_k.narrow(0, r0, n), dk_rows, threads);
   }
-  return {lse, pos_logit, dq.to(q.scalar_type()), dk.to(k.scalar_type()), at::scalar_tensor(d_inv_temp, wide)};
+  if (rows_q.scale.defined()) dq.mul_(rows_q.scale.to(type).unsqueeze(1));
+  if (rows_k.scale.defined()) dk.mul_(rows_k.scale.to(type).unsqueeze(1));
+  return {lse, pos_logit, dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), at::scalar_tensor(d_inv_temp, wide)};
 }
 
 }  // namespace
