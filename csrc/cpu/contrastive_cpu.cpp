@@ -1,8 +1,8 @@
-// Tiled CPU kernels of the core op: rows are processed in strips of R rows against all N
-// columns of the key block; a strip's similarity tile (R × N, bounded by a scratch budget)
-// comes from one BLAS GEMM, the per-element math runs in OpenMP over the strip's rows, and
-// the backward contracts the strip's gradient tile with two more GEMMs. Nothing of size
-// M × N is allocated. Normalisation is fused: only inverse row norms are kept.
+// Tiled CPU kernels of the core op: rows are processed in strips of R rows, each strip in
+// column tiles of the key block (R × C, bounded by a scratch budget); a tile comes from one
+// BLAS GEMM, the per-element math (strip_kernels.h, one variant per instruction set) runs in
+// OpenMP over its rows, and the backward contracts the gradient tile with two more GEMMs.
+// Nothing of size M × N is allocated. Normalisation is fused: only inverse row norms are kept.
 #include "contrastive_cpu.h"
 
 #include <ATen/ATen.h>
@@ -13,9 +13,9 @@
 #include <cmath>
 #include <vector>
 
-#include "exp_simd.h"
-#include "row_norms.h"
 #include "mmloss/tile_math.h"
+#include "row_norms.h"
+#include "strip_kernels.h"
 
 namespace mmloss {
 namespace {
@@ -24,292 +24,29 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+constexpr double kRemoved = -INFINITY;
+
+template <typename T>
+const TileKernels<T>& tile_kernels();
+template <>
+const TileKernels<float>& tile_kernels<float>() {
+  return strip_kernels().f32;
+}
+template <>
+const TileKernels<double>& tile_kernels<double>() {
+  return strip_kernels().f64;
+}
+
+// acc (rows, d) becomes dL/dx for the rows x (TileKernels::normalize_backward).
+template <typename T>
+void normalize_backward_(const at::Tensor& x, const at::Tensor& inv, at::Tensor& acc, int threads) {
+  tile_kernels<T>().normalize_backward(x.data_ptr<T>(), inv.data_ptr<T>(), acc.data_ptr<T>(), x.size(0), x.size(1),
+                                       threads);
+}
+
 // Rows [r0, r0 + n) of x in the compute dtype (a view when x already has it).
 at::Tensor rows_as(const at::Tensor& x, int64_t r0, int64_t n, at::ScalarType type) {
   return x.narrow(0, r0, n).to(type);
-}
-
-// In place, row-wise: acc_i = inv_i · dL/dx̂_i (the GEMM result) becomes dL/dx_i for
-// x̂ = x / max(‖x‖, ε), that is acc_i - inv_i² <x_i, acc_i> x_i where ‖x_i‖ > ε and acc_i
-// unchanged otherwise. x and acc are contiguous (rows, d) in the compute dtype.
-template <typename T>
-void normalize_backward_(const at::Tensor& x, const at::Tensor& inv, at::Tensor& acc, int threads) {
-  const int64_t rows = x.size(0), d = x.size(1);
-  const T* xp = x.data_ptr<T>();
-  const T* ip = inv.data_ptr<T>();
-  T* ap = acc.data_ptr<T>();
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* xi = xp + i * d;
-    T* ai = ap + i * d;
-    double dot = 0.0;
-    for (int64_t c = 0; c < d; ++c) dot += double(xi[c]) * ai[c];
-    const T coef = T(normalize_grad_coef(ip[i], dot));
-    if (coef == T(0)) continue;
-    for (int64_t c = 0; c < d; ++c) ai[c] -= coef * xi[c];
-  }
-}
-
-template <typename T>
-struct StripArgs {
-  const T* sim;            // (rows, cols) raw dot products <q_i, k_j> of the tile
-  const T* teacher;        // (rows, cols) margin-teacher cosines, or null
-  const T* filter;         // (rows, cols) filter scores, or null
-  const T* inv_norm_q;     // (rows,)
-  const T* inv_norm_k;     // (cols,) of the tile's columns
-  const int64_t* positives;   // (rows,) column of the positive in the block (else outside [0, N))
-  const int64_t* row_groups;  // (rows,) or null
-  const int64_t* key_groups;  // (cols,) of the tile's columns, or null
-  int64_t rows, cols, col0;   // the tile: rows × cols from column col0 of the block
-  double inv_temp, margin, cos_base, cos_margin, sin_margin, threshold;
-  bool has_margin;
-};
-
-// Per-element math runs in double whatever T is: it costs little next to exp on a CPU, and it
-// keeps fp32 runs' logits, probabilities and dL/d(1/τ) free of avoidable rounding.
-
-// Per-thread row buffers, each of the tile's columns.
-struct RowBuffers {
-  explicit RowBuffers(int64_t n) : f(n), df(n), l(n), e(n) {}
-  std::vector<double> f;   // transformed similarity
-  std::vector<double> df;  // df/dc
-  std::vector<double> l;   // logit f/τ, rounded once; -inf = removed column, NaN = poisoned
-  std::vector<double> e;   // exp(logit - shift): see row_forward and row_backward
-};
-
-constexpr double kRemoved = -INFINITY;
-
-inline double exp_scalar(double x) { return exp_simd(x); }
-
-// f, df/dc and the logit of every column of row i (tile_math.h's evaluate). The features are
-// template flags so that the column loop has no branches left and vectorises. The logit is
-// stored, and every exp reads it: a product f · (1/τ) fused into the subtraction of a shift
-// (an FMA) would leave that product's rounding error, huge for a tiny τ, in the exponent.
-template <typename T, bool kGroups, bool kFilter, bool kAdaptive>
-void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df, double* l) {
-  const int64_t cols = a.cols, pos = a.positives[i] - a.col0;
-  const T* sim = a.sim + i * cols;
-  const T* teacher = kAdaptive ? a.teacher + i * cols : nullptr;
-  const T* filter = kFilter ? a.filter + i * cols : nullptr;
-  const T* inv_k = a.inv_norm_k;
-  const int64_t* key_groups = a.key_groups;
-  const int64_t row_group = kGroups ? a.row_groups[i] : 0;
-  const double inv_q = a.inv_norm_q[i];
-  const MarginPair<double> fixed{a.cos_base, a.cos_margin, a.sin_margin};
-#pragma omp simd
-  for (int64_t j = 0; j < cols; ++j) {
-    const double c = double(sim[j]) * inv_q * inv_k[j];
-    bool removed = false, poisoned = false;
-    if constexpr (kGroups) removed = group_removes(key_groups[j], row_group);
-    if constexpr (kFilter) {
-      const double s = filter[j];
-      removed = removed || filter_removes(s, a.threshold);
-      poisoned = filter_poisons(s);
-    }
-    const MarginPair<double> margin =
-        kAdaptive ? adaptive_margin(a.cos_base, a.margin, double(teacher[j])) : fixed;
-    const Element<double> el = evaluate(c, pos == j, removed, poisoned, a.has_margin, margin, a.inv_temp);
-    f[j] = el.f;
-    df[j] = el.df;
-    l[j] = masked_logit(el);
-  }
-}
-
-// Fills f, df and l of row i; returns the row's largest logit (ignoring NaN).
-template <typename T>
-double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
-  double* f = buf.f.data();
-  double* df = buf.df.data();
-  double* l = buf.l.data();
-  const bool groups = a.key_groups != nullptr, filter = a.filter != nullptr, adaptive = a.teacher != nullptr;
-  if (groups) {
-    if (filter) {
-      adaptive ? row_values_with<T, true, true, true>(a, i, f, df, l) : row_values_with<T, true, true, false>(a, i, f, df, l);
-    } else {
-      adaptive ? row_values_with<T, true, false, true>(a, i, f, df, l) : row_values_with<T, true, false, false>(a, i, f, df, l);
-    }
-  } else {
-    if (filter) {
-      adaptive ? row_values_with<T, false, true, true>(a, i, f, df, l) : row_values_with<T, false, true, false>(a, i, f, df, l);
-    } else {
-      adaptive ? row_values_with<T, false, false, true>(a, i, f, df, l) : row_values_with<T, false, false, false>(a, i, f, df, l);
-    }
-  }
-  double l_max = kRemoved;
-#pragma omp simd reduction(max : l_max)
-  for (int64_t j = 0; j < a.cols; ++j) l_max = l[j] > l_max ? l[j] : l_max;
-  return l_max;
-}
-
-// Column direction of a symmetric loss (M == N, diagonal positives) in the forward: one
-// thread's running log-sum-exp {max, sum} of each of the tile's columns over its rows.
-struct ColumnAcc {
-  double* max;  // (cols,)
-  double* sum;  // (cols,)
-};
-
-// Adds row i's logits l_j to the column accumulators, exact for every τ: with
-// x = exp(-|l - max|), max' = max(max, l) and sum' = sum · x + 1 when l > max, else sum + x
-// (one exp per element). Removed columns (l = -inf) add nothing; a NaN logit makes the sum NaN.
-inline void add_to_columns(const double* logit, int64_t cols, const ColumnAcc& acc) {
-  double* acc_max = acc.max;
-  double* acc_sum = acc.sum;
-#pragma omp simd
-  for (int64_t j = 0; j < cols; ++j) {
-    const double l = logit[j], m = acc_max[j], sum = acc_sum[j];
-    const double x = exp_simd(-std::fabs(l - m));
-    const bool up = l > m;
-    acc_sum[j] = l == kRemoved ? sum : (up ? sum * x + 1.0 : sum + x);
-    acc_max[j] = up ? l : m;
-  }
-}
-
-// Row i over the tile's columns, one exp per column (two for a symmetric loss): merges the
-// tile's logits into the row's running log-sum-exp `acc` (the online update of tile_math.h),
-// sets the positive's logit when the positive is in the tile, adds to the column accumulators
-// when given, and leaves e_j = exp(logit_j - lse_shift(acc.max)) in buf.e.
-template <typename T>
-void row_forward(const StripArgs<T>& a, int64_t i, RowBuffers& buf, LseAcc<double>& acc, double* pos_logit,
-                 const ColumnAcc* col) {
-  const double* l = buf.l.data();
-  double* e = buf.e.data();
-  const double tile_max = row_values(a, i, buf);
-  acc = lse_rescale(acc, tile_max > acc.max ? tile_max : acc.max, exp_scalar);
-  const double shift = lse_shift(acc.max);
-  double total = 0.0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < a.cols; ++j) {
-    e[j] = exp_simd(l[j] - shift);  // removed columns: exp(-inf) = 0; NaN stays NaN
-    total += e[j];
-  }
-  acc.sum += total;
-  const int64_t pos = a.positives[i] - a.col0;
-  if (pos >= 0 && pos < a.cols) *pos_logit = l[pos];
-  if (col != nullptr) add_to_columns(l, a.cols, *col);
-}
-
-// The symmetric backward's column direction for the tile's columns: it adds v_j (Q_ij - δ_ij),
-// Q_ij = exp(logit_ij - col_lse_j), to dL/dlogit_ij.
-struct ColumnTerms {
-  const double* col_lse = nullptr;     // (cols,)
-  const double* col_weight = nullptr;  // (cols,)
-};
-
-// Overwrites row i of the tile with H_ij = dL/dc_ij · a_i · b_j (a, b the inverse norms, dL the
-// gradient of w · loss_i) from buf (f, df and e_j = exp(logit_j - shift) with `total` = Σ_j e_j
-// over the whole row, so that P_j = e_j / total); returns row i's share of dL/d(1/τ).
-template <typename T>
-double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double total, double w, T* tile,
-                const ColumnTerms& col) {
-  const double* f = buf.f.data();
-  const double* df = buf.df.data();
-  const double* l = buf.l.data();
-  const double* e = buf.e.data();
-  const double s = a.inv_temp;
-  const int64_t pos = a.positives[i] - a.col0;
-  T* h = tile + i * a.cols;
-  const double w_over_total = w / total, inv_q = a.inv_norm_q[i];
-  const T* inv_k = a.inv_norm_k;
-  double d_inv_temp = 0.0;
-  if (col.col_lse == nullptr) {
-#pragma omp simd reduction(+ : d_inv_temp)
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const double g = logit_grad(e[j], total, w_over_total, j == pos);
-      d_inv_temp += inv_temp_grad(g, f[j], l[j] != kRemoved);
-      h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
-    }
-  } else {
-    const double* col_lse = col.col_lse;
-    const double* v = col.col_weight;
-#pragma omp simd reduction(+ : d_inv_temp)
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const double g = logit_grad(e[j], total, w_over_total, j == pos) +
-                       logit_grad(exp_simd(l[j] - col_lse[j]), 1.0, v[j], j == pos);
-      d_inv_temp += inv_temp_grad(g, f[j], l[j] != kRemoved);
-      h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
-    }
-  }
-  return d_inv_temp;
-}
-
-// Row i of the tile for the gradient of w · loss_i given its final log-sum-exp: H into the tile
-// (zeros for a row of weight 0 without a column term); returns its share of dL/d(1/τ).
-template <typename T>
-double row_backward(const StripArgs<T>& a, int64_t i, RowBuffers& buf, double lse, double w, T* tile,
-                    const ColumnTerms& col) {
-  if (w == 0.0 && col.col_lse == nullptr) {
-    std::fill(tile + i * a.cols, tile + (i + 1) * a.cols, T(0));
-    return 0.0;
-  }
-  row_values(a, i, buf);
-  const double* l = buf.l.data();
-  double* e = buf.e.data();
-#pragma omp simd
-  for (int64_t j = 0; j < a.cols; ++j) e[j] = exp_simd(l[j] - lse);
-  return row_grad(a, i, buf, 1.0, w, tile, col);
-}
-
-// The forward of one tile for its rows: updates their running log-sum-exp (row_acc) and
-// positive logits; symmetric (col_max, col_sum of threads × cols given): each thread's column
-// accumulators of the tile, reset first. With `weight` (only when the tile spans every column):
-// also the gradient tile H of Σ_i weight_i loss_i into `h`; returns its dL/d(1/τ).
-template <typename T>
-double tile_forward(const StripArgs<T>& a, LseAcc<double>* row_acc, double* pos_logit, const double* weight, T* h,
-                    double* col_max, double* col_sum, int threads) {
-  if (col_max != nullptr) {
-    std::fill(col_max, col_max + threads * a.cols, kRemoved);
-    std::fill(col_sum, col_sum + threads * a.cols, 0.0);
-  }
-  double d_inv_temp = 0.0;
-#pragma omp parallel num_threads(threads) reduction(+ : d_inv_temp)
-  {
-    RowBuffers buf(a.cols);
-    const int t = omp_get_thread_num();
-    const ColumnAcc col{col_max != nullptr ? col_max + t * a.cols : nullptr,
-                        col_sum != nullptr ? col_sum + t * a.cols : nullptr};
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.rows; ++i) {
-      row_forward(a, i, buf, row_acc[i], pos_logit + i, col_max != nullptr ? &col : nullptr);
-      if (weight != nullptr) {
-        if (weight[i] == 0.0) {
-          std::fill(h + i * a.cols, h + (i + 1) * a.cols, T(0));
-        } else {
-          d_inv_temp += row_grad(a, i, buf, row_acc[i].sum, weight[i], h, ColumnTerms{});
-        }
-      }
-    }
-  }
-  return d_inv_temp;
-}
-
-// Merges the threads' column accumulators of a tile (threads × cols) into the block's running
-// ones, max and sum (cols,).
-void merge_columns(const double* col_max, const double* col_sum, int threads, int64_t cols, double* max,
-                   double* sum) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t j = 0; j < cols; ++j) {
-    LseAcc<double> acc{max[j], sum[j]};
-    for (int t = 0; t < threads; ++t)
-      acc = lse_combine(acc, LseAcc<double>{col_max[t * cols + j], col_sum[t * cols + j]}, exp_scalar);
-    max[j] = acc.max;
-    sum[j] = acc.sum;
-  }
-}
-
-// The gradient tile H of Σ_i weight_i loss_i for the tile's rows given their final lse (rows,)
-// (symmetric: plus the column direction, col_lse and col_weight of the tile's columns); returns
-// its dL/d(1/τ).
-template <typename T>
-double tile_backward(const StripArgs<T>& a, const double* lse, const double* weight, T* h, const ColumnTerms& col,
-                     int threads) {
-  double d_inv_temp = 0.0;
-#pragma omp parallel num_threads(threads) reduction(+ : d_inv_temp)
-  {
-    RowBuffers buf(a.cols);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < a.rows; ++i) d_inv_temp += row_backward(a, i, buf, lse[i], weight[i], h, col);
-  }
-  return d_inv_temp;
 }
 
 struct Features {
@@ -363,7 +100,8 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
   at::Tensor thread_cols = col_sums ? at::empty({2, threads, C}, wide) : at::Tensor();
   at::Tensor col_lse = symmetric && want_grad ? col_lse_in->to(at::kDouble).contiguous() : at::Tensor();
   at::Tensor col_weight = symmetric && want_grad ? col_weight_in->to(at::kDouble).contiguous() : at::Tensor();
-  std::vector<LseAcc<double>> row_acc(R);
+  std::vector<double> row_max(R), row_sum(R);
+  const TileKernels<T>& kernels = tile_kernels<T>();
 
   StripArgs<T> a{};
   a.inv_temp = inv_temp;
@@ -425,31 +163,33 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
     double strip_d_inv_temp = 0.0;
 
     if (!lse_in.has_value()) {
-      std::fill(row_acc.begin(), row_acc.begin() + n, LseAcc<double>{kRemoved, 0.0});
+      std::fill(row_max.begin(), row_max.begin() + n, kRemoved);
+      std::fill(row_sum.begin(), row_sum.begin() + n, 0.0);
       for (int64_t c0 = 0; c0 < N; c0 += C) {
         const int64_t w = std::min(C, N - c0);
         const at::Tensor s = compute_tiles(q_strip, r0, n, c0, w);
         double* tmax = col_sums ? thread_cols.data_ptr<double>() : nullptr;
         double* tsum = col_sums ? tmax + threads * w : nullptr;
-        strip_d_inv_temp += tile_forward(a, row_acc.data(), pos_strip, fused ? weight_strip : nullptr, s.data_ptr<T>(),
-                                         tmax, tsum, threads);
+        strip_d_inv_temp += kernels.forward(a, row_max.data(), row_sum.data(), pos_strip,
+                                            fused ? weight_strip : nullptr, s.data_ptr<T>(), tmax, tsum, threads);
         if (col_sums) {
-          merge_columns(tmax, tsum, threads, w, col_max.data_ptr<double>() + c0, col_sum.data_ptr<double>() + c0);
+          strip_kernels().merge_columns(tmax, tsum, threads, w, col_max.data_ptr<double>() + c0,
+                                        col_sum.data_ptr<double>() + c0);
         }
         if (fused) gradient_gemms(s, U, q_strip, c0, w);
       }
-      for (int64_t i = 0; i < n; ++i) lse_strip[i] = lse_value(row_acc[i]);
+      for (int64_t i = 0; i < n; ++i) lse_strip[i] = lse_value(LseAcc<double>{row_max[i], row_sum[i]});
     }
     if (want_grad && !fused) {
       for (int64_t c0 = 0; c0 < N; c0 += C) {
         const int64_t w = std::min(C, N - c0);
         const at::Tensor s = compute_tiles(q_strip, r0, n, c0, w);
-        ColumnTerms col;
+        ColumnTerms col{nullptr, nullptr};
         if (col_lse.defined()) {
           col.col_lse = col_lse.data_ptr<double>() + c0;
           col.col_weight = col_weight.data_ptr<double>() + c0;
         }
-        strip_d_inv_temp += tile_backward(a, lse_strip, weight_strip, s.data_ptr<T>(), col, threads);
+        strip_d_inv_temp += kernels.backward(a, lse_strip, weight_strip, s.data_ptr<T>(), col, threads);
         gradient_gemms(s, U, q_strip, c0, w);
       }
     }
