@@ -148,7 +148,7 @@ int multiprocessors(int device) {
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                 const at::Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
-                                                int64_t /*chunk_rows*/) {
+                                                int64_t /*chunk_rows*/, int64_t /*chunk_cols*/) {
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
   Prepared p = prepare(query, key, inv_temp, MMLOSS_PROBLEM_FROM_PARAMS, stream);
@@ -172,7 +172,8 @@ at::Tensor regular_max(const at::Tensor& inv_norm) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                              const at::Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
                                                              const at::Tensor& lse, const at::Tensor& row_weight,
-                                                             bool need_temp_grad, int64_t chunk_rows) {
+                                                             bool need_temp_grad, int64_t chunk_rows,
+                                                             int64_t /*chunk_cols*/) {
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
   Prepared p = prepare(query, key, inv_temp, MMLOSS_PROBLEM_FROM_PARAMS, stream);

@@ -11,7 +11,9 @@ namespace {
 
 constexpr int kNormWarps = 8;
 
-// One warp per row: a_i = 1 / max(‖x_i‖, ε), fp32 sums of squares.
+// One warp per row: a_i = 1 / max(‖x_i‖, ε), float64 sums of squares: the squares of any
+// fp32/16-bit row fit there (fp32 sums overflow from norms of about 1.8e19), and the norm kernel
+// reads each row once, so its float64 FMAs cost nothing next to the loads.
 template <typename T>
 __global__ void __launch_bounds__(32 * kNormWarps)
     inv_norm_kernel(const T* __restrict__ x, int64_t stride, int64_t rows, int D, float* __restrict__ out) {
@@ -19,14 +21,14 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const T* xr = x + row * stride;
-  float sq = 0.f;
+  double sq = 0.0;
   for (int c = lane; c < D; c += 32) {
-    const float v = to_float(xr[c]);
-    sq = fmaf(v, v, sq);
+    const double v = to_float(xr[c]);
+    sq = fma(v, v, sq);
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-  if (lane == 0) out[row] = 1.f / fmaxf(sqrtf(sq), float(kNormEps));
+  if (lane == 0) out[row] = float(1.0 / fmax(sqrt(sq), kNormEps));
 }
 
 // Partial results of column split blockIdx.y for rows [64 blockIdx.x, +64): per row the

@@ -1,8 +1,8 @@
 """The torch.library ops of mmloss._C and their fake implementations (torch.compile, meta).
 
 Every op takes (query (M, d), key (N, d), inv_temp (1,), *the problem's fields
-(mmloss.problem.KERNEL_FIELDS, in that order), *its own inputs, chunk_rows) and returns a
-fixed tuple:
+(mmloss.problem.KERNEL_FIELDS, in that order), *its own inputs, chunk_rows, chunk_cols) and
+returns a fixed tuple:
 
     contrastive_forward            -> (lse (M,), pos_logit (M,))
     contrastive_forward_with_grad  (row_weight)
@@ -17,7 +17,8 @@ One key block of the kernel contract (mmloss.backends); the schemas are generate
 csrc/ops.cpp from csrc/include/mmloss/problem.h. CPU tensors run the OpenMP kernels (lse in
 float64, all five ops), CUDA tensors the CUDA kernels (lse in float32; forward and backward,
 only in a CUDA build). `inv_temp` is a 1-element tensor. `chunk_rows` is the CPU's strip height
-and the CUDA backward's scratch chunk (the CUDA forward ignores it). d_inv_temp is float64
+and the CUDA backward's scratch chunk (the CUDA forward ignores it); `chunk_cols` the columns of
+a CPU strip's tiles (0 = all N; the CUDA kernels ignore it). d_inv_temp is float64
 (0 when need_temp_grad is false). Importing this module loads mmloss._C (which registers the
 ops) and registers the fakes.
 """
