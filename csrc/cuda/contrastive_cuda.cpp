@@ -156,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& query, const a
   const auto f32 = query.options().dtype(at::kFloat);
   const int splits = forward_splits(M, p.args.N, multiprocessors(query.device().index()));
   at::Tensor partial = at::empty({3 * int64_t(splits) * M}, f32);
-  at::Tensor lse = at::empty({M}, f32), pos_logit = at::empty({M}, f32);
-  check_launch(launch_forward(p.args, splits, partial.data_ptr<float>(), lse.data_ptr<float>(),
+  at::Tensor lse = at::empty({M}, query.options().dtype(at::kDouble)), pos_logit = at::empty({M}, f32);
+  check_launch(launch_forward(p.args, splits, partial.data_ptr<float>(), lse.data_ptr<double>(),
                               pos_logit.data_ptr<float>(), stream),
                "forward_kernel");
   return {lse, pos_logit};

@@ -34,8 +34,9 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
 
 
 def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, torch.Tensor]:
-    """lse (M,) fp32 over this key block's allowed columns (-inf if none) and the positive's
-    logit (M,) fp32 (0 when the positive is not in this block)."""
+    """lse (M,) float64 over this key block's allowed columns (-inf if none; the positive's
+    logit plus the row's loss when the positive is here, so that lse - pos_logit keeps a nearly
+    solved row's relative accuracy) and the positive's logit (M,) fp32 (0 when not here)."""
     return torch.ops.mmloss.contrastive_forward(
         query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), 0, 0)
 

@@ -191,3 +191,23 @@ def test_query_rows_whose_squares_overflow_fp32(dtype, monkeypatch):
     torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=0)
     for g, ref in ((q.grad, q0.grad / scale), (k.grad, k0.grad)):
         torch.testing.assert_close(g.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_nearly_solved_rows_keep_their_relative_accuracy_in_fp32():
+    """A near-duplicate positive at τ = 0.05 (true loss ~1e-6): lse - pos_logit once cancelled
+    in fp32 (0.0 or a few ulps of lse ~ 20); the kernels carry the loss relative to the
+    positive's logit (log1p of the off-positive sum), so each row loss keeps fp32's relative
+    accuracy, in the streamed and the split forward alike."""
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    query = key + 1e-3 * torch.randn(70, 32, generator=g, dtype=torch.float64)
+    t = 0.05
+    want = mmloss.contrastive_loss(query, key, temperature=t, reduction="none", backend="reference")
+    assert 0 < float(want.min()) and float(want.max()) < 1e-3
+    for sms in (1, 100):
+        emulated.SMS, saved = sms, emulated.SMS
+        try:
+            got = mmloss.contrastive_loss(query.float(), key.float(), temperature=t, reduction="none", backend="cuda")
+        finally:
+            emulated.SMS = saved
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=0)
