@@ -3,7 +3,8 @@
 Environment: MAX_JOBS (parallel compile jobs), NVCC_THREADS (nvcc --threads: architectures
 compiled in parallel per .cu, default 1), MMLOSS_CUDA_ARCHS (default "80;90"),
 MMLOSS_WITH_CUDA=0/1 (default: 1 when torch is a CUDA build and nvcc is found),
-MMLOSS_CPU_NATIVE=0/1 (-march=native for the CPU kernels when 1),
+MMLOSS_CPU_NATIVE=0/1 (default 0: a portable build whose CPU kernels choose baseline x86-64,
+AVX2 or AVX-512 at run time; 1: -march=native for this machine only),
 CMAKE_BUILD_TYPE (default Release).
 """
 
@@ -44,7 +45,7 @@ class CMakeBuild(build_ext):
             f"-DMMLOSS_CUDA_ARCHS={os.environ.get('MMLOSS_CUDA_ARCHS', '80;90')}",
             f"-DMMLOSS_WITH_CUDA={'ON' if _with_cuda(torch) else 'OFF'}",
             f"-DMMLOSS_NVCC_THREADS={os.environ.get('NVCC_THREADS', '1')}",
-            f"-DMMLOSS_CPU_NATIVE={'OFF' if os.environ.get('MMLOSS_CPU_NATIVE') == '0' else 'ON'}",
+            f"-DMMLOSS_CPU_NATIVE={'ON' if os.environ.get('MMLOSS_CPU_NATIVE') == '1' else 'OFF'}",
         ]
         build = ["cmake", "--build", str(build_dir), "--target", "_C"]
         if os.environ.get("MAX_JOBS"):

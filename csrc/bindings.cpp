@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/contrastive_cpu.h"
+#include "cpu/strip_kernels.h"
 #include "cpu/similarity_cpu.h"
 
 #ifndef MMLOSS_CUDA_ARCHS
@@ -43,6 +44,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("q"), py::arg("k"), py::arg("k_top"), py::arg("normalize"), py::arg("strip_rows"),
         py::arg("block_cols"));
   m.def("openmp_threads", &mmloss::openmp_threads, "Threads OpenMP would use");
+  m.def("cpu_isa", [] { return std::string(mmloss::strip_kernels().isa); }, "The CPU kernels' instruction set that runs");
+  m.def("cpu_isas", &mmloss::cpu_isas, "Compiled CPU kernel variants, widest first: (name, runs on this CPU)");
   m.def("has_cuda", &has_cuda, "Whether CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "Compiled CUDA architectures");
 }

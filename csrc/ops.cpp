@@ -1,6 +1,6 @@
 // The torch.library ops of mmloss._C: the kernel contract of one key block (SPEC §1), one op
 // per entry point with a fixed result. Every schema is `(query, key, inv_temp, <the problem's
-// fields, mmloss/problem.h>, <the entry point's own inputs>, chunk_rows)`. The CPU
+// fields, mmloss/problem.h>, <the entry point's own inputs>, chunk_rows, chunk_cols)`. The CPU
 // implementations (below) are the OpenMP kernels of cpu/contrastive_cpu.cpp; the CUDA ones
 // (forward and backward) are registered in cuda/contrastive_cuda.cpp. Fake (meta)
 // implementations for torch.compile live in mmloss/library.py.
@@ -23,18 +23,21 @@ double read_inv_temp(const Tensor& inv_temp) {
 }
 
 // chunk_rows: rows per strip on the CPU, rows per scratch chunk of the CUDA backward (the CUDA
-// forward needs no scratch and ignores it).
+// forward needs no scratch and ignores it). chunk_cols: columns per tile of a CPU strip (0 = all
+// N; the CUDA kernels tile their columns themselves and ignore it).
 std::tuple<Tensor, Tensor> forward_cpu(const Tensor& query, const Tensor& key,
-                                       const Tensor& inv_temp MMLOSS_PROBLEM_PARAMS, int64_t chunk_rows) {
-  return mmloss::contrastive_forward_cpu(query, key, read_inv_temp(inv_temp), MMLOSS_PROBLEM_FROM_PARAMS, chunk_rows);
+                                       const Tensor& inv_temp MMLOSS_PROBLEM_PARAMS, int64_t chunk_rows,
+                                       int64_t chunk_cols) {
+  return mmloss::contrastive_forward_cpu(query, key, read_inv_temp(inv_temp), MMLOSS_PROBLEM_FROM_PARAMS, chunk_rows,
+                                         chunk_cols);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_with_grad_cpu(const Tensor& query, const Tensor& key,
                                                                          const Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
-                                                                         const Tensor& row_weight,
-                                                                         int64_t chunk_rows) {
+                                                                         const Tensor& row_weight, int64_t chunk_rows,
+                                                                         int64_t chunk_cols) {
   return mmloss::contrastive_forward_with_grad_cpu(query, key, read_inv_temp(inv_temp), MMLOSS_PROBLEM_FROM_PARAMS,
-                                                   row_weight, chunk_rows);
+                                                   row_weight, chunk_rows, chunk_cols);
 }
 
 // need_temp_grad = false: d_inv_temp is returned as 0 (the CUDA kernels skip its sums).
@@ -45,32 +48,35 @@ std::tuple<Tensor, Tensor, Tensor> without_temp_grad(std::tuple<Tensor, Tensor, 
 
 std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& query, const Tensor& key,
                                                 const Tensor& inv_temp MMLOSS_PROBLEM_PARAMS, const Tensor& lse,
-                                                const Tensor& row_weight, bool need_temp_grad, int64_t chunk_rows) {
+                                                const Tensor& row_weight, bool need_temp_grad, int64_t chunk_rows,
+                                                int64_t chunk_cols) {
   return without_temp_grad(mmloss::contrastive_backward_cpu(query, key, read_inv_temp(inv_temp),
-                                                            MMLOSS_PROBLEM_FROM_PARAMS, lse, row_weight, chunk_rows),
+                                                            MMLOSS_PROBLEM_FROM_PARAMS, lse, row_weight, chunk_rows,
+                                                            chunk_cols),
                            need_temp_grad);
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward_symmetric_cpu(const Tensor& query, const Tensor& key,
                                                          const Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
-                                                         int64_t chunk_rows) {
+                                                         int64_t chunk_rows, int64_t chunk_cols) {
   return mmloss::contrastive_forward_symmetric_cpu(query, key, read_inv_temp(inv_temp), MMLOSS_PROBLEM_FROM_PARAMS,
-                                                   chunk_rows);
+                                                   chunk_rows, chunk_cols);
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_symmetric_cpu(const Tensor& query, const Tensor& key,
                                                           const Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
                                                           const Tensor& lse, const Tensor& lse_col,
                                                           const Tensor& row_weight, const Tensor& col_weight,
-                                                          bool need_temp_grad, int64_t chunk_rows) {
+                                                          bool need_temp_grad, int64_t chunk_rows,
+                                                          int64_t chunk_cols) {
   return without_temp_grad(
       mmloss::contrastive_backward_symmetric_cpu(query, key, read_inv_temp(inv_temp), MMLOSS_PROBLEM_FROM_PARAMS, lse,
-                                                 lse_col, row_weight, col_weight, chunk_rows),
+                                                 lse_col, row_weight, col_weight, chunk_rows, chunk_cols),
       need_temp_grad);
 }
 
 #define MMLOSS_OP(name, inputs, outputs) \
-  name "(Tensor query, Tensor key, Tensor inv_temp" MMLOSS_PROBLEM_SCHEMA inputs ", int chunk_rows) -> " outputs
+  name "(Tensor query, Tensor key, Tensor inv_temp" MMLOSS_PROBLEM_SCHEMA inputs ", int chunk_rows, int chunk_cols) -> " outputs
 
 }  // namespace
 

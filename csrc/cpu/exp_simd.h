@@ -6,6 +6,11 @@
 #include <cstring>
 
 namespace mmloss {
+// strip_kernels.cpp compiles this header once per instruction set (MMLOSS_CPU_ISA): each copy
+// in its own inline namespace, so that the linker never mixes them.
+#ifdef MMLOSS_CPU_ISA
+inline namespace MMLOSS_CPU_ISA {
+#endif
 
 // Relative error below 1e-15 on [-708, 709]; 0 below -708 and for -inf; NaN for NaN.
 // Range reduction x = k ln2 + r with |r| <= ln2/2, then a degree-12 Taylor polynomial for e^r,
@@ -38,4 +43,7 @@ inline double exp_simd(double x) {
   return x < -708.0 ? 0.0 : p * scale;
 }
 
+#ifdef MMLOSS_CPU_ISA
+}  // namespace MMLOSS_CPU_ISA
+#endif
 }  // namespace mmloss

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "mmloss/tile_math.h"
+#include "row_norms.h"
 
 namespace mmloss {
 namespace {
@@ -24,12 +25,12 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// x (rows, d) in the compute dtype, rows scaled to unit norm when `normalize`: a new tensor.
+// x (rows, d) in the compute dtype, rows scaled to unit norm when `normalize` (norms that
+// cannot overflow: row_norms.h): a new tensor.
 at::Tensor prepared(const at::Tensor& x, at::ScalarType type, bool normalize) {
-  at::Tensor y = x.to(type).contiguous();
-  if (!normalize) return y;
-  at::Tensor inv = at::linalg_vector_norm(y, 2, {1}, /*keepdim=*/true).clamp_min(kNormEps).reciprocal();
-  return y * inv;
+  if (!normalize) return x.to(type).contiguous();
+  const RowScaling rows = row_scaling(x, type);
+  return (scaled_rows(x, rows, type) * rows.inv.unsqueeze(1)).contiguous();
 }
 
 // Monotone integer image of a float: a < b (as numbers) => key(a) < key(b); -0 and +0 map alike.

@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad_tile_kernel(const TileArgs p
     }
 }
 
-// out = g · prod - coef x per row (tile_math.h's normalize_grad_coef), one element per thread.
+// out = g · prod - coef x per row (tile_math.h's normalize_grad_radial), one element per thread.
 template <typename P, typename T>
 __global__ void finish_kernel(const P* __restrict__ prod, int64_t stride_p, const T* __restrict__ x, int64_t stride_x,
                               T* __restrict__ out, int64_t stride_o, const float* __restrict__ inv_norm,
@@ -120,8 +120,8 @@ __global__ void finish_kernel(const P* __restrict__ prod, int64_t stride_p, cons
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / D;
     const int c = int(idx - r * D);
-    const float coef = normalize_grad_coef(inv_norm[r], radial[r]);
-    out[r * stride_o + c] = from_float<T>(g * to_float(prod[r * stride_p + c]) - coef * to_float(x[r * stride_x + c]));
+    const float radial_term = normalize_grad_radial(inv_norm[r], radial[r], to_float(x[r * stride_x + c]));
+    out[r * stride_o + c] = from_float<T>(g * to_float(prod[r * stride_p + c]) - radial_term);
   }
 }
 

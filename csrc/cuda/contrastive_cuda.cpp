@@ -148,7 +148,7 @@ int multiprocessors(int device) {
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                 const at::Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
-                                                int64_t /*chunk_rows*/) {
+                                                int64_t /*chunk_rows*/, int64_t /*chunk_cols*/) {
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
   Prepared p = prepare(query, key, inv_temp, MMLOSS_PROBLEM_FROM_PARAMS, stream);
@@ -156,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& query, const a
   const auto f32 = query.options().dtype(at::kFloat);
   const int splits = forward_splits(M, p.args.N, multiprocessors(query.device().index()));
   at::Tensor partial = at::empty({3 * int64_t(splits) * M}, f32);
-  at::Tensor lse = at::empty({M}, f32), pos_logit = at::empty({M}, f32);
-  check_launch(launch_forward(p.args, splits, partial.data_ptr<float>(), lse.data_ptr<float>(),
+  at::Tensor lse = at::empty({M}, query.options().dtype(at::kDouble)), pos_logit = at::empty({M}, f32);
+  check_launch(launch_forward(p.args, splits, partial.data_ptr<float>(), lse.data_ptr<double>(),
                               pos_logit.data_ptr<float>(), stream),
                "forward_kernel");
   return {lse, pos_logit};
@@ -172,7 +172,8 @@ at::Tensor regular_max(const at::Tensor& inv_norm) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& query, const at::Tensor& key,
                                                              const at::Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
                                                              const at::Tensor& lse, const at::Tensor& row_weight,
-                                                             bool need_temp_grad, int64_t chunk_rows) {
+                                                             bool need_temp_grad, int64_t chunk_rows,
+                                                             int64_t /*chunk_cols*/) {
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
   Prepared p = prepare(query, key, inv_temp, MMLOSS_PROBLEM_FROM_PARAMS, stream);

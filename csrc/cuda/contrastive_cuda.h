@@ -66,9 +66,11 @@ int forward_splits(int64_t M, int64_t N, int sms);
 cudaError_t launch_inv_norms(DType dtype, const void* x, int64_t stride, int64_t rows, int D, float* out,
                              cudaStream_t stream);
 
-// lse (M,) over the block's allowed columns (-inf if none) and pos_logit (M,) (0 if the
-// positive is not in the block), fp32. `partial` is scratch of 3 · splits · M floats.
-cudaError_t launch_forward(const TileArgs& args, int splits, float* partial, float* lse, float* pos_logit,
+// lse (M,) float64 over the block's allowed columns (-inf if none; pos_logit + the row's loss
+// when the positive is in the block, so that lse - pos_logit keeps the loss's relative accuracy)
+// and pos_logit (M,) fp32 (0 if the positive is not in the block). `partial` is scratch of
+// 3 · splits · M floats.
+cudaError_t launch_forward(const TileArgs& args, int splits, float* partial, double* lse, float* pos_logit,
                            cudaStream_t stream);
 
 // H_ij = a_i b_j G_ij / g into the scratch, and the row/column sums of GradArgs.

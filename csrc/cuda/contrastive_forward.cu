@@ -11,7 +11,9 @@ namespace {
 
 constexpr int kNormWarps = 8;
 
-// One warp per row: a_i = 1 / max(‖x_i‖, ε), fp32 sums of squares.
+// One warp per row: a_i = 1 / max(‖x_i‖, ε), float64 sums of squares: the squares of any
+// fp32/16-bit row fit there (fp32 sums overflow from norms of about 1.8e19), and the norm kernel
+// reads each row once, so its float64 FMAs cost nothing next to the loads.
 template <typename T>
 __global__ void __launch_bounds__(32 * kNormWarps)
     inv_norm_kernel(const T* __restrict__ x, int64_t stride, int64_t rows, int D, float* __restrict__ out) {
@@ -19,18 +21,25 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const T* xr = x + row * stride;
-  float sq = 0.f;
+  double sq = 0.0;
   for (int c = lane; c < D; c += 32) {
-    const float v = to_float(xr[c]);
-    sq = fmaf(v, v, sq);
+    const double v = to_float(xr[c]);
+    sq = fma(v, v, sq);
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-  if (lane == 0) out[row] = 1.f / fmaxf(sqrtf(sq), float(kNormEps));
+  if (lane == 0) out[row] = float(1.0 / fmax(sqrt(sq), kNormEps));
 }
 
+// The positive's logit of a row when one of two disjoint column sets has it (-inf = absent;
+// a NaN positive stays NaN, which fmaxf would drop).
+__device__ __forceinline__ float merge_pos(float a, float b) { return a == -INFINITY ? b : a; }
+
 // Partial results of column split blockIdx.y for rows [64 blockIdx.x, +64): per row the
-// log-sum-exp accumulator {max, sum} and the positive's logit, at partial[(3 split + k) M + i].
+// log-sum-exp accumulator {max over every column, sum over the columns other than the
+// positive} and the positive's logit (-inf when not in the split), at partial[(3 split + k) M + i].
+// Keeping the positive out of the sum lets the combine form the row's loss with log1p, so a
+// nearly solved row (P_pos ~ 1) keeps its relative accuracy in fp32.
 template <typename T, bool ADAPTIVE, bool FILTER>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const TileArgs p, int tiles_per_split, float* __restrict__ partial) {
@@ -49,7 +58,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row_lse[mi][h] = {-INFINITY, 0.f};
-      row_pos[mi][h] = 0.f;
+      row_pos[mi][h] = -INFINITY;
     }
 
   for (int64_t tile_n = first; tile_n < last; ++tile_n) {
@@ -60,24 +69,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float logit[NT][2];
+        bool positive[NT][2];
         float tile_max = -INFINITY;  // NaN logits never win: they reach the sum through exp
 #pragma unroll
         for (int ni = 0; ni < NT; ++ni)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            bool is_positive;
-            logit[ni][e] = tile.element(p, inv_temp, mi, ni, h, e, is_positive).logit;
+            logit[ni][e] = tile.element(p, inv_temp, mi, ni, h, e, positive[ni][e]).logit;
             tile_max = logit[ni][e] > tile_max ? logit[ni][e] : tile_max;
-            row_pos[mi][h] += is_positive ? logit[ni][e] : 0.f;
+            if (positive[ni][e]) row_pos[mi][h] = logit[ni][e];
           }
-        // The online update: rescale to the new max, then add this tile's terms.
+        // The online update: rescale to the new max, then add this tile's terms but the positive's.
         LseAcc<float>& acc = row_lse[mi][h];
         acc = lse_rescale(acc, acc.max > tile_max ? acc.max : tile_max, exp_f);
         const float shift = lse_shift(acc.max);
 #pragma unroll
         for (int ni = 0; ni < NT; ++ni)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) acc.sum += exp_f(logit[ni][e] - shift);
+          for (int e = 0; e < 2; ++e) acc.sum += positive[ni][e] ? 0.f : exp_f(logit[ni][e] - shift);
       }
   }
 
@@ -93,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const LseAcc<float> other{__shfl_xor_sync(0xffffffffu, acc.max, off),
                                   __shfl_xor_sync(0xffffffffu, acc.sum, off)};
         acc = lse_combine(acc, other, exp_f);
-        row_pos[mi][h] += __shfl_xor_sync(0xffffffffu, row_pos[mi][h], off);
+        row_pos[mi][h] = merge_pos(row_pos[mi][h], __shfl_xor_sync(0xffffffffu, row_pos[mi][h], off));
       }
       if (lane % 4 == 0) {
         const int r = local_row(mi, h);
@@ -110,23 +119,34 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t i = row0 + r, base = 3 * int64_t(blockIdx.y) * p.M;
     partial[base + i] = acc.max;
     partial[base + p.M + i] = acc.sum;
-    partial[base + 2 * p.M + i] = reduced[0][2][r] + reduced[1][2][r];
+    partial[base + 2 * p.M + i] = merge_pos(reduced[0][2][r], reduced[1][2][r]);
   }
 }
 
-// lse_i and pos_logit_i from the splits' partial results, one thread per row.
-__global__ void combine_kernel(const float* __restrict__ partial, int splits, int64_t M, float* __restrict__ lse,
+// lse_i (float64) and pos_logit_i from the splits' partial results, one thread per row. With the
+// positive in the block (logit p, max m >= p, s the sum of exp(logit - m) over the other
+// columns): lse = p + loss, loss = δ + log1p(expm1(-δ) + s) with δ = m - p, computed in fp32
+// with fp32's relative accuracy (δ = 0 and loss = log1p(s) when the positive is the max), then
+// added to p in float64 so that lse - pos_logit returns it; without it: m + log(s).
+__global__ void combine_kernel(const float* __restrict__ partial, int splits, int64_t M, double* __restrict__ lse,
                                float* __restrict__ pos_logit) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M) return;
   LseAcc<float> acc{-INFINITY, 0.f};
-  float pos = 0.f;
+  float pos = -INFINITY;
   for (int s = 0; s < splits; ++s) {
     const int64_t base = 3 * int64_t(s) * M;
     acc = lse_combine(acc, LseAcc<float>{partial[base + i], partial[base + M + i]}, exp_f);
-    pos += partial[base + 2 * M + i];
+    pos = merge_pos(pos, partial[base + 2 * M + i]);
   }
-  lse[i] = lse_value(acc);
+  if (pos == -INFINITY) {  // the positive is in another block, or the row is ignored
+    lse[i] = lse_value(acc);
+    pos_logit[i] = 0.f;
+    return;
+  }
+  const float delta = lse_shift(acc.max) - pos;
+  const float loss = delta + log1pf(expm1f(-delta) + acc.sum);
+  lse[i] = double(pos) + double(loss);
   pos_logit[i] = pos;
 }
 
@@ -179,7 +199,7 @@ cudaError_t launch_inv_norms(DType dtype, const void* x, int64_t stride, int64_t
   return cudaGetLastError();
 }
 
-cudaError_t launch_forward(const TileArgs& p, int splits, float* partial, float* lse, float* pos_logit,
+cudaError_t launch_forward(const TileArgs& p, int splits, float* partial, double* lse, float* pos_logit,
                            cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
   switch (p.dtype) {

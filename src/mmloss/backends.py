@@ -238,7 +238,7 @@ def build_info() -> Dict[str, object]:
         "mmloss._C": extension_error() if ext is None else "built",
     }
     if ext is not None:
-        info["compiled CPU kernels"] = f"yes (OpenMP: {ext.openmp_threads() or 'off'})"
+        info["compiled CPU kernels"] = f"yes (OpenMP: {ext.openmp_threads() or 'off'}; ISA: {ext.cpu_isa()})"
         info["compiled CUDA kernels"] = ", ".join(f"sm_{a}" for a in ext.cuda_archs()) if ext.has_cuda() else "no"
     try:
         import triton

@@ -110,4 +110,5 @@ def contrastive_loss(
     if reduction == "none":
         return share * sum(ContrastiveRows.apply(a, b, inv_temp, p, kernel_module) for a, b, p in directions)
     total = share * sum(_direction_sum(a, b, inv_temp, p, kernel_module) for a, b, p in directions)
-    return total if reduction == "sum" else total / problem.valid_rows.sum()
+    # A mean over no valid rows is a zero loss with zero gradients (not 0/0).
+    return total if reduction == "sum" else total / problem.valid_rows.sum().clamp(min=1)

@@ -1,9 +1,12 @@
 """The compiled CPU backend: `backend="cpu"`, the kernel contract of mmloss.backends on the
 torch.ops.mmloss.* ops of mmloss._C (schemas: csrc/ops.cpp; fakes: mmloss.library).
 
-Rows are processed in strips against the whole key block. A strip's tiles (similarity, and
-one per teacher) take at most MMLOSS_CPU_SCRATCH_MB (default 4 MiB) unless that leaves fewer
-than MIN_STRIP_ROWS rows, which keep the GEMMs compute-bound: never M × N.
+Rows are processed in strips, each strip in column tiles of the key block. A strip's tiles
+(similarity, and one per teacher) take at most MMLOSS_CPU_SCRATCH_MB (default 4 MiB), whatever
+M and N: a strip spans every column while that leaves it MIN_FULL_ROWS rows (then the fused
+forward+gradient is one pass of 3 GEMMs), else tiles are MIN_STRIP_ROWS rows by what the budget
+leaves of columns (at least MIN_TILE_COLS), which keeps the GEMMs compute-bound; the fused path
+then takes a second pass over the tiles (4 GEMMs).
 """
 
 from __future__ import annotations
@@ -16,15 +19,21 @@ from mmloss import library  # noqa: F401  (the ops and their fakes)
 from mmloss.kernel_common import inv_temp_tensor, rows_within, scratch_bytes
 from mmloss.problem import LossProblem
 
+MIN_FULL_ROWS = 128
 MIN_STRIP_ROWS = 256
+MIN_TILE_COLS = 64
 ops = torch.ops.mmloss
 
 
-def strip_rows(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> int:
-    """Rows per strip: what the scratch budget allows for the strip's tiles, at least MIN_STRIP_ROWS."""
+def tile_shape(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> Tuple[int, int]:
+    """(rows, columns) of a strip's tiles within the scratch budget (see the module docstring)."""
     tiles = 1 + problem.adaptive_margin + problem.has_filter
-    item = 8 if query.dtype == torch.float64 else 4
-    return rows_within(scratch_bytes("cpu"), item * key.shape[0] * tiles, minimum=MIN_STRIP_ROWS)
+    item = (8 if query.dtype == torch.float64 else 4) * tiles
+    budget = scratch_bytes("cpu")
+    n = max(key.shape[0], 1)
+    if budget >= MIN_FULL_ROWS * n * item:
+        return rows_within(budget, item * n), n
+    return MIN_STRIP_ROWS, rows_within(budget, item * MIN_STRIP_ROWS, minimum=MIN_TILE_COLS)
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
@@ -38,27 +47,27 @@ def _args(query, key, inv_temp, problem: LossProblem) -> tuple:
 
 
 def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, torch.Tensor]:
-    return ops.contrastive_forward(*_args(query, key, inv_temp, problem), strip_rows(query, key, problem))
+    return ops.contrastive_forward(*_args(query, key, inv_temp, problem), *tile_shape(query, key, problem))
 
 
 def forward_with_grad(query, key, inv_temp, problem: LossProblem):
     """lse, pos_logit and the gradients of Σ_{valid i} loss_i in one pass (3 GEMMs, no recompute)."""
     weight = problem.valid_rows.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
     return ops.contrastive_forward_with_grad(*_args(query, key, inv_temp, problem), weight,
-                                             strip_rows(query, key, problem))
+                                             *tile_shape(query, key, problem))
 
 
 def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
              ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     d_query, d_key, d_inv_temp = ops.contrastive_backward(*_args(query, key, inv_temp, problem), lse, row_weight,
-                                                          bool(need_temp_grad), strip_rows(query, key, problem))
+                                                          bool(need_temp_grad), *tile_shape(query, key, problem))
     return d_query, d_key, d_inv_temp if need_temp_grad else None
 
 
 def forward_symmetric(query, key, inv_temp, problem: LossProblem):
     """Row lse (M,), column lse (N,) and the diagonal logit (M,) of a symmetric loss in one
     pass: the column sums come from the same strips (one more exp per element)."""
-    return ops.contrastive_forward_symmetric(*_args(query, key, inv_temp, problem), strip_rows(query, key, problem))
+    return ops.contrastive_forward_symmetric(*_args(query, key, inv_temp, problem), *tile_shape(query, key, problem))
 
 
 def backward_symmetric(query, key, inv_temp, problem: LossProblem, lse, lse_col, row_weight, col_weight,
@@ -67,5 +76,5 @@ def backward_symmetric(query, key, inv_temp, problem: LossProblem, lse, lse_col,
     forward, against 6 for two directions)."""
     d_query, d_key, d_inv_temp = ops.contrastive_backward_symmetric(
         *_args(query, key, inv_temp, problem), lse, lse_col, row_weight, col_weight, bool(need_temp_grad),
-        strip_rows(query, key, problem))
+        *tile_shape(query, key, problem))
     return d_query, d_key, d_inv_temp if need_temp_grad else None

@@ -34,10 +34,11 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
 
 
 def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, torch.Tensor]:
-    """lse (M,) fp32 over this key block's allowed columns (-inf if none) and the positive's
-    logit (M,) fp32 (0 when the positive is not in this block)."""
+    """lse (M,) float64 over this key block's allowed columns (-inf if none; the positive's
+    logit plus the row's loss when the positive is here, so that lse - pos_logit keeps a nearly
+    solved row's relative accuracy) and the positive's logit (M,) fp32 (0 when not here)."""
     return torch.ops.mmloss.contrastive_forward(
-        query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), 0)
+        query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), 0, 0)
 
 
 def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
@@ -47,5 +48,5 @@ def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_t
     rows = row_chunk(query.shape[0], key.shape[0], query.element_size())
     d_query, d_key, d_inv_temp = torch.ops.mmloss.contrastive_backward(
         query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), lse, row_weight,
-        bool(need_temp_grad), rows)
+        bool(need_temp_grad), rows, 0)
     return d_query, d_key, d_inv_temp if need_temp_grad else None

@@ -95,12 +95,13 @@ def _loss_relative_to_positive(logits: torch.Tensor, pos_logit: torch.Tensor, is
 
 
 def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Per-row losses (M,) to the requested reduction; "mean" divides by the non-ignored rows."""
+    """Per-row losses (M,) to the requested reduction; "mean" divides by the non-ignored rows
+    (a mean over none is 0, with zero gradients)."""
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
-    return rows.sum() / valid.sum()
+    return rows.sum() / valid.sum().clamp(min=1)
 
 
 def contrastive_loss_reference(

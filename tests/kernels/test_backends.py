@@ -18,10 +18,11 @@ def widest(backend: str) -> torch.dtype:
 
 @pytest.fixture
 def small_strips(monkeypatch, backend):
-    """Makes the cpu backend cut its rows into strips of 3 rows."""
+    """Makes the cpu backend cut its rows into strips of 3 rows and its columns into tiles of 5."""
     if backend == "cpu":
         monkeypatch.setenv("MMLOSS_CPU_SCRATCH_MB", "0")
         monkeypatch.setattr("mmloss.cpu.MIN_STRIP_ROWS", 3)
+        monkeypatch.setattr("mmloss.cpu.MIN_TILE_COLS", 5)
 
 
 @pytest.mark.parametrize("features", list(FEATURES))
@@ -138,3 +139,22 @@ def test_cpu_symmetric_is_one_pass(backend, device, monkeypatch):
     case = make_case(30, 30, 12, "symmetric_all", seed=17, device=device)
     assert_matches_reference(case, backend, torch.float64, learn_temperature=True)
     assert calls == ["contrastive_forward_symmetric", "contrastive_backward_symmetric"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ["reference", "kernel"])
+def test_all_rows_ignored_is_a_zero_loss_with_zero_gradients(backend, device, reduction, name):
+    """A term whose rows are all ignored (a mean over no rows): loss 0 and zero gradients on
+    every backend and reduction (the cpu fused path gave NaN gradients: 0 · 1/0)."""
+    torch.manual_seed(0)
+    dtype = widest(backend)
+    q = torch.randn(4, 8, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(5, 8, dtype=dtype, device=device, requires_grad=True)
+    t = torch.tensor(0.05, dtype=dtype, device=device, requires_grad=True)
+    positives = torch.full((4,), -100, device=device)
+    loss = mmloss.contrastive_loss(q, k, positives=positives, temperature=t, reduction=reduction, margin=0.1,
+                                   backend=backend if name == "kernel" else "reference")
+    assert torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    for g in (q.grad, k.grad, t.grad):
+        assert g is not None and torch.equal(g, torch.zeros_like(g))

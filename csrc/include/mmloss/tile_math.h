@@ -13,6 +13,11 @@
 #endif
 
 namespace mmloss {
+// strip_kernels.cpp compiles this header once per instruction set (MMLOSS_CPU_ISA): each copy
+// in its own inline namespace, so that the linker never mixes them.
+#ifdef MMLOSS_CPU_ISA
+inline namespace MMLOSS_CPU_ISA {
+#endif
 
 // ε of F.normalize: â = a / max(‖a‖, ε).
 constexpr double kNormEps = 1e-12;
@@ -195,4 +200,14 @@ MMLOSS_HD A normalize_grad_coef(T inv, A radial) {
   return inv < T(1.0 / kNormEps) ? A(inv) * A(inv) * radial : A(0);
 }
 
+// The same radial term coef · x_c for one entry x_c, as (inv · radial) · (inv · x_c): each
+// factor stays in range for rows of any norm (inv² alone underflows fp32 for norms above ~1e19).
+template <typename T, typename A>
+MMLOSS_HD A normalize_grad_radial(T inv, A radial, A x) {
+  return inv < T(1.0 / kNormEps) ? (A(inv) * radial) * (A(inv) * x) : A(0);
+}
+
+#ifdef MMLOSS_CPU_ISA
+}  // namespace MMLOSS_CPU_ISA
+#endif
 }  // namespace mmloss

@@ -32,20 +32,21 @@ def _problem_call(features: str, dtype=torch.float64, seed: int = 4, M: int = 9,
 
 
 def _calls(features: str, dtype=torch.float64):
-    """{op name: its argument tuple} for every op on one case (lse from the forward ops)."""
+    """{op name: its argument tuple} for every op on one case (lse from the forward ops), in
+    strips of 4 rows and column tiles of 5."""
     q, k, t, problem = _problem_call(features, dtype)
     lead = (q, k, t, *problem.kernel_args())
     weight = problem.valid_rows.double() * torch.linspace(0.5, 1.5, q.shape[0], dtype=torch.float64)
-    lse, _ = torch.ops.mmloss.contrastive_forward(*lead, 4)
+    lse, _ = torch.ops.mmloss.contrastive_forward(*lead, 4, 5)
     calls = {
-        "contrastive_forward": (*lead, 4),
-        "contrastive_forward_with_grad": (*lead, weight, 4),
-        "contrastive_backward": (*lead, lse, weight, True, 4),
+        "contrastive_forward": (*lead, 4, 5),
+        "contrastive_forward_with_grad": (*lead, weight, 4, 5),
+        "contrastive_backward": (*lead, lse, weight, True, 4, 5),
     }
     if problem.positives.shape[0] == k.shape[0]:  # symmetric cases: M == N, diagonal positives
-        lse, lse_col, _ = torch.ops.mmloss.contrastive_forward_symmetric(*lead, 4)
-        calls["contrastive_forward_symmetric"] = (*lead, 4)
-        calls["contrastive_backward_symmetric"] = (*lead, lse, lse_col, weight, weight.flip(0), True, 4)
+        lse, lse_col, _ = torch.ops.mmloss.contrastive_forward_symmetric(*lead, 4, 5)
+        calls["contrastive_forward_symmetric"] = (*lead, 4, 5)
+        calls["contrastive_backward_symmetric"] = (*lead, lse, lse_col, weight, weight.flip(0), True, 4, 5)
     return calls
 
 
@@ -69,32 +70,33 @@ def test_every_op_takes_the_problem_fields_in_their_python_order():
         arguments = [a.name for a in schema.arguments]
         assert tuple(arguments[:3]) == LEADING, op
         assert tuple(arguments[3:3 + len(KERNEL_FIELDS)]) == KERNEL_FIELDS, op
-        assert arguments[-1] == "chunk_rows", op
+        assert tuple(arguments[-2:]) == ("chunk_rows", "chunk_cols"), op
 
 
+@pytest.mark.parametrize("cols", [0, 4], ids=["all_columns", "column_tiles"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_results_agree_between_ops(dtype):
+def test_results_agree_between_ops(dtype, cols):
     """forward_with_grad = forward + backward with the rows' weights; the symmetric forward's
     lse = forward's, and its column lse = the transposed problem's forward; the symmetric
     backward with zero column weights = the one-direction backward."""
     q, k, t, problem = _problem_call("symmetric_all", dtype, seed=11, M=13, N=13)
     lead = (q, k, t, *problem.kernel_args())
     weight = problem.valid_rows.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    lse, pos = torch.ops.mmloss.contrastive_forward(*lead, 5)
-    fused = torch.ops.mmloss.contrastive_forward_with_grad(*lead, weight, 5)
-    grads = torch.ops.mmloss.contrastive_backward(*lead, lse, weight, True, 5)
+    lse, pos = torch.ops.mmloss.contrastive_forward(*lead, 5, cols)
+    fused = torch.ops.mmloss.contrastive_forward_with_grad(*lead, weight, 5, cols)
+    grads = torch.ops.mmloss.contrastive_backward(*lead, lse, weight, True, 5, cols)
     for got, want in zip(fused, (lse, pos, *grads)):
         torch.testing.assert_close(got, want)
-    lse_s, lse_col, pos_s = torch.ops.mmloss.contrastive_forward_symmetric(*lead, 5)
-    col_lse, _ = torch.ops.mmloss.contrastive_forward(k, q, t, *problem.transposed().kernel_args(), 5)
+    lse_s, lse_col, pos_s = torch.ops.mmloss.contrastive_forward_symmetric(*lead, 5, cols)
+    col_lse, _ = torch.ops.mmloss.contrastive_forward(k, q, t, *problem.transposed().kernel_args(), 5, cols)
     torch.testing.assert_close(lse_s, lse)
     torch.testing.assert_close(pos_s, pos)
     torch.testing.assert_close(lse_col, col_lse)
     sym = torch.ops.mmloss.contrastive_backward_symmetric(*lead, lse, lse_col, weight, torch.zeros_like(weight),
-                                                          True, 5)
+                                                          True, 5, cols)
     for got, want in zip(sym, grads):
         torch.testing.assert_close(got, want)
-    _, _, no_temp = torch.ops.mmloss.contrastive_backward(*lead, lse, weight, False, 5)
+    _, _, no_temp = torch.ops.mmloss.contrastive_backward(*lead, lse, weight, False, 5, cols)
     assert float(no_temp) == 0.0 and float(grads[2]) != 0.0
 
 
@@ -103,8 +105,8 @@ def test_fakes_give_dtypes_and_shapes():
     q, k, t, problem = _problem_call("plain", torch.float32, M=5, N=8)
     lead = (q, k, t, *problem.kernel_args())
     with FakeTensorMode(allow_non_fake_inputs=True):
-        lse, pos = torch.ops.mmloss.contrastive_forward(*lead, 0)
-        dq, dk, dt = torch.ops.mmloss.contrastive_backward(*lead, lse, lse.float(), False, 0)
+        lse, pos = torch.ops.mmloss.contrastive_forward(*lead, 0, 0)
+        dq, dk, dt = torch.ops.mmloss.contrastive_backward(*lead, lse, lse.float(), False, 0, 0)
     assert lse.shape == pos.shape == (5,) and lse.dtype == torch.float64  # the CPU keeps lse in double
     assert dq.shape == q.shape and dk.shape == k.shape and dq.dtype == torch.float32 and dt.dtype == torch.float64
     assert dt.dim() == 0
@@ -115,16 +117,16 @@ def test_ops_reject_inputs_of_the_wrong_length():
     it, never a read past its end."""
     q, k, t, problem = _problem_call("all", M=9, N=11)
     lead = (q, k, t, *problem.kernel_args())
-    lse, _ = torch.ops.mmloss.contrastive_forward(*lead, 4)
+    lse, _ = torch.ops.mmloss.contrastive_forward(*lead, 4, 0)
     weight = problem.valid_rows.double()
     with pytest.raises(RuntimeError, match="row_weight must have 1 dimension"):
-        torch.ops.mmloss.contrastive_backward(*lead, lse, weight[:-1], True, 4)
+        torch.ops.mmloss.contrastive_backward(*lead, lse, weight[:-1], True, 4, 0)
     with pytest.raises(RuntimeError, match="lse must have 1 dimension"):
-        torch.ops.mmloss.contrastive_backward(*lead, lse[:3], weight, True, 4)
+        torch.ops.mmloss.contrastive_backward(*lead, lse[:3], weight, True, 4, 0)
     import dataclasses
     short = dataclasses.replace(problem, key_groups=problem.key_groups[:-1])
     with pytest.raises(RuntimeError, match="key_groups must have"):
-        torch.ops.mmloss.contrastive_forward(q, k, t, *short.kernel_args(), 4)
+        torch.ops.mmloss.contrastive_forward(q, k, t, *short.kernel_args(), 4, 0)
     unpaired = dataclasses.replace(problem, filter_key=None)
     with pytest.raises(RuntimeError, match="filter_query .* come together"):
-        torch.ops.mmloss.contrastive_forward(q, k, t, *unpaired.kernel_args(), 4)
+        torch.ops.mmloss.contrastive_forward(q, k, t, *unpaired.kernel_args(), 4, 0)

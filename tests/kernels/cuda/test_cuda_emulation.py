@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+import mmloss
 from mmloss import backends
 from mmloss.checks import build_problem
 
@@ -166,3 +167,47 @@ def test_a_bad_launch_reaches_the_launchers_error():
     finally:
         lib.emu_free_tile_args(ctypes.c_void_p(p.args))
     assert err != 0 and lib.emu_error_string(err) == b"invalid launch configuration"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_query_rows_whose_squares_overflow_fp32(dtype, monkeypatch):
+    """Query rows of norm ~2^82 (their fp32 sums of squares overflow; keys of norm ~1, so the
+    raw products stay in range): float64 sums of squares in the norm kernel, and the finish's
+    radial term as (inv · radial) · (inv · x) (inv² underflows fp32). Loss and gradients against
+    the float64 reference on the same rows at scale 1 (cosines do not change, dL/dq scales by
+    1/s). Before: inverse norm 0, so every cosine 0 and a loss of log N."""
+    plan(monkeypatch, streamed=False, chunked=True)
+    case = make_case(70, 66, 40, "all", seed=3)
+    scale = 2.0 ** 80
+    q = (case.query.double() * scale).to(dtype).requires_grad_(True)
+    k = case.key.to(dtype).requires_grad_(True)
+    q0 = (q.detach().double() / scale).requires_grad_(True)
+    k0 = k.detach().double().requires_grad_(True)
+    got = mmloss.contrastive_loss(q, k, temperature=case.temperature, backend="cuda", **case.kwargs)
+    want = mmloss.contrastive_loss(q0, k0, temperature=case.temperature, backend="reference", **case.kwargs)
+    got.backward()
+    want.backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=0)
+    for g, ref in ((q.grad, q0.grad / scale), (k.grad, k0.grad)):
+        torch.testing.assert_close(g.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_nearly_solved_rows_keep_their_relative_accuracy_in_fp32():
+    """A near-duplicate positive at τ = 0.05 (true loss ~1e-6): lse - pos_logit once cancelled
+    in fp32 (0.0 or a few ulps of lse ~ 20); the kernels carry the loss relative to the
+    positive's logit (log1p of the off-positive sum), so each row loss keeps fp32's relative
+    accuracy, in the streamed and the split forward alike."""
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    query = key + 1e-3 * torch.randn(70, 32, generator=g, dtype=torch.float64)
+    t = 0.05
+    want = mmloss.contrastive_loss(query, key, temperature=t, reduction="none", backend="reference")
+    assert 0 < float(want.min()) and float(want.max()) < 1e-3
+    for sms in (1, 100):
+        emulated.SMS, saved = sms, emulated.SMS
+        try:
+            got = mmloss.contrastive_loss(query.float(), key.float(), temperature=t, reduction="none", backend="cuda")
+        finally:
+            emulated.SMS = saved
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=0)

@@ -31,9 +31,9 @@ def test_ops_match_the_cpu_backend_and_trace_under_torch_compile():
     q, k, inv_temp, rest, problem = _op_args(case)
 
     def loss_terms(q, k, inv_temp):
-        lse, pos = torch.ops.mmloss.contrastive_forward(q, k, inv_temp, *rest, 3)
+        lse, pos = torch.ops.mmloss.contrastive_forward(q, k, inv_temp, *rest, 3, 0)
         weight = problem.valid_rows.double()
-        dq, dk, dt = torch.ops.mmloss.contrastive_backward(q, k, inv_temp, *rest, lse, weight, True, 3)
+        dq, dk, dt = torch.ops.mmloss.contrastive_backward(q, k, inv_temp, *rest, lse, weight, True, 3, 0)
         return lse, pos, dq, dk, dt
 
     eager = loss_terms(q, k, inv_temp)

@@ -65,7 +65,7 @@ int emu_inv_norms(int dtype, const void* x, int64_t stride, int64_t rows, int D,
   return mmloss::cuda::launch_inv_norms(DType(dtype), x, stride, rows, D, out, kStream);
 }
 
-int emu_forward(const TileArgs* a, int splits, float* partial, float* lse, float* pos_logit) {
+int emu_forward(const TileArgs* a, int splits, float* partial, double* lse, float* pos_logit) {
   return mmloss::cuda::launch_forward(*a, splits, partial, lse, pos_logit, kStream);
 }
 

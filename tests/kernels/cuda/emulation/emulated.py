@@ -134,7 +134,8 @@ def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, t
     try:
         splits = lib.emu_forward_splits(_i64(p.M), _i64(p.N), SMS)
         partial = torch.full((3 * splits * p.M,), float("nan"))
-        lse, pos_logit = torch.full((p.M,), float("nan")), torch.full((p.M,), float("nan"))
+        lse = torch.full((p.M,), float("nan"), dtype=torch.float64)
+        pos_logit = torch.full((p.M,), float("nan"))
         _check(lib.emu_forward(ctypes.c_void_p(p.args), splits, _ptr(partial), _ptr(lse), _ptr(pos_logit)),
                "forward_kernel")
     finally:
