@@ -338,7 +338,8 @@ def global_contrastive_loss(
     dist.all_reduce(totals, group=group)
     share = layout.world * rows.sum()
     value = totals[0]
-    if reduction == "mean":
-        share, value = share / totals[1].to(share.dtype), value / totals[1]
+    if reduction == "mean":  # a mean over no valid row is 0 (docs/contract.md §1)
+        count = totals[1].clamp(min=1)
+        share, value = share / count.to(share.dtype), value / count
     # The value of the single-process loss with the gradient of W times this rank's share.
     return share + (value.to(share.dtype) - share).detach()

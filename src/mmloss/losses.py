@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmloss.checks import Temperature, _capturing, _check_index_tensor, check_embeddings
+from mmloss.checks import Temperature, _capturing, _check_index_tensor, _value_check, check_embeddings
 from mmloss.constants import IGNORE_INDEX
 from mmloss.contrastive import contrastive_loss
 
@@ -71,10 +71,8 @@ def _check_pair(names, first: torch.Tensor, second: torch.Tensor, rows: int, row
 def _check_targets(name: str, index, length: int, n: int, device: torch.device) -> None:
     """`index` (length,) int: positions in [0, n) or IGNORE_INDEX."""
     index = _check_index_tensor(name, index, length, device)
-    if _capturing(device):
-        return
     bad = ((index < 0) & (index != IGNORE_INDEX)) | (index >= n)
-    if bool(bad.any()):
+    if _value_check(~bad.any(), device, lambda: f"{name} must hold indices in [0, {n}) or {IGNORE_INDEX}"):
         raise ValueError(f"{name} must hold indices in [0, {n}) or {IGNORE_INDEX} (ignored); "
                          f"got {int(index[bad][0])} at position {int(bad.nonzero()[0])}")
 
@@ -117,8 +115,9 @@ class _ContrastiveMethod(nn.Module):
     def _no_valid_row(self, positives: torch.Tensor) -> bool:
         """True when no row of `positives` is valid, on any rank with global negatives (then
         every rank skips the term together, as the ranks must make the same calls). False while
-        a CUDA graph is captured (no sync): the kernels then give 0 with zero gradients."""
-        if _capturing(positives.device):
+        a CUDA graph is captured or torch.compile traces (no host read): the term's kernel call
+        then gives 0 with zero gradients, the same value."""
+        if _capturing(positives.device) or torch.compiler.is_compiling():
             return False
         valid = (positives != IGNORE_INDEX).sum()
         if self.global_negatives is not None:
