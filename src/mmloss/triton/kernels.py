@@ -222,10 +222,9 @@ def inv_norm_kernel(x_ptr, y_ptr, a_ptr, b_ptr, M, N, D, stride_x, stride_y,
 
 @triton.jit
 def _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR: tl.constexpr):
-    """1/tau in fp32: read from the device (a learnable tau, no host sync; the ops' (1,) fp64
-    tensor, kernel_common.inv_temp_tensor) or passed by value."""
+    """1/tau: read from the device (a learnable tau, no host sync) or passed by value."""
     if TEMP_PTR:
-        return tl.load(inv_temp_ptr).to(tl.float32)
+        return tl.load(inv_temp_ptr)
     else:
         return inv_temp_value
 

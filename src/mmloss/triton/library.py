@@ -11,11 +11,12 @@
 
 <fields> are mmloss.problem.KERNEL_FIELDS, in that order and with LossProblem's types: the
 schemas are generated from them (`_op`), as the mmloss._C ops' are from the same list in
-C++. 1/tau is either the tensor `inv_temp` ((1,) fp64 from kernel_common.inv_temp_tensor,
-read on the device) or, when it is None, the float `inv_temp_value` (passed by value: no
-fill launch). d_inv_temp holds a value only when need_temp_grad. The ops are opaque to
-torch.compile (fake implementations give the output shapes), so a compiled step runs the
-same kernels and host code as eager. The bodies are `ops.run_forward` and `ops.run_backward`.
+C++. 1/tau is either the 0-dim tensor `inv_temp` (read on the device, as fp32: not
+kernel_common.inv_temp_tensor's fp64, whose load spills a tile kernel) or, when it is None,
+the float `inv_temp_value` (passed by value: no fill launch). d_inv_temp holds a value only
+when need_temp_grad. The ops are opaque to torch.compile (fake implementations give the
+output shapes), so a compiled step runs the same kernels and host code as eager. The bodies
+are `ops.run_forward` and `ops.run_backward`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from mmloss.kernel_common import inv_temp_tensor
 from mmloss.problem import KERNEL_FIELDS, LossProblem
 from mmloss.triton import ops
 
@@ -115,11 +115,10 @@ def _(query, key, *args):
 
 # The kernel contract of mmloss.backends, on the ops.
 
-def _temperature(inv_temp, device: torch.device) -> Tuple[Optional[Tensor], float]:
-    """(inv_temp, inv_temp_value) of the ops: a tensor 1/tau as kernel_common.inv_temp_tensor, a float by value."""
-    if isinstance(inv_temp, Tensor):
-        return inv_temp_tensor(inv_temp, device), 0.0
-    return None, float(inv_temp)
+def _temperature(inv_temp) -> Tuple[Optional[Tensor], float]:
+    """(inv_temp, inv_temp_value) of the ops: a tensor 1/tau as it is (the op body makes it the
+    kernels' fp32), a float by value."""
+    return (inv_temp, 0.0) if isinstance(inv_temp, Tensor) else (None, float(inv_temp))
 
 
 def _d_inv_temp(temp_grad: Tensor, inv_temp, need_temp_grad: bool) -> Optional[Tensor]:
@@ -132,13 +131,13 @@ def forward(query: Tensor, key: Tensor, inv_temp, problem: LossProblem) -> Tuple
     """lse (M,) fp64 over this key block's allowed columns and the positive's logit (M,)
     fp32 (0 when the positive is not in this block). One launch for small batches (norms
     fused), else two (norms, loss) and a combine when the columns are split."""
-    return torch.ops.mmloss.triton_forward(query, key, *_temperature(inv_temp, query.device), *ops.fields(problem))
+    return torch.ops.mmloss.triton_forward(query, key, *_temperature(inv_temp), *ops.fields(problem))
 
 
 def forward_symmetric(query: Tensor, key: Tensor, inv_temp, problem: LossProblem) -> Tuple[Tensor, Tensor, Tensor]:
     """Both directions of a symmetric loss (M == N, diagonal positives) in one pass over the
     tiles: row lse (M,) fp64, column lse (N,) fp64 and the diagonal logit (M,) fp32."""
-    return torch.ops.mmloss.triton_forward_symmetric(query, key, *_temperature(inv_temp, query.device),
+    return torch.ops.mmloss.triton_forward_symmetric(query, key, *_temperature(inv_temp),
                                                      *ops.fields(problem))
 
 
@@ -147,7 +146,7 @@ def backward(query: Tensor, key: Tensor, inv_temp, problem: LossProblem, lse: Te
     """Gradients of sum_i w_i loss_i over this block's columns, with P from the given lse:
     d_query (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim (or None)."""
     d_query, d_key, temp_grad = torch.ops.mmloss.triton_backward(
-        query, key, *_temperature(inv_temp, query.device), *ops.fields(problem), lse, row_weight, bool(need_temp_grad))
+        query, key, *_temperature(inv_temp), *ops.fields(problem), lse, row_weight, bool(need_temp_grad))
     return d_query, d_key, _d_inv_temp(temp_grad, inv_temp, need_temp_grad)
 
 
@@ -157,6 +156,6 @@ def backward_symmetric(query: Tensor, key: Tensor, inv_temp, problem: LossProble
     """Gradients of sum_i w_i row_loss_i + sum_j v_j col_loss_j in one pass over the tiles:
     each tile's G carries both directions' softmax terms."""
     d_query, d_key, temp_grad = torch.ops.mmloss.triton_backward_symmetric(
-        query, key, *_temperature(inv_temp, query.device), *ops.fields(problem), lse, row_weight, bool(need_temp_grad),
+        query, key, *_temperature(inv_temp), *ops.fields(problem), lse, row_weight, bool(need_temp_grad),
         lse_col, col_weight)
     return d_query, d_key, _d_inv_temp(temp_grad, inv_temp, need_temp_grad)

@@ -132,8 +132,11 @@ def _temperature_args(inv_temp: Optional[torch.Tensor], inv_temp_value: float, d
                       ) -> Dict[str, object]:
     """The kernels' 1/tau arguments: a tensor stays on the device (no host sync,
     graph-capturable), a float is passed by value (no fill launch)."""
-    if inv_temp is not None:  # kernel_common.inv_temp_tensor: (1,) fp64, rounded to fp32 by the kernels
-        return dict(inv_temp_ptr=inv_temp, inv_temp_value=0.0, TEMP_PTR=True)
+    if inv_temp is not None:
+        # fp32, not kernel_common.inv_temp_tensor's fp64: an fp64 load in grad_tile_kernel
+        # spills (sm_90, feat16, tests/kernels/triton/test_triton_compile.py).
+        ptr = inv_temp.detach().to(device=device, dtype=torch.float32).reshape(1)
+        return dict(inv_temp_ptr=ptr, inv_temp_value=0.0, TEMP_PTR=True)
     as_fp32 = struct.unpack("f", struct.pack("f", float(inv_temp_value)))[0]  # what the kernel sees
     return dict(inv_temp_ptr=_one(device), inv_temp_value=as_fp32, TEMP_PTR=False)
 
@@ -356,7 +359,7 @@ def _backward_chunked(query, key, f: Fields, common: Dict[str, object]):
     if query.dtype == torch.float16:
         weight_max = common["w_ptr"].abs().amax() + (common["v_ptr"].abs().amax() if common["SYMMETRIC"] else 0.0)
         # 1/tau as the kernels see it (fp32), so that g is fp32 as the in-kernel one (kernels._fp16_scale)
-        inv_t = common["inv_temp_ptr"].float() if common["TEMP_PTR"] else common["inv_temp_value"]
+        inv_t = common["inv_temp_ptr"] if common["TEMP_PTR"] else common["inv_temp_value"]
         scale = fp16_scratch_scale(weight_max, a, b, inv_t)
     sums = torch.zeros(1 + M + N, dtype=torch.float32, device=dev)  # one launch for all three
     temp_grad, row_sum, col_sum = sums[:1], sums[1:1 + M], sums[1 + M:]

@@ -35,8 +35,7 @@ INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_f
         "SPLITS"}
 FLOATS = {"threshold", "margin", "cos_threshold", "cos_m", "sin_m", "eps", "inv_temp_value"}
 EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
-# The forward's lse (the backward reads it as given) and 1/tau as the ops take it (kernel_common.inv_temp_tensor).
-FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr", "inv_temp_ptr"}
+FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr"}  # the forward's lse (the backward reads it as given)
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
 INDICES = {"pos_ptr", "rg_ptr", "kg_ptr", "col_acc_ptr"}  # int64 (col_acc: packed column pairs)
 CLASS_DTYPES = {"plain16": ("bf16", "bf16"), "feat16": ("bf16", "bf16"), "sym16": ("bf16", "bf16"),
