@@ -104,8 +104,10 @@ def check_temperature(temperature: Temperature, device: torch.device) -> None:
 
 
 def _check_temperature_value(value: float) -> None:
-    """τ must be finite and > 0 with a finite 1/τ (the kernels scale by 1/τ in float64)."""
-    if not (math.isfinite(value) and value > 0 and math.isfinite(1.0 / value)):
+    """τ must be finite and > 0 with a finite 1/τ (the kernels scale by 1/τ in float64).
+    Comparisons only (NaN fails them): under torch.compile a float τ that changes between
+    calls is a symbolic float, which comparisons guard on and math.isfinite cannot take."""
+    if not (0.0 < value < math.inf and 1.0 / value < math.inf):
         raise ValueError(f"temperature must be finite and > 0 (with a finite 1/temperature), got {value}")
 
 

@@ -81,7 +81,9 @@ def fp16_scratch_scale(weight_max: torch.Tensor, inv_norm_q: torch.Tensor, inv_n
     """The fp16 backward scratch's scale g = max|w| max(a) max(b) / τ (1-element tensor), so
     that |H| = |G| a b / g <= |f'| fits fp16 whatever the weights, τ and norms. Rows of norm
     <= ε are left out of the maxima: their own H entries overflow in fp16 (as the reference's
-    fp16 gradient of such rows does), but they do not flush everyone else's to zero. The CUDA
-    glue (csrc/cuda/contrastive_cuda.cpp) forms the same g in C++."""
+    fp16 gradient of such rows does), but they do not flush everyone else's to zero. The
+    Triton backend's chunked path uses this on the host; its small-batch path forms the same
+    g in-kernel (triton/kernels.py, _fp16_scale), the CUDA glue (csrc/cuda/contrastive_cuda.cpp)
+    in C++."""
     inv_t = inv_temp.abs().reshape(()) if isinstance(inv_temp, torch.Tensor) else abs(inv_temp)
     return (weight_max * regular_max(inv_norm_q) * regular_max(inv_norm_k) * inv_t).clamp_min(1e-30).reshape(1)

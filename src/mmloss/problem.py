@@ -70,11 +70,6 @@ class LossProblem:
         Not the cosine of the applied margin m' (cos m' and sin m' are the kernels' to form)."""
         return math.cos(self.margin)
 
-    @property
-    def cos_margin(self) -> float:
-        """The old name of `cos_threshold`, still read by mmloss/triton/ops.py."""
-        return self.cos_threshold
-
     def kernel_args(self) -> tuple:
         """The KERNEL_FIELDS values in order, as the mmloss:: ops take them (floats as float)."""
         return tuple(float(v) if isinstance(v, (int, float)) else v

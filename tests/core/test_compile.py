@@ -133,6 +133,25 @@ def test_batch_sizes_that_change_between_steps():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_float_temperature_that_changes_between_steps(symmetric):
+    """A float tau passed to the compiled step and changed between steps (a schedule): dynamo
+    recompiles it as a symbolic float, which the temperature check takes without a graph
+    break (math.isfinite could not); the loss and gradients stay eager's."""
+    def step(q, k, t):
+        return mmloss.contrastive_loss(q, k, temperature=t, symmetric=symmetric, backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    for t in (0.05, 0.07, 0.1):
+        got, want = compiled(q, k, t), step(q, k, t)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_auto_is_chosen_and_recorded_when_the_graph_is_traced():
     from mmloss import backends
     q, k = torch.randn(6, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)

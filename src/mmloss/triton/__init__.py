@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import torch
 
+from mmloss.kernel_common import check_gpu_dtype, triton_interpreted
 from mmloss.problem import LossProblem
-from mmloss.triton.configs import interpreted
 from mmloss.triton.library import backward, backward_symmetric, forward, forward_symmetric
-from mmloss.triton.ops import SUPPORTED
 
 __all__ = ["backward", "backward_symmetric", "check", "forward", "forward_symmetric"]
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
     """Raise TypeError/ValueError (naming the argument) for what these kernels cannot serve."""
-    if query.dtype not in SUPPORTED:
-        raise TypeError(f"query dtype {query.dtype} is not supported by backend 'triton' "
-                        "(float32, bfloat16, float16); use backend='reference' or 'cpu' for float64")
-    if query.device.type != "cuda" and not interpreted():
+    check_gpu_dtype(query, "triton")
+    if query.device.type != "cuda" and not triton_interpreted():
         raise ValueError(f"query is on {query.device}: backend 'triton' needs CUDA tensors "
                          "(or TRITON_INTERPRET=1 for CPU tensors)")

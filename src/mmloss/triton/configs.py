@@ -20,7 +20,6 @@ d_temperature). BLOCK_T is the teacher's d-chunk.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List
 
 import triton
@@ -31,11 +30,6 @@ BLOCK_D = {"plain16": 64, "feat16": 64, "sym16": 64, "teacher32": 64, "fp32": 16
 BLOCK_T = {"plain16": 32, "feat16": 32, "sym16": 32, "teacher32": 32, "fp32": 16}
 ELEMENTWISE = {"BLOCK_M": 32, "BLOCK_D": 64}
 GROUP_M = 32   # row tiles per band of the backward's tile order (L2 reuse of K tiles)
-
-
-def interpreted() -> bool:
-    """True when kernels run in the Triton interpreter (CPU tensors, tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _cfg(cls: str, bm: int, bn: int, warps: int, stages: int) -> triton.Config:

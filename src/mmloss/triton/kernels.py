@@ -140,7 +140,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
             rg_ptr, kg_ptr,
             tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
             fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
-            margin, cos_margin, cos_m, sin_m,
+            margin, cos_threshold, cos_m, sin_m,
             HAS_MARGIN: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_FILTER: tl.constexpr,
             HAS_GROUPS: tl.constexpr, T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
             BLOCK_T: tl.constexpr, UPCAST: tl.constexpr, SIN_EPS: tl.constexpr):
@@ -160,7 +160,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
             cm = cos_m
             sm = sin_m
         sin_theta = tl.sqrt(tl.maximum(1.0 - c * c, SIN_EPS))
-        moved = (c < cos_margin) & (~is_pos)
+        moved = (c < cos_threshold) & (~is_pos)
         f = tl.where(moved, c * cm + sin_theta * sm, c)
         fprime = tl.where(moved, cm - c * sm / sin_theta, fprime)
     allowed = row_ok[:, None] & col_ok[None, :]
@@ -235,7 +235,7 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
                    rg_ptr, kg_ptr,
                    tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
                    fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
-                   margin, cos_margin, cos_m, sin_m,
+                   margin, cos_threshold, cos_m, sin_m,
                    M_BUCKET, N_BUCKET, D_BUCKET,
                    HAS_MARGIN: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_FILTER: tl.constexpr,
                    HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
@@ -281,7 +281,7 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
         logit, f, fprime, allowed, is_pos = _logits(
             c, rows, cols, M, N, pos, inv_temp, rg_ptr, kg_ptr,
             tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
-            threshold, margin, cos_margin, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
+            threshold, margin, cos_threshold, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
             HAS_GROUPS, T_PRECISION, F_PRECISION, BLOCK_T, UPCAST, SIN_EPS)
         # A NaN logit (NaN filter score or input) reaches run_off or pos_logit: lse is NaN.
         new_max = tl.maximum(run_max, tl.max(logit, axis=1))
@@ -416,7 +416,7 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_pt
                      rg_ptr, kg_ptr,
                      tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
                      fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
-                     margin, cos_margin, cos_m, sin_m,
+                     margin, cos_threshold, cos_m, sin_m,
                      M_BUCKET, N_BUCKET, D_BUCKET,
                      HAS_MARGIN: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_FILTER: tl.constexpr,
                      HAS_GROUPS: tl.constexpr, NEED_TEMP: tl.constexpr, PRECISION: tl.constexpr,
@@ -453,7 +453,7 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_pt
     logit, f, fprime, allowed, is_pos = _logits(
         c, rows, cols, M, N, pos, inv_temp, rg_ptr, kg_ptr,
         tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
-        threshold, margin, cos_margin, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
+        threshold, margin, cos_threshold, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
         HAS_GROUPS, T_PRECISION, F_PRECISION, BLOCK_T, UPCAST, SIN_EPS)
     kept = allowed | (logit != logit)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -510,7 +510,8 @@ def _abs_max(x_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def _fp16_scale(w_ptr, v_ptr, a_ptr, b_ptr, M, N, inv_temp, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr,
                 EPS: tl.constexpr):
-    """g = (max|w| [+ max|v|]) max(a) max(b) / tau (as ops._scratch_scale): |H / g| <= |f'|."""
+    """g = (max|w| [+ max|v|]) max(a) max(b) / tau, in-kernel for the small-batch path: the
+    chunked path's host forms the same g with kernel_common.fp16_scratch_scale. |H / g| <= |f'|."""
     weight = _abs_max(w_ptr, M, BLOCK)
     if SYMMETRIC:
         weight += _abs_max(v_ptr, N, BLOCK)

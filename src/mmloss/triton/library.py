@@ -9,68 +9,76 @@
     torch.ops.mmloss.triton_backward_symmetric(<the same>, lse_col, col_weight)
         -> (d_query, d_key, d_inv_temp)
 
-<fields> are those of `ops.Fields` (positives, margin, margin_query, margin_key,
-filter_query, filter_key, filter_threshold, row_groups, key_groups). 1/tau is either the
-0-dim tensor `inv_temp` (read on the device) or, when it is None, the float
-`inv_temp_value`. d_inv_temp holds a value only when need_temp_grad. The ops are opaque
-to torch.compile (fake implementations give the output shapes), so a compiled step runs
-the same kernels and host code as eager. The bodies are `ops.run_forward` and
-`ops.run_backward`.
+<fields> are mmloss.problem.KERNEL_FIELDS, in that order and with LossProblem's types: the
+schemas are generated from them (`_op`), as the mmloss._C ops' are from the same list in
+C++. 1/tau is either the 0-dim tensor `inv_temp` (read on the device, as fp32: not
+kernel_common.inv_temp_tensor's fp64, whose load spills a tile kernel) or, when it is None,
+the float `inv_temp_value` (passed by value: no fill launch). d_inv_temp holds a value only
+when need_temp_grad. The ops are opaque to torch.compile (fake implementations give the
+output shapes), so a compiled step runs the same kernels and host code as eager. The bodies
+are `ops.run_forward` and `ops.run_backward`.
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from mmloss.problem import LossProblem
+from mmloss.problem import KERNEL_FIELDS, LossProblem
 from mmloss.triton import ops
 
-@torch.library.custom_op("mmloss::triton_forward", mutates_args=())
-def _forward_op(query: Tensor, key: Tensor, inv_temp: Optional[Tensor], inv_temp_value: float,
-                positives: Tensor, margin: float, margin_query: Optional[Tensor], margin_key: Optional[Tensor],
-                filter_query: Optional[Tensor], filter_key: Optional[Tensor], filter_threshold: float,
-                row_groups: Optional[Tensor], key_groups: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    f = ops.Fields(positives, margin, margin_query, margin_key, filter_query, filter_key, filter_threshold,
-                   row_groups, key_groups)
+_LEAD = (("query", Tensor), ("key", Tensor), ("inv_temp", Optional[Tensor]), ("inv_temp_value", float))
+_FIELD_TYPES = typing.get_type_hints(LossProblem)
+_BACKWARD = (("lse", Tensor), ("row_weight", Tensor), ("need_temp_grad", bool))
+_SYMMETRIC = (("lse_col", Tensor), ("col_weight", Tensor))
+
+
+def _op(name: str, tail, returns):
+    """Register the decorated body(*_LEAD, *KERNEL_FIELDS, *tail) as the custom op
+    mmloss::<name>; its schema is inferred from a signature made of those (name, type) pairs."""
+    pairs = (*_LEAD, *((f, _FIELD_TYPES[f]) for f in KERNEL_FIELDS), *tail)
+    signature = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in pairs],
+        return_annotation=returns)
+
+    def register(body):
+        body.__signature__ = signature
+        return torch.library.custom_op(f"mmloss::{name}", mutates_args=())(body)
+    return register
+
+
+def _split(args) -> Tuple[ops.Fields, tuple]:
+    """The op arguments after inv_temp_value: (the problem's fields, the op's own inputs)."""
+    return ops.Fields(*args[:len(KERNEL_FIELDS)]), tuple(args[len(KERNEL_FIELDS):])
+
+
+@_op("triton_forward", (), Tuple[Tensor, Tensor])
+def _forward_op(query, key, inv_temp, inv_temp_value, *rest):
+    f, _ = _split(rest)
     lse, pos_logit, _ = ops.run_forward(query, key, inv_temp, inv_temp_value, f, symmetric=False)
     return lse, pos_logit
 
 
-@torch.library.custom_op("mmloss::triton_forward_symmetric", mutates_args=())
-def _forward_symmetric_op(query: Tensor, key: Tensor, inv_temp: Optional[Tensor], inv_temp_value: float,
-                          positives: Tensor, margin: float, margin_query: Optional[Tensor],
-                          margin_key: Optional[Tensor], filter_query: Optional[Tensor],
-                          filter_key: Optional[Tensor], filter_threshold: float, row_groups: Optional[Tensor],
-                          key_groups: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    f = ops.Fields(positives, margin, margin_query, margin_key, filter_query, filter_key, filter_threshold,
-                   row_groups, key_groups)
+@_op("triton_forward_symmetric", (), Tuple[Tensor, Tensor, Tensor])
+def _forward_symmetric_op(query, key, inv_temp, inv_temp_value, *rest):
+    f, _ = _split(rest)
     lse, pos_logit, lse_col = ops.run_forward(query, key, inv_temp, inv_temp_value, f, symmetric=True)
     return lse, lse_col, pos_logit
 
 
-@torch.library.custom_op("mmloss::triton_backward", mutates_args=())
-def _backward_op(query: Tensor, key: Tensor, inv_temp: Optional[Tensor], inv_temp_value: float,
-                 positives: Tensor, margin: float, margin_query: Optional[Tensor], margin_key: Optional[Tensor],
-                 filter_query: Optional[Tensor], filter_key: Optional[Tensor], filter_threshold: float,
-                 row_groups: Optional[Tensor], key_groups: Optional[Tensor], lse: Tensor, row_weight: Tensor,
-                 need_temp_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    f = ops.Fields(positives, margin, margin_query, margin_key, filter_query, filter_key, filter_threshold,
-                   row_groups, key_groups)
+@_op("triton_backward", _BACKWARD, Tuple[Tensor, Tensor, Tensor])
+def _backward_op(query, key, inv_temp, inv_temp_value, *rest):
+    f, (lse, row_weight, need_temp_grad) = _split(rest)
     return ops.run_backward(query, key, inv_temp, inv_temp_value, f, lse, row_weight, need_temp_grad, None, None)
 
 
-@torch.library.custom_op("mmloss::triton_backward_symmetric", mutates_args=())
-def _backward_symmetric_op(query: Tensor, key: Tensor, inv_temp: Optional[Tensor], inv_temp_value: float,
-                           positives: Tensor, margin: float, margin_query: Optional[Tensor],
-                           margin_key: Optional[Tensor], filter_query: Optional[Tensor],
-                           filter_key: Optional[Tensor], filter_threshold: float, row_groups: Optional[Tensor],
-                           key_groups: Optional[Tensor], lse: Tensor, row_weight: Tensor, need_temp_grad: bool,
-                           lse_col: Tensor, col_weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    f = ops.Fields(positives, margin, margin_query, margin_key, filter_query, filter_key, filter_threshold,
-                   row_groups, key_groups)
+@_op("triton_backward_symmetric", _BACKWARD + _SYMMETRIC, Tuple[Tensor, Tensor, Tensor])
+def _backward_symmetric_op(query, key, inv_temp, inv_temp_value, *rest):
+    f, (lse, row_weight, need_temp_grad, lse_col, col_weight) = _split(rest)
     return ops.run_backward(query, key, inv_temp, inv_temp_value, f, lse, row_weight, need_temp_grad,
                             lse_col, col_weight)
 
@@ -108,6 +116,8 @@ def _(query, key, *args):
 # The kernel contract of mmloss.backends, on the ops.
 
 def _temperature(inv_temp) -> Tuple[Optional[Tensor], float]:
+    """(inv_temp, inv_temp_value) of the ops: a tensor 1/tau as it is (the op body makes it the
+    kernels' fp32), a float by value."""
     return (inv_temp, 0.0) if isinstance(inv_temp, Tensor) else (None, float(inv_temp))
 
 
@@ -127,7 +137,8 @@ def forward(query: Tensor, key: Tensor, inv_temp, problem: LossProblem) -> Tuple
 def forward_symmetric(query: Tensor, key: Tensor, inv_temp, problem: LossProblem) -> Tuple[Tensor, Tensor, Tensor]:
     """Both directions of a symmetric loss (M == N, diagonal positives) in one pass over the
     tiles: row lse (M,) fp64, column lse (N,) fp64 and the diagonal logit (M,) fp32."""
-    return torch.ops.mmloss.triton_forward_symmetric(query, key, *_temperature(inv_temp), *ops.fields(problem))
+    return torch.ops.mmloss.triton_forward_symmetric(query, key, *_temperature(inv_temp),
+                                                     *ops.fields(problem))
 
 
 def backward(query: Tensor, key: Tensor, inv_temp, problem: LossProblem, lse: Tensor, row_weight: Tensor,

@@ -5,27 +5,28 @@ recomputes the logits tile by tile and writes H = a_i b_j G_ij / g into an R x C
 (input dtype; fp32 for fp32 inputs, whose rows' powers of two are kept out of H), then two
 cuBLAS GEMMs give dQ_R (+)= H K_C and dK_C += H^T Q_R, and `finish_kernel` adds the
 normalisation Jacobian's radial term from the row/column sums of G*c that the tile kernel
-accumulated. For fp16, g = max|w| max(a) max(b) / tau bounds |H| by |f'|; bf16 and fp32
-use g = 1. R x C keeps the scratch within `scratch_bytes()` for every M and N.
+accumulated. For fp16, g = max|w| max(a) max(b) / tau (kernel_common.fp16_scratch_scale)
+bounds |H| by |f'|; bf16 and fp32 use g = 1. R x C keeps the scratch within
+kernel_common.scratch_bytes("triton") (MMLOSS_TRITON_SCRATCH_MB) for every M and N.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
 import struct
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 
 from mmloss.constants import MARGIN_SIN_EPS, NORM_EPS
-from mmloss.problem import LossProblem
+from mmloss.kernel_common import fp16_scratch_scale, rows_within, scratch_bytes, triton_interpreted
+from mmloss.problem import KERNEL_FIELDS, LossProblem
 from mmloss.triton import configs, kernels
 
-SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_SCRATCH_BYTES = 1 << 30
 # Batches with M and N up to this take the small-batch path (`small_batch`).
 SMALL_MAX = 2048
 # Columns per split of the chunked forward at least (`forward_splits`).
@@ -35,31 +36,16 @@ INTERPRETER_SMS = 2
 EMPTY_COLUMN = struct.unpack("<q", struct.pack("<ff", 0.0, float("-inf")))[0]  # low word: sum
 
 
-class Fields(NamedTuple):
-    """The fields of a `LossProblem` the kernels read (the custom ops take them one by one;
-    valid_rows is the caller's business)."""
+class Fields(collections.namedtuple("Fields", KERNEL_FIELDS)):
+    """The `LossProblem` fields the kernels read (problem.KERNEL_FIELDS, in that order), as the
+    custom ops pass them one by one (valid_rows is the caller's business)."""
 
-    positives: torch.Tensor
-    margin: float
-    margin_query: Optional[torch.Tensor]
-    margin_key: Optional[torch.Tensor]
-    filter_query: Optional[torch.Tensor]
-    filter_key: Optional[torch.Tensor]
-    filter_threshold: float
-    row_groups: Optional[torch.Tensor]
-    key_groups: Optional[torch.Tensor]
+    __slots__ = ()
+    cos_threshold = LossProblem.cos_threshold  # the problem's own definition of cos m
 
 
 def fields(problem: LossProblem) -> Fields:
-    return Fields(problem.positives, float(problem.margin), problem.margin_query, problem.margin_key,
-                  problem.filter_query, problem.filter_key, float(problem.filter_threshold),
-                  problem.row_groups, problem.key_groups)
-
-
-def scratch_bytes() -> int:
-    """Budget of the backward's R x N scratch (env MMLOSS_TRITON_SCRATCH_MB, default 1 GiB)."""
-    mb = os.environ.get("MMLOSS_TRITON_SCRATCH_MB")
-    return int(mb) << 20 if mb else DEFAULT_SCRATCH_BYTES
+    return Fields(*problem.kernel_args())
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -117,7 +103,7 @@ def _tuned(kind: str, cls: str, capability: int, autotune: bool):
 
 def _launch(kind: str, cls: str, device: torch.device, grid_fn, kwargs: Dict[str, object]) -> None:
     """Interpreter: the raw kernel with the fixed small config. GPU: the autotuned one. By keyword."""
-    if configs.interpreted():
+    if triton_interpreted():
         meta = configs.interpreter_meta()
         KERNELS[kind][grid_fn(meta)](**kwargs, **meta)
     else:
@@ -127,7 +113,7 @@ def _launch(kind: str, cls: str, device: torch.device, grid_fn, kwargs: Dict[str
 
 def _small_meta(kind: str, cls: str, device: torch.device) -> Dict[str, object]:
     """Launch settings of the small-batch path: its fixed config (the interpreter's on CPU)."""
-    if configs.interpreted():
+    if triton_interpreted():
         meta = configs.interpreter_meta()
         if kind == "grad_gemm":
             return {"BLOCK_M": meta["BLOCK_M"], "BLOCK_D": meta["BLOCK_D"], "BLOCK_K": meta["BLOCK_N"]}
@@ -147,6 +133,8 @@ def _temperature_args(inv_temp: Optional[torch.Tensor], inv_temp_value: float, d
     """The kernels' 1/tau arguments: a tensor stays on the device (no host sync,
     graph-capturable), a float is passed by value (no fill launch)."""
     if inv_temp is not None:
+        # fp32, not kernel_common.inv_temp_tensor's fp64: an fp64 load in grad_tile_kernel
+        # spills (sm_90, feat16, tests/kernels/triton/test_triton_compile.py).
         ptr = inv_temp.detach().to(device=device, dtype=torch.float32).reshape(1)
         return dict(inv_temp_ptr=ptr, inv_temp_value=0.0, TEMP_PTR=True)
     as_fp32 = struct.unpack("f", struct.pack("f", float(inv_temp_value)))[0]  # what the kernel sees
@@ -171,14 +159,14 @@ def _feature_args(query: torch.Tensor, f: Fields) -> Dict[str, object]:
         fq_ptr=fq if has_filter else dummy, fk_ptr=fk if has_filter else dummy,
         stride_fq=fq.stride(0) if has_filter else 0, stride_fk=fk.stride(0) if has_filter else 0,
         DF=fq.shape[1] if has_filter else 1, threshold=float(f.filter_threshold),
-        # cos_margin: the threshold cos m above which f = c; cos_m, sin_m: the fixed margin's.
-        margin=float(f.margin), cos_margin=math.cos(f.margin), cos_m=math.cos(f.margin),
+        # cos_threshold: cos m, above which f = c; cos_m, sin_m: the fixed margin's.
+        margin=float(f.margin), cos_threshold=f.cos_threshold, cos_m=math.cos(f.margin),
         sin_m=math.sin(f.margin),
         HAS_MARGIN=has_margin, ADAPTIVE=adaptive, HAS_FILTER=has_filter, HAS_GROUPS=has_groups,
         PRECISION=_precision(query.dtype),
         T_PRECISION=_precision(tq.dtype) if adaptive else "ieee",
         F_PRECISION=_precision(fq.dtype) if has_filter else "ieee",
-        UPCAST=configs.interpreted(), SIN_EPS=MARGIN_SIN_EPS, SCALED=query.dtype == torch.float32,
+        UPCAST=triton_interpreted(), SIN_EPS=MARGIN_SIN_EPS, SCALED=query.dtype == torch.float32,
     )
 
 
@@ -241,7 +229,7 @@ def forward_splits(M: int, N: int, device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     """SMs of a CUDA device; in the interpreter a pretend 2, so that tests reach the splits."""
-    if configs.interpreted():
+    if triton_interpreted():
         return INTERPRETER_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -278,17 +266,6 @@ def _one(device: torch.device) -> torch.Tensor:
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
-def _scratch_scale(weight_max: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inv_temp) -> torch.Tensor:
-    """fp16 only: g = max|w| max(a) max(b) / tau (1-element device tensor), so that
-    |H| = |G| a b / g <= |f'| fits fp16 whatever the weights, tau and norms. Rows of norm <= eps (a = 1/eps)
-    are left out of the maxima: in fp16 their own H entries overflow (as the reference's
-    fp16 gradient of such rows does), but they do not flush everyone else's to zero."""
-    def regular_max(inv_norm):
-        return torch.where(inv_norm < 1.0 / NORM_EPS, inv_norm, torch.zeros_like(inv_norm)).amax()
-    inv_t = inv_temp.abs() if isinstance(inv_temp, torch.Tensor) else abs(inv_temp)
-    return (weight_max * regular_max(a) * regular_max(b) * inv_t).clamp_min(1e-30).reshape(1)
-
-
 def _pow2(inv_norm: torch.Tensor) -> torch.Tensor:
     """The powers of two of fp32 inverse norms, as kernels._pow2_split (clamped to normal)."""
     bits = (inv_norm.view(torch.int32) >> 23 & 0xFF).clamp_min(1) << 23
@@ -297,15 +274,15 @@ def _pow2(inv_norm: torch.Tensor) -> torch.Tensor:
 
 def chunk_shape(M: int, N: int, element_size: int) -> Tuple[int, int]:
     """(rows R, columns C) of the chunked backward's R x C scratch: within the budget
-    (`scratch_bytes()`) for every M and N. Whole rows (C = N) while 128 of them fit, R a
-    multiple of 128; beyond that R = 128 and C the largest multiple of 128 that fits (at
-    least 128: the scratch never exceeds max(budget, 128 x 128 elements))."""
-    budget = scratch_bytes() // element_size
-    if 128 * N <= budget or N <= 128:
-        fit = budget // max(1, N)
-        return (M if fit >= M else max(128, fit // 128 * 128)), N
-    rows = min(M, 128)
-    return rows, max(128, budget // rows // 128 * 128)
+    (scratch_bytes("triton")) for every M and N. Whole rows (C = N) while min(M, 128) of
+    them fit, R = M or a multiple of 128; beyond that R = min(M, 128) and C the largest
+    multiple of 128 that fits (at least 128: the scratch never exceeds max(budget, 128 x 128
+    elements))."""
+    budget = scratch_bytes("triton")
+    rows = rows_within(budget, N * element_size, minimum=128, multiple=128, total=M)
+    if rows * N * element_size <= budget or N <= 128:
+        return rows, N
+    return rows, rows_within(budget, rows * element_size, minimum=128, multiple=128, total=N)
 
 
 def run_backward(query, key, inv_temp: Optional[torch.Tensor], inv_temp_value: float, f: Fields, lse,
@@ -381,8 +358,9 @@ def _backward_chunked(query, key, f: Fields, common: Dict[str, object]):
     scale = _one(dev)
     if query.dtype == torch.float16:
         weight_max = common["w_ptr"].abs().amax() + (common["v_ptr"].abs().amax() if common["SYMMETRIC"] else 0.0)
+        # 1/tau as the kernels see it (fp32), so that g is fp32 as the in-kernel one (kernels._fp16_scale)
         inv_t = common["inv_temp_ptr"] if common["TEMP_PTR"] else common["inv_temp_value"]
-        scale = _scratch_scale(weight_max, a, b, inv_t)
+        scale = fp16_scratch_scale(weight_max, a, b, inv_t)
     sums = torch.zeros(1 + M + N, dtype=torch.float32, device=dev)  # one launch for all three
     temp_grad, row_sum, col_sum = sums[:1], sums[1:1 + M], sums[1 + M:]
 

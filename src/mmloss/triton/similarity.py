@@ -20,10 +20,9 @@ import triton
 import triton.language as tl
 
 from mmloss.constants import NORM_EPS
-from mmloss.triton.configs import interpreted
+from mmloss.kernel_common import triton_interpreted
 from mmloss.triton.kernels import NORM_CHUNK, cosine_tile, dot_tile, row_inv_norms
 
-SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_M = 8
 
 
@@ -58,7 +57,7 @@ def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride
 
 def _meta(dtype: torch.dtype) -> dict:
     """Tile shape and launch settings per input dtype (the interpreter: 64-blocks, as the other kernels)."""
-    if interpreted():
+    if triton_interpreted():
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}
     if dtype == torch.float32:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2}
@@ -67,7 +66,7 @@ def _meta(dtype: torch.dtype) -> dict:
 
 def similarity_into(a: torch.Tensor, b: torch.Tensor, normalize: bool, out: torch.Tensor) -> torch.Tensor:
     """Write the (M, N) similarity of a (M, d) and b (N, d) into `out` (rows may be strided,
-    columns contiguous); a and b have contiguous rows and one of SUPPORTED dtypes."""
+    columns contiguous); a and b have contiguous rows and one of kernel_common.GPU_DTYPES."""
     M, D = a.shape
     N = b.shape[0]
     meta = _meta(a.dtype)
@@ -75,7 +74,7 @@ def similarity_into(a: torch.Tensor, b: torch.Tensor, normalize: bool, out: torc
     similarity_kernel[grid](
         a_ptr=a, b_ptr=b, out_ptr=out, M=M, N=N, D=D, stride_a=a.stride(0), stride_b=b.stride(0),
         stride_out=out.stride(0), NORMALIZE=normalize, GROUP=GROUP_M,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=interpreted(),
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=triton_interpreted(),
         SCALED=a.dtype == torch.float32, EPS=NORM_EPS, **meta,
     )
     return out

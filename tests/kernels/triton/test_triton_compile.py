@@ -33,7 +33,7 @@ INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_f
         "col0",
         "M_BUCKET", "N_BUCKET", "D_BUCKET", "stride_dq", "stride_dk", "row_parts", "col_parts", "temp_parts",
         "SPLITS"}
-FLOATS = {"threshold", "margin", "cos_margin", "cos_m", "sin_m", "eps", "inv_temp_value"}
+FLOATS = {"threshold", "margin", "cos_threshold", "cos_m", "sin_m", "eps", "inv_temp_value"}
 EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
 FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr"}  # the forward's lse (the backward reads it as given)
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
