@@ -9,7 +9,3 @@ NORM_EPS = 1e-12
 MARGIN_SIN_EPS = 1e-12
 """ε in `sqrt(max(1 - c², ε))` of the closed-form angular margin."""
 
-SYMMETRIC_MAX_INV_TEMP = 350.0
-"""A symmetric loss runs both directions in one pass (backends with `forward_symmetric`) while
-|1/τ| is at most this: the column sums share the shift 1/τ, and exp(logit - 1/τ) ≥ exp(-2/τ)
-must stay within float64's range. Beyond it (τ < 0.0029) the two directions run separately."""

@@ -10,16 +10,8 @@ import torch
 from mmloss import backends, distributed
 from mmloss.autograd import ContrastiveRows, ContrastiveSum, ContrastiveSymmetricRows, inverse_temperature
 from mmloss.checks import Temperature, build_problem, check_global_negatives
-from mmloss.constants import SYMMETRIC_MAX_INV_TEMP
 from mmloss.problem import LossProblem
 from mmloss.reference import contrastive_loss_reference
-
-
-def _one_pass_symmetric(kernel_module, inv_temp) -> bool:
-    """Whether a symmetric loss takes the backend's one-pass pair: it has one, and 1/τ is
-    within SYMMETRIC_MAX_INV_TEMP (a tensor τ is not read back: no host sync)."""
-    return hasattr(kernel_module, "forward_symmetric") and (
-        isinstance(inv_temp, torch.Tensor) or abs(float(inv_temp)) <= SYMMETRIC_MAX_INV_TEMP)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -100,7 +92,7 @@ def contrastive_loss(
     kernel_module = backends.kernels(name)
     kernel_module.check(query, problem)
     inv_temp = inverse_temperature(temperature)
-    if symmetric and _one_pass_symmetric(kernel_module, inv_temp):
+    if symmetric and hasattr(kernel_module, "forward_symmetric"):  # exact for every τ (running column max)
         rows = ContrastiveSymmetricRows.apply(query, key, inv_temp, problem, kernel_module)
         return {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction]
     directions = [(query, key, problem)]

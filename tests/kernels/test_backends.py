@@ -158,3 +158,21 @@ def test_all_rows_ignored_is_a_zero_loss_with_zero_gradients(backend, device, re
     loss.sum().backward()
     for g in (q.grad, k.grad, t.grad):
         assert g is not None and torch.equal(g, torch.zeros_like(g))
+
+
+def test_symmetric_with_a_small_tensor_temperature(backend, device):
+    """A learnable τ below 1/350 through the public call (the one pass once shifted its column
+    sums by 1/τ and returned -inf there): the float64 reference's value and gradients."""
+    torch.manual_seed(0)  # the inputs of the report: torch.randn(16, 256) twice
+    q32, k32 = torch.randn(16, 256), torch.randn(16, 256)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k = (x.to(device, dtype).requires_grad_() for x in (q32, k32))
+    results = []
+    for name in (backend, "reference"):
+        t = torch.tensor(1e-3, dtype=q.dtype, device=device, requires_grad=True)
+        loss = mmloss.contrastive_loss(q, k, symmetric=True, temperature=t, backend=name)
+        grads = torch.autograd.grad(loss, (q, k, t))
+        results.append((loss, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(float(results[0][0]) - 119.4) < 0.1

@@ -33,7 +33,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import mmloss
-from mmloss.constants import SYMMETRIC_MAX_INV_TEMP
 
 __all__ = ["ClipLoss"]
 
@@ -141,11 +140,7 @@ class ClipLoss(nn.Module):
 
     @staticmethod
     def _one_process(image: Tensor, text: Tensor, temperature: Tensor) -> Tensor:
-        if float(1.0 / temperature.detach()) <= SYMMETRIC_MAX_INV_TEMP:
-            return mmloss.contrastive_loss(image, text, temperature=temperature, symmetric=True)
-        # beyond the one-pass bound the two directions run separately
-        return 0.5 * (mmloss.contrastive_loss(image, text, temperature=temperature)
-                      + mmloss.contrastive_loss(text, image, temperature=temperature))
+        return mmloss.contrastive_loss(image, text, temperature=temperature, symmetric=True)
 
     def _local(self, image: Tensor, text: Tensor, temperature: Tensor) -> Tensor:
         """This rank's rows against all ranks' columns, its mean (OpenCLIP's local_loss)."""

@@ -311,16 +311,6 @@ def test_symmetric_is_one_pass(launch_log):
             assert launch_log.launches.count("grad_tile_kernel") == 1, launch_log.launches
 
 
-def test_symmetric_beyond_the_one_pass_range_takes_two_passes(launch_log, monkeypatch):
-    """A float 1/tau above SYMMETRIC_MAX_INV_TEMP (lowered here to reach it at a usual tau):
-    each direction has its own pass, and the result still matches the reference."""
-    monkeypatch.setattr("mmloss.contrastive.SYMMETRIC_MAX_INV_TEMP", 1.0)
-    case = make_case(20, 20, 16, "symmetric", seed=22)
-    launch_log.launches.clear()
-    assert_close_to_oracle(case, torch.float32, learn_temperature=False)
-    assert launch_log.launches.count("forward_kernel") == 2, launch_log.launches
-
-
 def test_column_splits_combine(launch_log, monkeypatch):
     """The chunked forward over 4 column splits (the last one empty) and the combine kernel
     give the unsplit forward's lse and positive logits."""
