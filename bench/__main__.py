@@ -107,8 +107,8 @@ def markdown(rows: list) -> str:
 
 
 def targets(rows: list) -> str:
-    """PERF.md §5's CPU targets and the 16-bit targets of issue 14, checked against the rows."""
-    lines = ["Targets (PERF.md §5; bf16: issue 14):"]
+    """docs/performance.md's CPU targets and the 16-bit targets of issue 14, checked against the rows."""
+    lines = ["Targets (docs/performance.md, CPU; bf16: issue 14):"]
     at = {(r["N"], r["d"], r["dtype"]): r for r in rows}
     row = at.get((4096, 768, "fp32"))
     if row and "error" not in row["eager"] and "error" not in row["mmloss-cpu"]:

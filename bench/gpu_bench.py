@@ -11,7 +11,7 @@ ceilings.json; correctness of every GPU backend against float64 and the anchors'
 (bench/gpu_check.py, in parallel worker processes that also warm the compile caches) ->
 correctness.csv; fwd+bwd time and peak memory at N = 8,192, 32,768, 65,536, d = 768 bf16 of
 mmloss Triton and CUDA, the 3-GEMM floor, cut-cross-entropy (with its default gradient
-filtering and without), eager bf16, torch.compile and Inf-CL (fp32, as in PERF.md) ->
+filtering and without), eager bf16, torch.compile and Inf-CL (fp32, as in docs/performance.md) ->
 stage1.csv. Inputs: keys standard normal, queries = keys + noise (bench/gpu_steps.py).
 Stage 2: what stage 1 had no time for; each feature's overhead at N = 65,536 (d = 768, 256);
 small batches N = 64 ... 4,096 with and without CUDA graphs; N = 1,048,576 at d = 256; the

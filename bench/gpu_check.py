@@ -5,7 +5,7 @@ Jobs (dicts) of three kinds, run by `run_pool` with a deadline; each result is a
 OUT/correctness.csv, written as it arrives:
 * check:  one backend (triton: small and chunked path; cuda: one scratch chunk and 64-row
           chunks) × feature set (tests/cases.py's FEATURES) × dtype at sizes that cross tile
-          edges, against the float64 reference by tests/cases.py's bar (SPEC §1), one
+          edges, against the float64 reference by tests/cases.py's bar (docs/contract.md §1), one
           config per Triton variant (MMLOSS_TRITON_AUTOTUNE=0). status ok / FAIL / error.
 * anchor: the loss and gradient error of mmloss and each anchor (eager bf16, cut-cross-
           entropy, Inf-CL) against float64 eager on the same rounded inputs.
@@ -59,7 +59,7 @@ def check_jobs(backends: Iterable[str], dry_run: bool) -> List[Dict[str, object]
 
 
 def anchor_jobs(methods: Iterable[str], dry_run: bool) -> List[Dict[str, object]]:
-    """Loss and gradient errors at N = 2,048, d = 256 (PERF.md's Inf-CL figure), each method
+    """Loss and gradient errors at N = 2,048, d = 256 (docs/performance.md's Inf-CL figure), each method
     in its benchmarked dtype; cut-cross-entropy also at N = 16,384, where its gradient
     filter meets a flatter softmax."""
     sizes = [(130, 32)] if dry_run else [(2048, 256), (16384, 256)]

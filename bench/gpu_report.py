@@ -7,7 +7,7 @@ after reading the run) and OUT/bench.png, then prints the summary tables.
 
 Tables: the plain loss at every measured (N, d) with the static model's prediction beside
 each value; its ratios to the 3-GEMM floor and to each anchor; peak memory; each feature's
-cost against PERF.md's targets; small batches with and without CUDA graphs; N = 1,048,576;
+cost against docs/performance.md's targets; small batches with and without CUDA graphs; N = 1,048,576;
 correctness counts and the anchors' errors against float64.
 """
 
@@ -132,12 +132,12 @@ def plain_tables(rs: Rows) -> str:
     out = ["Plain loss, fwd+bwd ms measured (static model), bf16 unless named 32:",
            _table(["N", "d"] + [label for _, _, label in PLAIN], times, width),
            "",
-           "Ratios (plain): mmloss / floor (PERF.md target <= 2 at N >= 32,768), cuda / triton, "
+           "Ratios (plain): mmloss / floor (docs/performance.md target <= 2 at N >= 32,768), cuda / triton, "
            "each anchor / mmloss triton (> 1: mmloss faster):",
            _table(["N", "d", "triton/floor", "cuda/floor", "cuda/triton"] + [f"{lab}/tri" for _, _, lab in PLAIN[3:]],
                   ratios, 13),
            "",
-           "Peak memory beyond the inputs, MiB (gradients included; PERF.md target for mmloss: <= 2 x the "
+           "Peak memory beyond the inputs, MiB (gradients included; docs/performance.md target for mmloss: <= 2 x the "
            "gradients + O(N)):",
            _table(["N", "d", "2 x grads"] + [lab for m, _, lab in PLAIN if m != "floor"], memory)]
     return "\n".join(out)
@@ -179,7 +179,7 @@ def small_table(rs: Rows) -> str:
                      fmt(comp), fmt(_ratio(e, t)), fmt(_ratio(eg, tg))])
     head = ["N", "d", "triton", "tri graph", "cuda", "cuda graph", "eager", "eager graph", "compiled",
             "eager/tri", "graphs e/t"]
-    return "\n".join(["Small batches, bf16 fwd+bwd ms (triton: static model); PERF.md target: eager / mmloss >= 3:",
+    return "\n".join(["Small batches, bf16 fwd+bwd ms (triton: static model); docs/performance.md target: eager / mmloss >= 3:",
                       _table(head, body, 12)])
 
 
@@ -203,7 +203,7 @@ def cuda_tests(checks: List[Dict[str, object]]) -> str:
 
 
 def check_summary(checks: List[Dict[str, object]]) -> str:
-    lines = ["Correctness against float64 (tests/cases.py's bar, SPEC §1), one config per Triton variant:"]
+    lines = ["Correctness against float64 (tests/cases.py's bar, docs/contract.md §1), one config per Triton variant:"]
     for backend in sorted({c["backend"] for c in checks if c["kind"] == "check"}):
         rows = [c for c in checks if c["kind"] == "check" and c["backend"] == backend]
         counts: Dict[str, int] = {}

@@ -24,7 +24,7 @@ with the radial term (two backward launches, no prologue, no fills, no cuBLAS).
 sums) and in grad_tile (the column softmax), nothing else.
 Each kernel's time = max(MMA time, HBM time) + epilogue time (the exp/ALU work on CUDA cores
 is not overlapped with the MMAs in these kernels: a conservative assumption), plus one
-launch latency per kernel. "floor" = 3 GEMMs of 2MNd at the MMA ceiling (PERF.md's floor).
+launch latency per kernel. "floor" = 3 GEMMs of 2MNd at the MMA ceiling (docs/performance.md's floor).
 
 Anchors (`predict`): eager = a roofline of the dense loss (3 GEMMs at the MMA ceiling, or on
 CUDA cores for fp32, plus EAGER_PASSES reads or writes of each N × N element at the copy

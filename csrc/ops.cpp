@@ -1,4 +1,4 @@
-// The torch.library ops of mmloss._C: the kernel contract of one key block (SPEC §1), one op
+// The torch.library ops of mmloss._C: the kernel contract of one key block (docs/contract.md §1), one op
 // per entry point with a fixed result. Every schema is `(query, key, inv_temp, <the problem's
 // fields, mmloss/problem.h>, <the entry point's own inputs>, chunk_rows, chunk_cols)`. The CPU
 // implementations (below) are the OpenMP kernels of cpu/contrastive_cpu.cpp; the CUDA ones

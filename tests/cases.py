@@ -1,4 +1,4 @@
-"""Random inputs for every feature of SPEC §1, shared by the backend test suites.
+"""Random inputs for every feature of docs/contract.md §1, shared by the backend test suites.
 
 `make_case` builds fresh random query/key and feature arguments; `loss_and_grads` runs one
 backend and returns the loss with the gradients of query, key and a learnable temperature;
@@ -98,7 +98,7 @@ def make_case(M: int, N: int, d: int, features: str, *, seed: int, device="cpu",
 def threshold_between(scores: torch.Tensor, quantile: float = 0.5) -> float:
     """A filter threshold near `quantile` of `scores` that lies midway between two adjacent
     scores, at least 1e-4 (relative) from each: a score on the decision edge would be kept or
-    dropped depending on the GEMM's rounding, which differs between CPUs (SPEC: such a score
+    dropped depending on the GEMM's rounding, which differs between CPUs (docs/contract.md: such a score
     may be decided either way)."""
     values = torch.unique(scores.detach().flatten().double())  # sorted
     gaps = values[1:] - values[:-1]
@@ -145,7 +145,7 @@ def assert_matches_reference(case: Case, backend: str, dtype: torch.dtype, reduc
                              learn_temperature: bool = False, atol: float = 1e-9,
                              rtol: float = 1e-7, ulps: float = 0.5) -> None:
     """`backend` in `dtype` against the reference in float64. For low-precision dtypes the bar
-    is SPEC §1's, as flash-attention's: against the float64 reference on the same (rounded)
+    is docs/contract.md §1's, as flash-attention's: against the float64 reference on the same (rounded)
     inputs, at most 2x (+1e-6) the error of the reference backend run in `dtype`, plus `ulps`
     units in the last place of each result's dtype at its magnitude (0.5: the rounding of the
     exact result itself; kernels that keep fp32 logits need a few in fp32, where the bar is a

@@ -3,7 +3,7 @@
 Every key is checked at start-up: an unknown key, a value of the wrong type, a value outside
 a key's choices or a number outside its range (declared once, in the field's metadata; every
 float must also be finite) raises `ConfigError` naming the key and listing the valid ones.
-The YAML files in train/configs/ carry each method's official hyperparameters (SPEC §2-3);
+The YAML files in train/configs/ carry each method's official hyperparameters (docs/contract.md §4–5);
 docs/training.md describes every key.
 """
 
@@ -63,7 +63,7 @@ def _at_least(low: int, default: int) -> Any:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The encoder and the heads (SPEC §2)."""
+    """The encoder and the heads (docs/contract.md §4)."""
 
     name_or_path: str = "bert-base-uncased"  # transformers hub name or local directory
     max_length: int = _at_least(1, 32)  # training tokens per sentence (official scripts: 32)

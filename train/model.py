@@ -1,6 +1,6 @@
 """The trained model: a transformers encoder, SimCSE's MLP pooler, the grounding heads, the loss.
 
-SPEC §2. h = the sentence state of the encoder (hidden width H) by model.pooling: the CLS
+docs/contract.md §4. h = the sentence state of the encoder (hidden width H) by model.pooling: the CLS
 state (cls, cls_before_pooler) or the masked mean of the token states (mean). Each sentence is
 encoded twice in one forward (2N rows; dropout makes the two views differ).
 - SimCSE pooler: z = tanh(W h) (H -> H), the training loss's sentence embedding. Evaluation

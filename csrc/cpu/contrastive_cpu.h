@@ -10,7 +10,7 @@
 
 namespace mmloss {
 
-// One key block of SPEC §1 on the CPU. Teacher rows arrive ready to use (unit-norm margin
+// One key block of docs/contract.md §1 on the CPU. Teacher rows arrive ready to use (unit-norm margin
 // teacher; filter rows as the dot product should see them). Rows are processed `strip_rows`
 // at a time, each strip in column tiles of `block_cols` columns (all N when 0), each tile with
 // (1 + teachers) scratch tiles of strip_rows × block_cols. lse and logits are float64;

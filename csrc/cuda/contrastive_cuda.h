@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels of the core op (SPEC §1). Raw pointers and element strides
+// Launchers of the CUDA kernels of the core op (docs/contract.md §1). Raw pointers and element strides
 // only, no ATen: the kernels compile with nvcc alone (CI's compile-only check); the ATen glue
 // is contrastive_cuda.cpp. Every launcher returns cudaGetLastError() after its launches.
 #pragma once

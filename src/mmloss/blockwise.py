@@ -25,7 +25,7 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
 
 
 def _logits(query, key, inv_temp: InvTemp, problem: LossProblem) -> Tuple[torch.Tensor, torch.Tensor]:
-    """logit_ij (M, N) of SPEC §1 for this block (-inf where column j is not allowed in row i,
+    """logit_ij (M, N) of docs/contract.md §1 for this block (-inf where column j is not allowed in row i,
     NaN where the filter's teacher score is NaN) and the mask (M, N) of each row's positive."""
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     cos = F.normalize(query.to(acc), dim=-1, eps=NORM_EPS) @ F.normalize(key.to(acc), dim=-1, eps=NORM_EPS).T

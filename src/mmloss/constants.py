@@ -1,4 +1,4 @@
-"""Constants of the contract (SPEC §1), shared by every backend. Imports nothing."""
+"""Constants of the contract (docs/contract.md §1), shared by every backend. Imports nothing."""
 
 IGNORE_INDEX = -100
 """A row whose positive is this value contributes nothing (as `F.cross_entropy(ignore_index=-100)`)."""

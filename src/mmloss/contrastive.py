@@ -43,7 +43,7 @@ def contrastive_loss(
     global_negatives: Optional[str] = None,
     process_group: Optional[torch.distributed.ProcessGroup] = None,
 ) -> torch.Tensor:
-    """Masked, margined InfoNCE of rows `query` against columns `key` (SPEC §1).
+    """Masked, margined InfoNCE of rows `query` against columns `key` (docs/contract.md §1).
 
     query (M, d), key (N, d): embeddings, normalised inside (fp32, bf16, fp16; fp64 on CPU).
     positives (M,) int: each row's positive column, -100 ignores the row; None = arange(M).

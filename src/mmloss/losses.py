@@ -1,4 +1,4 @@
-"""SimCSE, MCSE, MCSEO and KDMCSE as nn.Modules over embeddings (SPEC §2).
+"""SimCSE, MCSE, MCSEO and KDMCSE as nn.Modules over embeddings (docs/contract.md §4).
 
 The modules take the embeddings and features a training step has already computed (pooled
 views, grounded heads, projected image features, teacher features), not the encoders, and

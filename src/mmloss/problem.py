@@ -66,7 +66,7 @@ class LossProblem:
 
     @property
     def cos_threshold(self) -> float:
-        """cos m: negatives with c_ij >= cos m keep f = c (SPEC §1: near-duplicates untouched).
+        """cos m: negatives with c_ij >= cos m keep f = c (docs/contract.md §1: near-duplicates untouched).
         Not the cosine of the applied margin m' (cos m' and sin m' are the kernels' to form)."""
         return math.cos(self.margin)
 

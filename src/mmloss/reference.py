@@ -1,4 +1,4 @@
-"""The oracle: SPEC §1 in plain, dense PyTorch (builds the M × N matrix; any dtype, fp64 too).
+"""The oracle: docs/contract.md §1 in plain, dense PyTorch (builds the M × N matrix; any dtype, fp64 too).
 
 Every other backend is tested against this; it is itself tested against a direct formula
 (F.cross_entropy, and an explicit acos/cos for the margin). Imports only torch (and the contract's constants).
@@ -15,7 +15,7 @@ from mmloss.constants import IGNORE_INDEX, MARGIN_SIN_EPS, NORM_EPS
 
 
 def _sin_from_cos(c: torch.Tensor) -> torch.Tensor:
-    """sqrt(max(1 - c², ε)) whose derivative is -c / sqrt(max(1 - c², ε)) everywhere (SPEC §1).
+    """sqrt(max(1 - c², ε)) whose derivative is -c / sqrt(max(1 - c², ε)) everywhere (docs/contract.md §1).
     In fp16, where ε = 1e-12 rounds to 0, ε is fp16's smallest normal number instead: a
     near-duplicate (1 - c² = 0 in fp16) must not divide by zero."""
     u = 1.0 - c * c
@@ -119,7 +119,7 @@ def contrastive_loss_reference(
     symmetric: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SPEC §1 densely; same arguments as `mmloss.contrastive_loss` less `backend`.
+    """docs/contract.md §1 densely; same arguments as `mmloss.contrastive_loss` less `backend`.
 
     Assumes valid arguments (the public call checks them). Returns fp32 for 16-bit inputs.
     """

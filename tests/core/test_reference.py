@@ -109,7 +109,7 @@ def test_margin_gradient_is_finite_at_antipodal_vectors():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_margin_is_finite_at_duplicates_in_low_precision(dtype):
     """A negative equal to the row (1 - c² = 0 in the dtype) and a margin: loss and gradients
-    stay finite (in fp16 SPEC's ε = 1e-12 would round to 0)."""
+    stay finite (in fp16 the contract's ε = 1e-12 would round to 0)."""
     q = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], dtype=dtype, requires_grad=True)
     k = torch.tensor([[3.0, -1.0, 0.5], [1.0, 2.0, 3.0]], dtype=dtype, requires_grad=True)
     loss = reference(q, k, positives=torch.tensor([0, 1]), margin=0.2)

@@ -56,7 +56,7 @@ def assert_matches_peer(run: Callable[[str, torch.dtype], List[torch.Tensor]], n
 
     float64: mmloss equals the peer to 1e-10 relative to each result's largest magnitude (at
     least FLOOR: a gradient that is 0 in exact arithmetic, as an attention key bias's, is
-    rounding noise on both sides). float32: SPEC's bar (tests/cases.py) with the peer in the
+    rounding noise on both sides). float32: the contract's bar (tests/cases.py) with the peer in the
     role of eager PyTorch: against the float64 peer, at most 2x the peer's own float32 error
     plus 1e-6 (relative for the loss) and half an ulp of the result's magnitude."""
     exact, ours = run("peer", torch.float64), run("mmloss", torch.float64)

@@ -47,7 +47,7 @@ def test_reductions(backend, device, reduction, features, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("features", list(FEATURES))
 def test_low_precision_meets_error_bar(backend, device, dtype, features):
-    """SPEC §1's bar: at most 2x (+1e-6) the reference's own error in the same dtype."""
+    """docs/contract.md §1's bar: at most 2x (+1e-6) the reference's own error in the same dtype."""
     case = make_case(64, 71, 48, features, seed=11, device=device)
     assert_matches_reference(case, backend, dtype, learn_temperature=True)
 

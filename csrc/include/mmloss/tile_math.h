@@ -1,4 +1,4 @@
-// Per-element and per-row math of the core op (SPEC §1), shared by the CPU kernels and the
+// Per-element and per-row math of the core op (docs/contract.md §1), shared by the CPU kernels and the
 // CUDA kernels: only tiling and data movement differ between them. No ATen, no std:: beyond
 // <cmath>, so that nvcc compiles it for the device without a CUDA torch.
 #pragma once
@@ -94,7 +94,7 @@ MMLOSS_HD MarginPair<T> adaptive_margin(T cos_base, T margin, T teacher_cos) {
   return pair;
 }
 
-// Mask predicates of column j in row i (SPEC §1); the positive is exempt (see evaluate).
+// Mask predicates of column j in row i (docs/contract.md §1); the positive is exempt (see evaluate).
 // Group mask: j shares the group of row i's positive.
 MMLOSS_HD bool group_removes(int64_t key_group, int64_t row_group) { return key_group == row_group; }
 // Teacher filter: j leaves the row when its score is above the threshold...

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused contrastive loss (SPEC §1). Host code lives in `ops.py`.
+"""Triton kernels of the fused contrastive loss (docs/contract.md §1). Host code lives in `ops.py`.
 
 Shapes: query (M, d) rows, key (N, d) columns, teachers (M, dt)/(N, dt). Every tile is
 BLOCK_M x BLOCK_N; the feature dimension is streamed in BLOCK_D chunks, so any d works.
@@ -145,7 +145,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
             HAS_GROUPS: tl.constexpr, T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
             BLOCK_T: tl.constexpr, UPCAST: tl.constexpr, SIN_EPS: tl.constexpr):
     """From cosines c (BLOCK_M, BLOCK_N): logits (-inf where not allowed, NaN where the
-    filter score is NaN), f, f' = df/dc, and the positive mask (SPEC §1)."""
+    filter score is NaN), f, f' = df/dc, and the positive mask (docs/contract.md §1)."""
     row_ok = rows < M
     col_ok = cols < N
     is_pos = (cols[None, :] == pos[:, None]) & col_ok[None, :]

@@ -49,7 +49,7 @@ def fields(problem: LossProblem) -> Fields:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 operands use exact fp32 products ("ieee"): tf32 misses SPEC's error bar."""
+    """fp32 operands use exact fp32 products ("ieee"): tf32 misses the contract's error bar."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -2,7 +2,7 @@
 host emulation of tests/cuda_emulation (fibers for a CTA's threads, mma.sync computed from the
 PTX ISA's fragment layouts), driven through the real launchers and a mirror of the ATen glue,
 and routed in as backend="cuda" on CPU tensors. Every feature and dtype against the float64
-reference at SPEC §1's bar (as tests/test_cuda_gpu.py), at shapes off the 64 x 64 tile and
+reference at docs/contract.md §1's bar (as tests/test_cuda_gpu.py), at shapes off the 64 x 64 tile and
 the 32-wide d chunks, with and without column splits and backward row chunks; bit-identical
 results under another thread order and other strides and alignments; the 16-bit conversions."""
 

@@ -1,5 +1,5 @@
 """The CUDA C++ backend on a CUDA device: every feature and dtype against the float64
-reference (SPEC §1's bar), odd shapes, the row-chunked backward, key blocks, torch.compile,
+reference (docs/contract.md §1's bar), odd shapes, the row-chunked backward, key blocks, torch.compile,
 and compute-sanitizer on a small case. Skipped without CUDA or without CUDA kernels in _C."""
 
 import functools

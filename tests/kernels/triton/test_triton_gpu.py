@@ -1,5 +1,5 @@
 """The Triton backend on a CUDA device: every feature and dtype against the float64
-reference (SPEC §1's bar), large N, row-chunked backward, key blocks, CUDA-graph capture.
+reference (docs/contract.md §1's bar), large N, row-chunked backward, key blocks, CUDA-graph capture.
 Skipped without CUDA (the interpreter suite covers the logic on CPU)."""
 
 import pytest
