@@ -46,8 +46,10 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, mmloss {mmloss.__version__}, "
-            f"Python {platform.python_version()}, {datetime.date.today().isoformat()}")
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, mmloss {mmloss.__version__}, "
+        f"Python {platform.python_version()}, {datetime.date.today().isoformat()}"
+    )
 
 
 def run(sizes, dims, dtypes, repeats: int, out: Path) -> list:
@@ -71,9 +73,10 @@ def format_result(r: dict) -> str:
     if "error" in r:
         return f"not run ({r['error']})"
     err = r.get("loss_error", float("nan"))
-    return (f"{r['seconds']:.3f} s (CPU {r['cpu_seconds']:.3f} s), {r['extra_bytes'] / MIB:.1f} MiB extra, "
-            f"{r['scratch_bytes'] / MIB:.1f} MiB scratch"
-            + (f", loss error {err:.2g}" if math.isfinite(err) else ""))
+    return (
+        f"{r['seconds']:.3f} s (CPU {r['cpu_seconds']:.3f} s), {r['extra_bytes'] / MIB:.1f} MiB extra, "
+        f"{r['scratch_bytes'] / MIB:.1f} MiB scratch" + (f", loss error {err:.2g}" if math.isfinite(err) else "")
+    )
 
 
 def _seconds(r: dict) -> float:
@@ -97,33 +100,46 @@ def markdown(rows: list) -> str:
             cells.append(f"not run: {r['error']}" if "error" in r else f"{r['seconds']:.3f} s ({r['cpu_seconds']:.3f})")
         floor, eager, mm, cce = (_seconds(row[p]) for p in PROVIDERS)
         cells += [_ratio(mm, floor), _ratio(mm, eager), _ratio(cce, mm)]
-        cells.append(" / ".join("—" if "error" in row[p] else f"{row[p]['scratch_bytes'] / MIB:.1f}"
-                                for p in ("eager", "mmloss-cpu", "cce")))
-        cells.append(" / ".join(f"{row[p].get('loss_error', float('nan')):.1e}"
-                                if math.isfinite(row[p].get("loss_error", float("nan"))) else "—"
-                                for p in ("eager", "mmloss-cpu", "cce")))
+        cells.append(
+            " / ".join(
+                "—" if "error" in row[p] else f"{row[p]['scratch_bytes'] / MIB:.1f}"
+                for p in ("eager", "mmloss-cpu", "cce")
+            )
+        )
+        cells.append(
+            " / ".join(
+                f"{row[p].get('loss_error', float('nan')):.1e}"
+                if math.isfinite(row[p].get("loss_error", float("nan")))
+                else "—"
+                for p in ("eager", "mmloss-cpu", "cce")
+            )
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def targets(rows: list) -> str:
-    """docs/performance.md's CPU targets and the 16-bit targets of issue 14, checked against the rows."""
-    lines = ["Targets (docs/performance.md, CPU; bf16: issue 14):"]
+    """docs/performance.md's CPU targets (fp32 and bf16), checked against the rows."""
+    lines = ["Targets (docs/performance.md, CPU):"]
     at = {(r["N"], r["d"], r["dtype"]): r for r in rows}
     row = at.get((4096, 768, "fp32"))
     if row and "error" not in row["eager"] and "error" not in row["mmloss-cpu"]:
         e, m = row["eager"], row["mmloss-cpu"]
         ratio, share = m["seconds"] / e["seconds"], m["scratch_bytes"] / max(e["scratch_bytes"], 1)
-        lines.append(f"- fp32, N = 4,096, d = 768: time {ratio:.2f}× eager (CPU time "
-                     f"{m['cpu_seconds'] / e['cpu_seconds']:.2f}×; target ≤ 1.3×: "
-                     f"{'met' if ratio <= 1.3 else 'missed'}); scratch beyond inputs and gradients "
-                     f"{share:.1%} of eager's (target ≤ 5 %: {'met' if share <= 0.05 else 'missed'})")
+        lines.append(
+            f"- fp32, N = 4,096, d = 768: time {ratio:.2f}× eager (CPU time "
+            f"{m['cpu_seconds'] / e['cpu_seconds']:.2f}×; target ≤ 1.3×: "
+            f"{'met' if ratio <= 1.3 else 'missed'}); scratch beyond inputs and gradients "
+            f"{share:.1%} of eager's (target ≤ 5 %: {'met' if share <= 0.05 else 'missed'})"
+        )
     bf16, fp32 = at.get((4096, 768, "bf16")), at.get((4096, 768, "fp32"))
     if bf16 and "error" not in bf16["mmloss-cpu"] and "error" not in bf16["eager"]:
         m, e = bf16["mmloss-cpu"]["seconds"], bf16["eager"]["seconds"]
         cpu = bf16["mmloss-cpu"]["cpu_seconds"] / bf16["eager"]["cpu_seconds"]
-        line = (f"- bf16, N = 4,096, d = 768: {m / e:.2f}× eager bf16 (CPU time {cpu:.2f}×; target ≤ 0.9×: "
-                f"{'met' if m / e <= 0.9 else 'missed'})")
+        line = (
+            f"- bf16, N = 4,096, d = 768: {m / e:.2f}× eager bf16 (CPU time {cpu:.2f}×; target ≤ 0.9×: "
+            f"{'met' if m / e <= 0.9 else 'missed'})"
+        )
         if fp32 and "error" not in fp32["mmloss-cpu"]:
             own = m / fp32["mmloss-cpu"]["seconds"]
             line += f"; {own:.2f}× mmloss fp32 (target ≤ 0.6×: {'met' if own <= 0.6 else 'missed'})"
@@ -135,9 +151,11 @@ def targets(rows: list) -> str:
         m = row["mmloss-cpu"]
         done = "error" not in m
         outcome = "completes in " + format_result(m) if done else "failed: " + m["error"]
-        lines.append(f"- N = 65,536, d = 256: mmloss cpu {outcome}"
-                     f"; eager: {row['eager'].get('error', 'ran')} (target: completes where eager needs > 24 GiB: "
-                     f"{'met' if done and 'error' in row['eager'] else 'not shown'})")
+        lines.append(
+            f"- N = 65,536, d = 256: mmloss cpu {outcome}"
+            f"; eager: {row['eager'].get('error', 'ran')} (target: completes where eager needs > 24 GiB: "
+            f"{'met' if done and 'error' in row['eager'] else 'not shown'})"
+        )
     return "\n".join(lines)
 
 
@@ -145,14 +163,37 @@ def write_outputs(rows: list, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "cpu.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["N", "d", "dtype", "provider", "seconds", "cpu_seconds", "extra_bytes", "scratch_bytes",
-                         "loss_error", "error"])
+        writer.writerow(
+            [
+                "N",
+                "d",
+                "dtype",
+                "provider",
+                "seconds",
+                "cpu_seconds",
+                "extra_bytes",
+                "scratch_bytes",
+                "loss_error",
+                "error",
+            ]
+        )
         for row in rows:
             for provider in PROVIDERS:
                 r = row[provider]
-                writer.writerow([row["N"], row["d"], row["dtype"], provider, r.get("seconds"), r.get("cpu_seconds"),
-                                 r.get("extra_bytes"),
-                                 r.get("scratch_bytes"), r.get("loss_error"), r.get("error", "")])
+                writer.writerow(
+                    [
+                        row["N"],
+                        row["d"],
+                        row["dtype"],
+                        provider,
+                        r.get("seconds"),
+                        r.get("cpu_seconds"),
+                        r.get("extra_bytes"),
+                        r.get("scratch_bytes"),
+                        r.get("loss_error"),
+                        r.get("error", ""),
+                    ]
+                )
     (out / "cpu.md").write_text(f"{machine()}\n\n{markdown(rows)}\n\n{targets(rows)}\n")
     plot(rows, out / "cpu.png")
 
@@ -171,8 +212,11 @@ def plot(rows: list, path: Path) -> None:
     for dtype in sorted({r["dtype"] for r in rows}):
         for d in sorted({r["d"] for r in rows}):
             for provider, style in styles.items():
-                pts = [(r["N"], r[provider]) for r in rows
-                       if r["d"] == d and r["dtype"] == dtype and "error" not in r[provider]]
+                pts = [
+                    (r["N"], r[provider])
+                    for r in rows
+                    if r["d"] == d and r["dtype"] == dtype and "error" not in r[provider]
+                ]
                 if not pts:
                     continue
                 ns = [n for n, _ in pts]

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 
-def eager_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05,
-               upcast: bool = False) -> torch.Tensor:
+def eager_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05, upcast: bool = False) -> torch.Tensor:
     """What users write: dense N × N logits in the inputs' dtype and F.cross_entropy (on
     fp32 logits with `upcast`, the CPU table's baseline)."""
     logits = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).T / temperature
@@ -26,8 +25,9 @@ def eager_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05
     return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device))
 
 
-def cce_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05, impl: str = "cce",
-             filter_eps="high") -> torch.Tensor:
+def cce_loss(
+    query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05, impl: str = "cce", filter_eps="high"
+) -> torch.Tensor:
     """cut-cross-entropy's linear cross-entropy of the τ-scaled normalised queries (the
     "embeddings") against the normalised keys (the "classifier"), targets = the diagonal.
     impl="cce": its fused Triton kernels (GPU), with its gradient filtering by default
@@ -36,6 +36,7 @@ def cce_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05, 
     impl="torch_compile": its compiled dense path (materialises the logits; runs on the CPU;
     no filtering)."""
     from cut_cross_entropy import linear_cross_entropy
+
     targets = torch.arange(query.shape[0], device=query.device)
     embeddings = F.normalize(query, dim=-1) * (1.0 / temperature)
     return linear_cross_entropy(embeddings, F.normalize(key, dim=-1), targets, impl=impl, filter_eps=filter_eps)
@@ -52,6 +53,7 @@ def infcl_loss(query: torch.Tensor, key: torch.Tensor, temperature: float = 0.05
     world size 1 on NCCL, created on first use) on normalised inputs, scale 1/τ."""
     import torch.distributed as dist
     from inf_cl import cal_inf_loss
+
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

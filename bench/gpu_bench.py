@@ -43,11 +43,33 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository: bench.*, tests.case
 from bench import gpu_check, static_model  # noqa: E402
 from bench.gpu_steps import DTYPES, build_step  # noqa: E402
 
-FIELDS = ["stage", "section", "method", "features", "dtype", "N", "d", "graph", "ms", "peak_mib", "model_ms",
-          "status", "timing", "seconds"]
+FIELDS = [
+    "stage",
+    "section",
+    "method",
+    "features",
+    "dtype",
+    "N",
+    "d",
+    "graph",
+    "ms",
+    "peak_mib",
+    "model_ms",
+    "status",
+    "timing",
+    "seconds",
+]
 STAGE1_SIZES = [8192, 32768, 65536]
-STAGE1_METHODS = [("mmloss_triton", "bf16"), ("floor", "bf16"), ("mmloss_cuda", "bf16"), ("cce", "bf16"),
-                  ("cce_exact", "bf16"), ("eager", "bf16"), ("compiled", "bf16"), ("infcl", "fp32")]
+STAGE1_METHODS = [
+    ("mmloss_triton", "bf16"),
+    ("floor", "bf16"),
+    ("mmloss_cuda", "bf16"),
+    ("cce", "bf16"),
+    ("cce_exact", "bf16"),
+    ("eager", "bf16"),
+    ("compiled", "bf16"),
+    ("infcl", "fp32"),
+]
 GRID_SIZES = [8192, 16384, 32768, 65536, 131072, 262144]
 SMALL_SIZES = [64, 256, 1024, 4096]
 FEATURE_SETS = ["margin", "adaptive", "filter", "groups", "symmetric"]
@@ -62,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--teacher-width", type=int, default=256, help="dt of the adaptive-margin and filter teachers")
     ap.add_argument("--reps", type=int, default=5, help="timed samples per measurement at most")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="processes of the checks")
-    ap.add_argument("--timing-reserve-s", type=float, default=75.0,
-                    help="stage 1: seconds kept for the timings when the checks end")
+    ap.add_argument(
+        "--timing-reserve-s", type=float, default=75.0, help="stage 1: seconds kept for the timings when the checks end"
+    )
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes: checks the harness")
     args = ap.parse_args(argv)
     if args.deadline is None:
@@ -89,10 +112,19 @@ class Sizes:
             self.scale = (1048576, 256)
 
 
-def item(stage: int, section: str, method: str, dtype: str, n: int, d: int, features: str = "plain",
-         graph: bool = False) -> Dict[str, object]:
-    return dict(stage=stage, section=section, method=method, features=features, dtype=dtype, N=n, d=d,
-                graph="yes" if graph else "no")
+def item(
+    stage: int, section: str, method: str, dtype: str, n: int, d: int, features: str = "plain", graph: bool = False
+) -> Dict[str, object]:
+    return dict(
+        stage=stage,
+        section=section,
+        method=method,
+        features=features,
+        dtype=dtype,
+        N=n,
+        d=d,
+        graph="yes" if graph else "no",
+    )
 
 
 def stage1_items(sz: Sizes) -> List[Dict[str, object]]:
@@ -118,8 +150,13 @@ def stage2_items(sz: Sizes) -> List[Dict[str, object]]:
         for n in sz.grid:
             if d == sz.stage1_d and n in sz.stage1:
                 continue
-            methods = [("mmloss_triton", "bf16"), ("floor", "bf16"), ("mmloss_cuda", "bf16"), ("cce", "bf16"),
-                       ("cce_exact", "bf16")]
+            methods = [
+                ("mmloss_triton", "bf16"),
+                ("floor", "bf16"),
+                ("mmloss_cuda", "bf16"),
+                ("cce", "bf16"),
+                ("cce_exact", "bf16"),
+            ]
             if n <= sz.dense_max:
                 methods += [("eager", "bf16"), ("eager", "fp32"), ("compiled", "bf16"), ("infcl", "fp32")]
             elif n <= sz.infcl_max:
@@ -135,13 +172,19 @@ def warm_variants(stage: int, dry_run: bool) -> List[tuple]:
     warms one of each kind at a tiny size (the interpreter compiles nothing)."""
     n, d = (64, 32) if dry_run else (4096, 768)
     if stage == 1:
-        return [("mmloss_triton", "plain", "bf16", n, d), ("compiled", "plain", "bf16", n, d),
-                ("cce", "plain", "bf16", n, d), ("cce_exact", "plain", "bf16", n, d),
-                ("infcl", "plain", "fp32", n, d)]
+        return [
+            ("mmloss_triton", "plain", "bf16", n, d),
+            ("compiled", "plain", "bf16", n, d),
+            ("cce", "plain", "bf16", n, d),
+            ("cce_exact", "plain", "bf16", n, d),
+            ("infcl", "plain", "fp32", n, d),
+        ]
     if dry_run:
         return [("mmloss_triton", "margin", "bf16", n, d)]
-    return [("mmloss_triton", f, "bf16", n, 256) for f in FEATURE_SETS] + \
-        [("mmloss_triton", "plain", "bf16", 256, 768), ("compiled", "plain", "bf16", 256, 768)]
+    return [("mmloss_triton", f, "bf16", n, 256) for f in FEATURE_SETS] + [
+        ("mmloss_triton", "plain", "bf16", 256, 768),
+        ("compiled", "plain", "bf16", 256, 768),
+    ]
 
 
 def cuda_reason(torch, dry_run: bool):
@@ -149,6 +192,7 @@ def cuda_reason(torch, dry_run: bool):
     if dry_run:
         return "dry run (CPU)"
     from mmloss.backends import unavailable_reason
+
     return unavailable_reason("cuda", torch.device("cuda"))
 
 
@@ -160,8 +204,9 @@ class Clock:
         return self.deadline - time.time()
 
 
-def measure(torch, step, device, clock: Clock, max_reps: int, sample_s: float = 0.02,
-            budget_s: float = 2.0) -> Dict[str, object]:
+def measure(
+    torch, step, device, clock: Clock, max_reps: int, sample_s: float = 0.02, budget_s: float = 2.0
+) -> Dict[str, object]:
     """ms and peak MiB of step.run() (see the module docstring); raises on OOM and errors."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -199,8 +244,9 @@ def series(it) -> tuple:
 
 def model_ms(it, dt: int) -> float:
     e = 4 if it["dtype"] == "fp32" else 2
-    return static_model.predict(it["method"], it["features"], it["N"], it["d"],
-                                dt if it["features"] in ("adaptive", "filter") else 0, e)
+    return static_model.predict(
+        it["method"], it["features"], it["N"], it["d"], dt if it["features"] in ("adaptive", "filter") else 0, e
+    )
 
 
 def needed_s(it, history: Dict[tuple, tuple], model: float) -> float:
@@ -210,17 +256,28 @@ def needed_s(it, history: Dict[tuple, tuple], model: float) -> float:
         n0, ms0 = history[series(it)]
         step_s = ms0 * max(1.0, (it["N"] / n0) ** 2) / 1e3
     else:
-        guess = model if math.isfinite(model) else static_model.floor_ms(it["N"], it["d"]) * (
-            30 if it["method"] == "infcl" else 5)
+        guess = (
+            model
+            if math.isfinite(model)
+            else static_model.floor_ms(it["N"], it["d"]) * (30 if it["method"] == "infcl" else 5)
+        )
         step_s = 1.5 * guess / 1e3
     return (5.0 if series(it) not in history else 1.0) + 3 * step_s + min(2.0, step_s * 5)
 
 
-def run_item(it, args, clock: Clock, torch, mmloss, device, history, failed: Dict[tuple, str],
-             cuda_why) -> Dict[str, object]:
+def run_item(
+    it, args, clock: Clock, torch, mmloss, device, history, failed: Dict[tuple, str], cuda_why
+) -> Dict[str, object]:
     """Measures one item; its CSV row."""
-    row = dict(it, ms=float("nan"), peak_mib=float("nan"), model_ms=model_ms(it, args.teacher_width),
-               status="ok", timing="", seconds=0.0)
+    row = dict(
+        it,
+        ms=float("nan"),
+        peak_mib=float("nan"),
+        model_ms=model_ms(it, args.teacher_width),
+        status="ok",
+        timing="",
+        seconds=0.0,
+    )
     key = series(it)
     if it["method"] == "mmloss_cuda" and cuda_why is not None:
         row["status"] = f"unavailable: {cuda_why}"[:120]
@@ -238,8 +295,18 @@ def run_item(it, args, clock: Clock, torch, mmloss, device, history, failed: Dic
     start = time.time()
     dtype = getattr(torch, DTYPES[it["dtype"]])
     try:
-        step = build_step(torch, mmloss, it["method"], it["features"], dtype, it["N"], it["d"], device,
-                          args.teacher_width, graph=it["graph"] == "yes")
+        step = build_step(
+            torch,
+            mmloss,
+            it["method"],
+            it["features"],
+            dtype,
+            it["N"],
+            it["d"],
+            device,
+            args.teacher_width,
+            graph=it["graph"] == "yes",
+        )
         row.update(measure(torch, step, device, clock, 1 if args.dry_run else args.reps))
         if it["graph"] == "yes":
             row["peak_mib"] = float("nan")  # a replay allocates nothing: the graph's pool holds it
@@ -251,7 +318,7 @@ def run_item(it, args, clock: Clock, torch, mmloss, device, history, failed: Dic
         oom = "out of memory" in str(exc).lower()
         first = str(exc).splitlines()[0] if str(exc) else ""
         row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {first}"[:160]
-        failed[key] = f'skipped: {"OOM" if oom else "error"} at N={it["N"]}'
+        failed[key] = f"skipped: {'OOM' if oom else 'error'} at N={it['N']}"
     finally:
         step = None
         if device.type == "cuda":
@@ -290,18 +357,29 @@ def measure_ceilings(torch, device, dry_run: bool) -> Dict[str, object]:
                 fn()
                 out.append(time.perf_counter() - t0)
         return statistics.median(out)
-    gemm = 2.0 * n ** 3 / timed(lambda: a @ b) / 1e12
+
+    gemm = 2.0 * n**3 / timed(lambda: a @ b) / 1e12
     copy = 2.0 * x.numel() * x.element_size() / timed(lambda: y.copy_(x)) / 1e12
-    return {"gemm_tflops": float(f"{gemm:.4g}"), "gemm": f"{n}^3 {str(dtype).replace('torch.', '')}",
-            "copy_tbps": float(f"{copy:.4g}"), "copy_bytes": 2 * x.numel() * x.element_size(),
-            "model_gemm_tflops": static_model.MMA_PEAK / 1e12, "model_copy_tbps": static_model.HBM / 1e12}
+    return {
+        "gemm_tflops": float(f"{gemm:.4g}"),
+        "gemm": f"{n}^3 {str(dtype).replace('torch.', '')}",
+        "copy_tbps": float(f"{copy:.4g}"),
+        "copy_bytes": 2 * x.numel() * x.element_size(),
+        "model_gemm_tflops": static_model.MMA_PEAK / 1e12,
+        "model_copy_tbps": static_model.HBM / 1e12,
+    }
 
 
 def run_info(torch) -> Dict[str, str]:
     import triton
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (dry run)"
-    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 class CsvLog:
@@ -320,16 +398,23 @@ class CsvLog:
 
 
 def print_row(row) -> None:
-    print(f'{row["method"]:>14} {row["features"]:>9} {row["dtype"]:>4} N={row["N"]:>8} d={row["d"]:>4} '
-          f'graph={row["graph"]:>3} {row["ms"]:>10.3f} ms {row["peak_mib"]:>10.1f} MiB  '
-          f'model {row["model_ms"]:>9.3f} ms  {row["status"]}', flush=True)
+    print(
+        f"{row['method']:>14} {row['features']:>9} {row['dtype']:>4} N={row['N']:>8} d={row['d']:>4} "
+        f"graph={row['graph']:>3} {row['ms']:>10.3f} ms {row['peak_mib']:>10.1f} MiB  "
+        f"model {row['model_ms']:>9.3f} ms  {row['status']}",
+        flush=True,
+    )
 
 
 def skipped_rows(path: str) -> List[Dict[str, str]]:
     """Rows of an earlier stage's CSV that were skipped for want of time (or of a CUDA context)."""
+
     def for_time(status: str) -> bool:
         return status.startswith(("skipped: needs", "skipped: CUDA context lost")) or status in (
-            "skipped: stage time", "skipped: killed at the stage's deadline")
+            "skipped: stage time",
+            "skipped: killed at the stage's deadline",
+        )
+
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
@@ -344,27 +429,44 @@ def run_checks(args, torch, sz: Sizes, cuda_why) -> None:
     if args.stage == 1:
         backends = ["triton"] + ([] if cuda_why else ["cuda"])
         jobs += gpu_check.check_jobs(backends, args.dry_run)
-        jobs += gpu_check.anchor_jobs(["mmloss_triton"] + ([] if cuda_why else ["mmloss_cuda"]) +
-                                      ["eager", "cce", "cce_exact", "infcl"], args.dry_run)
+        jobs += gpu_check.anchor_jobs(
+            ["mmloss_triton"] + ([] if cuda_why else ["mmloss_cuda"]) + ["eager", "cce", "cce_exact", "infcl"],
+            args.dry_run,
+        )
         deadline = args.deadline - (0 if args.dry_run else args.timing_reserve_s)
     else:
-        left = [dict(kind=r["kind"], backend=r["backend"], path=r["path"], features=r["features"], dtype=r["dtype"],
-                     shape=(int(r["M"]), int(r["N"]), int(r["d"])))
-                for r in skipped_rows(os.path.join(args.out, "correctness.csv")) if r["kind"] != "warm"]
+        left = [
+            dict(
+                kind=r["kind"],
+                backend=r["backend"],
+                path=r["path"],
+                features=r["features"],
+                dtype=r["dtype"],
+                shape=(int(r["M"]), int(r["N"]), int(r["d"])),
+            )
+            for r in skipped_rows(os.path.join(args.out, "correctness.csv"))
+            if r["kind"] != "warm"
+        ]
         jobs += left
         deadline = min(args.deadline - 60, time.time() + (90 if left else 45))
     t0 = time.time()
     rows = gpu_check.run_pool(jobs, os.path.join(args.out, "correctness.csv"), args.workers, deadline)
     counts: Dict[str, int] = {}
     for r in rows:
-        name = f'{r["kind"]} {r["status"].split(":")[0]}'
+        name = f"{r['kind']} {r['status'].split(':')[0]}"
         counts[name] = counts.get(name, 0) + 1
-    print(f"== stage {args.stage} parallel jobs in {time.time() - t0:.0f} s: "
-          + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), flush=True)
+    print(
+        f"== stage {args.stage} parallel jobs in {time.time() - t0:.0f} s: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+        flush=True,
+    )
     for r in rows:
         if r["status"] not in ("ok", "measured") and not r["status"].startswith("skipped"):
-            print(f'   {r["kind"]} {r["backend"]} {r["path"]} {r["features"]} {r["dtype"]} '
-                  f'{r["M"]}x{r["N"]}x{r["d"]}: {r["status"]} {r["detail"]}', flush=True)
+            print(
+                f"   {r['kind']} {r['backend']} {r['path']} {r['features']} {r['dtype']} "
+                f"{r['M']}x{r['N']}x{r['d']}: {r['status']} {r['detail']}",
+                flush=True,
+            )
 
 
 def main(argv=None) -> None:
@@ -375,6 +477,7 @@ def main(argv=None) -> None:
     import torch
 
     import mmloss
+
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --dry-run to check the harness on the CPU)")
@@ -387,14 +490,19 @@ def main(argv=None) -> None:
         info = dict(run_info(torch), **measure_ceilings(torch, device, args.dry_run))
         with open(os.path.join(args.out, "ceilings.json"), "w") as f:
             json.dump(info, f, indent=2)
-        print(f'== ceilings: GEMM {info["gemm_tflops"]} TFLOP/s, copy {info["copy_tbps"]} TB/s', flush=True)
+        print(f"== ceilings: GEMM {info['gemm_tflops']} TFLOP/s, copy {info['copy_tbps']} TB/s", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     run_checks(args, torch, sz, cuda_why)
     items = stage1_items(sz)
     if args.stage == 2:  # first what stage 1 had no time for
-        items = [dict(item(2, r["section"], r["method"], r["dtype"], int(r["N"]), int(r["d"]), r["features"]),
-                      graph=r["graph"]) for r in skipped_rows(os.path.join(args.out, "stage1.csv"))]
+        items = [
+            dict(
+                item(2, r["section"], r["method"], r["dtype"], int(r["N"]), int(r["d"]), r["features"]),
+                graph=r["graph"],
+            )
+            for r in skipped_rows(os.path.join(args.out, "stage1.csv"))
+        ]
         items += stage2_items(sz)
     log = CsvLog(os.path.join(args.out, f"stage{args.stage}.csv"))
     history: Dict[tuple, tuple] = {}
@@ -403,12 +511,19 @@ def main(argv=None) -> None:
     lost = None
     for it in items:
         if lost:
-            row = dict(it, ms=float("nan"), peak_mib=float("nan"), model_ms=model_ms(it, args.teacher_width),
-                       status=f"skipped: CUDA context lost ({lost})", timing="", seconds=0.0)
+            row = dict(
+                it,
+                ms=float("nan"),
+                peak_mib=float("nan"),
+                model_ms=model_ms(it, args.teacher_width),
+                status=f"skipped: CUDA context lost ({lost})",
+                timing="",
+                seconds=0.0,
+            )
         else:
             row = run_item(it, args, clock, torch, mmloss, device, history, failed, cuda_why)
             if gpu_check.context_lost(row["status"]):
-                lost = f'{row["method"]} {row["features"]} N={row["N"]} d={row["d"]}'
+                lost = f"{row['method']} {row['features']} N={row['N']} d={row['d']}"
         log.write(row)
         print_row(row)
     print(f"== stage {args.stage} done, {clock.left():.0f} s left", flush=True)

@@ -39,22 +39,34 @@ def check_jobs(backends: Iterable[str], dry_run: bool) -> List[Dict[str, object]
     ODD_SHAPES. Dry run: every feature in bf16 on the first path and plain fp32/fp16 on the
     second, at DRY_SHAPE (the interpreter is slow)."""
     from tests.cases import FEATURES
+
     backends = list(backends)
     jobs = []
     if dry_run:
         for backend in backends:
-            jobs += [dict(backend=backend, path=PATHS[backend][0], features=f, dtype="bf16", shape=DRY_SHAPE)
-                     for f in sorted(FEATURES)]
-            jobs += [dict(backend=backend, path=PATHS[backend][1], features="plain", dtype=t, shape=DRY_SHAPE)
-                     for t in ("fp32", "fp16")]
+            jobs += [
+                dict(backend=backend, path=PATHS[backend][0], features=f, dtype="bf16", shape=DRY_SHAPE)
+                for f in sorted(FEATURES)
+            ]
+            jobs += [
+                dict(backend=backend, path=PATHS[backend][1], features="plain", dtype=t, shape=DRY_SHAPE)
+                for t in ("fp32", "fp16")
+            ]
         return [dict(job, kind="check") for job in jobs]
     for dtype in CHECK_DTYPES:
         for i in (0, 1):
             for backend in backends:
-                jobs += [dict(backend=backend, path=PATHS[backend][i], features=f, dtype=dtype, shape=CHECK_SHAPE)
-                         for f in sorted(FEATURES)]
-    jobs += [dict(backend=backend, path=path, features="all", dtype=dtype, shape=shape)
-             for shape in ODD_SHAPES for dtype in CHECK_DTYPES for backend in backends for path in PATHS[backend]]
+                jobs += [
+                    dict(backend=backend, path=PATHS[backend][i], features=f, dtype=dtype, shape=CHECK_SHAPE)
+                    for f in sorted(FEATURES)
+                ]
+    jobs += [
+        dict(backend=backend, path=path, features="all", dtype=dtype, shape=shape)
+        for shape in ODD_SHAPES
+        for dtype in CHECK_DTYPES
+        for backend in backends
+        for path in PATHS[backend]
+    ]
     return [dict(job, kind="check") for job in jobs]
 
 
@@ -64,9 +76,12 @@ def anchor_jobs(methods: Iterable[str], dry_run: bool) -> List[Dict[str, object]
     filter meets a flatter softmax."""
     sizes = [(130, 32)] if dry_run else [(2048, 256), (16384, 256)]
     dtypes = {"infcl": "fp32"}
-    return [dict(kind="anchor", backend=m, path="", features="plain", dtype=dtypes.get(m, "bf16"),
-                 shape=(n, n, d)) for i, (n, d) in enumerate(sizes) for m in methods
-            if i == 0 or m.startswith("cce")]
+    return [
+        dict(kind="anchor", backend=m, path="", features="plain", dtype=dtypes.get(m, "bf16"), shape=(n, n, d))
+        for i, (n, d) in enumerate(sizes)
+        for m in methods
+        if i == 0 or m.startswith("cce")
+    ]
 
 
 def warm_jobs(variants: Iterable[tuple]) -> List[Dict[str, object]]:
@@ -83,6 +98,7 @@ def _path(backend: str, path: str):
         return
     if backend == "triton":
         import mmloss.triton.ops as ops
+
         old, ops.SMALL_MAX = ops.SMALL_MAX, 0
         try:
             yield
@@ -108,6 +124,7 @@ def _check(job) -> Dict[str, str]:
     import torch
 
     from tests.cases import assert_kernel_matches_reference, make_case
+
     M, N, d = job["shape"]
     case = make_case(M, N, d, job["features"], seed=M + N + d, device=_device(torch))
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[job["dtype"]])
@@ -131,6 +148,7 @@ def _anchor(job) -> Dict[str, str]:
     import mmloss
     from bench import anchors
     from bench.gpu_steps import DTYPES, TEMPERATURE, loss_fn, make_inputs
+
     n, _, d = job["shape"]
     device = _device(torch)
     q, k = make_inputs(torch, n, d, getattr(torch, DTYPES[job["dtype"]]), device, seed=3)
@@ -143,8 +161,10 @@ def _anchor(job) -> Dict[str, str]:
     rq, rk = torch.autograd.grad(ref, (q64, k64))
     ref = ref.detach()
     grad_err = max(_relative(dq, rq), _relative(dk, rk))
-    return {"status": "measured", "detail": f"loss rel err {abs(float(loss) - float(ref)) / abs(float(ref)):.3g}, "
-                                            f"grad rel err {grad_err:.3g}"}
+    return {
+        "status": "measured",
+        "detail": f"loss rel err {abs(float(loss) - float(ref)) / abs(float(ref)):.3g}, grad rel err {grad_err:.3g}",
+    }
 
 
 def _warm(job) -> Dict[str, str]:
@@ -152,10 +172,12 @@ def _warm(job) -> Dict[str, str]:
 
     import mmloss
     from bench.gpu_steps import DTYPES, build_step
+
     n, _, d = job["shape"]
     os.environ["MMLOSS_TRITON_AUTOTUNE"] = "1"
-    step = build_step(torch, mmloss, job["backend"], job["features"], getattr(torch, DTYPES[job["dtype"]]),
-                      n, d, _device(torch))
+    step = build_step(
+        torch, mmloss, job["backend"], job["features"], getattr(torch, DTYPES[job["dtype"]]), n, d, _device(torch)
+    )
     step.run()
     step.run()
     if torch.cuda.is_available():
@@ -163,8 +185,14 @@ def _warm(job) -> Dict[str, str]:
     return {"status": "ok", "detail": ""}
 
 
-STICKY = ("illegal memory access", "unspecified launch failure", "device-side assert", "misaligned address",
-          "illegal instruction", "CUDA error: an illegal")
+STICKY = (
+    "illegal memory access",
+    "unspecified launch failure",
+    "device-side assert",
+    "misaligned address",
+    "illegal instruction",
+    "CUDA error: an illegal",
+)
 _lost: List[str] = []  # in a worker: the job after which its CUDA context is unusable
 
 
@@ -192,18 +220,21 @@ def run_job(job) -> Dict[str, object]:
         text = str(exc).splitlines()[0][:200] if str(exc) else ""
         row.update(status="error", detail=f"{type(exc).__name__}: {text}")
         if context_lost(str(exc)):
-            _lost.append(f'{job["kind"]} {job["backend"]} {job.get("path", "")} {job["features"]} {job["dtype"]} '
-                         f'{M}x{N}x{d}')
+            _lost.append(
+                f"{job['kind']} {job['backend']} {job.get('path', '')} {job['features']} {job['dtype']} {M}x{N}x{d}"
+            )
     return dict(row, seconds=round(time.time() - start, 2))
 
 
 def _init_worker() -> None:
     import torch
+
     torch.set_num_threads(1)
 
 
-def run_pool(jobs: List[Dict[str, object]], out_csv: str, workers: int, deadline: float,
-             grace_s: float = 20.0) -> List[Dict[str, object]]:
+def run_pool(
+    jobs: List[Dict[str, object]], out_csv: str, workers: int, deadline: float, grace_s: float = 20.0
+) -> List[Dict[str, object]]:
     """Runs the jobs on `workers` spawned processes in order; rows are appended to out_csv as
     they arrive. Jobs not started by `deadline` (epoch seconds) are skipped; workers still busy
     `grace_s` after it are terminated and their jobs reported as killed."""

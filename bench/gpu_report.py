@@ -26,12 +26,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import static_model  # noqa: E402
 
-PLAIN = [("mmloss_triton", "bf16", "triton"), ("mmloss_cuda", "bf16", "cuda"), ("floor", "bf16", "floor"),
-         ("cce", "bf16", "CCE"), ("cce_exact", "bf16", "CCE exact"), ("eager", "bf16", "eager16"),
-         ("eager", "fp32", "eager32"),
-         ("compiled", "bf16", "compiled"), ("infcl", "fp32", "Inf-CL32")]
-FEATURE_TARGETS = {"margin": "<= 1.10", "adaptive": "<= 1.10 (1 + dt/d)", "filter": "<= 1.10 (1 + dt/d)",
-                   "groups": "<= 1.05", "symmetric": "none (two passes: 2)"}
+PLAIN = [
+    ("mmloss_triton", "bf16", "triton"),
+    ("mmloss_cuda", "bf16", "cuda"),
+    ("floor", "bf16", "floor"),
+    ("cce", "bf16", "CCE"),
+    ("cce_exact", "bf16", "CCE exact"),
+    ("eager", "bf16", "eager16"),
+    ("eager", "fp32", "eager32"),
+    ("compiled", "bf16", "compiled"),
+    ("infcl", "fp32", "Inf-CL32"),
+]
+FEATURE_TARGETS = {
+    "margin": "<= 1.10",
+    "adaptive": "<= 1.10 (1 + dt/d)",
+    "filter": "<= 1.10 (1 + dt/d)",
+    "groups": "<= 1.05",
+    "symmetric": "none (two passes: 2)",
+}
 
 
 def _num(x: str) -> object:
@@ -78,8 +90,9 @@ class Rows:
 
     def __init__(self, rows: List[Dict[str, object]]):
         self.rows = rows
-        self.ok = {(r["method"], r["dtype"], r["N"], r["d"], r["features"], r["graph"]): r
-                   for r in rows if r["status"] == "ok"}
+        self.ok = {
+            (r["method"], r["dtype"], r["N"], r["d"], r["features"], r["graph"]): r for r in rows if r["status"] == "ok"
+        }
 
     def get(self, method, dtype, n, d, features="plain", graph="no") -> Optional[Dict[str, object]]:
         return self.ok.get((method, dtype, n, d, features, graph))
@@ -93,8 +106,14 @@ class Rows:
         method, dtype, n, d = key
         features, graph = kw.get("features", "plain"), kw.get("graph", "no")
         for r in self.rows:
-            if (r["method"], r["dtype"], r["N"], r["d"], r["features"], r["graph"]) == (method, dtype, n, d, features,
-                                                                                         graph):
+            if (r["method"], r["dtype"], r["N"], r["d"], r["features"], r["graph"]) == (
+                method,
+                dtype,
+                n,
+                d,
+                features,
+                graph,
+            ):
                 return r["model_ms"]
         return float("nan")
 
@@ -110,8 +129,14 @@ def _table(head: List[str], body: List[List[str]], width: int = 11) -> str:
 
 
 def plain_tables(rs: Rows) -> str:
-    sizes = sorted({(r["N"], r["d"]) for r in rs.rows if r["features"] == "plain" and r["graph"] == "no"
-                    and r["section"] in ("anchors", "grid", "scale")}, key=lambda x: (x[1], x[0]))
+    sizes = sorted(
+        {
+            (r["N"], r["d"])
+            for r in rs.rows
+            if r["features"] == "plain" and r["graph"] == "no" and r["section"] in ("anchors", "grid", "scale")
+        },
+        key=lambda x: (x[1], x[0]),
+    )
     times, ratios, memory = [], [], []
     for n, d in sizes:
         cells = [f"{n:,}", str(d)]
@@ -122,30 +147,37 @@ def plain_tables(rs: Rows) -> str:
         tri, cuda, floor = (rs.ms(m, "bf16", n, d) for m in ("mmloss_triton", "mmloss_cuda", "floor"))
         r = _ratio(tri, floor)
         target = "" if n < 32768 or not math.isfinite(r) else (" ok" if r <= 2 else " MISS")
-        ratios.append([f"{n:,}", str(d), fmt(_ratio(tri, floor)) + target, fmt(_ratio(cuda, floor)),
-                       fmt(_ratio(cuda, tri))] +
-                      [fmt(_ratio(rs.ms(m, t, n, d), tri)) for m, t, _ in PLAIN[3:]])
+        ratios.append(
+            [f"{n:,}", str(d), fmt(_ratio(tri, floor)) + target, fmt(_ratio(cuda, floor)), fmt(_ratio(cuda, tri))]
+            + [fmt(_ratio(rs.ms(m, t, n, d), tri)) for m, t, _ in PLAIN[3:]]
+        )
         grads = 2 * n * d * 2 / 2**20
         mem = [rs.get(m, t, n, d) for m, t, _ in PLAIN if m != "floor"]
         memory.append([f"{n:,}", str(d), fmt(2 * grads)] + [fmt(r["peak_mib"]) if r else "—" for r in mem])
     width = 16
-    out = ["Plain loss, fwd+bwd ms measured (static model), bf16 unless named 32:",
-           _table(["N", "d"] + [label for _, _, label in PLAIN], times, width),
-           "",
-           "Ratios (plain): mmloss / floor (docs/performance.md target <= 2 at N >= 32,768), cuda / triton, "
-           "each anchor / mmloss triton (> 1: mmloss faster):",
-           _table(["N", "d", "triton/floor", "cuda/floor", "cuda/triton"] + [f"{lab}/tri" for _, _, lab in PLAIN[3:]],
-                  ratios, 13),
-           "",
-           "Peak memory beyond the inputs, MiB (gradients included; docs/performance.md target for mmloss: <= 2 x the "
-           "gradients + O(N)):",
-           _table(["N", "d", "2 x grads"] + [lab for m, _, lab in PLAIN if m != "floor"], memory)]
+    out = [
+        "Plain loss, fwd+bwd ms measured (static model), bf16 unless named 32:",
+        _table(["N", "d"] + [label for _, _, label in PLAIN], times, width),
+        "",
+        "Ratios (plain): mmloss / floor (docs/performance.md target <= 2 at N >= 32,768), cuda / triton, "
+        "each anchor / mmloss triton (> 1: mmloss faster):",
+        _table(
+            ["N", "d", "triton/floor", "cuda/floor", "cuda/triton"] + [f"{lab}/tri" for _, _, lab in PLAIN[3:]],
+            ratios,
+            13,
+        ),
+        "",
+        "Peak memory beyond the inputs, MiB (gradients included; docs/performance.md target for mmloss: <= 2 x the "
+        "gradients + O(N)):",
+        _table(["N", "d", "2 x grads"] + [lab for m, _, lab in PLAIN if m != "floor"], memory),
+    ]
     return "\n".join(out)
 
 
 def feature_table(rs: Rows, dt: int) -> str:
-    keys = sorted({(r["N"], r["d"], r["method"]) for r in rs.rows if r["section"] == "features"},
-                  key=lambda x: (-x[1], x[2]))
+    keys = sorted(
+        {(r["N"], r["d"], r["method"]) for r in rs.rows if r["section"] == "features"}, key=lambda x: (-x[1], x[2])
+    )
     body, verdicts = [], []
     for n, d, method in keys:
         plain, plain_model = rs.ms(method, "bf16", n, d), rs.model(method, "bf16", n, d)
@@ -154,16 +186,27 @@ def feature_table(rs: Rows, dt: int) -> str:
             ratio = _ratio(rs.ms(method, "bf16", n, d, features=f), plain)
             model = _ratio(rs.model(method, "bf16", n, d, features=f), plain_model)
             cells.append(f"{fmt(ratio)} [{fmt(model)}]")
-            bound = {"margin": 1.10, "adaptive": 1.10 * (1 + dt / d), "filter": 1.10 * (1 + dt / d),
-                     "groups": 1.05}.get(f)
+            bound = {
+                "margin": 1.10,
+                "adaptive": 1.10 * (1 + dt / d),
+                "filter": 1.10 * (1 + dt / d),
+                "groups": 1.05,
+            }.get(f)
             if bound and math.isfinite(ratio):
-                verdicts.append(f"{method.replace('mmloss_', '')} d={d} {f} {ratio:.2f} vs {bound:.2f}: "
-                                f"{'met' if ratio <= bound else 'MISSED'}")
+                verdicts.append(
+                    f"{method.replace('mmloss_', '')} d={d} {f} {ratio:.2f} vs {bound:.2f}: "
+                    f"{'met' if ratio <= bound else 'MISSED'}"
+                )
         body.append(cells)
     head = ["N", "d", "backend", "plain ms"] + list(FEATURE_TARGETS)
-    return "\n".join([f"Features: time / plain, measured [static model]; teachers bf16, width {dt}. Targets: "
-                      + "; ".join(f"{k} {v}" for k, v in FEATURE_TARGETS.items()),
-                      _table(head, body, 12)] + (["Targets: " + "; ".join(verdicts)] if verdicts else []))
+    return "\n".join(
+        [
+            f"Features: time / plain, measured [static model]; teachers bf16, width {dt}. Targets: "
+            + "; ".join(f"{k} {v}" for k, v in FEATURE_TARGETS.items()),
+            _table(head, body, 12),
+        ]
+        + (["Targets: " + "; ".join(verdicts)] if verdicts else [])
+    )
 
 
 def small_table(rs: Rows) -> str:
@@ -175,12 +218,40 @@ def small_table(rs: Rows) -> str:
         e, eg = rs.ms("eager", "bf16", n, d), rs.ms("eager", "bf16", n, d, graph="yes")
         comp = rs.ms("compiled", "bf16", n, d)
         model = rs.model("mmloss_triton", "bf16", n, d)
-        body.append([f"{n:,}", str(d), f"{fmt(t)} ({fmt(model)})", fmt(tg), fmt(c), fmt(cg), fmt(e), fmt(eg),
-                     fmt(comp), fmt(_ratio(e, t)), fmt(_ratio(eg, tg))])
-    head = ["N", "d", "triton", "tri graph", "cuda", "cuda graph", "eager", "eager graph", "compiled",
-            "eager/tri", "graphs e/t"]
-    return "\n".join(["Small batches, bf16 fwd+bwd ms (triton: static model); docs/performance.md target: eager / mmloss >= 3:",
-                      _table(head, body, 12)])
+        body.append(
+            [
+                f"{n:,}",
+                str(d),
+                f"{fmt(t)} ({fmt(model)})",
+                fmt(tg),
+                fmt(c),
+                fmt(cg),
+                fmt(e),
+                fmt(eg),
+                fmt(comp),
+                fmt(_ratio(e, t)),
+                fmt(_ratio(eg, tg)),
+            ]
+        )
+    head = [
+        "N",
+        "d",
+        "triton",
+        "tri graph",
+        "cuda",
+        "cuda graph",
+        "eager",
+        "eager graph",
+        "compiled",
+        "eager/tri",
+        "graphs e/t",
+    ]
+    return "\n".join(
+        [
+            "Small batches, bf16 fwd+bwd ms (triton: static model); docs/performance.md target: eager / mmloss >= 3:",
+            _table(head, body, 12),
+        ]
+    )
 
 
 def scale_table(rs: Rows) -> str:
@@ -188,13 +259,15 @@ def scale_table(rs: Rows) -> str:
     for r in rs.rows:
         if r["section"] == "scale":
             peak = r["peak_mib"] / 1024 if isinstance(r["peak_mib"], float) and math.isfinite(r["peak_mib"]) else None
-            lines.append(f'  {r["method"]} N={r["N"]:,} d={r["d"]}: {fmt(r["ms"])} ms (model {fmt(r["model_ms"])}), '
-                         f'peak {fmt(peak)} GiB beyond the inputs: {r["status"]}')
+            lines.append(
+                f"  {r['method']} N={r['N']:,} d={r['d']}: {fmt(r['ms'])} ms (model {fmt(r['model_ms'])}), "
+                f"peak {fmt(peak)} GiB beyond the inputs: {r['status']}"
+            )
     return "\n".join(lines)
 
 
 def cuda_tests(checks: List[Dict[str, object]]) -> str:
-    """"passed" when the CUDA backend's correctness grid ran whole and every case passed."""
+    """ "passed" when the CUDA backend's correctness grid ran whole and every case passed."""
     cuda = [c for c in checks if c["kind"] == "check" and c["backend"] == "cuda"]
     if not cuda:
         return "not run"
@@ -209,18 +282,21 @@ def check_summary(checks: List[Dict[str, object]]) -> str:
         counts: Dict[str, int] = {}
         for c in rows:
             counts[c["status"]] = counts.get(c["status"], 0) + 1
-        lines.append(f"  {backend}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-                     + f" of {len(rows)} cases")
+        lines.append(
+            f"  {backend}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" of {len(rows)} cases"
+        )
         for c in rows:
             if c["status"] not in ("ok",) and not str(c["status"]).startswith("skipped"):
-                lines.append(f'    {c["path"]} {c["features"]} {c["dtype"]} {c["M"]}x{c["N"]}x{c["d"]}: '
-                             f'{c["status"]} {c["detail"]}')
+                lines.append(
+                    f"    {c['path']} {c['features']} {c['dtype']} {c['M']}x{c['N']}x{c['d']}: "
+                    f"{c['status']} {c['detail']}"
+                )
     anchors = [c for c in checks if c["kind"] == "anchor"]
     if anchors:
         lines.append("Errors against float64 eager on the same rounded inputs:")
-        lines += [f'  {c["backend"]} {c["dtype"]} N={c["N"]} d={c["d"]}: {c["status"]} {c["detail"]}' for c in anchors]
+        lines += [f"  {c['backend']} {c['dtype']} N={c['N']} d={c['d']}: {c['status']} {c['detail']}" for c in anchors]
     warm = [c for c in checks if c["kind"] == "warm" and c["status"] != "ok"]
-    lines += [f'  warm-up {c["backend"]} {c["features"]}: {c["status"]} {c["detail"]}' for c in warm]
+    lines += [f"  warm-up {c['backend']} {c['features']}: {c['status']} {c['detail']}" for c in warm]
     return "\n".join(lines)
 
 
@@ -236,24 +312,36 @@ def not_measured(rs: Rows) -> str:
 def summary(data: Dict[str, object], dt: int) -> str:
     info = data["info"]
     rs = Rows(data["rows"])
-    head = (f'{info.get("device", "?")}, torch {info.get("torch", "?")}, triton {info.get("triton", "?")}, '
-            f'{info.get("date", "?")}. Ceilings measured: bf16 GEMM {fmt(info.get("gemm_tflops"))} TFLOP/s '
-            f'(model {fmt(static_model.MMA_PEAK / 1e12)}), copy {fmt(info.get("copy_tbps"))} TB/s '
-            f'(model {fmt(static_model.HBM / 1e12)})')
-    parts = [head, check_summary(data["checks"]), plain_tables(rs), feature_table(rs, dt), small_table(rs),
-             scale_table(rs), not_measured(rs)]
+    head = (
+        f"{info.get('device', '?')}, torch {info.get('torch', '?')}, triton {info.get('triton', '?')}, "
+        f"{info.get('date', '?')}. Ceilings measured: bf16 GEMM {fmt(info.get('gemm_tflops'))} TFLOP/s "
+        f"(model {fmt(static_model.MMA_PEAK / 1e12)}), copy {fmt(info.get('copy_tbps'))} TB/s "
+        f"(model {fmt(static_model.HBM / 1e12)})"
+    )
+    parts = [
+        head,
+        check_summary(data["checks"]),
+        plain_tables(rs),
+        feature_table(rs, dt),
+        small_table(rs),
+        scale_table(rs),
+        not_measured(rs),
+    ]
     return "\n\n".join(parts)
 
 
 def auto_table(rows: List[Dict[str, object]], run: Dict[str, object], tests: str) -> Dict[str, object]:
-    """The table `backend="auto"` reads (mmloss/auto_table.json): N ranges, per dtype, where the
+    """The table `backend="auto"` reads (src/mmloss/auto_table.json): N ranges, per dtype, where the
     CUDA backend beat Triton (plain loss, no graphs) at every measured d, up to the largest N
     measured (no extrapolation). Empty unless this run's CUDA correctness grid passed."""
     rs = Rows(rows)
     faster: List[Dict[str, object]] = []
     if tests == "passed":
-        cuda_rows = [r for r in rows if r["method"] == "mmloss_cuda" and r["features"] == "plain"
-                     and r["graph"] == "no" and r["status"] == "ok"]
+        cuda_rows = [
+            r
+            for r in rows
+            if r["method"] == "mmloss_cuda" and r["features"] == "plain" and r["graph"] == "no" and r["status"] == "ok"
+        ]
         for dtype in sorted({r["dtype"] for r in cuda_rows}):
             sizes = sorted({r["N"] for r in cuda_rows if r["dtype"] == dtype})
             low = 1
@@ -265,15 +353,19 @@ def auto_table(rows: List[Dict[str, object]], run: Dict[str, object], tests: str
                 elif wins:
                     faster.append({"dtype": dtype, "min_n": low, "max_n": n})
                 low = n + 1
-    return {"about": "backend='auto' on CUDA: where the CUDA C++ backend beat Triton (fwd+bwd, plain loss) in a GPU "
-                     "run that also passed the CUDA correctness grid. Written by bench/gpu.sh as OUT/auto_table.json; "
-                     "commit it as src/mmloss/auto_table.json after reading the run.",
-            "gpu_run": dict(run, cuda_tests=tests), "cuda_faster": faster}
+    return {
+        "about": "backend='auto' on CUDA: where the CUDA C++ backend beat Triton (fwd+bwd, plain loss) in a GPU "
+        "run that also passed the CUDA correctness grid. Written by bench/gpu.sh as OUT/auto_table.json; "
+        "commit it as src/mmloss/auto_table.json after reading the run.",
+        "gpu_run": dict(run, cuda_tests=tests),
+        "cuda_faster": faster,
+    }
 
 
 def plot(rows: List[Dict[str, object]], path: str) -> Optional[str]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -300,12 +392,17 @@ def build_info() -> str:
     lines = []
     try:
         from mmloss.backends import build_info as info
+
         lines += [f"{k}: {v}" for k, v in info().items()]
     except Exception as exc:  # noqa: BLE001 - the report must come out whatever failed
         lines.append(f"mmloss.info failed: {exc}")
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         lines.append("nvidia-smi: " + smi.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         lines.append("nvidia-smi: not found")
@@ -317,16 +414,35 @@ def results_md(text: str, tests: str) -> str:
     for d in (256, 768):
         table = static_model.rows(static_model.SIZES, [d], 2, 0, "plain", 1 << 30)
         static.append(static_model.table_text(table))
-    return "\n".join([
-        "# mmloss on the GPU: bench/gpu.sh results", "",
-        "Written by `bash bench/gpu.sh` (bench/gpu_report.py); one run, times are fwd+bwd of one-direction InfoNCE "
-        "(τ = 0.05, diagonal positives) unless named, median of CUDA-event samples after a warm-up step. "
-        "Full rows: stage1.csv, stage2.csv and correctness.csv of the run's output folder.", "",
-        f"CUDA backend correctness grid: {tests}.", "",
-        "```", build_info(), "```", "",
-        "## Summary", "", "```", text, "```", "",
-        "## Static model (plain, bf16; bench/static_model.py)", "",
-        "```", static_model.header("plain", 0, 2), *static, "```", ""])
+    return "\n".join(
+        [
+            "# mmloss on the GPU: bench/gpu.sh results",
+            "",
+            "Written by `bash bench/gpu.sh` (bench/gpu_report.py); one run, times are fwd+bwd of one-direction InfoNCE "
+            "(τ = 0.05, diagonal positives) unless named, median of CUDA-event samples after a warm-up step. "
+            "Full rows: stage1.csv, stage2.csv and correctness.csv of the run's output folder.",
+            "",
+            f"CUDA backend correctness grid: {tests}.",
+            "",
+            "```",
+            build_info(),
+            "```",
+            "",
+            "## Summary",
+            "",
+            "```",
+            text,
+            "```",
+            "",
+            "## Static model (plain, bf16; bench/static_model.py)",
+            "",
+            "```",
+            static_model.header("plain", 0, 2),
+            *static,
+            "```",
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> None:

@@ -48,8 +48,11 @@ def feature_kwargs(torch, features: str, n: int, dt: int, dtype, device) -> Dict
     g = torch.Generator(device=device).manual_seed(1)
 
     def teacher():
-        return (torch.randn(n, dt, generator=g, device=device).to(dtype),
-                torch.randn(n, dt, generator=g, device=device).to(dtype))
+        return (
+            torch.randn(n, dt, generator=g, device=device).to(dtype),
+            torch.randn(n, dt, generator=g, device=device).to(dtype),
+        )
+
     if features == "plain":
         return {}
     if features == "margin":
@@ -98,17 +101,20 @@ def floor_step(torch, q, k) -> Step:
 
     def run():
         for r0 in range(0, n, rows):
-            s = qd[r0:r0 + rows] @ kd.T
+            s = qd[r0 : r0 + rows] @ kd.T
             s @ kd
-            dk.addmm_(s.T, qd[r0:r0 + rows])
+            dk.addmm_(s.T, qd[r0 : r0 + rows])
+
     return Step(run, [dk])
 
 
 def graphed(torch, fn, q, k) -> Step:
     """fwd+bwd of fn captured into a CUDA graph after three warm-up calls on a side stream
     (compiles and autotunes outside the capture); run = one replay."""
+
     def grads():
         return torch.autograd.grad(fn(q, k), (q, k))
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -121,8 +127,19 @@ def graphed(torch, fn, q, k) -> Step:
     return Step(graph.replay, [graph, out])
 
 
-def build_step(torch, mmloss, method: str, features: str, dtype, n: int, d: int, device,
-               teacher_width: int = 256, graph: bool = False, seed: int = 0) -> Step:
+def build_step(
+    torch,
+    mmloss,
+    method: str,
+    features: str,
+    dtype,
+    n: int,
+    d: int,
+    device,
+    teacher_width: int = 256,
+    graph: bool = False,
+    seed: int = 0,
+) -> Step:
     """Inputs of (n, d) and the step of `method`; raises ImportError where a package is missing."""
     q, k = make_inputs(torch, n, d, dtype, device, seed)
     if method == "floor":
@@ -139,4 +156,5 @@ def build_step(torch, mmloss, method: str, features: str, dtype, n: int, d: int,
     def run():
         clear()
         fn(q, k).backward()
+
     return Step(run, [q, k], clear)

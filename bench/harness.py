@@ -108,12 +108,18 @@ def measure_here(provider: str, n: int, d: int, dtype: str, repeats: int) -> Dic
         cpu_times.append(time.process_time() - cpu)
     grads = 0 if provider == "floor" else 2 * q.numel() * q.element_size()
     error = loss_error(provider, q, k) if provider != "floor" and n <= ERROR_MAX_N else float("nan")
-    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times), "extra_bytes": extra,
-            "scratch_bytes": max(0, extra - grads), "loss_error": error}
+    return {
+        "seconds": statistics.median(times),
+        "cpu_seconds": statistics.median(cpu_times),
+        "extra_bytes": extra,
+        "scratch_bytes": max(0, extra - grads),
+        "loss_error": error,
+    }
 
 
-def measure(provider: str, n: int, d: int, dtype: str = "fp32", repeats: int = 3, threads: int = 2,
-            timeout: float = 900) -> Dict[str, float]:
+def measure(
+    provider: str, n: int, d: int, dtype: str = "fp32", repeats: int = 3, threads: int = 2, timeout: float = 900
+) -> Dict[str, float]:
     """`measure_here` in a fresh process; {"error": text} if it fails (e.g. out of memory)."""
     cmd = [sys.executable, "-m", "bench.harness", provider, str(n), str(d), dtype, str(repeats), str(threads)]
     try:

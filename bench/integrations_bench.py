@@ -84,11 +84,22 @@ def measure_here(case: str, impl: str, batch: int, width: int, repeats: int) -> 
     return {"seconds": statistics.median(times), "extra_bytes": extra}
 
 
-def measure(case: str, impl: str, batch: int, width: int, repeats: int, threads: int,
-            timeout: float = 900) -> Dict[str, float]:
+def measure(
+    case: str, impl: str, batch: int, width: int, repeats: int, threads: int, timeout: float = 900
+) -> Dict[str, float]:
     """`measure_here` in a fresh process; {"error": text} if it fails."""
-    cmd = [sys.executable, "-m", "bench.integrations_bench", "--child", case, impl, str(batch), str(width),
-           str(repeats), str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.integrations_bench",
+        "--child",
+        case,
+        impl,
+        str(batch),
+        str(width),
+        str(repeats),
+        str(threads),
+    ]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17), "HF_HUB_OFFLINE": "1"}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -120,8 +131,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     args = parser.parse_args()
-    print(f"# fp32 forward+backward on the CPU, d = {args.width}, {args.threads} threads, "
-          f"median of {args.repeats}; extra = peak resident growth of one step (MiB)\n")
+    print(
+        f"# fp32 forward+backward on the CPU, d = {args.width}, {args.threads} threads, "
+        f"median of {args.repeats}; extra = peak resident growth of one step (MiB)\n"
+    )
     print("| loss | B | peer s | mmloss s | time ratio | peer extra MiB | mmloss extra MiB | memory ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for case in args.cases:
@@ -130,10 +143,13 @@ def main() -> None:
             if "error" in peer or "error" in ours:
                 print(f"| {case} | {batch} | {peer.get('error', '')} | {ours.get('error', '')} | | | | |", flush=True)
                 continue
-            print(f"| {case} | {batch} | {peer['seconds']:.3f} | {ours['seconds']:.3f} | "
-                  f"{ours['seconds'] / peer['seconds']:.2f} | {_mib(peer['extra_bytes'])} | "
-                  f"{_mib(ours['extra_bytes'])} | "
-                  f"{_ratio(ours['extra_bytes'], peer['extra_bytes'])} |", flush=True)
+            print(
+                f"| {case} | {batch} | {peer['seconds']:.3f} | {ours['seconds']:.3f} | "
+                f"{ours['seconds'] / peer['seconds']:.2f} | {_mib(peer['extra_bytes'])} | "
+                f"{_mib(ours['extra_bytes'])} | "
+                f"{_ratio(ours['extra_bytes'], peer['extra_bytes'])} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,19 @@ def measure_one(op: str, provider: str, M: int, N: int, d: int, k_top: int, repe
 
 
 def measure(op: str, provider: str, M: int, N: int, d: int, k_top: int, repeats: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.similarity_bench", "--one", op, provider, str(M), str(N), str(d),
-           str(k_top), str(repeats)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.similarity_bench",
+        "--one",
+        op,
+        provider,
+        str(M),
+        str(N),
+        str(d),
+        str(k_top),
+        str(repeats),
+    ]
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -78,14 +89,24 @@ def main() -> None:
     for op in ("topk", "similarity"):
         for n in args.n if op == "topk" else args.n[:1]:
             cells = {p: measure(op, p, args.m, n, args.d, args.k_top, args.repeats) for p in ("torch", "mmloss")}
-            rows.append({"op": op, "M": args.m, "N": n, "d": args.d, "k_top": args.k_top if op == "topk" else "",
-                         **{f"{p}_{key}": round(v, 1) for p, c in cells.items() for key, v in c.items()}})
+            rows.append(
+                {
+                    "op": op,
+                    "M": args.m,
+                    "N": n,
+                    "d": args.d,
+                    "k_top": args.k_top if op == "topk" else "",
+                    **{f"{p}_{key}": round(v, 1) for p, c in cells.items() for key, v in c.items()},
+                }
+            )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32\n")
     print("| op | M | N | d | k | torch ms | mmloss ms | torch extra MiB | mmloss extra MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['op']} | {r['M']} | {r['N']} | {r['d']} | {r['k_top']} | {r['torch_ms']} | {r['mmloss_ms']} "
-              f"| {r['torch_extra_mib']} | {r['mmloss_extra_mib']} |")
+        print(
+            f"| {r['op']} | {r['M']} | {r['N']} | {r['d']} | {r['k_top']} | {r['torch_ms']} | {r['mmloss_ms']} "
+            f"| {r['torch_extra_mib']} | {r['mmloss_extra_mib']} |"
+        )
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -54,9 +54,18 @@ def main() -> None:
     loss = MultipleNegativesRankingLoss(model)  # the one-line change: was sentence_transformers.losses.…
     with tempfile.TemporaryDirectory() as out:
         training = SentenceTransformerTrainingArguments(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr, warmup_steps=0, logging_steps=max(1, args.steps // 5), save_strategy="no",
-            report_to="none", use_cpu=True, dataloader_num_workers=0, seed=0)
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            warmup_steps=0,
+            logging_steps=max(1, args.steps // 5),
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
         trainer = SentenceTransformerTrainer(model=model, args=training, train_dataset=train, loss=loss)
         start = time.perf_counter()
         trainer.train()

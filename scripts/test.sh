@@ -4,5 +4,7 @@
 # Triton kernels run in its interpreter (TRITON_INTERPRET=1); GPU-only tests skip.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup-env.sh"
+ruff check .
+ruff format --check .
 export TRITON_INTERPRET=1 MMLOSS_TEST_INSTALLED=1
 python -m pytest -q -ra "$@"

@@ -27,8 +27,7 @@ FEATURES = {
     "positives": {"shuffle_positives": True},
     "symmetric": {"symmetric": True},
     "symmetric_all": {"symmetric": True, "margin": 0.2, "adaptive": True, "filter": True, "groups": True},
-    "all": {"margin": 0.2, "adaptive": True, "filter": True, "groups": True, "ignore": True,
-            "shuffle_positives": True},
+    "all": {"margin": 0.2, "adaptive": True, "filter": True, "groups": True, "ignore": True, "shuffle_positives": True},
 }
 
 
@@ -46,13 +45,18 @@ class Case:
         k = self.key.detach().to(rounded_to or dtype).to(dtype).requires_grad_(True)
         t = self.temperature
         if learn_temperature:
-            t = torch.tensor(float(t), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                             device=q.device, requires_grad=True)
+            t = torch.tensor(
+                float(t),
+                dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                device=q.device,
+                requires_grad=True,
+            )
         return q, k, t
 
 
-def make_case(M: int, N: int, d: int, features: str, *, seed: int, device="cpu",
-              teacher_width: int = 5, duplicates: bool = False) -> Case:
+def make_case(
+    M: int, N: int, d: int, features: str, *, seed: int, device="cpu", teacher_width: int = 5, duplicates: bool = False
+) -> Case:
     """Fresh random inputs (float64) for the named feature set. `duplicates` makes some
     columns near-copies of their rows' positives (c -> 1)."""
     spec = FEATURES[features]
@@ -80,14 +84,19 @@ def make_case(M: int, N: int, d: int, features: str, *, seed: int, device="cpu",
         kwargs["positives"] = positives.to(device)
     if spec.get("adaptive"):
         tq = torch.randn(M, teacher_width, generator=g, dtype=torch.float64)
-        kwargs["margin_teacher"] = (tq.to(device), (torch.randn(N, teacher_width, generator=g,
-                                                              dtype=torch.float64)).to(device))
+        kwargs["margin_teacher"] = (
+            tq.to(device),
+            (torch.randn(N, teacher_width, generator=g, dtype=torch.float64)).to(device),
+        )
     if spec.get("filter"):
         fq = torch.randn(M, teacher_width + 2, generator=g, dtype=torch.float64)
         fk = torch.randn(N, teacher_width + 2, generator=g, dtype=torch.float64)
         normalize = spec.get("filter_normalize", False)
-        kwargs.update(filter_teacher=(fq.to(device), fk.to(device)), filter_normalize=normalize,
-                      filter_threshold=0.5 if normalize else 1.5)
+        kwargs.update(
+            filter_teacher=(fq.to(device), fk.to(device)),
+            filter_normalize=normalize,
+            filter_threshold=0.5 if normalize else 1.5,
+        )
     if spec.get("groups"):
         kwargs["key_groups"] = torch.randint(0, max(1, N // 3), (N,), generator=g).to(device)
     # fp32-representable, so that every run (fp64 oracle included) sees the same τ.
@@ -111,9 +120,15 @@ def threshold_between(scores: torch.Tensor, quantile: float = 0.5) -> float:
     return float((values[i] + values[i + 1]) / 2)
 
 
-def loss_and_grads(case: Case, backend: str, dtype: torch.dtype, reduction: str = "mean",
-                   learn_temperature: bool = False, teacher_dtype: Optional[torch.dtype] = None,
-                   rounded_to: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+def loss_and_grads(
+    case: Case,
+    backend: str,
+    dtype: torch.dtype,
+    reduction: str = "mean",
+    learn_temperature: bool = False,
+    teacher_dtype: Optional[torch.dtype] = None,
+    rounded_to: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Loss (as float64) and grads of query, key (and temperature) for a fixed upstream grad.
     `rounded_to` rounds the inputs to that dtype first (the oracle of a low-precision run)."""
     q, k, t = case.inputs(dtype, learn_temperature, rounded_to)
@@ -141,17 +156,25 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def assert_matches_reference(case: Case, backend: str, dtype: torch.dtype, reduction: str = "mean",
-                             learn_temperature: bool = False, atol: float = 1e-9,
-                             rtol: float = 1e-7, ulps: float = 0.5) -> None:
+def assert_matches_reference(
+    case: Case,
+    backend: str,
+    dtype: torch.dtype,
+    reduction: str = "mean",
+    learn_temperature: bool = False,
+    atol: float = 1e-9,
+    rtol: float = 1e-7,
+    ulps: float = 0.5,
+) -> None:
     """`backend` in `dtype` against the reference in float64. For low-precision dtypes the bar
     is docs/contract.md §1's, as flash-attention's: against the float64 reference on the same (rounded)
     inputs, at most 2x (+1e-6) the error of the reference backend run in `dtype`, plus `ulps`
     units in the last place of each result's dtype at its magnitude (0.5: the rounding of the
     exact result itself; kernels that keep fp32 logits need a few in fp32, where the bar is a
     toss-up between two few-ulp errors)."""
-    exact_loss, exact_grads = loss_and_grads(case, "oracle", torch.float64, reduction, learn_temperature,
-                                             rounded_to=dtype)
+    exact_loss, exact_grads = loss_and_grads(
+        case, "oracle", torch.float64, reduction, learn_temperature, rounded_to=dtype
+    )
     loss, grads = loss_and_grads(case, backend, dtype, reduction, learn_temperature)
     if dtype == torch.float64:
         torch.testing.assert_close(loss, exact_loss, atol=atol, rtol=rtol)
@@ -173,8 +196,9 @@ def assert_matches_reference(case: Case, backend: str, dtype: torch.dtype, reduc
         assert err <= bar, f"{name}: {backend} {dtype} error {err:.3g} > bar {bar:.3g}"
 
 
-def assert_kernel_matches_reference(case: Case, dtype: torch.dtype, reduction: str = "mean",
-                                   learn_temperature: bool = True, *, backend: str) -> None:
+def assert_kernel_matches_reference(
+    case: Case, dtype: torch.dtype, reduction: str = "mean", learn_temperature: bool = True, *, backend: str
+) -> None:
     """`assert_matches_reference` for the GPU kernel backends (Triton, CUDA), whose fp32
     logits put both sides a few ulps from float64 in fp32: 8 ulps there, 0.5 otherwise."""
     ulps = 8 if dtype == torch.float32 else 0.5

@@ -22,7 +22,7 @@ from train.guard import NonFiniteError
 
 
 def parse_seeds(text: str) -> List[int]:
-    """"0,1,2" -> [0, 1, 2]; distinct integers or a ConfigError naming --seeds."""
+    """ "0,1,2" -> [0, 1, 2]; distinct integers or a ConfigError naming --seeds."""
     try:
         seeds = [int(x) for x in text.split(",")]
     except ValueError:
@@ -43,8 +43,9 @@ def run_seeds(config, seeds: List[int]) -> Path:
     root = Path(config.train.output_dir)
     results = {}
     for seed in seeds:
-        run = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed,
-                                                                    output_dir=str(root / f"seed-{seed}")))
+        run = dataclasses.replace(
+            config, train=dataclasses.replace(config.train, seed=seed, output_dir=str(root / f"seed-{seed}"))
+        )
         results[seed] = train(run)["results"].get("after")
     if int(os.environ.get("RANK", "0")) == 0:
         missing = [s for s, r in results.items() if not r]
@@ -60,10 +61,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     source.add_argument("--config", type=Path, help="a YAML file (train/configs/<method>.yaml)")
     source.add_argument("--preset", choices=("demo",), help="demo: the embedded CPU demo, nothing to download")
     parser.add_argument("--method", choices=METHODS, default="mcseo", help="the demo's method (default mcseo)")
-    parser.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="e.g. train.max_steps=100 loss.vl_weight=0.1 (keys: --list-keys)")
-    parser.add_argument("--seeds", default=None, metavar="S,S,...",
-                        help="one run per seed (train.seed), then a mean ± std report, e.g. 0,1,2,3,4")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. train.max_steps=100 loss.vl_weight=0.1 (keys: --list-keys)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="one run per seed (train.seed), then a mean ± std report, e.g. 0,1,2,3,4",
+    )
     parser.add_argument("--list-keys", action="store_true", help="print every configuration key and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)

@@ -79,8 +79,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def _layout(engine) -> Dict[str, int]:
     """What a checkpoint's optimizer state depends on: the ZeRO stage and the world size."""
-    return {"zero_stage": int(engine.zero_optimization_stage()),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    return {
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
 
 
 def _check_layout(directory: Path, engine) -> None:
@@ -95,7 +97,8 @@ def _check_layout(directory: Path, engine) -> None:
             f"{directory}: the checkpoint was saved with ZeRO stage {saved['zero_stage']} on {saved['world_size']} "
             f"rank(s), but this run has deepspeed.zero_stage={current['zero_stage']} on {current['world_size']} "
             "rank(s); resume with the same settings, or start afresh (train.resume=false or another "
-            "train.output_dir)")
+            "train.output_dir)"
+        )
 
 
 def step_name(step: int) -> str:
@@ -143,8 +146,9 @@ def load_latest(engine, output_dir: Path) -> Optional[Dict[str, Any]]:
         return None
     tag = os.readlink(latest)
     _check_layout(root / tag, engine)
-    path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+    path, client_state = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"{root / tag}: DeepSpeed could not load the checkpoint")
     rng_file = root / tag / f"rng-rank{rank}.pt"

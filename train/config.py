@@ -96,7 +96,9 @@ class LossConfig:
     op_temperature: float = _positive(0.05)  # MCSEO object-phrase τ
     op_weight: float = _at_least(0, 0.01)  # MCSEO λ2
     margin: float = _range(0, high=math.pi / 2, default=0.15)  # KDMCSE intra margin m1 (text-text), radians
-    inter_margin: float = _range(0, high=math.pi / 2, default=0.15)  # KDMCSE inter margin m2 (text-image, text-caption), radians
+    inter_margin: float = _range(
+        0, high=math.pi / 2, default=0.15
+    )  # KDMCSE inter margin m2 (text-image, text-caption), radians
     filter_threshold: Optional[float] = None  # KDMCSE teacher filter (None: off, as released)
     filter_normalize: bool = False  # the filter on the cosine instead of the raw dot product
     group_same_image: bool = False  # other captions of a row's image are not negatives
@@ -141,7 +143,9 @@ class TrainConfig:
     sts_tasks: str = "all"  # "all" or comma-separated train.sts task names, e.g. "STSBenchmark,SICKRelatedness"
     threads: int = _at_least(0, 0)  # torch CPU threads per process (0: torch's default)
     skip_nonfinite: bool = False  # skip (and count) a step whose loss or gradient is not finite, instead of stopping
-    global_batch: int = _at_least(0, 0)  # the experiment's global batch (the paper's): start-up notes if a run differs (0: unstated)
+    global_batch: int = _at_least(
+        0, 0
+    )  # the experiment's global batch (the paper's): start-up notes if a run differs (0: unstated)
 
 
 @dataclasses.dataclass
@@ -192,10 +196,15 @@ def _check_value(key: str, value: Any, hint, f: dataclasses.Field, where: str) -
             value = float(value)
         except ValueError:
             pass
-    ok = (isinstance(value, bool) if base is bool else
-          isinstance(value, int) and not isinstance(value, bool) if base is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
-          isinstance(value, str))
+    ok = (
+        isinstance(value, bool)
+        if base is bool
+        else isinstance(value, int) and not isinstance(value, bool)
+        if base is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if base is float
+        else isinstance(value, str)
+    )
     if not ok:
         article = "an optional" if optional else "an" if base.__name__[0] in "aeiou" else "a"
         raise ConfigError(f"{where}: {key} must be {article} {base.__name__}, got {value!r}")
@@ -243,7 +252,7 @@ def _apply(obj, values: Dict[str, Any], where: str, prefix: str = "") -> None:
 
 
 def _nested(key: str, value: Any) -> Dict[str, Any]:
-    """"a.b=1" -> {"a": {"b": 1}}."""
+    """ "a.b=1" -> {"a": {"b": 1}}."""
     out: Dict[str, Any] = {}
     node = out
     *parents, last = key.split(".")
@@ -254,7 +263,7 @@ def _nested(key: str, value: Any) -> Dict[str, Any]:
 
 
 def parse_override(text: str) -> Dict[str, Any]:
-    """"optim.lr=1e-4" -> {"optim": {"lr": 1e-4}}; the value is read as YAML (1e-4, true, null)."""
+    """ "optim.lr=1e-4" -> {"optim": {"lr": 1e-4}}; the value is read as YAML (1e-4, true, null)."""
     if "=" not in text:
         raise ConfigError(f"--override {text!r}: expected key=value, e.g. train.batch_size=32")
     key, raw = text.split("=", 1)
@@ -262,8 +271,9 @@ def parse_override(text: str) -> Dict[str, Any]:
     return _nested(key.strip(), value)
 
 
-def build_config(path: Optional[Path] = None, overrides: Iterable[Dict[str, Any]] = (),
-                 base: Optional[Dict[str, Any]] = None) -> Config:
+def build_config(
+    path: Optional[Path] = None, overrides: Iterable[Dict[str, Any]] = (), base: Optional[Dict[str, Any]] = None
+) -> Config:
     """A checked Config: defaults <- YAML file `path` <- `base` mapping <- each override mapping."""
     config = Config()
     if path is not None:
@@ -288,8 +298,9 @@ def validate(config: Config) -> None:
 
         unknown = set(config.train.sts_tasks.split(",")) - set(ALL_TASKS)
         if unknown:
-            raise ConfigError(f"train.sts_tasks: unknown {', '.join(sorted(unknown))}; "
-                              f"choose \"all\" or from {', '.join(ALL_TASKS)}")
+            raise ConfigError(
+                f'train.sts_tasks: unknown {", ".join(sorted(unknown))}; choose "all" or from {", ".join(ALL_TASKS)}'
+            )
     if config.method == "simcse" and not config.data.text:
         raise ConfigError("method simcse needs data.text (a text corpus)")
     if config.method != "simcse" and not config.data.pairs:

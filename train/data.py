@@ -54,8 +54,9 @@ def read_text(path: Path, limit: int = 0) -> Tuple[List[str], List[int]]:
     return sentences, lines
 
 
-def _load_arrays(directory: Path, name: str,
-                 required: bool) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[Path]]:
+def _load_arrays(
+    directory: Path, name: str, required: bool
+) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[Path]]:
     """(tensors, file) of `<name>.safetensors` or `<name>.npz` (named arrays), or `<name>.npy`
     as "features"; (None, None) when there is none and it is not required."""
     for suffix in (".safetensors", ".npz", ".npy"):
@@ -76,8 +77,9 @@ def _load_arrays(directory: Path, name: str,
     return None, None
 
 
-def _tensor(arrays: Dict[str, torch.Tensor], key: str, path: Path, rows: int, dims: int,
-            dtype=torch.float32) -> torch.Tensor:
+def _tensor(
+    arrays: Dict[str, torch.Tensor], key: str, path: Path, rows: int, dims: int, dtype=torch.float32
+) -> torch.Tensor:
     """arrays[key] checked to have `rows` rows (-1: any) and `dims` dimensions, and finite values."""
     if key not in arrays:
         raise DataError(f"{path}: missing array {key!r} (has {', '.join(arrays) or 'none'})")
@@ -143,8 +145,12 @@ def _read_captions(path: Path) -> List[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not a JSON object: {e}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("caption"), str) \
-                    or not isinstance(record.get("image"), int) or isinstance(record.get("image"), bool):
+            if (
+                not isinstance(record, dict)
+                or not isinstance(record.get("caption"), str)
+                or not isinstance(record.get("image"), int)
+                or isinstance(record.get("image"), bool)
+            ):
                 raise DataError(f'{where}: expected {{"image": int, "caption": str, "phrases": [...]}}')
             record["where"] = where
             records.append(record)
@@ -159,23 +165,28 @@ def _phrases(record: dict, regions: Optional[torch.Tensor]) -> List[Tuple[int, i
     where = record["where"]
     phrases = record.get("phrases", [])
     if not isinstance(phrases, list):
-        raise DataError(f'{where}: "phrases" must be a list of {{"start": int, "end": int, "region": int}}, '
-                        f"got {phrases!r}")
+        raise DataError(
+            f'{where}: "phrases" must be a list of {{"start": int, "end": int, "region": int}}, got {phrases!r}'
+        )
     for p in phrases:
-        if not isinstance(p, dict) or not all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool)
-                                              for k in ("start", "end", "region")):
+        if not isinstance(p, dict) or not all(
+            isinstance(p.get(k), int) and not isinstance(p.get(k), bool) for k in ("start", "end", "region")
+        ):
             raise DataError(f'{where}: a phrase must be {{"start": int, "end": int, "region": int}}, got {p!r}')
         start, end, region = p["start"], p["end"], p["region"]
         if not 0 <= start < end <= len(record["caption"]):
-            raise DataError(f"{where}: phrase span [{start}, {end}) outside the caption "
-                            f"({len(record['caption'])} characters)")
+            raise DataError(
+                f"{where}: phrase span [{start}, {end}) outside the caption ({len(record['caption'])} characters)"
+            )
         if regions is None:
             raise DataError(f"{where}: phrases name regions but there is no regions file")
         if not 0 <= region < len(regions):
             raise DataError(f"{where}: phrase region {region} out of range (0..{len(regions) - 1})")
         if int(regions[region]) != record["image"]:
-            raise DataError(f"{where}: phrase region {region} belongs to image {int(regions[region])}, "
-                            f"not to the caption's image {record['image']}")
+            raise DataError(
+                f"{where}: phrase region {region} belongs to image {int(regions[region])}, "
+                f"not to the caption's image {record['image']}"
+            )
         out.append((start, end, region))
     return out
 
@@ -191,9 +202,13 @@ def load_pairs(directory: Path, regions: bool = False, teacher: bool = False) ->
     for r in records:
         if not 0 <= r["image"] < len(images):
             raise DataError(f"{r['where']}: image {r['image']} out of range ({len(images)} image feature rows)")
-    data = PairData(captions=[r["caption"] for r in records],
-                    image_of=torch.tensor([r["image"] for r in records]), image_features=images, phrases=[],
-                    where=[r["where"] for r in records])
+    data = PairData(
+        captions=[r["caption"] for r in records],
+        image_of=torch.tensor([r["image"] for r in records]),
+        image_features=images,
+        phrases=[],
+        where=[r["where"] for r in records],
+    )
     arrays, where = _load_arrays(directory, "regions", regions)
     if arrays is not None:
         data.region_features = _tensor(arrays, "features", where, -1, 2)
@@ -201,8 +216,10 @@ def load_pairs(directory: Path, regions: bool = False, teacher: bool = False) ->
         data.region_boxes = _tensor(arrays, "boxes", where, n, 2)
         data.region_image = _tensor(arrays, "image", where, n, 1, torch.int64)
         if data.region_features.shape[1] != images.shape[1]:
-            raise DataError(f"{where}: region features are {data.region_features.shape[1]}-d but image features "
-                            f"{images.shape[1]}-d (they share the vision head)")
+            raise DataError(
+                f"{where}: region features are {data.region_features.shape[1]}-d but image features "
+                f"{images.shape[1]}-d (they share the vision head)"
+            )
     data.phrases = [_phrases(r, data.region_image) for r in records]
     if regions and not any(data.phrases):
         raise DataError(f"{directory}/captions.jsonl: no caption has phrases (MCSEO needs object-phrase pairs)")
@@ -260,7 +277,7 @@ class Batches:
         passes, b = divmod(count, self.text_batches if kind == "text" else self.pair_batches)
         order = self._order(passes, self.n_text if kind == "text" else self.n_pairs, kind == "pairs")
         start = b * self.global_batch + self.rank * self.local
-        return kind, order[start:start + self.local]
+        return kind, order[start : start + self.local]
 
 
 def _span_weights(offsets: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -277,8 +294,14 @@ class Collator:
         self.phrase_encoding, self.group_same_image = phrase_encoding, group_same_image
 
     def _tokens(self, texts: Sequence[str], offsets: bool = False) -> Dict[str, torch.Tensor]:
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt", return_offsets_mapping=offsets)
+        return self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_offsets_mapping=offsets,
+        )
 
     def text(self, sentences: Sequence[str]) -> Dict[str, torch.Tensor]:
         """A text-only batch: input_ids, attention_mask (N, L)."""
@@ -292,8 +315,11 @@ class Collator:
         images = data.image_of[index]
         span = self.method == "mcseo" and self.phrase_encoding == "span"
         tokens = self._tokens(captions, offsets=span)
-        batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-                 "image_features": data.image_features[images]}
+        batch = {
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "image_features": data.image_features[images],
+        }
         if self.group_same_image:
             batch["image_ids"] = images
         if self.method == "kdmcse":
@@ -303,8 +329,9 @@ class Collator:
             batch.update(self._objects(data, index, captions, tokens.get("offset_mapping")))
         return batch
 
-    def _objects(self, data: PairData, index: torch.Tensor, captions: List[str],
-                 offsets: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _objects(
+        self, data: PairData, index: torch.Tensor, captions: List[str], offsets: Optional[torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         """Phrases and objects of the batch: every region of each caption's image (repeated when
         two captions share an image; region ids as object_groups keep the copies from being
         negatives), each phrase's object index; phrases cut off by truncation are ignored."""
@@ -327,8 +354,12 @@ class Collator:
         if not positives:  # every rank must call the loss: one ignored row
             rows, positives = [0], [IGNORE_INDEX]
             weights, texts = [torch.zeros(offsets.shape[1])] if offsets is not None else [], [captions[0]]
-        out = {"objects": torch.cat(objects), "object_groups": torch.tensor(groups),
-               "phrase_object": torch.tensor(positives), "phrase_rows": torch.tensor(rows)}
+        out = {
+            "objects": torch.cat(objects),
+            "object_groups": torch.tensor(groups),
+            "phrase_object": torch.tensor(positives),
+            "phrase_rows": torch.tensor(rows),
+        }
         if offsets is not None:
             out["phrase_weights"] = torch.stack(weights)
         else:

@@ -30,8 +30,15 @@ from safetensors.torch import save_file
 SIZE = 96  # image side, pixels
 FEATURE_DIM = 64 + 16 * 8 + 64  # histogram + grid occupancy + projection
 TEACHER_DIM = 64
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-           "purple": (140, 50, 170), "orange": (245, 140, 30), "black": (25, 25, 25)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+    "black": (25, 25, 25),
+}
 SHAPES = ("circle", "square", "triangle")
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / box area
 BACKGROUND = (235, 235, 230)
@@ -48,8 +55,14 @@ def _scene(rng: np.random.Generator) -> List[Dict]:
         cx, cy = (cell % 3) * 32 + 16, (cell // 3) * 32 + 16
         x0 = int(np.clip(cx - side // 2 + rng.integers(-3, 4), 0, SIZE - side))
         y0 = int(np.clip(cy - side // 2 + rng.integers(-3, 4), 0, SIZE - side))
-        objects.append({"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
-                        "size": "large" if large else "small", "box": (x0, y0, x0 + side, y0 + side)})
+        objects.append(
+            {
+                "colour": str(rng.choice(list(COLOURS))),
+                "shape": str(rng.choice(SHAPES)),
+                "size": "large" if large else "small",
+                "box": (x0, y0, x0 + side, y0 + side),
+            }
+        )
     return objects
 
 
@@ -115,15 +128,16 @@ def pixel_features(pixels: np.ndarray, projection: np.ndarray) -> np.ndarray:
     """(FEATURE_DIM,) float32 features of an (h, w, 3) uint8 crop (the whole image or a region)."""
     foreground = np.abs(pixels.astype(np.int16) - BACKGROUND).sum(-1) > 60
     levels = (pixels // 64).reshape(-1, 3).astype(np.int64)
-    hist = np.bincount(levels[:, 0] * 16 + levels[:, 1] * 4 + levels[:, 2],
-                       weights=foreground.reshape(-1), minlength=64) / max(foreground.sum(), 1)
+    hist = np.bincount(
+        levels[:, 0] * 16 + levels[:, 1] * 4 + levels[:, 2], weights=foreground.reshape(-1), minlength=64
+    ) / max(foreground.sum(), 1)
     binary = (pixels > 127).astype(np.int64)
     colour8 = binary[..., 0] * 4 + binary[..., 1] * 2 + binary[..., 2]
     h, w = foreground.shape
     grid = np.zeros((4, 4, 8))
     for gy in range(4):
         for gx in range(4):
-            cell = np.s_[gy * h // 4:(gy + 1) * h // 4, gx * w // 4:(gx + 1) * w // 4]
+            cell = np.s_[gy * h // 4 : (gy + 1) * h // 4, gx * w // 4 : (gx + 1) * w // 4]
             counts = np.bincount(colour8[cell][foreground[cell]], minlength=8)
             grid[gy, gx] = counts / max(foreground[cell].size, 1)
     small = np.asarray(Image.fromarray(pixels).resize((16, 16), Image.BILINEAR), dtype=np.float64) / 255.0
@@ -187,7 +201,9 @@ def write_demo_data(directory: Path, images: int = 600, seed: int = 0, save_imag
     (directory / "captions.jsonl").write_text("\n".join(lines) + "\n")
     tensor = lambda x, dtype=torch.float32: torch.tensor(np.asarray(x), dtype=dtype)  # noqa: E731
     save_file({"features": tensor(image_features)}, directory / "images.safetensors")
-    save_file({"features": tensor(region_features), "boxes": tensor(boxes),
-               "image": tensor(region_image, torch.int64)}, directory / "regions.safetensors")
+    save_file(
+        {"features": tensor(region_features), "boxes": tensor(boxes), "image": tensor(region_image, torch.int64)},
+        directory / "regions.safetensors",
+    )
     save_file({"image": tensor(teacher_image), "text": tensor(teacher_text)}, directory / "teacher.safetensors")
     return directory

@@ -26,14 +26,23 @@ class TransformersEncoder:
     [CLS] state, before any pooler: SimCSE's evaluation) or "mean" (masked mean of the last
     layer: sentence-transformers models such as all-MiniLM-L6-v2). Sentences are encoded in
     batches of `batch_size`, sorted by length (less padding), truncated at `max_length`
-    tokens (at most the model's max_position_embeddings); the model runs in eval mode under no_grad on `device` and then gets its previous
-    mode back (a model in training keeps its dropout). `head`: an optional module applied to the
-    pooled states (SimCSE's MLP pooler with its "cls" pooling); its output width is the embedding's.
+    tokens (at most the model's max_position_embeddings); the model runs in eval mode under no_grad on
+    `device` and then gets its previous mode back (a model in training keeps its dropout). `head`:
+    an optional module applied to the pooled states (SimCSE's MLP pooler with its "cls" pooling);
+    its output width is the embedding's.
     """
 
-    def __init__(self, model: Union[str, Path, torch.nn.Module], tokenizer=None, *, pooling: str = "cls",
-                 batch_size: int = 128, max_length: int = 256, device: Union[str, torch.device, None] = None,
-                 head: Optional[torch.nn.Module] = None):
+    def __init__(
+        self,
+        model: Union[str, Path, torch.nn.Module],
+        tokenizer=None,
+        *,
+        pooling: str = "cls",
+        batch_size: int = 128,
+        max_length: int = 256,
+        device: Union[str, torch.device, None] = None,
+        head: Optional[torch.nn.Module] = None,
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         if pooling not in POOLINGS:
@@ -45,7 +54,9 @@ class TransformersEncoder:
         if isinstance(model, (str, Path)):
             path = Path(model)
             if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"model: {path / 'config.json'} not found (expected a transformers model directory)")
+                raise FileNotFoundError(
+                    f"model: {path / 'config.json'} not found (expected a transformers model directory)"
+                )
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path))
             model = AutoModel.from_pretrained(str(path))
         elif tokenizer is None:
@@ -69,9 +80,14 @@ class TransformersEncoder:
         self.model.eval()
         try:
             for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                idx = order[start : start + self.batch_size]
+                batch = self.tokenizer(
+                    [sentences[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 states = self.model(**batch).last_hidden_state
                 pooled = pool(states, batch["attention_mask"], self.pooling)
                 out[idx] = (pooled if self.head is None else self.head(pooled)).float().cpu()

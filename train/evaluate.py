@@ -24,10 +24,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sts = sub.add_parser("sts", help="STS12-16, STS-B and SICK-R Spearman x 100")
     sts.add_argument("--model", required=True, type=Path, help="transformers model directory")
-    sts.add_argument("--data", type=Path, default=None,
-                     help="SentEval data/downstream directory (STS/, SICK/); default: MMLOSS_DATA, else the bundled copy")
-    sts.add_argument("--pooling", choices=POOLINGS, default=None,
-                     help="default: mean when the directory is a sentence-transformers model with mean pooling, else cls")
+    sts.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="SentEval data/downstream directory (STS/, SICK/); default: MMLOSS_DATA, else the bundled copy",
+    )
+    sts.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default=None,
+        help="default: mean when the directory is a sentence-transformers model with mean pooling, else cls",
+    )
     sts.add_argument("--batch-size", type=int, default=128)
     sts.add_argument("--max-length", type=int, default=256)
     sts.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -53,15 +61,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _sts(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     pooling = args.pooling or detect_pooling(args.model)
-    encoder = TransformersEncoder(args.model, pooling=pooling, batch_size=args.batch_size,
-                                  max_length=args.max_length, device=args.device)
+    encoder = TransformersEncoder(
+        args.model, pooling=pooling, batch_size=args.batch_size, max_length=args.max_length, device=args.device
+    )
     results = {args.name or args.model.resolve().name: evaluate_sts(encoder, senteval_dir(args.data), args.tasks)}
     print(sts_table(results), end="")
     return results
 
 
 def detect_pooling(model_dir: Path) -> str:
-    """"mean" or "cls" from a sentence-transformers directory's 1_Pooling/config.json, else "cls"."""
+    """ "mean" or "cls" from a sentence-transformers directory's 1_Pooling/config.json, else "cls"."""
     config = model_dir / "1_Pooling" / "config.json"
     if not config.is_file():
         return "cls"

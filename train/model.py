@@ -61,8 +61,16 @@ def build_loss(config: Config, global_negatives: Optional[str]) -> nn.Module:
         return mmloss.MCSELoss(c.temperature, c.vl_temperature, c.vl_weight, **common)
     if config.method == "mcseo":
         return mmloss.MCSEOLoss(c.temperature, c.vl_temperature, c.vl_weight, c.op_temperature, c.op_weight, **common)
-    return mmloss.KDMCSELoss(c.temperature, c.vl_temperature, c.margin, c.vl_weight, c.filter_threshold,
-                             c.filter_normalize, inter_margin=c.inter_margin, **common)
+    return mmloss.KDMCSELoss(
+        c.temperature,
+        c.vl_temperature,
+        c.margin,
+        c.vl_weight,
+        c.filter_threshold,
+        c.filter_normalize,
+        inter_margin=c.inter_margin,
+        **common,
+    )
 
 
 class SentenceModel(nn.Module):
@@ -73,12 +81,19 @@ class SentenceModel(nn.Module):
     autocast (torch.bfloat16).
     """
 
-    def __init__(self, config: Config, image_dim: Optional[int] = None, teacher_dim: Optional[int] = None,
-                 global_negatives: Optional[str] = None, autocast: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        config: Config,
+        image_dim: Optional[int] = None,
+        teacher_dim: Optional[int] = None,
+        global_negatives: Optional[str] = None,
+        autocast: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         self.method, self.pooling, self.autocast = config.method, config.model.pooling, autocast
-        self.encoder = AutoModel.from_pretrained(config.model.name_or_path, add_pooling_layer=False,
-                                                 dtype=torch.float32)
+        self.encoder = AutoModel.from_pretrained(
+            config.model.name_or_path, add_pooling_layer=False, dtype=torch.float32
+        )
         width, g = self.encoder.config.hidden_size, config.model.grounding_dim
         self.mlp = _bert_init(_head(width, width), getattr(self.encoder.config, "initializer_range", 0.02))
         if self.method != "simcse":
@@ -134,5 +149,10 @@ class SentenceModel(nn.Module):
             pooled, _ = self._encode(batch["phrase_input_ids"], batch["phrase_attention_mask"])
         phrases = _l2n(self.ground(pooled))
         objects = _l2n(self.vision(batch["objects"]))
-        return (z1, z2, s1, s2, m), {"image_ids": image_ids, "phrases": phrases, "objects": objects,
-                                     "phrase_object": batch["phrase_object"], "object_groups": batch["object_groups"]}
+        return (z1, z2, s1, s2, m), {
+            "image_ids": image_ids,
+            "phrases": phrases,
+            "objects": objects,
+            "phrase_object": batch["phrase_object"],
+            "object_groups": batch["object_groups"],
+        }

@@ -47,15 +47,19 @@ from train.data import DataError
 # Words that open a noun phrase, and words that end one (the chunker's whole grammar).
 DETERMINERS = frozenset(
     "a an the this that these those some several many few his her their its my our your one two three four "
-    "five six seven eight nine ten another each every".split())
+    "five six seven eight nine ten another each every".split()
+)
 BREAKS = frozenset(
     "is are was were be been being has have had does do did and or but while as with without in on at of to for "
     "from by near under over above below behind beside between into onto through across along around against "
     "who which where when there here it they he she we you i next "
     "sits sit stands stand walks walk runs run looks look plays play holds hold wears wear rides ride jumps jump "
-    "sleeps sleep eats eat lies lie waits wait carries carry watches watch".split())
-ING_NOUNS = frozenset("building clothing ceiling painting thing something nothing evening morning ring king string "
-                      "swing wing sibling railing awning stuffing wedding".split())
+    "sleeps sleep eats eat lies lie waits wait carries carry watches watch".split()
+)
+ING_NOUNS = frozenset(
+    "building clothing ceiling painting thing something nothing evening morning ring king string "
+    "swing wing sibling railing awning stuffing wedding".split()
+)
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
 
 
@@ -77,7 +81,7 @@ def noun_phrases(text: str) -> List[Tuple[int, int]]:
         j = i + 1
         while j < len(words):
             s, e, w = words[j]
-            gap = text[words[j - 1][1]:s]
+            gap = text[words[j - 1][1] : s]
             if gap.strip() or w in BREAKS or w in DETERMINERS or (w.endswith("ing") and w not in ING_NOUNS):
                 break
             end = e
@@ -139,7 +143,7 @@ class ImageEncoder:
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")["pixel_values"]
+            pixels = self.processor(images=list(images[i : i + self.batch_size]), return_tensors="pt")["pixel_values"]
             if self.clip:
                 out.append(_tensor(self.model.get_image_features(pixel_values=pixels)))
             else:
@@ -155,18 +159,25 @@ def _tensor(x) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_features(path: Path, images: Sequence[Image.Image], captions: Sequence[str],
-                     batch_size: int) -> Dict[str, torch.Tensor]:
+def teacher_features(
+    path: Path, images: Sequence[Image.Image], captions: Sequence[str], batch_size: int
+) -> Dict[str, torch.Tensor]:
     """CLIP image (images, dt) and text (captions, dt) embeddings, unnormalised."""
     from transformers import CLIPModel, CLIPProcessor
 
     processor, model = CLIPProcessor.from_pretrained(path), CLIPModel.from_pretrained(path).eval()
-    image = [_tensor(model.get_image_features(**processor(images=list(images[i:i + batch_size]),
-                                                          return_tensors="pt")))
-             for i in range(0, len(images), batch_size)]
-    text = [_tensor(model.get_text_features(**processor(text=list(captions[i:i + batch_size]), padding=True,
-                                                        truncation=True, return_tensors="pt")))
-            for i in range(0, len(captions), batch_size)]
+    image = [
+        _tensor(model.get_image_features(**processor(images=list(images[i : i + batch_size]), return_tensors="pt")))
+        for i in range(0, len(images), batch_size)
+    ]
+    text = [
+        _tensor(
+            model.get_text_features(
+                **processor(text=list(captions[i : i + batch_size]), padding=True, truncation=True, return_tensors="pt")
+            )
+        )
+        for i in range(0, len(captions), batch_size)
+    ]
     return {"image": torch.cat(image).float(), "text": torch.cat(text).float()}
 
 
@@ -189,9 +200,18 @@ class Detector:
         return boxes.clamp(min=0).minimum(torch.tensor([image.width, image.height] * 2, dtype=boxes.dtype))
 
 
-def prepare(images_dir: Path, captions_file: Path, out: Path, image_model: Optional[Path] = None,
-            teacher: Optional[Path] = None, detector: Optional[Path] = None, batch_size: int = 32,
-            resnet50: Optional[Path] = None, captions: str = "all", seed: int = 0) -> Path:
+def prepare(
+    images_dir: Path,
+    captions_file: Path,
+    out: Path,
+    image_model: Optional[Path] = None,
+    teacher: Optional[Path] = None,
+    detector: Optional[Path] = None,
+    batch_size: int = 32,
+    resnet50: Optional[Path] = None,
+    captions: str = "all",
+    seed: int = 0,
+) -> Path:
     """Write the image-caption directory `out` (see the module docstring); returns `out`."""
     if sum(x is not None for x in (image_model, resnet50)) > 1 or not (image_model or resnet50 or teacher):
         raise ValueError("give one of --resnet50 and --image-model, or --teacher alone (its image features)")
@@ -230,8 +250,14 @@ def prepare(images_dir: Path, captions_file: Path, out: Path, image_model: Optio
                 region_image.append(record["image"])
         if not boxes:
             raise DataError(f"{captions_file}: the chunker found no noun phrase in any caption")
-        save_file({"features": torch.stack(features), "boxes": torch.stack(boxes).float(),
-                   "image": torch.tensor(region_image)}, str(out / "regions.safetensors"))
+        save_file(
+            {
+                "features": torch.stack(features),
+                "boxes": torch.stack(boxes).float(),
+                "image": torch.tensor(region_image),
+            },
+            str(out / "regions.safetensors"),
+        )
     if teacher_out is not None:
         save_file(teacher_out, str(out / "teacher.safetensors"))
     (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -241,24 +267,43 @@ def prepare(images_dir: Path, captions_file: Path, out: Path, image_model: Optio
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path, required=True, help="folder of image files")
-    parser.add_argument("--caption-file", type=Path, required=True,
-                        help='JSONL: {"image": "<file>", "caption": "..."}')
+    parser.add_argument("--caption-file", type=Path, required=True, help='JSONL: {"image": "<file>", "caption": "..."}')
     parser.add_argument("--out", type=Path, required=True, help="the image-caption directory to write")
-    parser.add_argument("--captions", choices=("one", "all"), default="all",
-                        help="one random caption per image (MCSE) or every caption (KDMCSE); default all")
+    parser.add_argument(
+        "--captions",
+        choices=("one", "all"),
+        default="all",
+        help="one random caption per image (MCSE) or every caption (KDMCSE); default all",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the draw of --captions one")
-    parser.add_argument("--resnet50", type=Path,
-                        help="torchvision ResNet-50 state dict (IMAGENET1K_V1: resnet50-0676ba61.pth): MCSE's features")
+    parser.add_argument(
+        "--resnet50",
+        type=Path,
+        help="torchvision ResNet-50 state dict (IMAGENET1K_V1: resnet50-0676ba61.pth): MCSE's features",
+    )
     parser.add_argument("--image-model", type=Path, help="local CLIP or vision backbone directory")
-    parser.add_argument("--teacher", type=Path,
-                        help="local CLIP directory (KDMCSE: ViT-L/14): teacher features, and the image features "
-                             "when neither --resnet50 nor --image-model is given")
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        help="local CLIP directory (KDMCSE: ViT-L/14): teacher features, and the image features "
+        "when neither --resnet50 nor --image-model is given",
+    )
     parser.add_argument("--detector", type=Path, help="local OWL-ViT directory: regions for the phrases (MCSEO)")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     try:
-        prepare(args.images, args.caption_file, args.out, args.image_model, args.teacher, args.detector,
-                args.batch_size, args.resnet50, args.captions, args.seed)
+        prepare(
+            args.images,
+            args.caption_file,
+            args.out,
+            args.image_model,
+            args.teacher,
+            args.detector,
+            args.batch_size,
+            args.resnet50,
+            args.captions,
+            args.seed,
+        )
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

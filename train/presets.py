@@ -37,9 +37,18 @@ def demo_settings(method: str) -> Dict[str, Any]:
         "data": {"text": str(corpus_file()), "pairs": f"runs/demo-{method}/data", "text_limit": 4000},
         "loss": {"group_same_image": True},
         "optim": {"lr": 5.0e-5},
-        "train": {"batch_size": 32, "max_steps": 60, "eval_steps": 30, "save_steps": 30, "log_steps": 5,
-                  "output_dir": f"runs/demo-{method}", "eval_before": True, "eval_after": True,
-                  "eval_cpu_bf16": True, "global_batch": 0},
+        "train": {
+            "batch_size": 32,
+            "max_steps": 60,
+            "eval_steps": 30,
+            "save_steps": 30,
+            "log_steps": 5,
+            "output_dir": f"runs/demo-{method}",
+            "eval_before": True,
+            "eval_after": True,
+            "eval_cpu_bf16": True,
+            "global_batch": 0,
+        },
         "deepspeed": {"zero_stage": 0},
     }
 

@@ -45,8 +45,14 @@ def read_log(path: PathLike) -> List[dict]:
 def plot_loss_parts(records: Sequence[dict], out: PathLike, parts: Optional[Sequence[str]] = None) -> Path:
     """Line plot of each part (default: every numeric field but "step") against step; returns out."""
     if parts is None:
-        parts = sorted({k for r in records for k, v in r.items()
-                        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        parts = sorted(
+            {
+                k
+                for r in records
+                for k, v in r.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
     fig, ax = plt.subplots(figsize=(7, 4))
     for part in parts:
         points = [(r["step"], r[part]) for r in records if part in r]
@@ -59,8 +65,9 @@ def plot_loss_parts(records: Sequence[dict], out: PathLike, parts: Optional[Sequ
     return _save(fig, out)
 
 
-def _grouped_bars(results: Results, columns: Sequence[str], labels: Sequence[str], ylabel: str, title: str,
-                  out: PathLike) -> Path:
+def _grouped_bars(
+    results: Results, columns: Sequence[str], labels: Sequence[str], ylabel: str, title: str, out: PathLike
+) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(columns) * max(1, len(results)) ** 0.5), 4))
     width = 0.8 / max(1, len(results))
     for r, (name, row) in enumerate(results.items()):
@@ -77,8 +84,7 @@ def plot_sts(results: Results, out: PathLike) -> Path:
     """Bars of Spearman × 100 per STS task (and the average), one colour per run."""
     present = {t for r in results.values() for t in r}
     columns = [t for t in ALL_TASKS if t in present] + (["avg"] if "avg" in present else [])
-    return _grouped_bars(results, columns, [COLUMN_NAMES.get(c, c) for c in columns],
-                         "Spearman x 100", "STS", out)
+    return _grouped_bars(results, columns, [COLUMN_NAMES.get(c, c) for c in columns], "Spearman x 100", "STS", out)
 
 
 def retrieval_columns(results: Results) -> List[str]:
@@ -138,18 +144,29 @@ def write_seeds_report(out_dir: PathLike, results: Dict[int, Dict[str, float]]) 
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = sorted({t for r in results.values() for t in r})
     values = {t: np.array([r[t] for r in results.values()]) for t in tasks}
-    summary = {"runs": {str(s): r for s, r in results.items()},
-               "mean": {t: float(v.mean()) for t, v in values.items()},
-               "std": {t: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for t, v in values.items()}}
+    summary = {
+        "runs": {str(s): r for s, r in results.items()},
+        "mean": {t: float(v.mean()) for t, v in values.items()},
+        "std": {t: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for t, v in values.items()},
+    }
     (out_dir / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
     out = out_dir / "seeds.md"
-    out.write_text(f"# STS over {len(results)} seeds (Spearman × 100, after training)\n\n" + seeds_table(results) +
-                   "\nEach seed's run: seed-<s>/report.md. ± is the sample standard deviation (n - 1).\n")
+    out.write_text(
+        f"# STS over {len(results)} seeds (Spearman × 100, after training)\n\n"
+        + seeds_table(results)
+        + "\nEach seed's run: seed-<s>/report.md. ± is the sample standard deviation (n - 1).\n"
+    )
     return out
 
 
-def write_report(run_dir: PathLike, *, sts: Optional[Results] = None, retrieval: Optional[Results] = None,
-                 log_file: Optional[PathLike] = None, title: str = "Evaluation") -> Path:
+def write_report(
+    run_dir: PathLike,
+    *,
+    sts: Optional[Results] = None,
+    retrieval: Optional[Results] = None,
+    log_file: Optional[PathLike] = None,
+    title: str = "Evaluation",
+) -> Path:
     """Write report.md (+ sts.png, retrieval.png, loss.png for the inputs given) into run_dir; returns report.md."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,12 +176,15 @@ def write_report(run_dir: PathLike, *, sts: Optional[Results] = None, retrieval:
         sections.append("## STS (Spearman × 100)\n\n" + sts_table(sts) + "\n![STS](sts.png)\n")
     if retrieval:
         plot_retrieval(retrieval, run_dir / "retrieval.png")
-        sections.append("## Retrieval (Recall@K, %)\n\n" + retrieval_table(retrieval) + "\n![retrieval](retrieval.png)\n")
+        sections.append(
+            "## Retrieval (Recall@K, %)\n\n" + retrieval_table(retrieval) + "\n![retrieval](retrieval.png)\n"
+        )
     if log_file is not None:
         records = read_log(log_file)
         plot_loss_parts(records, run_dir / "loss.png")
-        sections.append(f"## Training loss\n\n{len(records)} logged steps from `{Path(log_file).name}`.\n\n"
-                        "![loss](loss.png)\n")
+        sections.append(
+            f"## Training loss\n\n{len(records)} logged steps from `{Path(log_file).name}`.\n\n![loss](loss.png)\n"
+        )
     out = run_dir / "report.md"
     out.write_text("\n".join(sections))
     return out

@@ -36,9 +36,11 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
-                                         nn.BatchNorm2d(planes * 4))
-                           if stride != 1 or inplanes != planes * 4 else None)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
+            if stride != 1 or inplanes != planes * 4
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -59,7 +61,7 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         inplanes = width
         for stage, depth in enumerate(depths):
-            planes = width * 2 ** stage
+            planes = width * 2**stage
             blocks = []
             for block in range(depth):
                 blocks.append(Bottleneck(inplanes, planes, 2 if block == 0 and stage > 0 else 1))
@@ -119,6 +121,6 @@ class ResNet50Features:
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([mcse_preprocess(im) for im in images[i:i + self.batch_size]]).to(self.device)
+            pixels = torch.stack([mcse_preprocess(im) for im in images[i : i + self.batch_size]]).to(self.device)
             out.append(self.model(pixels).float().cpu())
         return torch.cat(out)

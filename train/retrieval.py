@@ -25,16 +25,23 @@ import mmloss
 DEFAULT_KS = (1, 5, 10)
 
 
-def group_pairs(image: torch.Tensor, text: torch.Tensor, image_id: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_pairs(
+    image: torch.Tensor, text: torch.Tensor, image_id: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair rows -> (images (I, d): the first row of each id in id order, text (P, d),
     text_image (P,): each caption's row in images)."""
     for name, x in (("image", image), ("text", text)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor (pairs, d), got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(image_id, torch.Tensor) or image_id.dtype.is_floating_point or image_id.shape != (image.shape[0],):
-        raise ValueError(f"image_id must be an integer tensor of shape ({image.shape[0]},), "
-                         f"got {getattr(image_id, 'dtype', type(image_id).__name__)} {tuple(getattr(image_id, 'shape', ()))}")
+    if (
+        not isinstance(image_id, torch.Tensor)
+        or image_id.dtype.is_floating_point
+        or image_id.shape != (image.shape[0],)
+    ):
+        raise ValueError(
+            f"image_id must be an integer tensor of shape ({image.shape[0]},), "
+            f"got {getattr(image_id, 'dtype', type(image_id).__name__)} {tuple(getattr(image_id, 'shape', ()))}"
+        )
     if text.shape[0] != image.shape[0]:
         raise ValueError(f"text has {text.shape[0]} rows but image has {image.shape[0]} (one row per pair)")
     _, text_image = torch.unique(image_id, return_inverse=True)
@@ -44,8 +51,9 @@ def group_pairs(image: torch.Tensor, text: torch.Tensor, image_id: torch.Tensor
     return image[first], text, text_image
 
 
-def retrieval_recall(image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor,
-                     ks: Sequence[int] = DEFAULT_KS, block: int = 4096) -> Dict[str, float]:
+def retrieval_recall(
+    image: torch.Tensor, text: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = DEFAULT_KS, block: int = 4096
+) -> Dict[str, float]:
     """Recall@K (%) for image (I, d), text (T, d) and text_image (T,): the image row of each caption.
 
     Returns {"i2t_R@K": ..., "t2i_R@K": ..., "rsum": ...}. K larger than the candidate set

@@ -86,15 +86,18 @@ def read_sts_subset(year_dir: PathLike, subset: str) -> Pairs:
     inputs = _read_lines(year_dir / f"STS.input.{subset}.txt")
     gold = _read_lines(year_dir / f"STS.gs.{subset}.txt")
     if len(inputs) != len(gold):
-        raise ValueError(f"{year_dir / f'STS.gs.{subset}.txt'} has {len(gold)} lines but "
-                         f"STS.input.{subset}.txt has {len(inputs)}")
+        raise ValueError(
+            f"{year_dir / f'STS.gs.{subset}.txt'} has {len(gold)} lines but STS.input.{subset}.txt has {len(inputs)}"
+        )
     first, second, scores = [], [], []
     for line_no, (text, score) in enumerate(zip(inputs, gold), 1):
         if not score.strip():
             continue
         cols = text.split("\t")
         if len(cols) < 2:
-            raise ValueError(f"{year_dir / f'STS.input.{subset}.txt'} line {line_no}: expected two tab-separated sentences")
+            raise ValueError(
+                f"{year_dir / f'STS.input.{subset}.txt'} line {line_no}: expected two tab-separated sentences"
+            )
         first.append(_words(cols[0]))
         second.append(_words(cols[1]))
         scores.append(_score(score, year_dir / f"STS.gs.{subset}.txt", line_no))
@@ -125,7 +128,9 @@ def read_sick(path: PathLike) -> Pairs:
     try:
         a, b, y = (header.index(name) for name in ("sentence_A", "sentence_B", "relatedness_score"))
     except ValueError:
-        raise ValueError(f"{path}: header must name sentence_A, sentence_B and relatedness_score, got {header}") from None
+        raise ValueError(
+            f"{path}: header must name sentence_A, sentence_B and relatedness_score, got {header}"
+        ) from None
     first, second, scores = [], [], []
     for line_no, line in enumerate(lines[1:], 2):
         if not line.strip():
@@ -161,8 +166,10 @@ def cosine_scores(encode: Encode, pairs: Sequence[Pairs]) -> List[np.ndarray]:
     sentences = list(dict.fromkeys(s for p in pairs for s in (*p.first, *p.second)))
     emb = encode(sentences)
     if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != len(sentences):
-        raise ValueError(f"encode must return a tensor (n, d) for n = {len(sentences)} sentences, "
-                         f"got {getattr(emb, 'shape', type(emb).__name__)}")
+        raise ValueError(
+            f"encode must return a tensor (n, d) for n = {len(sentences)} sentences, "
+            f"got {getattr(emb, 'shape', type(emb).__name__)}"
+        )
     emb = torch.nn.functional.normalize(emb.detach().to("cpu", torch.float64), dim=1)
     row = {s: i for i, s in enumerate(sentences)}
     out = []
@@ -209,8 +216,10 @@ def sts_table(results: Dict[str, Dict[str, float]]) -> str:
         raise ValueError("results is empty")
     present = {t for r in results.values() for t in r}
     columns = [t for t in ALL_TASKS if t in present] + (["avg"] if "avg" in present else [])
-    lines = ["| model | " + " | ".join(COLUMN_NAMES.get(c, c) for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = [
+        "| model | " + " | ".join(COLUMN_NAMES.get(c, c) for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for name, row in results.items():
         cells = [f"{row[c]:.2f}" if c in row else "–" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -234,8 +243,10 @@ def _download(url: str, timeout: float) -> bytes:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.read()
     except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not download {url}: {exc}. Without network access, copy SentEval's "
-                           "data/downstream (after its get_transfer_data.bash) and pass that directory") from exc
+        raise RuntimeError(
+            f"could not download {url}: {exc}. Without network access, copy SentEval's "
+            "data/downstream (after its get_transfer_data.bash) and pass that directory"
+        ) from exc
 
 
 def fetch_senteval(dest: PathLike, timeout: float = 60.0) -> Path:

@@ -48,7 +48,6 @@ from train.guard import (
 from train.model import SentenceModel
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,8 +62,9 @@ def init_distributed() -> torch.device:
     start-up, a speed-up over gloo only) is not built.
     """
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -100,8 +100,10 @@ def build_optimizer(config: Config, model: torch.nn.Module, device: torch.device
 
         return AdamWHF(groups, **common)
     if device.type != "cuda":
-        raise ConfigError("optim.name=lamb needs a GPU (apex's FusedLAMB and DeepSpeed's FusedLamb are CUDA "
-                          "kernels); use optim.name=adamw on the CPU")
+        raise ConfigError(
+            "optim.name=lamb needs a GPU (apex's FusedLAMB and DeepSpeed's FusedLamb are CUDA "
+            "kernels); use optim.name=adamw on the CPU"
+        )
     try:
         from apex.optimizers import FusedLAMB  # NVIDIA apex, built from source (not PyPI's "apex")
     except ImportError:
@@ -137,12 +139,14 @@ def autocast_dtype(config: Config, device: torch.device) -> Optional[torch.dtype
 def deepspeed_config(config: Config) -> Dict[str, Any]:
     """The DeepSpeed JSON config from the deepspeed section (fp32 engine: see autocast_dtype)."""
     d = config.deepspeed
-    return {"train_micro_batch_size_per_gpu": config.train.batch_size,
-            "gradient_accumulation_steps": d.gradient_accumulation_steps,
-            "gradient_clipping": d.gradient_clipping,
-            "zero_optimization": {"stage": d.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 30}
+    return {
+        "train_micro_batch_size_per_gpu": config.train.batch_size,
+        "gradient_accumulation_steps": d.gradient_accumulation_steps,
+        "gradient_clipping": d.gradient_clipping,
+        "zero_optimization": {"stage": d.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
 
 
 def experiment_notes(config: Config, world: int, global_negatives: Optional[str]) -> List[str]:
@@ -157,15 +161,21 @@ def experiment_notes(config: Config, world: int, global_negatives: Optional[str]
     keys = local * (world if global_negatives else 1)
     notes = []
     if run != stated:
-        notes.append(f"global batch {run} ({local} per rank × {world} rank(s) × {ga} accumulation) where the "
-                     f"configured experiment has {stated}: {stated / run:.3g}× the optimizer steps per epoch "
-                     "of that experiment")
+        notes.append(
+            f"global batch {run} ({local} per rank × {world} rank(s) × {ga} accumulation) where the "
+            f"configured experiment has {stated}: {stated / run:.3g}× the optimizer steps per epoch "
+            "of that experiment"
+        )
     if keys != stated:
-        notes.append(f"each softmax sees {keys} keys (global negatives: {global_negatives or 'off'}) where the "
-                     f"configured experiment's sees {stated}")
+        notes.append(
+            f"each softmax sees {keys} keys (global negatives: {global_negatives or 'off'}) where the "
+            f"configured experiment's sees {stated}"
+        )
     if notes and stated % world == 0:
-        notes.append(f"the configured experiment on {world} rank(s): --override train.batch_size={stated // world} "
-                     "deepspeed.gradient_accumulation_steps=1" + (" loss.global_negatives=gather" if world > 1 else ""))
+        notes.append(
+            f"the configured experiment on {world} rank(s): --override train.batch_size={stated // world} "
+            "deepspeed.gradient_accumulation_steps=1" + (" loss.global_negatives=gather" if world > 1 else "")
+        )
     return notes
 
 
@@ -173,8 +183,10 @@ def _sts_module():
     try:
         from train import sts
     except ImportError as e:
-        raise RuntimeError(f"the STS evaluation (train.sts) is not importable ({e}); train without it with "
-                           "--override train.eval_steps=0 train.eval_before=false train.eval_after=false") from e
+        raise RuntimeError(
+            f"the STS evaluation (train.sts) is not importable ({e}); train without it with "
+            "--override train.eval_steps=0 train.eval_before=false train.eval_after=false"
+        ) from e
     return sts
 
 
@@ -196,15 +208,21 @@ class Trainer:
         if self.evaluating:
             _sts_module()
         method = config.method
-        self.texts, self.text_lines = (read_text(config.data.text, config.data.text_limit) if config.data.text
-                                       else ([], []))
-        self.pairs = load_pairs(config.data.pairs, regions=method == "mcseo",
-                                teacher=method == "kdmcse") if method != "simcse" else None
-        self.batches = Batches(len(self.texts), len(self.pairs.captions) if self.pairs else 0, t.batch_size,
-                               self.rank, self.world, t.seed)
+        self.texts, self.text_lines = (
+            read_text(config.data.text, config.data.text_limit) if config.data.text else ([], [])
+        )
+        self.pairs = (
+            load_pairs(config.data.pairs, regions=method == "mcseo", teacher=method == "kdmcse")
+            if method != "simcse"
+            else None
+        )
+        self.batches = Batches(
+            len(self.texts), len(self.pairs.captions) if self.pairs else 0, t.batch_size, self.rank, self.world, t.seed
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
-        self.collator = Collator(self.tokenizer, config.model.max_length, method, config.model.phrase_encoding,
-                                 config.loss.group_same_image)
+        self.collator = Collator(
+            self.tokenizer, config.model.max_length, method, config.model.phrase_encoding, config.loss.group_same_image
+        )
         mode = config.loss.global_negatives
         mode = ("gather" if self.world > 1 else None) if mode == "auto" else None if mode == "none" else mode
         self.global_negatives = mode
@@ -220,15 +238,24 @@ class Trainer:
         steps_per_epoch = len(self.batches) // ga
         self.total_steps = t.max_steps or t.epochs * steps_per_epoch
         if self.total_steps <= 0:
-            raise ConfigError(f"no optimizer step: {len(self.batches)} micro-batches per epoch with "
-                              f"gradient_accumulation_steps={ga}")
+            raise ConfigError(
+                f"no optimizer step: {len(self.batches)} micro-batches per epoch with gradient_accumulation_steps={ga}"
+            )
         optimizer = build_optimizer(config, model, self.device)
         scheduler = build_scheduler(config, optimizer, self.total_steps)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(config))
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config)
+        )
         torch.manual_seed(t.seed + 1 + self.rank)  # different dropout masks on each rank
-        self.state: Dict[str, Any] = {"micro_step": 0, "best": None, "results": {}, "train_seconds": 0.0,
-                                      "samples": 0, "skipped_terms": 0, "nonfinite_steps": 0}
+        self.state: Dict[str, Any] = {
+            "micro_step": 0,
+            "best": None,
+            "results": {},
+            "train_seconds": 0.0,
+            "samples": 0,
+            "skipped_terms": 0,
+            "nonfinite_steps": 0,
+        }
 
     # --- evaluation (rank 0 evaluates, the others wait) ---
 
@@ -240,8 +267,14 @@ class Trainer:
         model = self.engine.module
         head = model.mlp if pooling is None and self.config.model.pooling == "cls" else None
         pooling = pooling or ("mean" if self.config.model.pooling == "mean" else "cls")
-        return TransformersEncoder(model.encoder, self.tokenizer, pooling=pooling, head=head,
-                                   max_length=self.config.model.eval_max_length, device=self.device)
+        return TransformersEncoder(
+            model.encoder,
+            self.tokenizer,
+            pooling=pooling,
+            head=head,
+            max_length=self.config.model.eval_max_length,
+            device=self.device,
+        )
 
     def _encoder(self, desc: str, pooling: Optional[str] = None):
         """encode(sentences) -> (n, H): the sentence embeddings (see _sentence_encoder), in chunks
@@ -253,9 +286,18 @@ class Trainer:
         def encode(sentences: List[str]) -> torch.Tensor:
             chunks = range(0, len(sentences), 2048)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return torch.cat([encoder(sentences[i:i + 2048])
-                                  for i in tqdm(chunks, desc=f"{desc}: encoding {len(sentences)} sentences",
-                                                unit="chunk", leave=False, dynamic_ncols=True)])
+                return torch.cat(
+                    [
+                        encoder(sentences[i : i + 2048])
+                        for i in tqdm(
+                            chunks,
+                            desc=f"{desc}: encoding {len(sentences)} sentences",
+                            unit="chunk",
+                            leave=False,
+                            dynamic_ncols=True,
+                        )
+                    ]
+                )
 
         return encode
 
@@ -307,9 +349,13 @@ class Trainer:
         own = detect_pooling(path)
         self.state["own_pooling"] = own
         same = self.config.model.pooling == {"mean": "mean", "cls": "cls_before_pooler"}[own]
-        self.state["results"]["own"] = (self.state["results"]["before"] if same else
-                                        self._report_sts(f"of the starting model, its own {own} pooling",
-                                                         self._evaluate(full=True, pooling=own)))
+        self.state["results"]["own"] = (
+            self.state["results"]["before"]
+            if same
+            else self._report_sts(
+                f"of the starting model, its own {own} pooling", self._evaluate(full=True, pooling=own)
+            )
+        )
 
     def _report_sts(self, when: str, results: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
         if self.rank == 0 and results is not None:
@@ -320,7 +366,7 @@ class Trainer:
     # --- non-finite values (train.guard) ---
 
     def _sources(self, kind: str, index: torch.Tensor) -> List[str]:
-        """"file:line" of each example of a batch."""
+        """ "file:line" of each example of a batch."""
         if kind == "text":
             return [f"{self.config.data.text}:{self.text_lines[i]}" for i in index.tolist()]
         return [self.pairs.where[i] for i in index.tolist()]
@@ -336,23 +382,36 @@ class Trainer:
             if self.rank == ranks[0]:
                 tqdm.write(f"step {step}: skipped, {what}; batch: {describe_sources(sources)}")
             return True
-        where = (f"{what} on rank {self.rank}; the batch: {describe_sources(sources)}" if what is not None
-                 else f"a non-finite value on rank(s) {ranks} (that rank's message names the batch)")
-        raise NonFiniteError(f"step {step}: {where}. Stopped before the optimizer step: no checkpoint or model "
-                             "holds this state. Set train.skip_nonfinite=true to skip such steps instead")
+        where = (
+            f"{what} on rank {self.rank}; the batch: {describe_sources(sources)}"
+            if what is not None
+            else f"a non-finite value on rank(s) {ranks} (that rank's message names the batch)"
+        )
+        raise NonFiniteError(
+            f"step {step}: {where}. Stopped before the optimizer step: no checkpoint or model "
+            "holds this state. Set train.skip_nonfinite=true to skip such steps instead"
+        )
 
     def _check_weights(self, step: int) -> None:
         """Before a checkpoint, an evaluation or a saved model: the weights must be finite."""
         name = nonfinite_parameter(self.engine.module, gradients=False)
         ranks = ranks_flagging(name is not None, self.device)
         if ranks:
-            raise NonFiniteError(f"step {step}: weight {name} is not finite (rank(s) {ranks}); no checkpoint or "
-                                 "model was written from this state")
+            raise NonFiniteError(
+                f"step {step}: weight {name} is not finite (rank(s) {ranks}); no checkpoint or "
+                "model was written from this state"
+            )
 
     def _train(self) -> None:
         done = self.state["micro_step"] // self.config.deepspeed.gradient_accumulation_steps
-        bar = tqdm(total=self.total_steps, initial=done, disable=self.rank != 0, unit="step",
-                   desc=self.config.method, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=done,
+            disable=self.rank != 0,
+            unit="step",
+            desc=self.config.method,
+            dynamic_ncols=True,
+        )
         try:
             self._steps(bar)
         finally:  # also when a non-finite value stops the run
@@ -380,8 +439,9 @@ class Trainer:
             loss, parts = self.engine(batch)
             skipped = parts.pop("skipped_terms", None)
             part = nonfinite_part(loss, parts)
-            bad = self._nonfinite(step, f"loss part {part!r} is not finite ({format_parts(loss, parts)})"
-                                  if part else None, sources)
+            bad = self._nonfinite(
+                step, f"loss part {part!r} is not finite ({format_parts(loss, parts)})" if part else None, sources
+            )
             skip = skip or bad
             # A skipped step's gradients are made NaN, so that every optimizer path drops them:
             # DeepSpeed's own check (ZeRO-1/2, bf16) or the one below (ZeRO-0).
@@ -394,8 +454,13 @@ class Trainer:
             with skipped_update(self.engine.module, self.engine.optimizer) if drop else contextlib.nullcontext():
                 self.engine.step()
             if boundary and not plain_optimizer and not skip:
-                skip = self._nonfinite(step, None if self.engine.was_step_applied() else
-                                       "a gradient is not finite (DeepSpeed skipped the update)", sources)
+                skip = self._nonfinite(
+                    step,
+                    None
+                    if self.engine.was_step_applied()
+                    else "a gradient is not finite (DeepSpeed skipped the update)",
+                    sources,
+                )
             micro += 1
             if not bad:
                 window["loss"].append(loss.item())
@@ -421,8 +486,13 @@ class Trainer:
             self.state["micro_step"] = micro
             bar.update(1)
             if step % t.log_steps == 0 or step == self.total_steps:
-                record = {"step": step, "lr": self.engine.get_lr()[0], "samples_per_s": window_samples / window_seconds,
-                          **{k: sum(v) / len(v) for k, v in window.items()}, **counts}
+                record = {
+                    "step": step,
+                    "lr": self.engine.get_lr()[0],
+                    "samples_per_s": window_samples / window_seconds,
+                    **{k: sum(v) / len(v) for k, v in window.items()},
+                    **counts,
+                }
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "step"}, refresh=False)
                 self._log(record)
                 self._log({"step": step, **{k: sum(v) / len(v) for k, v in window.items()}}, "loss.jsonl")
@@ -447,11 +517,14 @@ class Trainer:
         best = self.state["best"]
         self._log({"step": step, "stsb_dev": score})
         if best is None or score > best["score"]:
-            name = checkpoint.save_model(self.engine.module, self.tokenizer, self.out, step, "best",
-                                         best["model"] if best else None)
+            name = checkpoint.save_model(
+                self.engine.module, self.tokenizer, self.out, step, "best", best["model"] if best else None
+            )
             self.state["best"] = {"step": step, "score": score, "model": name}
-        tqdm.write(f"step {step}: STS-B dev {score:.2f} (best {self.state['best']['score']:.2f} "
-                   f"at step {self.state['best']['step']})")
+        tqdm.write(
+            f"step {step}: STS-B dev {score:.2f} (best {self.state['best']['score']:.2f} "
+            f"at step {self.state['best']['step']})"
+        )
 
     def _finish(self) -> Dict[str, Any]:
         """Save the last model, evaluate the best one (or the last) on all STS sets, write the report."""
@@ -464,11 +537,17 @@ class Trainer:
         if t.eval_after:
             which = f"after training (best dev, step {best['step']})" if best else "after training"
             self.state["results"]["after"] = self._report_sts(which, self._evaluate(full=True))
-        summary = {"method": self.config.method, "steps": self.total_steps, "world_size": self.world,
-                   "train_seconds": self.state["train_seconds"],
-                   "samples_per_s": self.state["samples"] / max(self.state["train_seconds"], 1e-9),
-                   "skipped_terms": self.state["skipped_terms"], "nonfinite_steps": self.state["nonfinite_steps"],
-                   "best": best, "results": self.state["results"]}
+        summary = {
+            "method": self.config.method,
+            "steps": self.total_steps,
+            "world_size": self.world,
+            "train_seconds": self.state["train_seconds"],
+            "samples_per_s": self.state["samples"] / max(self.state["train_seconds"], 1e-9),
+            "skipped_terms": self.state["skipped_terms"],
+            "nonfinite_steps": self.state["nonfinite_steps"],
+            "best": best,
+            "results": self.state["results"],
+        }
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._export()
@@ -488,30 +567,43 @@ class Trainer:
         from train.report import write_report
 
         c = self.config
-        facts = [f"- encoder: {c.model.name_or_path}",
-                 f"- data: {len(self.texts)} sentences, {len(self.pairs.captions) if self.pairs else 0} captions",
-                 f"- {summary['steps']} optimizer steps, batch {c.train.batch_size} × {self.world} rank(s) × "
-                 f"{c.deepspeed.gradient_accumulation_steps} accumulation, ZeRO-{c.deepspeed.zero_stage}, "
-                 f"global negatives: {self.global_negatives or 'off'}",
-                 f"- training time {summary['train_seconds']:.1f} s, {summary['samples_per_s']:.1f} sentences/s",
-                 f"- {summary['skipped_terms']} loss term(s) skipped for want of a valid row (e.g. no phrase in a "
-                 f"batch), {summary['nonfinite_steps']} step(s) skipped for a non-finite loss or gradient"]
-        facts.append(f"- pooling {c.model.pooling}, precision {c.deepspeed.precision} (fp32 weights), "
-                     f"optimizer {c.optim.name} (eps {c.optim.eps:g}), seed {c.train.seed}")
+        facts = [
+            f"- encoder: {c.model.name_or_path}",
+            f"- data: {len(self.texts)} sentences, {len(self.pairs.captions) if self.pairs else 0} captions",
+            f"- {summary['steps']} optimizer steps, batch {c.train.batch_size} × {self.world} rank(s) × "
+            f"{c.deepspeed.gradient_accumulation_steps} accumulation, ZeRO-{c.deepspeed.zero_stage}, "
+            f"global negatives: {self.global_negatives or 'off'}",
+            f"- training time {summary['train_seconds']:.1f} s, {summary['samples_per_s']:.1f} sentences/s",
+            f"- {summary['skipped_terms']} loss term(s) skipped for want of a valid row (e.g. no phrase in a "
+            f"batch), {summary['nonfinite_steps']} step(s) skipped for a non-finite loss or gradient",
+        ]
+        facts.append(
+            f"- pooling {c.model.pooling}, precision {c.deepspeed.precision} (fp32 weights), "
+            f"optimizer {c.optim.name} (eps {c.optim.eps:g}), seed {c.train.seed}"
+        )
         facts += [f"- note: this run is not the configured experiment: {note}" for note in self.notes]
         if summary["best"]:
-            facts.append(f"- best STS-B dev {summary['best']['score']:.2f} at step {summary['best']['step']} "
-                         f"(model: {summary['best']['model']}; sentence-transformers export: sentence-transformers/)")
+            facts.append(
+                f"- best STS-B dev {summary['best']['score']:.2f} at step {summary['best']['step']} "
+                f"(model: {summary['best']['model']}; sentence-transformers export: sentence-transformers/)"
+            )
         results = summary["results"]
         verdict = training_verdict(results, self.state.get("own_pooling"))
         if verdict:
             facts.append(f"- **{verdict}**")
             tqdm.write(verdict)
-        labels = {"own": f"starting model, own pooling ({self.state.get('own_pooling')})", "before": "before",
-                  "after": "after"}
+        labels = {
+            "own": f"starting model, own pooling ({self.state.get('own_pooling')})",
+            "before": "before",
+            "after": "after",
+        }
         title = f"{c.method} run: {self.out.name}"
-        path = write_report(self.out, sts={labels[k]: results[k] for k in ("own", "before", "after") if results.get(k)}
-                            or None, log_file=self.out / "loss.jsonl", title=title)
+        path = write_report(
+            self.out,
+            sts={labels[k]: results[k] for k in ("own", "before", "after") if results.get(k)} or None,
+            log_file=self.out / "loss.jsonl",
+            title=title,
+        )
         text = path.read_text()
         path.write_text(text.replace(f"# {title}\n", f"# {title}\n\n" + "\n".join(facts) + "\n", 1))
 
@@ -520,15 +612,20 @@ def training_verdict(results: Dict[str, Optional[Dict[str, float]]], own_pooling
     """One sentence: did training beat the starting model's own score (results "own"), else its
     score before training ("before")? None without "after" or a reference."""
     after = results.get("after")
-    name, ref = ((f"the starting model's own score ({own_pooling} pooling)", results["own"]) if results.get("own")
-                 else ("the starting model's score", results.get("before")))
+    name, ref = (
+        (f"the starting model's own score ({own_pooling} pooling)", results["own"])
+        if results.get("own")
+        else ("the starting model's score", results.get("before"))
+    )
     if not after or not ref:
         return None
     delta = after["avg"] - ref["avg"]
     if delta > 0:
         return f"Training improved the STS average over {name}: {ref['avg']:.2f} -> {after['avg']:.2f} ({delta:+.2f})."
-    return (f"Training did not improve on {name}: {ref['avg']:.2f} -> {after['avg']:.2f} ({delta:+.2f}); "
-            "the trained model is no better than the starting model used as it was meant to be.")
+    return (
+        f"Training did not improve on {name}: {ref['avg']:.2f} -> {after['avg']:.2f} ({delta:+.2f}); "
+        "the trained model is no better than the starting model used as it was meant to be."
+    )
 
 
 def train(config: Config) -> Dict[str, Any]:

@@ -42,7 +42,7 @@ def _save_inputs(ctx, query, key, lses: tuple, inv_temp, problem: LossProblem, k
 def _saved(ctx):
     """(query, key, lses, inv_temp, need_temp_grad) as `_save_inputs` kept them."""
     saved = ctx.saved_tensors
-    query, key, lses = saved[0], saved[1], saved[2: 2 + ctx.lse_count]
+    query, key, lses = saved[0], saved[1], saved[2 : 2 + ctx.lse_count]
     inv_temp = saved[-1] if ctx.inv_temp_is_tensor else ctx.inv_temp
     return query, key, lses, inv_temp, ctx.inv_temp_is_tensor and ctx.needs_input_grad[2]
 

@@ -114,7 +114,7 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def auto_table(path: Path = AUTO_TABLE) -> Dict[str, object]:
-    """The committed table `auto` reads on CUDA (mmloss/auto_table.json, written by bench/gpu.sh).
+    """The committed table `auto` reads on CUDA (src/mmloss/auto_table.json, written by bench/gpu.sh).
 
     {"gpu_run": null or {"device", "date", "cuda_tests": "passed" | ..., ...},
      "cuda_faster": [{"dtype": "bf16" | "fp16" | "fp32", "min_n": int, "max_n": int}, ...]}:
@@ -129,7 +129,7 @@ def cuda_proven(table: Dict[str, object]) -> bool:
 
 
 def auto_cuda_choice(dtype: torch.dtype, size: Optional[int], table: Dict[str, object]) -> str:
-    """"cuda" where the table's proven run measured it faster for this dtype and size, else "triton"."""
+    """ "cuda" where the table's proven run measured it faster for this dtype and size, else "triton"."""
     if not cuda_proven(table) or size is None:
         return "triton"
     name = _DTYPE_NAMES.get(dtype)
@@ -163,9 +163,12 @@ def _warn_once(reason: str, device: torch.device, dtype: torch.dtype) -> None:
         if reason in _warned:
             return
         _warned.add(reason)
-    warnings.warn(f"mmloss: backend='auto' runs the dense reference (it builds the M x N logits) for "
-                  f"{device.type} {dtype} tensors: {reason}. Pass backend='reference' to choose it "
-                  "explicitly, or a kernel backend to make this an error.", stacklevel=5)
+    warnings.warn(
+        f"mmloss: backend='auto' runs the dense reference (it builds the M x N logits) for "
+        f"{device.type} {dtype} tensors: {reason}. Pass backend='reference' to choose it "
+        "explicitly, or a kernel backend to make this an error.",
+        stacklevel=5,
+    )
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, size: Optional[int] = None) -> str:
@@ -247,7 +250,9 @@ def build_info() -> Dict[str, object]:
     except ImportError:
         info["triton"] = "not installed"
     info["backends here"] = ", ".join(
-        n for n in ("reference", "cpu", "triton", "cuda") if unavailable_reason(n, torch.device("cpu")) is None
+        n
+        for n in ("reference", "cpu", "triton", "cuda")
+        if unavailable_reason(n, torch.device("cpu")) is None
         or (torch.cuda.is_available() and unavailable_reason(n, torch.device("cuda")) is None)
     )
     return info

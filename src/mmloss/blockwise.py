@@ -60,8 +60,15 @@ def forward(query, key, inv_temp: InvTemp, problem: LossProblem) -> Tuple[torch.
         return torch.logsumexp(logits, dim=1), torch.where(is_pos, logits, 0.0).sum(dim=1)
 
 
-def backward(query, key, inv_temp: InvTemp, problem: LossProblem, lse: torch.Tensor, row_weight: torch.Tensor,
-             need_temp_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def backward(
+    query,
+    key,
+    inv_temp: InvTemp,
+    problem: LossProblem,
+    lse: torch.Tensor,
+    row_weight: torch.Tensor,
+    need_temp_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of sum_i row_weight_i * loss_i over this block's columns, with P_ij taken
     against the given (global) lse: (d_query (M, d), d_key (N, d), d_inv_temp or None)."""
     with torch.enable_grad():

@@ -148,8 +148,10 @@ def check_global_negatives(global_negatives, process_group) -> None:
     if not isinstance(global_negatives, str) or global_negatives not in GLOBAL_NEGATIVES:
         raise ValueError(f"global_negatives must be None or one of {GLOBAL_NEGATIVES}, got {global_negatives!r}")
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise ValueError("global_negatives needs an initialised torch.distributed process group "
-                         "(torch.distributed.init_process_group)")
+        raise ValueError(
+            "global_negatives needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group)"
+        )
 
 
 def build_problem(

@@ -8,4 +8,3 @@ NORM_EPS = 1e-12
 
 MARGIN_SIN_EPS = 1e-12
 """ε in `sqrt(max(1 - c², ε))` of the closed-form angular margin."""
-

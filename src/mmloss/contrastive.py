@@ -67,10 +67,19 @@ def contrastive_loss(
     check_global_negatives(global_negatives, process_group)
     try:
         problem = build_problem(
-            query, key, positives=positives, temperature=temperature, margin=margin,
-            margin_teacher=margin_teacher, filter_teacher=filter_teacher,
-            filter_threshold=filter_threshold, filter_normalize=filter_normalize,
-            key_groups=key_groups, symmetric=symmetric, reduction=reduction, backend=backend,
+            query,
+            key,
+            positives=positives,
+            temperature=temperature,
+            margin=margin,
+            margin_teacher=margin_teacher,
+            filter_teacher=filter_teacher,
+            filter_threshold=filter_threshold,
+            filter_normalize=filter_normalize,
+            key_groups=key_groups,
+            symmetric=symmetric,
+            reduction=reduction,
+            backend=backend,
         )
     except (TypeError, ValueError) as exc:
         if global_negatives is None:
@@ -78,16 +87,32 @@ def contrastive_loss(
         distributed.fail_everywhere(exc, query, process_group)  # every rank raises
     if global_negatives is not None:
         return distributed.global_contrastive_loss(
-            query, key, problem, temperature=temperature, filter_normalize=filter_normalize, symmetric=symmetric,
-            reduction=reduction, backend=backend, mode=global_negatives, process_group=process_group,
+            query,
+            key,
+            problem,
+            temperature=temperature,
+            filter_normalize=filter_normalize,
+            symmetric=symmetric,
+            reduction=reduction,
+            backend=backend,
+            mode=global_negatives,
+            process_group=process_group,
         )
     name = backends.choose(backend, query.device, query.dtype, key.shape[0])
     if name == "reference":
         return contrastive_loss_reference(
-            query, key, positives=problem.positives, temperature=temperature, margin=margin,
-            margin_teacher=margin_teacher, filter_teacher=filter_teacher,
-            filter_threshold=filter_threshold, filter_normalize=filter_normalize,
-            key_groups=key_groups, symmetric=symmetric, reduction=reduction,
+            query,
+            key,
+            positives=problem.positives,
+            temperature=temperature,
+            margin=margin,
+            margin_teacher=margin_teacher,
+            filter_teacher=filter_teacher,
+            filter_threshold=filter_threshold,
+            filter_normalize=filter_normalize,
+            key_groups=key_groups,
+            symmetric=symmetric,
+            reduction=reduction,
         )
     kernel_module = backends.kernels(name)
     kernel_module.check(query, problem)

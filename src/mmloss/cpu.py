@@ -53,14 +53,17 @@ def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, t
 def forward_with_grad(query, key, inv_temp, problem: LossProblem):
     """lse, pos_logit and the gradients of Σ_{valid i} loss_i in one pass (3 GEMMs, no recompute)."""
     weight = problem.valid_rows.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
-    return ops.contrastive_forward_with_grad(*_args(query, key, inv_temp, problem), weight,
-                                             *tile_shape(query, key, problem))
+    return ops.contrastive_forward_with_grad(
+        *_args(query, key, inv_temp, problem), weight, *tile_shape(query, key, problem)
+    )
 
 
-def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    d_query, d_key, d_inv_temp = ops.contrastive_backward(*_args(query, key, inv_temp, problem), lse, row_weight,
-                                                          bool(need_temp_grad), *tile_shape(query, key, problem))
+def backward(
+    query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    d_query, d_key, d_inv_temp = ops.contrastive_backward(
+        *_args(query, key, inv_temp, problem), lse, row_weight, bool(need_temp_grad), *tile_shape(query, key, problem)
+    )
     return d_query, d_key, d_inv_temp if need_temp_grad else None
 
 
@@ -70,11 +73,18 @@ def forward_symmetric(query, key, inv_temp, problem: LossProblem):
     return ops.contrastive_forward_symmetric(*_args(query, key, inv_temp, problem), *tile_shape(query, key, problem))
 
 
-def backward_symmetric(query, key, inv_temp, problem: LossProblem, lse, lse_col, row_weight, col_weight,
-                       need_temp_grad: bool):
+def backward_symmetric(
+    query, key, inv_temp, problem: LossProblem, lse, lse_col, row_weight, col_weight, need_temp_grad: bool
+):
     """Gradients of both directions in one pass (recompute + 2 GEMMs: 4 in all with the
     forward, against 6 for two directions)."""
     d_query, d_key, d_inv_temp = ops.contrastive_backward_symmetric(
-        *_args(query, key, inv_temp, problem), lse, lse_col, row_weight, col_weight, bool(need_temp_grad),
-        *tile_shape(query, key, problem))
+        *_args(query, key, inv_temp, problem),
+        lse,
+        lse_col,
+        row_weight,
+        col_weight,
+        bool(need_temp_grad),
+        *tile_shape(query, key, problem),
+    )
     return d_query, d_key, d_inv_temp if need_temp_grad else None

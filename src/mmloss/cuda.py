@@ -38,15 +38,25 @@ def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, t
     logit plus the row's loss when the positive is here, so that lse - pos_logit keeps a nearly
     solved row's relative accuracy) and the positive's logit (M,) fp32 (0 when not here)."""
     return torch.ops.mmloss.contrastive_forward(
-        query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), 0, 0)
+        query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), 0, 0
+    )
 
 
-def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def backward(
+    query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of Σ_i w_i loss_i over this block's columns, P from the given lse: d_query
     (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim float64 (or None)."""
     rows = row_chunk(query.shape[0], key.shape[0], query.element_size())
     d_query, d_key, d_inv_temp = torch.ops.mmloss.contrastive_backward(
-        query, key, inv_temp_tensor(inv_temp, query.device), *problem.kernel_args(), lse, row_weight,
-        bool(need_temp_grad), rows, 0)
+        query,
+        key,
+        inv_temp_tensor(inv_temp, query.device),
+        *problem.kernel_args(),
+        lse,
+        row_weight,
+        bool(need_temp_grad),
+        rows,
+        0,
+    )
     return d_query, d_key, d_inv_temp if need_temp_grad else None

@@ -57,10 +57,28 @@ MODES = ("gather", "ring")
 _KEY_SIDE = ("margin_key", "filter_key", "key_groups")
 # What every rank tells the others before any data moves; all but "ok", "rows" and "keys"
 # must agree across ranks.
-_FIELDS = ("ok", "rows", "keys", "width", "dtype", "query requires grad", "key requires grad", "symmetric",
-           "reduction", "mode", "temperature", "margin", "margin_teacher width", "margin_teacher dtype",
-           "filter_teacher width", "filter_teacher dtype", "filter_threshold", "filter_normalize", "key_groups",
-           "backend")
+_FIELDS = (
+    "ok",
+    "rows",
+    "keys",
+    "width",
+    "dtype",
+    "query requires grad",
+    "key requires grad",
+    "symmetric",
+    "reduction",
+    "mode",
+    "temperature",
+    "margin",
+    "margin_teacher width",
+    "margin_teacher dtype",
+    "filter_teacher width",
+    "filter_teacher dtype",
+    "filter_threshold",
+    "filter_normalize",
+    "key_groups",
+    "backend",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +115,26 @@ def _metadata(query, key, problem: Optional[LossProblem], settings: Tuple[float,
         symmetric, reduction, mode, temperature, filter_normalize, backend = settings
         width = lambda t: -1 if t is None else t.shape[1]  # noqa: E731
         values = (
-            1, query.shape[0], key.shape[0], query.shape[1], _dtype_code(query), query.requires_grad,
-            key.requires_grad, symmetric, reduction, mode, temperature, problem.margin,
-            width(problem.margin_query), _dtype_code(problem.margin_query), width(problem.filter_query),
-            _dtype_code(problem.filter_query), problem.filter_threshold, filter_normalize,
-            problem.key_groups is not None, backend,
+            1,
+            query.shape[0],
+            key.shape[0],
+            query.shape[1],
+            _dtype_code(query),
+            query.requires_grad,
+            key.requires_grad,
+            symmetric,
+            reduction,
+            mode,
+            temperature,
+            problem.margin,
+            width(problem.margin_query),
+            _dtype_code(problem.margin_query),
+            width(problem.filter_query),
+            _dtype_code(problem.filter_query),
+            problem.filter_threshold,
+            filter_normalize,
+            problem.key_groups is not None,
+            backend,
         )
     device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
@@ -136,8 +169,10 @@ def _check_agreement(table: torch.Tensor) -> None:
     """Raise the same ValueError on every rank when the ranks' calls do not match."""
     failed = [r for r in range(table.shape[0]) if table[r, 0] == 0]
     if failed:
-        raise RuntimeError(f"mmloss global negatives: the arguments of rank(s) {failed} failed their checks "
-                           "(see the error raised on that rank)")
+        raise RuntimeError(
+            f"mmloss global negatives: the arguments of rank(s) {failed} failed their checks "
+            "(see the error raised on that rank)"
+        )
     for j, field in enumerate(_FIELDS[3:], start=3):
         column = table[:, j]
         same = (column == column[0]) | (torch.isnan(column) & torch.isnan(column[0]))
@@ -170,7 +205,7 @@ class _GatherWithGrad(torch.autograd.Function):
         n = max(layout.key_sizes)
         stacked = grad.new_zeros((layout.world * n,) + tuple(grad.shape[1:]))
         for r, part in enumerate(torch.split(grad, list(layout.key_sizes))):
-            stacked[r * n: r * n + part.shape[0]] = part
+            stacked[r * n : r * n + part.shape[0]] = part
         mine = grad.new_empty((n,) + tuple(grad.shape[1:]))
         reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         reduce_scatter(mine, stacked, group=layout.group)
@@ -184,8 +219,11 @@ def _global_positives(problem: LossProblem, shift: int) -> torch.Tensor:
 
 def _gather_rows(query, key, inv_temp, problem: LossProblem, layout: _Layout, kernel_module) -> torch.Tensor:
     """Per-row losses (M_local,) of local rows against the keys of all ranks, all gathered."""
-    side = {name: _all_gather(getattr(problem, name), layout.key_sizes, layout.group)
-            for name in _KEY_SIDE if getattr(problem, name) is not None}
+    side = {
+        name: _all_gather(getattr(problem, name), layout.key_sizes, layout.group)
+        for name in _KEY_SIDE
+        if getattr(problem, name) is not None
+    }
     shift = _offset(layout.key_sizes, layout.rank)
     problem = dataclasses.replace(problem, positives=_global_positives(problem, shift), **side)
     return ContrastiveRows.apply(query, _GatherWithGrad.apply(key, layout), inv_temp, problem, kernel_module)
@@ -214,8 +252,9 @@ class _Ring:
         """The problem of the local rows against the block that rank `source` owns."""
         sizes = self.layout.key_sizes
         shift = _offset(sizes, self.layout.rank) - _offset(sizes, source)
-        return dataclasses.replace(problem, positives=_global_positives(problem, shift),
-                                   **dict(zip(self._side(problem), block[1:])))
+        return dataclasses.replace(
+            problem, positives=_global_positives(problem, shift), **dict(zip(self._side(problem), block[1:]))
+        )
 
     def _shift(self, tensors: List[torch.Tensor], incoming_rows: int, tag: int):
         """Send `tensors` to the next rank and receive the previous rank's (`incoming_rows`
@@ -242,8 +281,9 @@ class _Ring:
             source = (rank - step) % world
             if step + 1 < world:
                 requests, incoming = self._shift(block, sizes[(source - 1) % world], _KEY_TAG)
-            block_lse, block_pos = self.block_kernel.forward(query, block[0], inv_temp,
-                                                             self._block_problem(problem, block, source))
+            block_lse, block_pos = self.block_kernel.forward(
+                query, block[0], inv_temp, self._block_problem(problem, block, source)
+            )
             lse = block_lse if lse is None else torch.logaddexp(lse, block_lse)
             pos_logit = block_pos if pos_logit is None else pos_logit + block_pos
             if step + 1 < world:
@@ -263,9 +303,9 @@ class _Ring:
             incoming_rows = sizes[(source - 1) % world]
             if step + 1 < world:
                 key_requests, incoming = self._shift(block, incoming_rows, _KEY_TAG)
-            dq, dk, dt = self.block_kernel.backward(query, block[0], inv_temp,
-                                                    self._block_problem(problem, block, source), lse,
-                                                    row_weight, need_temp_grad)
+            dq, dk, dt = self.block_kernel.backward(
+                query, block[0], inv_temp, self._block_problem(problem, block, source), lse, row_weight, need_temp_grad
+            )
             d_query = dq.to(accumulate) if d_query is None else d_query + dq
             d_inv_temp = dt if d_inv_temp is None else d_inv_temp + dt
             d_block = d_block + dk
@@ -285,9 +325,13 @@ def _ring_rows(query, key, inv_temp, problem: LossProblem, layout: _Layout, kern
 
 
 def _layout(group, problem_sizes: torch.Tensor) -> _Layout:
-    return _Layout(group=group, rank=dist.get_rank(group), world=dist.get_world_size(group),
-                   row_sizes=tuple(int(n) for n in problem_sizes[:, 0]),
-                   key_sizes=tuple(int(n) for n in problem_sizes[:, 1]))
+    return _Layout(
+        group=group,
+        rank=dist.get_rank(group),
+        world=dist.get_world_size(group),
+        row_sizes=tuple(int(n) for n in problem_sizes[:, 0]),
+        key_sizes=tuple(int(n) for n in problem_sizes[:, 1]),
+    )
 
 
 def fail_everywhere(error: Exception, query, process_group=None):
@@ -315,9 +359,14 @@ def global_contrastive_loss(
     world) as negatives: `problem` is this rank's checked problem (`mmloss.checks.build_problem`,
     local positives), the other arguments as there, `mode` "gather" or "ring" (the module doc)."""
     group = process_group if process_group is not None else dist.group.WORLD
-    settings = (symmetric, REDUCTIONS.index(reduction), MODES.index(mode),
-                float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature),
-                filter_normalize, BACKENDS.index(backend))
+    settings = (
+        symmetric,
+        REDUCTIONS.index(reduction),
+        MODES.index(mode),
+        float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature),
+        filter_normalize,
+        BACKENDS.index(backend),
+    )
     table = _exchange(_metadata(query, key, problem, settings), group)
     _check_agreement(table)
     layout = _layout(group, table[:, 1:3])

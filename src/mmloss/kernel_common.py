@@ -40,8 +40,9 @@ def scratch_bytes(backend: str) -> int:
     return int(mib * 2**20)
 
 
-def rows_within(budget: int, row_bytes: int, *, minimum: int = 1, multiple: int = 1,
-                total: Optional[int] = None) -> int:
+def rows_within(
+    budget: int, row_bytes: int, *, minimum: int = 1, multiple: int = 1, total: Optional[int] = None
+) -> int:
     """Rows of `row_bytes` each that fit in `budget` bytes, rounded down to a `multiple` and at
     least `minimum`; all `total` rows (and never more) when they fit."""
     fit = budget // max(1, row_bytes)
@@ -59,8 +60,10 @@ def triton_interpreted() -> bool:
 def check_gpu_dtype(query: torch.Tensor, backend: str) -> None:
     """TypeError naming query's dtype when the GPU kernels of `backend` cannot serve it."""
     if query.dtype not in GPU_DTYPES:
-        raise TypeError(f"query dtype {query.dtype} is not supported by backend {backend!r} "
-                        "(float32, bfloat16, float16); use backend='reference' or 'cpu' for float64")
+        raise TypeError(
+            f"query dtype {query.dtype} is not supported by backend {backend!r} "
+            "(float32, bfloat16, float16); use backend='reference' or 'cpu' for float64"
+        )
 
 
 def inv_temp_tensor(inv_temp: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -76,8 +79,9 @@ def regular_max(inv_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(inv_norm < 1.0 / NORM_EPS, inv_norm, torch.zeros_like(inv_norm)).amax()
 
 
-def fp16_scratch_scale(weight_max: torch.Tensor, inv_norm_q: torch.Tensor, inv_norm_k: torch.Tensor,
-                       inv_temp: Union[float, torch.Tensor]) -> torch.Tensor:
+def fp16_scratch_scale(
+    weight_max: torch.Tensor, inv_norm_q: torch.Tensor, inv_norm_k: torch.Tensor, inv_temp: Union[float, torch.Tensor]
+) -> torch.Tensor:
     """The fp16 backward scratch's scale g = max|w| max(a) max(b) / τ (1-element tensor), so
     that |H| = |G| a b / g <= |f'| fits fp16 whatever the weights, τ and norms. Rows of norm
     <= ε are left out of the maxima: their own H entries overflow in fp16 (as the reference's

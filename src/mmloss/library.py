@@ -19,8 +19,8 @@ pos_logit in float64, all five ops), CUDA tensors the CUDA kernels (lse in float
 in float32; forward and backward, only in a CUDA build). `inv_temp` is a 1-element tensor.
 `chunk_rows` is the CPU's strip height and the CUDA backward's scratch chunk (the CUDA forward
 ignores it); `chunk_cols` the columns of a CPU strip's tiles (0 = all N; the CUDA kernels
-ignore it). d_inv_temp is float64 (0 when need_temp_grad is false). Importing this module loads mmloss._C (which registers the
-ops) and registers the fakes.
+ignore it). d_inv_temp is float64 (0 when need_temp_grad is false). Importing this module loads
+mmloss._C (which registers the ops) and registers the fakes.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ import torch
 
 from mmloss import _C  # noqa: F401  (registers the mmloss:: ops)
 
-OPS = ("contrastive_forward", "contrastive_forward_with_grad", "contrastive_backward",
-       "contrastive_forward_symmetric", "contrastive_backward_symmetric")
+OPS = (
+    "contrastive_forward",
+    "contrastive_forward_with_grad",
+    "contrastive_backward",
+    "contrastive_forward_symmetric",
+    "contrastive_backward_symmetric",
+)
 
 
 def _lse(x: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,10 @@ def _check_targets(name: str, index, length: int, n: int, device: torch.device) 
     index = _check_index_tensor(name, index, length, device)
     bad = ((index < 0) & (index != IGNORE_INDEX)) | (index >= n)
     if _value_check(~bad.any(), device, lambda: f"{name} must hold indices in [0, {n}) or {IGNORE_INDEX}"):
-        raise ValueError(f"{name} must hold indices in [0, {n}) or {IGNORE_INDEX} (ignored); "
-                         f"got {int(index[bad][0])} at position {int(bad.nonzero()[0])}")
+        raise ValueError(
+            f"{name} must hold indices in [0, {n}) or {IGNORE_INDEX} (ignored); "
+            f"got {int(index[bad][0])} at position {int(bad.nonzero()[0])}"
+        )
 
 
 def _loss_dtype(x: torch.Tensor) -> torch.dtype:
@@ -109,8 +111,14 @@ class _ContrastiveMethod(nn.Module):
         temperature = kwargs.setdefault("temperature", self.temperature)
         if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
             kwargs["temperature"] = temperature.reshape(())
-        return contrastive_loss(query, key, backend=self.backend, global_negatives=self.global_negatives,
-                                process_group=self.process_group, **kwargs)
+        return contrastive_loss(
+            query,
+            key,
+            backend=self.backend,
+            global_negatives=self.global_negatives,
+            process_group=self.process_group,
+            **kwargs,
+        )
 
     def _no_valid_row(self, positives: torch.Tensor) -> bool:
         """True when no row of `positives` is valid, on any rank with global negatives (then
@@ -133,8 +141,14 @@ class SimCSELoss(_ContrastiveMethod):
     (τ = 0.05, run_unsup_example.sh). Returns LossOutput(total=L_S, parts={"simcse": L_S}).
     """
 
-    def __init__(self, temperature: Temperature = 0.05, *, backend: str = "auto",
-                 global_negatives: Optional[str] = None, process_group=None):
+    def __init__(
+        self,
+        temperature: Temperature = 0.05,
+        *,
+        backend: str = "auto",
+        global_negatives: Optional[str] = None,
+        process_group=None,
+    ):
         super().__init__(temperature, backend, global_negatives, process_group)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> LossOutput:
@@ -159,16 +173,29 @@ class MCSELoss(_ContrastiveMethod):
     Returns LossOutput(total, parts={"simcse", "mml" (image-caption batches only)}).
     """
 
-    def __init__(self, temperature: Temperature = 0.05, vl_temperature: Temperature = 0.05,
-                 vl_weight: float = 0.01, *, backend: str = "auto", global_negatives: Optional[str] = None,
-                 process_group=None):
+    def __init__(
+        self,
+        temperature: Temperature = 0.05,
+        vl_temperature: Temperature = 0.05,
+        vl_weight: float = 0.01,
+        *,
+        backend: str = "auto",
+        global_negatives: Optional[str] = None,
+        process_group=None,
+    ):
         super().__init__(temperature, backend, global_negatives, process_group)
         self.vl_temperature = vl_temperature
         self.vl_weight = vl_weight
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, s1: Optional[torch.Tensor] = None,
-                s2: Optional[torch.Tensor] = None, m: Optional[torch.Tensor] = None,
-                image_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        s1: Optional[torch.Tensor] = None,
+        s2: Optional[torch.Tensor] = None,
+        m: Optional[torch.Tensor] = None,
+        image_ids: Optional[torch.Tensor] = None,
+    ) -> LossOutput:
         n = _rows(z1, "z1")
         _check_pair(("z1", "z2"), z1, z2, n, "z1")
         image_batch = _all_or_none("s1, s2 and m", s1, s2, m)
@@ -180,8 +207,13 @@ class MCSELoss(_ContrastiveMethod):
         simcse = self._core(z1, z2)
         if not image_batch:
             return LossOutput(simcse, {"simcse": simcse})
-        mml = self._core(torch.cat([s1, s2]), m, temperature=self.vl_temperature,
-                         positives=_two_views(m.shape[0], m.device), key_groups=image_ids)
+        mml = self._core(
+            torch.cat([s1, s2]),
+            m,
+            temperature=self.vl_temperature,
+            positives=_two_views(m.shape[0], m.device),
+            key_groups=image_ids,
+        )
         return LossOutput(simcse + self.vl_weight * mml, {"simcse": simcse, "mml": mml})
 
 
@@ -203,19 +235,42 @@ class MCSEOLoss(MCSELoss):
     Returns LossOutput(total, parts={"simcse", "mml", "object_phrase"} as present).
     """
 
-    def __init__(self, temperature: Temperature = 0.05, vl_temperature: Temperature = 0.05,
-                 vl_weight: float = 0.01, op_temperature: Temperature = 0.05, op_weight: float = 0.01, *,
-                 backend: str = "auto", global_negatives: Optional[str] = None, process_group=None):
-        super().__init__(temperature, vl_temperature, vl_weight, backend=backend,
-                         global_negatives=global_negatives, process_group=process_group)
+    def __init__(
+        self,
+        temperature: Temperature = 0.05,
+        vl_temperature: Temperature = 0.05,
+        vl_weight: float = 0.01,
+        op_temperature: Temperature = 0.05,
+        op_weight: float = 0.01,
+        *,
+        backend: str = "auto",
+        global_negatives: Optional[str] = None,
+        process_group=None,
+    ):
+        super().__init__(
+            temperature,
+            vl_temperature,
+            vl_weight,
+            backend=backend,
+            global_negatives=global_negatives,
+            process_group=process_group,
+        )
         self.op_temperature = op_temperature
         self.op_weight = op_weight
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, s1: Optional[torch.Tensor] = None,
-                s2: Optional[torch.Tensor] = None, m: Optional[torch.Tensor] = None,
-                image_ids: Optional[torch.Tensor] = None, phrases: Optional[torch.Tensor] = None,
-                objects: Optional[torch.Tensor] = None, phrase_object: Optional[torch.Tensor] = None,
-                object_groups: Optional[torch.Tensor] = None) -> LossOutput:
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        s1: Optional[torch.Tensor] = None,
+        s2: Optional[torch.Tensor] = None,
+        m: Optional[torch.Tensor] = None,
+        image_ids: Optional[torch.Tensor] = None,
+        phrases: Optional[torch.Tensor] = None,
+        objects: Optional[torch.Tensor] = None,
+        phrase_object: Optional[torch.Tensor] = None,
+        object_groups: Optional[torch.Tensor] = None,
+    ) -> LossOutput:
         object_batch = _all_or_none("phrases, objects and phrase_object", phrases, objects, phrase_object)
         if object_batch:
             check_embeddings(phrases, objects, ("phrases", "objects"))
@@ -230,8 +285,9 @@ class MCSEOLoss(MCSELoss):
             op = torch.zeros((), dtype=_loss_dtype(phrases), device=phrases.device)
             parts = dict(out.parts, object_phrase=op, skipped_terms=torch.ones((), device=phrases.device))
             return LossOutput(out.total, parts)
-        op = self._core(phrases, objects, temperature=self.op_temperature, positives=phrase_object,
-                        key_groups=object_groups)
+        op = self._core(
+            phrases, objects, temperature=self.op_temperature, positives=phrase_object, key_groups=object_groups
+        )
         return LossOutput(out.total + self.op_weight * op, dict(out.parts, object_phrase=op))
 
 
@@ -263,10 +319,20 @@ class KDMCSELoss(_ContrastiveMethod):
     Returns LossOutput(total, parts={"intra", "inter_image", "inter_text" (image batches)}).
     """
 
-    def __init__(self, temperature: Temperature = 0.05, vl_temperature: Temperature = 0.05,
-                 margin: float = 0.15, vl_weight: float = 0.01, filter_threshold: Optional[float] = None,
-                 filter_normalize: bool = False, *, inter_margin: Optional[float] = None, backend: str = "auto",
-                 global_negatives: Optional[str] = None, process_group=None):
+    def __init__(
+        self,
+        temperature: Temperature = 0.05,
+        vl_temperature: Temperature = 0.05,
+        margin: float = 0.15,
+        vl_weight: float = 0.01,
+        filter_threshold: Optional[float] = None,
+        filter_normalize: bool = False,
+        *,
+        inter_margin: Optional[float] = None,
+        backend: str = "auto",
+        global_negatives: Optional[str] = None,
+        process_group=None,
+    ):
         super().__init__(temperature, backend, global_negatives, process_group)
         self.vl_temperature = vl_temperature
         self.margin = margin
@@ -275,28 +341,48 @@ class KDMCSELoss(_ContrastiveMethod):
         self.filter_threshold = filter_threshold
         self.filter_normalize = filter_normalize
 
-    def _inter(self, rows: torch.Tensor, target: torch.Tensor, teacher_rows: torch.Tensor,
-               teacher_target: torch.Tensor, filter_rows: torch.Tensor, image_ids) -> torch.Tensor:
+    def _inter(
+        self,
+        rows: torch.Tensor,
+        target: torch.Tensor,
+        teacher_rows: torch.Tensor,
+        teacher_target: torch.Tensor,
+        filter_rows: torch.Tensor,
+        image_ids,
+    ) -> torch.Tensor:
         """One target set: 2N grounded rows against N targets, adaptive margin and filter."""
         two = lambda x: torch.cat([x, x])  # noqa: E731  (teacher rows of both views)
         filtering = self.filter_threshold is not None
         return self._core(
-            rows, target, temperature=self.vl_temperature, positives=_two_views(target.shape[0], target.device),
-            margin=self.inter_margin, margin_teacher=(two(teacher_rows), teacher_target),
+            rows,
+            target,
+            temperature=self.vl_temperature,
+            positives=_two_views(target.shape[0], target.device),
+            margin=self.inter_margin,
+            margin_teacher=(two(teacher_rows), teacher_target),
             filter_teacher=(two(filter_rows), teacher_target) if filtering else None,
-            filter_threshold=self.filter_threshold, filter_normalize=self.filter_normalize,
+            filter_threshold=self.filter_threshold,
+            filter_normalize=self.filter_normalize,
             key_groups=image_ids,
         )
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, p1: Optional[torch.Tensor] = None,
-                p2: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-                t: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
-                text_features: Optional[torch.Tensor] = None,
-                image_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        p1: Optional[torch.Tensor] = None,
+        p2: Optional[torch.Tensor] = None,
+        v: Optional[torch.Tensor] = None,
+        t: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        text_features: Optional[torch.Tensor] = None,
+        image_ids: Optional[torch.Tensor] = None,
+    ) -> LossOutput:
         n = _rows(z1, "z1")
         _check_pair(("z1", "z2"), z1, z2, n, "z1")
-        image_batch = _all_or_none("p1, p2, v, t, image_features and text_features", p1, p2, v, t,
-                                   image_features, text_features)
+        image_batch = _all_or_none(
+            "p1, p2, v, t, image_features and text_features", p1, p2, v, t, image_features, text_features
+        )
         if image_batch:
             _check_pair(("p1", "p2"), p1, p2, n, "z1")
             _check_pair(("p1", "v"), p1, v, n, "z1")

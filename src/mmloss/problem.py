@@ -16,8 +16,15 @@ from typing import Optional, Tuple
 import torch
 
 KERNEL_FIELDS: Tuple[str, ...] = (
-    "positives", "margin", "margin_query", "margin_key", "filter_query", "filter_key", "filter_threshold",
-    "row_groups", "key_groups",
+    "positives",
+    "margin",
+    "margin_query",
+    "margin_key",
+    "filter_query",
+    "filter_key",
+    "filter_threshold",
+    "row_groups",
+    "key_groups",
 )
 """The fields every mmloss:: op takes after (query, key, inv_temp), in this order (the field list
 of csrc/include/mmloss/problem.h)."""
@@ -72,8 +79,9 @@ class LossProblem:
 
     def kernel_args(self) -> tuple:
         """The KERNEL_FIELDS values in order, as the mmloss:: ops take them (floats as float)."""
-        return tuple(float(v) if isinstance(v, (int, float)) else v
-                     for v in (getattr(self, name) for name in KERNEL_FIELDS))
+        return tuple(
+            float(v) if isinstance(v, (int, float)) else v for v in (getattr(self, name) for name in KERNEL_FIELDS)
+        )
 
     def transposed(self) -> "LossProblem":
         """The column direction of a symmetric loss: keys become rows (diagonal positives)."""

@@ -24,8 +24,16 @@ def _sin_from_cos(c: torch.Tensor) -> torch.Tensor:
 
 
 def _row_losses(
-    query, key, positives, temperature, margin, margin_teacher, filter_teacher, filter_threshold,
-    filter_normalize, key_groups,
+    query,
+    key,
+    positives,
+    temperature,
+    margin,
+    margin_teacher,
+    filter_teacher,
+    filter_threshold,
+    filter_normalize,
+    key_groups,
 ):
     """Per-row losses (M,) of one direction, 0 for ignored rows."""
     M, N = query.shape[0], key.shape[0]
@@ -123,13 +131,20 @@ def contrastive_loss_reference(
 
     Assumes valid arguments (the public call checks them). Returns fp32 for 16-bit inputs.
     """
-    common = dict(temperature=temperature, margin=margin, filter_threshold=filter_threshold,
-                  filter_normalize=filter_normalize, key_groups=key_groups)
-    rows, valid = _row_losses(query, key, positives, margin_teacher=margin_teacher,
-                              filter_teacher=filter_teacher, **common)
+    common = dict(
+        temperature=temperature,
+        margin=margin,
+        filter_threshold=filter_threshold,
+        filter_normalize=filter_normalize,
+        key_groups=key_groups,
+    )
+    rows, valid = _row_losses(
+        query, key, positives, margin_teacher=margin_teacher, filter_teacher=filter_teacher, **common
+    )
     if symmetric:
         swap = lambda pair: None if pair is None else (pair[1], pair[0])  # noqa: E731
-        cols, _ = _row_losses(key, query, None, margin_teacher=swap(margin_teacher),
-                              filter_teacher=swap(filter_teacher), **common)
+        cols, _ = _row_losses(
+            key, query, None, margin_teacher=swap(margin_teacher), filter_teacher=swap(filter_teacher), **common
+        )
         rows = 0.5 * (rows + cols)
     return reduce_rows(rows, valid, reduction)

@@ -34,8 +34,8 @@ DEFAULT_BLOCK = 4096
 CPU_SCRATCH_BYTES = 16 * 2**20
 TRITON_SCRATCH_BYTES = 256 * 2**20
 CPU_MIN_STRIP_ROWS = 32
-HEAP_ENTRY_BYTES = 24    # (key, index, value) per kept candidate in the CPU kernel
-TILE_BYTES_PER_ELEMENT = 28   # Triton path: fp32 tile, its int64 keys, the concatenation and topk's copy
+HEAP_ENTRY_BYTES = 24  # (key, index, value) per kept candidate in the CPU kernel
+TILE_BYTES_PER_ELEMENT = 28  # Triton path: fp32 tile, its int64 keys, the concatenation and topk's copy
 
 
 def _check_pair(names: Tuple[str, str], a, b, normalize, backend: str) -> str:
@@ -63,8 +63,14 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def similarity(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = True,
-               out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> torch.Tensor:
+def similarity(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    normalize: bool = True,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """(M, N) matrix of cosines â_i·b̂_j (dot products a_i·b_j with normalize=False).
 
     a (M, d), b (N, d): float32, bfloat16, float16 (float64 on the CPU), same dtype and device.
@@ -88,8 +94,15 @@ def similarity(a: torch.Tensor, b: torch.Tensor, *, normalize: bool = True,
     return out
 
 
-def topk_similarity(q: torch.Tensor, k: torch.Tensor, k_top: int, *, normalize: bool = True,
-                    block: int = DEFAULT_BLOCK, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_similarity(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_top: int,
+    *,
+    normalize: bool = True,
+    block: int = DEFAULT_BLOCK,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The k_top best columns of each row: (scores (M, k_top), indices (M, k_top) int64), best first.
 
     q (M, d) queries, k (N, d) candidates (same dtype/device rules as `similarity`); scores are
@@ -109,8 +122,9 @@ def topk_similarity(q: torch.Tensor, k: torch.Tensor, k_top: int, *, normalize: 
     with torch.no_grad():
         if backend == "cpu":
             item = 8 if q.dtype == torch.float64 else 4
-            strip = rows_within(CPU_SCRATCH_BYTES, item * block + HEAP_ENTRY_BYTES * k_top,
-                                minimum=CPU_MIN_STRIP_ROWS, total=M)
+            strip = rows_within(
+                CPU_SCRATCH_BYTES, item * block + HEAP_ENTRY_BYTES * k_top, minimum=CPU_MIN_STRIP_ROWS, total=M
+            )
             scores, indices = compiled_extension().topk_similarity_cpu(q, k, k_top, normalize, strip, block)
             return scores, indices
         strip = rows_within(TRITON_SCRATCH_BYTES, TILE_BYTES_PER_ELEMENT * (block + k_top), total=M)
@@ -121,7 +135,7 @@ def _score_keys(tile: torch.Tensor, first_col: int) -> torch.Tensor:
     """(R, C) fp32 scores of columns first_col.. -> unique int64 keys ordered as (score, -column)."""
     bits = tile.view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    ordered = torch.where(ordered == -1, 0, ordered)   # -0.0 ranks as +0.0
+    ordered = torch.where(ordered == -1, 0, ordered)  # -0.0 ranks as +0.0
     cols = torch.arange(first_col, first_col + tile.shape[1], device=tile.device, dtype=torch.int64)
     return (ordered.to(torch.int64) << 32) | (0xFFFFFFFF - cols)
 
@@ -147,10 +161,10 @@ def _topk_triton(q: torch.Tensor, k: torch.Tensor, k_top: int, normalize: bool, 
         best = None
         for c0 in range(0, N, block):
             cols = min(block, N - c0)
-            tile = similarity_into(q[r0:r0 + rows], k[c0:c0 + cols], normalize, scratch[:rows, :cols])
+            tile = similarity_into(q[r0 : r0 + rows], k[c0 : c0 + cols], normalize, scratch[:rows, :cols])
             keys = _score_keys(tile, c0)
             if best is not None:
                 keys = torch.cat([best, keys], dim=1)
             best = keys.topk(min(k_top, keys.shape[1]), dim=1).values
-        scores[r0:r0 + rows], indices[r0:r0 + rows] = _decode_keys(best)
+        scores[r0 : r0 + rows], indices[r0 : r0 + rows] = _decode_keys(best)
     return scores, indices

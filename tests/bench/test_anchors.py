@@ -21,8 +21,10 @@ def test_anchor_equals_mmloss(name):
     g = torch.Generator().manual_seed(5)
     q, k = torch.randn(37, 24, generator=g), torch.randn(37, 24, generator=g)
     q = q + 0.8 * k  # positives that stand out: losses far from log N
-    fn = {"cce": lambda a, b: anchors.cce_loss(a, b, 0.07, impl="torch_compile"),
-          "eager": lambda a, b: anchors.eager_loss(a, b, 0.07)}[name]
+    fn = {
+        "cce": lambda a, b: anchors.cce_loss(a, b, 0.07, impl="torch_compile"),
+        "eager": lambda a, b: anchors.eager_loss(a, b, 0.07),
+    }[name]
     got = _loss_and_grads(fn, q, k)
     want = _loss_and_grads(lambda a, b: mmloss.contrastive_loss(a, b, temperature=0.07, backend="reference"), q, k)
     assert float(want[0]) < 0.9 * float(torch.log(torch.tensor(37.0)))

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import mmloss
-from mmloss import backends
 from mmloss.kernel_common import triton_interpreted
 
 
@@ -53,14 +52,26 @@ BAD = [
     (dict(margin=None), TypeError, "margin must be a float"),
     (dict(margin_teacher=t4), TypeError, "margin_teacher must be a pair"),
     (dict(margin_teacher=(t4, torch.randn(4, 2))), ValueError, "margin_teacher[1] must have shape (5, dt)"),
-    (dict(margin_teacher=(t4, torch.randn(5, 3))), ValueError, "margin_teacher: the two teacher tensors have different widths"),
-    (dict(margin_teacher=(t4, t5.double())), TypeError, "margin_teacher: the two teacher tensors have different dtypes"),
+    (
+        dict(margin_teacher=(t4, torch.randn(5, 3))),
+        ValueError,
+        "margin_teacher: the two teacher tensors have different widths",
+    ),
+    (
+        dict(margin_teacher=(t4, t5.double())),
+        TypeError,
+        "margin_teacher: the two teacher tensors have different dtypes",
+    ),
     (dict(margin_teacher=(t4.long(), t5.long())), TypeError, "margin_teacher[0] dtype"),
     (dict(filter_teacher=(t4, t5)), ValueError, "filter_threshold is required"),
     (dict(filter_threshold=0.5), ValueError, "filter_threshold was given without filter_teacher"),
     (dict(filter_teacher=(t4, t5), filter_threshold="high"), TypeError, "filter_threshold must be a float"),
     (dict(filter_teacher=(t4, t5), filter_threshold=float("nan")), ValueError, "filter_threshold must not be NaN"),
-    (dict(filter_teacher=(t4, t5), filter_threshold=0.5, filter_normalize=1), TypeError, "filter_normalize must be a bool"),
+    (
+        dict(filter_teacher=(t4, t5), filter_threshold=0.5, filter_normalize=1),
+        TypeError,
+        "filter_normalize must be a bool",
+    ),
     (dict(filter_teacher=(t4[:, :1], t5)), ValueError, "filter_teacher: the two teacher tensors have different widths"),
     (dict(key_groups=torch.zeros(4, dtype=torch.long)), ValueError, "key_groups must have shape (5,)"),
     (dict(key_groups=torch.zeros(5)), TypeError, "key_groups must have dtype"),
@@ -70,7 +81,11 @@ BAD = [
     (dict(margin_teacher=(t4, t5.to("meta"))), ValueError, "margin_teacher[1] is on meta"),
     (dict(key_groups=torch.zeros(5, dtype=torch.long, device="meta")), ValueError, "key_groups is on meta"),
     (dict(symmetric=True), ValueError, "symmetric=True needs as many keys as queries"),
-    (dict(key=torch.randn(4, 3), symmetric=True, positives=torch.arange(4)), ValueError, "positives must be None when symmetric"),
+    (
+        dict(key=torch.randn(4, 3), symmetric=True, positives=torch.arange(4)),
+        ValueError,
+        "positives must be None when symmetric",
+    ),
     (dict(symmetric="yes"), TypeError, "symmetric must be a bool"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
@@ -129,7 +144,11 @@ def test_nan_tensor_temperature_gives_nan_out():
 
 
 def test_output_dtypes():
-    for dtype, want in ((torch.float64, torch.float64), (torch.float32, torch.float32),
-                        (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+    for dtype, want in (
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ):
         query, key = _inputs(dtype=dtype)
         assert mmloss.contrastive_loss(query, key, backend="cpu").dtype == want

@@ -14,8 +14,9 @@ import mmloss
 from mmloss.backends import unavailable_reason
 from tests.cases import FEATURES, make_case
 
-pytestmark = pytest.mark.skipif(unavailable_reason("cpu", torch.device("cpu")) is not None,
-                                reason="needs the compiled CPU backend")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("cpu", torch.device("cpu")) is not None, reason="needs the compiled CPU backend"
+)
 
 D_IN = 7  # width of the encoder inputs
 
@@ -61,8 +62,15 @@ def assert_compiled_matches_eager(step, model, *inputs, backend="aot_eager"):
 
 def _core_step(kwargs, reduction):
     def step(model, x_query, x_key):
-        return mmloss.contrastive_loss(model.query(x_query), model.key(x_key), temperature=model.temperature,
-                                       reduction=reduction, backend="cpu", **kwargs)
+        return mmloss.contrastive_loss(
+            model.query(x_query),
+            model.key(x_key),
+            temperature=model.temperature,
+            reduction=reduction,
+            backend="cpu",
+            **kwargs,
+        )
+
     return step
 
 
@@ -83,8 +91,10 @@ def test_contrastive_loss_every_feature(features, reduction):
 def test_inductor_float32(features):
     """The default backend (inductor) in float32, a learnable temperature."""
     case = make_case(12, 10, 5, features, seed=3)
-    kwargs = {name: tuple(x.float() for x in value) if isinstance(value, tuple) else value
-              for name, value in case.kwargs.items()}
+    kwargs = {
+        name: tuple(x.float() for x in value) if isinstance(value, tuple) else value
+        for name, value in case.kwargs.items()
+    }
     model = Encoders(5, learn_temperature=True, seed=4).float()
     x = torch.randn(12, D_IN), torch.randn(case.key.shape[0], D_IN)
     eager_loss, eager_grads = step_grads(_core_step(kwargs, "mean"), model, *x)
@@ -117,9 +127,11 @@ def test_value_checks_are_assertions_in_the_graph():
 def test_batch_sizes_that_change_between_steps():
     """A loop whose batches change size (a short last batch): dynamo recompiles with dynamic
     shapes, still without a graph break."""
+
     def step(q, k, t, positives, key_groups):
-        return mmloss.contrastive_loss(q, k, temperature=t, positives=positives, key_groups=key_groups,
-                                       margin=0.1, backend="cpu")
+        return mmloss.contrastive_loss(
+            q, k, temperature=t, positives=positives, key_groups=key_groups, margin=0.1, backend="cpu"
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     g = torch.Generator().manual_seed(5)
@@ -138,6 +150,7 @@ def test_float_temperature_that_changes_between_steps(symmetric):
     """A float tau passed to the compiled step and changed between steps (a schedule): dynamo
     recompiles it as a symbolic float, which the temperature check takes without a graph
     break (math.isfinite could not); the loss and gradients stay eager's."""
+
     def step(q, k, t):
         return mmloss.contrastive_loss(q, k, temperature=t, symmetric=symmetric, backend="cpu")
 
@@ -154,10 +167,12 @@ def test_float_temperature_that_changes_between_steps(symmetric):
 
 def test_auto_is_chosen_and_recorded_when_the_graph_is_traced():
     from mmloss import backends
+
     q, k = torch.randn(6, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     backends.record("reference")
-    compiled = torch.compile(lambda q, k: mmloss.contrastive_loss(q, k, margin=0.1), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda q, k: mmloss.contrastive_loss(q, k, margin=0.1), fullgraph=True, backend="aot_eager"
+    )
     loss = compiled(q, k)
     assert mmloss.last_backend() == "cpu"
     torch.testing.assert_close(loss, mmloss.contrastive_loss(q, k, margin=0.1, backend="cpu"), rtol=0, atol=0)
@@ -167,8 +182,17 @@ def _method_inputs(seed: int):
     """Raw inputs of every method's arguments (encoded by linear maps in the step)."""
     g = torch.Generator().manual_seed(seed)
     raw = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    return {"z1": raw(6, D_IN), "z2": raw(6, D_IN), "s1": raw(6, D_IN), "s2": raw(6, D_IN), "m": raw(6, D_IN),
-            "phrases": raw(9, D_IN), "objects": raw(5, D_IN), "image_features": raw(6, 4), "text_features": raw(6, 4)}
+    return {
+        "z1": raw(6, D_IN),
+        "z2": raw(6, D_IN),
+        "s1": raw(6, D_IN),
+        "s2": raw(6, D_IN),
+        "m": raw(6, D_IN),
+        "phrases": raw(9, D_IN),
+        "objects": raw(5, D_IN),
+        "image_features": raw(6, 4),
+        "text_features": raw(6, 4),
+    }
 
 
 class MethodModel(nn.Module):
@@ -192,21 +216,43 @@ def _method_steps():
 
     def mcse(model, x):
         loss = mmloss.MCSELoss(vl_weight=0.5, backend="cpu")
-        return loss(model.text(x["z1"]), model.text(x["z2"]), model.ground(x["s1"]), model.ground(x["s2"]),
-                    model.vision(x["m"]), image_ids=image_ids).total
+        return loss(
+            model.text(x["z1"]),
+            model.text(x["z2"]),
+            model.ground(x["s1"]),
+            model.ground(x["s2"]),
+            model.vision(x["m"]),
+            image_ids=image_ids,
+        ).total
 
     def mcseo(model, x):
         loss = mmloss.MCSEOLoss(vl_weight=0.5, op_weight=0.5, backend="cpu")
-        return loss(model.text(x["z1"]), model.text(x["z2"]), model.ground(x["s1"]), model.ground(x["s2"]),
-                    model.vision(x["m"]), image_ids=image_ids, phrases=model.ground(x["phrases"]),
-                    objects=model.vision(x["objects"]), phrase_object=phrase_object,
-                    object_groups=object_groups).total
+        return loss(
+            model.text(x["z1"]),
+            model.text(x["z2"]),
+            model.ground(x["s1"]),
+            model.ground(x["s2"]),
+            model.vision(x["m"]),
+            image_ids=image_ids,
+            phrases=model.ground(x["phrases"]),
+            objects=model.vision(x["objects"]),
+            phrase_object=phrase_object,
+            object_groups=object_groups,
+        ).total
 
     def kdmcse(model, x):
         loss = mmloss.KDMCSELoss(vl_weight=0.5, filter_threshold=0.6, filter_normalize=True, backend="cpu")
-        return loss(model.text(x["z1"]), model.text(x["z2"]), model.ground(x["s1"]), model.ground(x["s2"]),
-                    model.vision(x["m"]), model.vision(x["s1"]), x["image_features"], x["text_features"],
-                    image_ids=image_ids).total
+        return loss(
+            model.text(x["z1"]),
+            model.text(x["z2"]),
+            model.ground(x["s1"]),
+            model.ground(x["s2"]),
+            model.vision(x["m"]),
+            model.vision(x["s1"]),
+            x["image_features"],
+            x["text_features"],
+            image_ids=image_ids,
+        ).total
 
     return {"simcse": simcse, "mcse": mcse, "mcseo": mcseo, "kdmcse": kdmcse}
 

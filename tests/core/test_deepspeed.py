@@ -56,9 +56,12 @@ def _batch():
     n = sum(ROWS)
     x = torch.randn(n, 12, generator=g, dtype=torch.float64)
     image = torch.randn(n, 10, generator=g, dtype=torch.float64)
-    return (x + 0.1 * torch.randn(n, 12, generator=g, dtype=torch.float64),
-            x + 0.1 * torch.randn(n, 12, generator=g, dtype=torch.float64),
-            image, image + 0.5 * torch.randn(n, 10, generator=g, dtype=torch.float64))
+    return (
+        x + 0.1 * torch.randn(n, 12, generator=g, dtype=torch.float64),
+        x + 0.1 * torch.randn(n, 12, generator=g, dtype=torch.float64),
+        image,
+        image + 0.5 * torch.randn(n, 10, generator=g, dtype=torch.float64),
+    )
 
 
 def _single_process():
@@ -72,8 +75,14 @@ def _single_process():
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     import deepspeed
 
@@ -82,23 +91,31 @@ def _worker(rank: int, port: int, out: str) -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     start = sum(ROWS[:rank])
-    local = [x[start: start + ROWS[rank]] for x in _batch()]
+    local = [x[start : start + ROWS[rank]] for x in _batch()]
     results = {}
     for stage, mode in ((1, "gather"), (2, "ring")):
         model = Toy(global_negatives=mode)
         backward_calls = []
         model.text.weight.register_hook(lambda grad: backward_calls.append(1))
-        config = {"train_micro_batch_size_per_gpu": ROWS[rank], "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-                  "gradient_clipping": 0.0}  # DeepSpeed 0.19 clips at 1.0 unless told otherwise
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                          config=config)
+        config = {
+            "train_micro_batch_size_per_gpu": ROWS[rank],
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,
+        }  # DeepSpeed 0.19 clips at 1.0 unless told otherwise
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
+        )
         for _ in range(STEPS):
             loss = engine(*local)
             engine.backward(loss)
             engine.step()
-        results[stage] = {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
-                          "forwards": model.calls, "backwards": len(backward_calls)}
+        results[stage] = {
+            "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "forwards": model.calls,
+            "backwards": len(backward_calls),
+        }
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -119,5 +136,10 @@ def test_zero_stages_match_single_process(tmp_path):
                 # The ZeRO path agrees to ~1e-8 only (fp32-level rounding of the float64
                 # parameters somewhere in DeepSpeed): compare the updates to 1e-3 relative; a
                 # wrong gradient scale across ranks would be off by a factor of 2.
-                torch.testing.assert_close(got["params"][name] - initial[name], update, atol=1e-7, rtol=1e-3,
-                                           msg=lambda m: f"rank {rank} ZeRO-{stage} {name}: {m}")
+                torch.testing.assert_close(
+                    got["params"][name] - initial[name],
+                    update,
+                    atol=1e-7,
+                    rtol=1e-3,
+                    msg=lambda m: f"rank {rank} ZeRO-{stage} {name}: {m}",
+                )

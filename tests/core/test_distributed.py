@@ -78,14 +78,24 @@ def _global_batch(spec: Dict, rows: Tuple[int, ...], keys: Tuple[int, ...], seed
     if spec.get("ignore"):
         positives[torch.rand(M, generator=g) < 0.3] = mmloss.IGNORE_INDEX
         positives[0] = pos[0]
-    kwargs = {"margin": spec.get("margin", 0.0), "symmetric": spec.get("symmetric", False),
-              "reduction": spec.get("reduction", "mean")}
+    kwargs = {
+        "margin": spec.get("margin", 0.0),
+        "symmetric": spec.get("symmetric", False),
+        "reduction": spec.get("reduction", "mean"),
+    }
     if spec.get("adaptive"):
-        kwargs["margin_teacher"] = (torch.randn(M, 5, generator=g, dtype=torch.float64),
-                                    torch.randn(N, 5, generator=g, dtype=torch.float64))
+        kwargs["margin_teacher"] = (
+            torch.randn(M, 5, generator=g, dtype=torch.float64),
+            torch.randn(N, 5, generator=g, dtype=torch.float64),
+        )
     if spec.get("filter"):
-        kwargs.update(filter_teacher=(torch.randn(M, 7, generator=g, dtype=torch.float64),
-                                      torch.randn(N, 7, generator=g, dtype=torch.float64)), filter_threshold=1.5)
+        kwargs.update(
+            filter_teacher=(
+                torch.randn(M, 7, generator=g, dtype=torch.float64),
+                torch.randn(N, 7, generator=g, dtype=torch.float64),
+            ),
+            filter_threshold=1.5,
+        )
     if spec.get("groups"):
         kwargs["key_groups"] = torch.randint(0, 4, (N,), generator=g)  # labels shared across ranks
     return query, key, positives, kwargs, keys
@@ -131,11 +141,22 @@ def _run_case(rank: int, world: int, name: str, backend: str, mode: str, seed: i
             local[pair] = (kwargs[pair][0][rs], kwargs[pair][1][ks])
     if "key_groups" in kwargs:
         local["key_groups"] = kwargs["key_groups"][ks]
-    loss, grads = _loss_and_grads(query[rs], key[ks], temperature, local, upstream[rs] if none else upstream,
-                                  backend=backend, global_negatives=mode, process_group=group)
+    loss, grads = _loss_and_grads(
+        query[rs],
+        key[ks],
+        temperature,
+        local,
+        upstream[rs] if none else upstream,
+        backend=backend,
+        global_negatives=mode,
+        process_group=group,
+    )
     scale = 1.0 if none else float(world)
-    pairs = [(loss, single_loss[rs] if none else single_loss), (grads[0] / scale, single_grads[0][rs]),
-             (grads[1] / scale, single_grads[1][ks])]
+    pairs = [
+        (loss, single_loss[rs] if none else single_loss),
+        (grads[0] / scale, single_grads[0][rs]),
+        (grads[1] / scale, single_grads[1][ks]),
+    ]
     if len(grads) == 3:
         d_temp = grads[2].clone()
         dist.all_reduce(d_temp, group=group)
@@ -172,8 +193,13 @@ def _method_inputs(method: str, world: int, seed: int):
     x.update(phrases=x["objects"][match] + rand(p_off[-1], 8), phrase_object=match, image_ids=image)
     object_slices = [slice(a, b) for a, b in zip(o_off, o_off[1:])]
     phrase_slices = [slice(a, b) for a, b in zip(p_off, p_off[1:])]
-    shares.update(objects=object_slices, object_groups=object_slices, phrases=phrase_slices,
-                  phrase_object=phrase_slices, image_ids=captions)
+    shares.update(
+        objects=object_slices,
+        object_groups=object_slices,
+        phrases=phrase_slices,
+        phrase_object=phrase_slices,
+        image_ids=captions,
+    )
     return {"op_weight": 0.5}, x, shares, {"phrase_object": o_off}
 
 
@@ -199,8 +225,13 @@ def _run_method(rank: int, world: int, method: str, backend: str, mode: str, see
 
 def _worker(rank: int, world: int, port: int, out: str, backends: List[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     results = {}
     for seed, name in enumerate(CASES):
         for backend in backends:
@@ -220,8 +251,9 @@ def _worker(rank: int, world: int, port: int, out: str, backends: List[str]) -> 
         for mode in MODES:
             if rank != 1:
                 try:
-                    results["subgroup", "reference", mode] = _run_case(rank // 2, 2, "all_ignore", "reference",
-                                                                       mode, 0, group=subgroup)
+                    results["subgroup", "reference", mode] = _run_case(
+                        rank // 2, 2, "all_ignore", "reference", mode, 0, group=subgroup
+                    )
                 except Exception:
                     results["subgroup", "reference", mode] = traceback.format_exc()
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -273,8 +305,9 @@ def test_process_group_of_some_ranks(mode, tmp_path_factory):
 
 def _error_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=5))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=5)
+    )
     outcomes = {}
 
     def attempt(name, query, key, mode="gather", **kwargs):
@@ -328,8 +361,9 @@ def _skip_worker(rank: int, port: int, out: str) -> None:
     has valid rows) and equals the single-process value; with no valid row on any rank every
     rank skips it together (no rank left waiting in a collective)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20)
+    )
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     views = rand(5, 2, 4, 3)  # z1, z2, s1, s2, m of each rank
@@ -339,8 +373,12 @@ def _skip_worker(rank: int, port: int, out: str) -> None:
     args = tuple(x[rank] for x in views)
     mixed = module(*args, phrases=phrases[rank], objects=objects[rank], phrase_object=targets[rank])
     none = module(*args, phrases=phrases[rank], objects=objects[rank], phrase_object=targets[0])
-    single = mmloss.contrastive_loss(phrases.reshape(6, 3), objects.reshape(10, 3), backend="reference",
-                                     positives=torch.tensor([-100, -100, -100, 5, 9, -100]))
+    single = mmloss.contrastive_loss(
+        phrases.reshape(6, 3),
+        objects.reshape(10, 3),
+        backend="reference",
+        positives=torch.tensor([-100, -100, -100, 5, 9, -100]),
+    )
     torch.save({"mixed": mixed.parts, "none": none.parts, "single": single}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -25,11 +25,11 @@ def test_scratch_budget_defaults_and_environment(monkeypatch):
 
 def test_rows_within():
     assert kc.rows_within(1000, 10) == 100
-    assert kc.rows_within(1000, 10, total=50) == 50                 # all rows fit
-    assert kc.rows_within(1000, 10, total=500, multiple=64) == 64    # whole multiples
-    assert kc.rows_within(0, 10, minimum=256) == 256                 # at least the minimum
-    assert kc.rows_within(0, 10, minimum=64, total=5) == 5           # never more than all rows
-    assert kc.rows_within(1000, 0) == 1000                           # empty rows: one byte each
+    assert kc.rows_within(1000, 10, total=50) == 50  # all rows fit
+    assert kc.rows_within(1000, 10, total=500, multiple=64) == 64  # whole multiples
+    assert kc.rows_within(0, 10, minimum=256) == 256  # at least the minimum
+    assert kc.rows_within(0, 10, minimum=64, total=5) == 5  # never more than all rows
+    assert kc.rows_within(1000, 0) == 1000  # empty rows: one byte each
 
 
 def test_inv_temp_tensor():

@@ -56,8 +56,14 @@ def batch(seed: int):
     z2 = rand(N, D)
     images, image_features = rand(3, G)[IMAGE_OF_CAPTION], rand(3, DT)[IMAGE_OF_CAPTION]
     text_features = image_features + 0.8 * rand(N, DT)
-    x = {"z1": z2 + 0.8 * rand(N, D), "z2": z2, "s1": images + rand(N, G), "s2": images + rand(N, G),
-         "m": images, "t": rand(N, G) + images}
+    x = {
+        "z1": z2 + 0.8 * rand(N, D),
+        "z2": z2,
+        "s1": images + rand(N, G),
+        "s2": images + rand(N, G),
+        "m": images,
+        "t": rand(N, G) + images,
+    }
     return {k: v.requires_grad_(True) for k, v in x.items()}, image_features, text_features
 
 
@@ -99,8 +105,9 @@ def test_mcse(backend, image_ids):
     assert_same(text_only, simcse, {k: x[k] for k in ("z1", "z2")})
     out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], image_ids=image_ids)
     mask = same_image(image_ids)
-    mml = 0.5 * (infonce(cosine_matrix(x["s1"], x["m"]) / 0.05, mask)
-                 + infonce(cosine_matrix(x["s2"], x["m"]) / 0.05, mask))
+    mml = 0.5 * (
+        infonce(cosine_matrix(x["s1"], x["m"]) / 0.05, mask) + infonce(cosine_matrix(x["s2"], x["m"]) / 0.05, mask)
+    )
     assert_same(out, simcse + 0.01 * mml, {k: x[k] for k in ("z1", "z2", "s1", "s2", "m")})
     torch.testing.assert_close(out.parts["mml"], mml)
     with pytest.raises(ValueError, match="s1, s2 and m must be given together"):
@@ -114,11 +121,21 @@ def test_mcseo(backend):
     objects = torch.randn(5, G, generator=g, dtype=torch.float64, requires_grad=True)
     phrase_object = torch.tensor([0, 2, 2, 4, -100, 1, 3])  # ragged: 7 phrases, 5 objects; one unmatched
     object_groups = torch.tensor([10, 10, 11, 12, 12])  # region ids: objects 0-1 and 3-4 share a region
-    phrases = (objects[phrase_object.clamp(min=0)].detach() + torch.randn(7, G, generator=g, dtype=torch.float64)
-               ).requires_grad_(True)
+    phrases = (
+        objects[phrase_object.clamp(min=0)].detach() + torch.randn(7, G, generator=g, dtype=torch.float64)
+    ).requires_grad_(True)
     module = MCSEOLoss(op_temperature=0.07, op_weight=0.5, backend=backend)
-    out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], phrases=phrases, objects=objects,
-                 phrase_object=phrase_object, object_groups=object_groups)
+    out = module(
+        x["z1"],
+        x["z2"],
+        x["s1"],
+        x["s2"],
+        x["m"],
+        phrases=phrases,
+        objects=objects,
+        phrase_object=phrase_object,
+        object_groups=object_groups,
+    )
     simcse = infonce(cosine_matrix(x["z1"], x["z2"]) / 0.05)
     mml = 0.5 * (infonce(cosine_matrix(x["s1"], x["m"]) / 0.05) + infonce(cosine_matrix(x["s2"], x["m"]) / 0.05))
     logits = cosine_matrix(phrases, objects) / 0.07
@@ -147,8 +164,9 @@ def kdmcse_official(x, image_features, text_features, threshold=None, normalize=
             drop = fq @ fk.T > threshold
             mask = drop if mask is None else mask | drop
         similarity = cosine_matrix(teacher, teacher)
-        inter = inter + 0.5 * sum(infonce(arc_similarity(p, target, tau, margin, similarity), mask)
-                                  for p in (x["s1"], x["s2"]))
+        inter = inter + 0.5 * sum(
+            infonce(arc_similarity(p, target, tau, margin, similarity), mask) for p in (x["s1"], x["s2"])
+        )
     return intra, intra + 0.01 * inter
 
 
@@ -163,16 +181,26 @@ def test_kdmcse(backend, variant):
         "filter_normalize": {"threshold": 0.3, "normalize": True},
         "image_ids": {"image_ids": IMAGE_OF_CAPTION},
     }[variant]
-    module = KDMCSELoss(filter_threshold=settings.get("threshold"), filter_normalize=settings.get("normalize", False),
-                        backend=backend)
+    module = KDMCSELoss(
+        filter_threshold=settings.get("threshold"), filter_normalize=settings.get("normalize", False), backend=backend
+    )
     assert (module.margin, module.vl_weight, module.temperature) == (0.15, 0.01, 0.05)
     intra, expected = kdmcse_official(x, image_features, text_features, **settings)
     # away from the acos edges, where the official gradient is infinite
     assert float(cosine_matrix(x["z1"], x["z2"]).detach().abs().max()) < 0.99
     text_only = module(x["z1"], x["z2"])
     assert_same(text_only, intra, {"z1": x["z1"], "z2": x["z2"]})
-    out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], x["t"], image_features, text_features,
-                 image_ids=settings.get("image_ids"))
+    out = module(
+        x["z1"],
+        x["z2"],
+        x["s1"],
+        x["s2"],
+        x["m"],
+        x["t"],
+        image_features,
+        text_features,
+        image_ids=settings.get("image_ids"),
+    )
     assert_same(out, expected, {k: x[k] for k in ("z1", "z2", "s1", "s2", "m", "t")})
     assert set(out.parts) == {"intra", "inter_image", "inter_text"}
 
@@ -202,8 +230,16 @@ def test_mcseo_skips_a_term_without_valid_rows(backend, monkeypatch):
     phrases = torch.randn(3, G, dtype=torch.float64, requires_grad=True)
     objects = torch.randn(4, G, dtype=torch.float64, requires_grad=True)
     module = MCSEOLoss(backend=backend)
-    out = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], phrases=phrases, objects=objects,
-                 phrase_object=torch.full((3,), -100))
+    out = module(
+        x["z1"],
+        x["z2"],
+        x["s1"],
+        x["s2"],
+        x["m"],
+        phrases=phrases,
+        objects=objects,
+        phrase_object=torch.full((3,), -100),
+    )
     assert len(calls) == 2  # simcse and mml only
     assert out.parts["object_phrase"] == 0 and out.parts["object_phrase"].dtype == torch.float64
     assert out.parts["skipped_terms"] == 1
@@ -212,8 +248,16 @@ def test_mcseo_skips_a_term_without_valid_rows(backend, monkeypatch):
     out.total.backward()
     assert phrases.grad is None and objects.grad is None
     assert all(torch.isfinite(x[k].grad).all() for k in ("z1", "z2", "s1", "s2", "m"))
-    valid = module(x["z1"], x["z2"], x["s1"], x["s2"], x["m"], phrases=phrases, objects=objects,
-                   phrase_object=torch.tensor([-100, 2, -100]))
+    valid = module(
+        x["z1"],
+        x["z2"],
+        x["s1"],
+        x["s2"],
+        x["m"],
+        phrases=phrases,
+        objects=objects,
+        phrase_object=torch.tensor([-100, 2, -100]),
+    )
     assert "skipped_terms" not in valid.parts and valid.parts["object_phrase"] > 0
 
 
@@ -229,32 +273,68 @@ def _bad_calls():
     objects, phrases = torch.randn(5, G, dtype=torch.float64), torch.randn(7, G, dtype=torch.float64)
     ok = torch.tensor([0, 1, 2, 3, 4, -100, 0])
     mcseo = lambda **kw: MCSEOLoss(backend="reference")(  # noqa: E731
-        z1, z2, s1, s2, m, **{"phrases": phrases, "objects": objects, "phrase_object": ok, **kw})
+        z1, z2, s1, s2, m, **{"phrases": phrases, "objects": objects, "phrase_object": ok, **kw}
+    )
     kd = KDMCSELoss(backend="reference")
     return [
-        ("simcse z2 rows", lambda: SimCSELoss(backend="reference")(torch.cat([z1, z1]), z2), ValueError,
-         "z2 must have 12 rows"),
+        (
+            "simcse z2 rows",
+            lambda: SimCSELoss(backend="reference")(torch.cat([z1, z1]), z2),
+            ValueError,
+            "z2 must have 12 rows",
+        ),
         ("simcse z1 1-D", lambda: SimCSELoss(backend="reference")(z1[0], z2), ValueError, "z1 must be 2-D"),
         ("simcse z2 width", lambda: SimCSELoss(backend="reference")(z1, z2[:, :3]), ValueError, "z2 width 3"),
-        ("mcse s2 width", lambda: MCSELoss(backend="reference")(z1, z2, s1, s2[:, :3], m), ValueError,
-         "s2 width 3 differs from s1 width"),
-        ("mcse m rows", lambda: MCSELoss(backend="reference")(z1, z2, s1, s2, m[:4]), ValueError,
-         "m must have 6 rows"),
-        ("mcse s1 rows", lambda: MCSELoss(backend="reference")(z1, z2, s1[:5], s2[:5], m[:5]), ValueError,
-         "s1 must have 6 rows"),
-        ("mcse image_ids", lambda: MCSELoss(backend="reference")(z1, z2, s1, s2, m, image_ids=torch.zeros(4).long()),
-         ValueError, "image_ids must have shape (6,)"),
-        ("mcseo phrase_object range", lambda: mcseo(phrase_object=torch.tensor([0, 1, 2, 3, 5, -100, 0])),
-         ValueError, "phrase_object must hold indices in [0, 5) or -100 (ignored); got 5 at position 4"),
-        ("mcseo phrase_object shape", lambda: mcseo(phrase_object=ok[:6]), ValueError,
-         "phrase_object must have shape (7,)"),
+        (
+            "mcse s2 width",
+            lambda: MCSELoss(backend="reference")(z1, z2, s1, s2[:, :3], m),
+            ValueError,
+            "s2 width 3 differs from s1 width",
+        ),
+        ("mcse m rows", lambda: MCSELoss(backend="reference")(z1, z2, s1, s2, m[:4]), ValueError, "m must have 6 rows"),
+        (
+            "mcse s1 rows",
+            lambda: MCSELoss(backend="reference")(z1, z2, s1[:5], s2[:5], m[:5]),
+            ValueError,
+            "s1 must have 6 rows",
+        ),
+        (
+            "mcse image_ids",
+            lambda: MCSELoss(backend="reference")(z1, z2, s1, s2, m, image_ids=torch.zeros(4).long()),
+            ValueError,
+            "image_ids must have shape (6,)",
+        ),
+        (
+            "mcseo phrase_object range",
+            lambda: mcseo(phrase_object=torch.tensor([0, 1, 2, 3, 5, -100, 0])),
+            ValueError,
+            "phrase_object must hold indices in [0, 5) or -100 (ignored); got 5 at position 4",
+        ),
+        (
+            "mcseo phrase_object shape",
+            lambda: mcseo(phrase_object=ok[:6]),
+            ValueError,
+            "phrase_object must have shape (7,)",
+        ),
         ("mcseo object width", lambda: mcseo(objects=objects[:, :3]), ValueError, "objects width 3"),
-        ("mcseo object_groups", lambda: mcseo(object_groups=torch.zeros(4).long()), ValueError,
-         "object_groups must have shape (5,)"),
-        ("kdmcse image_features rows", lambda: kd(z1, z2, s1, s2, m, t, fi[:5], ft), ValueError,
-         "image_features must have 6 rows"),
-        ("kdmcse text_features rows", lambda: kd(z1, z2, s1, s2, m, t, fi, ft[:5]), ValueError,
-         "text_features must have 6 rows"),
+        (
+            "mcseo object_groups",
+            lambda: mcseo(object_groups=torch.zeros(4).long()),
+            ValueError,
+            "object_groups must have shape (5,)",
+        ),
+        (
+            "kdmcse image_features rows",
+            lambda: kd(z1, z2, s1, s2, m, t, fi[:5], ft),
+            ValueError,
+            "image_features must have 6 rows",
+        ),
+        (
+            "kdmcse text_features rows",
+            lambda: kd(z1, z2, s1, s2, m, t, fi, ft[:5]),
+            ValueError,
+            "text_features must have 6 rows",
+        ),
         ("kdmcse v rows", lambda: kd(z1, z2, s1, s2, m[:5], t, fi, ft), ValueError, "v must have 6 rows"),
         ("kdmcse p2 width", lambda: kd(z1, z2, s1, s2[:, :3], m, t, fi, ft), ValueError, "p2 width 3"),
     ]

@@ -18,16 +18,23 @@ def problems(draw):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(M, d, generator=g, dtype=torch.float64)
     k = torch.randn(N, d, generator=g, dtype=torch.float64)
-    kwargs = {"temperature": draw(st.floats(0.02, 2.0)), "symmetric": symmetric,
-              "reduction": draw(st.sampled_from(["mean", "sum", "none"]))}
+    kwargs = {
+        "temperature": draw(st.floats(0.02, 2.0)),
+        "symmetric": symmetric,
+        "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+    }
     if draw(st.booleans()):
         kwargs["margin"] = draw(st.floats(0.0, 1.5))
         if draw(st.booleans()):
-            kwargs["margin_teacher"] = (torch.randn(M, 3, generator=g, dtype=torch.float64),
-                                        torch.randn(N, 3, generator=g, dtype=torch.float64))
+            kwargs["margin_teacher"] = (
+                torch.randn(M, 3, generator=g, dtype=torch.float64),
+                torch.randn(N, 3, generator=g, dtype=torch.float64),
+            )
     if draw(st.booleans()):
-        kwargs["filter_teacher"] = (torch.randn(M, 4, generator=g, dtype=torch.float64),
-                                    torch.randn(N, 4, generator=g, dtype=torch.float64))
+        kwargs["filter_teacher"] = (
+            torch.randn(M, 4, generator=g, dtype=torch.float64),
+            torch.randn(N, 4, generator=g, dtype=torch.float64),
+        )
         kwargs["filter_threshold"] = draw(st.floats(-2.0, 2.0))
         kwargs["filter_normalize"] = draw(st.booleans())
     if draw(st.booleans()):

@@ -81,7 +81,7 @@ def test_similarity_out_dtype_accumulates_in_fp32(backend, device, out_dtype):
     a, b = inputs(29, 41, 130, torch.bfloat16, device)
     got = mmloss.similarity(a, b, out_dtype=out_dtype, backend=backend)
     assert got.dtype == out_dtype
-    want = dense(a, b).to(out_dtype)   # exact products of the bf16 inputs, rounded once
+    want = dense(a, b).to(out_dtype)  # exact products of the bf16 inputs, rounded once
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=1e-5 if out_dtype == torch.float32 else 8e-3)
 
 
@@ -95,8 +95,9 @@ def test_similarity_zero_rows_give_zero(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize("M,N,k_top,block", [(1, 1, 1, 64), (13, 97, 5, 64), (31, 131, 131, 64),
-                                             (7, 257, 10, 100), (61, 127, 1, 64)])
+@pytest.mark.parametrize(
+    "M,N,k_top,block", [(1, 1, 1, 64), (13, 97, 5, 64), (31, 131, 131, 64), (7, 257, 10, 100), (61, 127, 1, 64)]
+)
 def test_topk_matches_dense(backend, device, dtype, M, N, k_top, block):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("float64 is CPU-only")
@@ -118,14 +119,16 @@ def test_topk_ties_go_to_the_lower_index(backend, device, normalize):
     g = torch.Generator().manual_seed(3)
     # Integer rows (exact dot products); normalised: signed unit rows ±e_j, whose cosines ±q_j/‖q‖
     # every backend computes alike, so mathematically equal scores are equal numbers.
-    base = torch.randint(-2, 3, (6, 4), generator=g).float() if not normalize else torch.cat(
-        [torch.eye(4), -torch.eye(4)[:2]])
+    base = (
+        torch.randint(-2, 3, (6, 4), generator=g).float()
+        if not normalize
+        else torch.cat([torch.eye(4), -torch.eye(4)[:2]])
+    )
     base[base.abs().sum(1) == 0, 0] = 1
-    k = base[torch.randint(0, 6, (150,), generator=g)]     # 150 candidates, 6 distinct: many ties
+    k = base[torch.randint(0, 6, (150,), generator=g)]  # 150 candidates, 6 distinct: many ties
     q = torch.randint(-2, 3, (9, 4), generator=g).float()
-    q[3] = 0                                                # every score 0: the first k_top columns
-    scores, idx = mmloss.topk_similarity(q.to(device), k.to(device), 17, normalize=normalize, block=64,
-                                         backend=backend)
+    q[3] = 0  # every score 0: the first k_top columns
+    scores, idx = mmloss.topk_similarity(q.to(device), k.to(device), 17, normalize=normalize, block=64, backend=backend)
     want_scores, want_idx = reference_topk(dense(q, k, normalize), 17)
     assert torch.equal(idx.cpu(), want_idx)
     torch.testing.assert_close(scores.double().cpu(), want_scores, rtol=0, atol=1e-6)

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 WORLDS = (2, 3)
 CLIP_CASES = list(itertools.product((False, True), (False, True)))  # (local_loss, gather_with_grad)
-ST_CASES = {"query_to_doc": (("query_to_doc",), "joint"),
-            "all_joint": (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint"),
-            "symmetric": (("query_to_doc", "doc_to_query"), "per_direction")}
+ST_CASES = {
+    "query_to_doc": (("query_to_doc",), "joint"),
+    "all_joint": (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint"),
+    "symmetric": (("query_to_doc", "doc_to_query"), "per_direction"),
+}
 LOCAL, WIDTH, TOL = 4, 6, 1e-10
 
 
@@ -42,7 +44,7 @@ def _relative(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
 
 
 def _local_slice(x: torch.Tensor, rank: int) -> torch.Tensor:
-    return x[rank * LOCAL:(rank + 1) * LOCAL].clone()
+    return x[rank * LOCAL : (rank + 1) * LOCAL].clone()
 
 
 def _clip_features(world: int, rank: int, seed: int):
@@ -78,8 +80,7 @@ class _Towers(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
 
     def forward(self, x_image, x_text):
-        return (F.normalize(self.image(x_image), dim=1), F.normalize(self.text(x_text), dim=1),
-                self.logit_scale.exp())
+        return (F.normalize(self.image(x_image), dim=1), F.normalize(self.text(x_text), dim=1), self.logit_scale.exp())
 
 
 def _clip_ddp_case(world: int, rank: int, local_loss: bool, gather_with_grad: bool, seed: int) -> float:
@@ -109,22 +110,29 @@ def _st_case(world: int, rank: int, name: str, seed: int) -> float:
     directions, partition_mode = ST_CASES[name]
     g = torch.Generator().manual_seed(seed)
     anchors = torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64)
-    columns = [anchors] + [anchors + torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64)
-                           for _ in range(2)]
+    columns = [anchors] + [
+        anchors + torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64) for _ in range(2)
+    ]
     local = [_local_slice(c, rank) for c in columns]
     results = []
     for cls in (st.MultipleNegativesRankingLoss, ml.MultipleNegativesRankingLoss):
         embeddings = [c.clone().requires_grad_() for c in local]
-        loss = cls(None, scale=9.0, gather_across_devices=True, directions=directions,
-                   partition_mode=partition_mode).compute_loss_from_embeddings(embeddings, None)
+        loss = cls(
+            None, scale=9.0, gather_across_devices=True, directions=directions, partition_mode=partition_mode
+        ).compute_loss_from_embeddings(embeddings, None)
         results.append([loss.detach(), *torch.autograd.grad(loss, embeddings)])
     return _relative(results[1], results[0])
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     results = {}
     cases = [(("clip",) + c, _clip_case, c) for c in CLIP_CASES]
     cases += [(("clip_ddp",) + c, _clip_ddp_case, c) for c in CLIP_CASES]

@@ -32,6 +32,7 @@ def _run(image, text, scale, **kwargs):
         s = torch.tensor(scale, dtype=dtype, requires_grad=True)
         loss = (peer if impl == "peer" else ClipLoss)(**kwargs)(i, t, s)
         return [loss.detach(), *torch.autograd.grad(loss, (i, t, s))]
+
     return run
 
 
@@ -67,8 +68,9 @@ def test_options_of_the_call():
     assert float(d_bias.abs()) == 0.0  # a common shift of all logits
     # a Python float scale and a shape-[1] tensor
     torch.testing.assert_close(ours(image, text, 10.0), peer(image, text, 10.0), rtol=1e-12, atol=0)
-    torch.testing.assert_close(ours(image, text, scale.reshape(1)), peer(image, text, scale.reshape(1)),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        ours(image, text, scale.reshape(1)), peer(image, text, scale.reshape(1)), rtol=1e-12, atol=0
+    )
 
 
 def test_nan_in_gives_nan_out():

@@ -46,6 +46,7 @@ def _compare(make_loss, base, names=None):
         embeddings = [x.to(dtype).requires_grad_() for x in base]
         loss = make_loss(impl).compute_loss_from_embeddings(embeddings, None)
         return [loss.detach(), *torch.autograd.grad(loss, embeddings)]
+
     assert_matches_peer(run, names or ["loss"] + [f"d_column{i}" for i in range(len(base))])
 
 
@@ -55,8 +56,9 @@ def test_ranking_loss_matches_peer(directions, partition_mode, negatives):
     classes = {"peer": st.MultipleNegativesRankingLoss, "mmloss": ml.MultipleNegativesRankingLoss}
     for seed, (batch, width) in enumerate([(7, 10), (1, 3), (33, 17)]):
         base = _embeddings(batch, 2 + negatives, width, seed)
-        _compare(lambda impl: classes[impl](None, scale=13.0, directions=directions, partition_mode=partition_mode),
-                 base)
+        _compare(
+            lambda impl: classes[impl](None, scale=13.0, directions=directions, partition_mode=partition_mode), base
+        )
     assert mmloss.last_backend() != "reference"
 
 
@@ -93,8 +95,10 @@ def tiny_model(tmp_path_factory):
     return model
 
 
-SENTENCES = [f"sentence number {i} about {w}" for i, w in enumerate(
-    ["cats", "dogs", "a red car", "the sea", "rain", "music", "old books"])]
+SENTENCES = [
+    f"sentence number {i} about {w}"
+    for i, w in enumerate(["cats", "dogs", "a red car", "the sea", "rain", "music", "old books"])
+]
 
 
 @pytest.mark.parametrize("directions,partition_mode", [(("query_to_doc",), "joint"), (ALL, "joint")])
@@ -116,7 +120,7 @@ def test_cached_loss_matches_peer(tiny_model, directions, partition_mode):
 
     names = ["loss"] + [name for name, p in tiny_model.named_parameters() if p.requires_grad]
     try:
-        assert_matches_peer(run, names[:len(run("peer", torch.float64))])
+        assert_matches_peer(run, names[: len(run("peer", torch.float64))])
     finally:
         tiny_model.to(torch.float32)
 
@@ -132,11 +136,14 @@ def test_cached_in_eval_without_grad(tiny_model):
 
 def test_config_and_citation_are_the_peers(tiny_model):
     kwargs = dict(scale=30.0, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
-    pairs = [(ml.MultipleNegativesRankingLoss(None, **kwargs), st.MultipleNegativesRankingLoss(None, **kwargs)),
-             (ml.MultipleNegativesRankingLoss(None, directions=ALL),
-              st.MultipleNegativesRankingLoss(None, directions=ALL)),
-             (ml.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs),
-              st.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs))]
+    pairs = [
+        (ml.MultipleNegativesRankingLoss(None, **kwargs), st.MultipleNegativesRankingLoss(None, **kwargs)),
+        (ml.MultipleNegativesRankingLoss(None, directions=ALL), st.MultipleNegativesRankingLoss(None, directions=ALL)),
+        (
+            ml.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs),
+            st.CachedMultipleNegativesRankingLoss(tiny_model, mini_batch_size=4, **kwargs),
+        ),
+    ]
     for ours, theirs in pairs:
         assert ours.get_config_dict() == theirs.get_config_dict()
         assert ours.citation == theirs.citation
@@ -168,8 +175,10 @@ def test_model_similarity_of_a_cosine_model_is_accepted(tiny_model):
 
 @pytest.mark.parametrize("mode", ["in_batch_negatives", "hard_negatives", "all_negatives"])
 def test_hardness_is_planned(tiny_model, mode):
-    for make in (lambda: ml.MultipleNegativesRankingLoss(None, hardness_mode=mode, hardness_strength=5.0),
-                 lambda: ml.CachedMultipleNegativesRankingLoss(tiny_model, hardness_mode=mode, hardness_strength=5.0)):
+    for make in (
+        lambda: ml.MultipleNegativesRankingLoss(None, hardness_mode=mode, hardness_strength=5.0),
+        lambda: ml.CachedMultipleNegativesRankingLoss(tiny_model, hardness_mode=mode, hardness_strength=5.0),
+    ):
         with pytest.raises(NotImplementedError, match=f"hardness_mode='{mode}'.*planned"):
             make()
     # strength 0 is no penalty in sentence-transformers too: accepted, the plain loss
@@ -200,15 +209,18 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_core_package_does_not_import_integrations():
-    proc = _run_python("import sys, mmloss; mmloss.contrastive_loss; "
-                       "print(sorted(m for m in sys.modules if m.startswith('mmloss.integrations') "
-                       "or m.split('.')[0] in ('sentence_transformers', 'open_clip')))")
+    proc = _run_python(
+        "import sys, mmloss; mmloss.contrastive_loss; "
+        "print(sorted(m for m in sys.modules if m.startswith('mmloss.integrations') "
+        "or m.split('.')[0] in ('sentence_transformers', 'open_clip')))"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
 
 def test_clear_import_error_without_sentence_transformers():
-    proc = _run_python("import sys; sys.modules['sentence_transformers'] = None\n"
-                       "import mmloss.integrations.sentence_transformers")
+    proc = _run_python(
+        "import sys; sys.modules['sentence_transformers'] = None\nimport mmloss.integrations.sentence_transformers"
+    )
     assert proc.returncode != 0
     assert "ImportError: mmloss.integrations.sentence_transformers needs sentence-transformers 6.x" in proc.stderr

@@ -27,18 +27,25 @@ def test_trainer_steps_and_model_card(name, tmp_path, monkeypatch):
 
     model = tiny_sentence_transformer(tmp_path / "tiny_bert")
     words = ["cats", "dogs", "a red car", "the sea", "rain", "music", "old books", "a train"]
-    columns = {"anchor": [f"a sentence about {w}" for w in words],
-               "positive": [f"something on {w}" for w in words]}
+    columns = {"anchor": [f"a sentence about {w}" for w in words], "positive": [f"something on {w}" for w in words]}
     if name != "MultipleNegativesSymmetricRankingLoss":
         columns["negative"] = [f"nothing on {w}" for w in words[1:] + words[:1]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         loss = LOSSES[name](model)
     before = [p.detach().clone() for p in model.parameters()]
-    args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3,
-                                                per_device_train_batch_size=4, learning_rate=1e-3,
-                                                logging_steps=1, save_strategy="no", report_to="none",
-                                                use_cpu=True, dataloader_num_workers=0, seed=0)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -7,7 +7,6 @@ import torch
 import mmloss
 from tests.cases import FEATURES, assert_matches_reference, make_case
 
-
 SIZES = [(1, 1, 1), (1, 6, 3), (2, 1, 4), (13, 17, 769), (37, 41, 3), (64, 61, 32)]
 
 
@@ -86,8 +85,9 @@ def test_non_contiguous_and_expanded_inputs(backend, device):
     groups = torch.arange(14, device=device)[::2]
     for key in (k, k_expanded):
         got = mmloss.contrastive_loss(q, key, key_groups=groups, margin=0.1, backend=backend)
-        want = mmloss.contrastive_loss(q.contiguous(), key.contiguous(), key_groups=groups.contiguous(),
-                                       margin=0.1, backend="reference")
+        want = mmloss.contrastive_loss(
+            q.contiguous(), key.contiguous(), key_groups=groups.contiguous(), margin=0.1, backend="reference"
+        )
         torch.testing.assert_close(got, want)
 
 
@@ -128,6 +128,7 @@ def test_cpu_symmetric_is_one_pass(backend, device, monkeypatch):
     if backend != "cpu":
         pytest.skip("the cpu backend's calls")
     import mmloss.cpu
+
     calls = []
 
     class Counted:
@@ -152,8 +153,15 @@ def test_all_rows_ignored_is_a_zero_loss_with_zero_gradients(backend, device, re
     k = torch.randn(5, 8, dtype=dtype, device=device, requires_grad=True)
     t = torch.tensor(0.05, dtype=dtype, device=device, requires_grad=True)
     positives = torch.full((4,), -100, device=device)
-    loss = mmloss.contrastive_loss(q, k, positives=positives, temperature=t, reduction=reduction, margin=0.1,
-                                   backend=backend if name == "kernel" else "reference")
+    loss = mmloss.contrastive_loss(
+        q,
+        k,
+        positives=positives,
+        temperature=t,
+        reduction=reduction,
+        margin=0.1,
+        backend=backend if name == "kernel" else "reference",
+    )
     assert torch.equal(loss, torch.zeros_like(loss))
     loss.sum().backward()
     for g in (q.grad, k.grad, t.grad):

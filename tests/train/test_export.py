@@ -14,9 +14,15 @@ from train.encoders import TransformersEncoder  # noqa: E402
 from train.evaluate import detect_pooling, main  # noqa: E402
 from train.export import export_sentence_transformers, export_transformers  # noqa: E402
 
-SENTENCES = ["a man is playing a guitar .", "A woman slices an onion", "the cat",
-             "dogs run on the beach while the sun sets over a very long sentence " * 6]
-WORDS = "a man is playing guitar woman slices an onion the cat dogs run on beach while sun sets over very long sentence".split()
+SENTENCES = [
+    "a man is playing a guitar .",
+    "A woman slices an onion",
+    "the cat",
+    "dogs run on the beach while the sun sets over a very long sentence " * 6,
+]
+WORDS = (
+    "a man is playing guitar woman slices an onion the cat dogs run on beach while sun sets over very long sentence"
+).split()
 
 
 def minilm_dir():
@@ -33,8 +39,14 @@ def tiny_encoder(tmp_path_factory):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *WORDS]) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(config), tokenizer
 
 
@@ -107,12 +119,34 @@ def test_cli_prints_the_table(tiny_encoder, tmp_path, capsys):
     model_dir = export_transformers(TransformersEncoder(model, tokenizer, device="cpu"), tmp_path / "model")
     data = tmp_path / "data" / "STS" / "STSBenchmark"
     data.mkdir(parents=True)
-    rows = [(4.0, "a man is playing guitar", "a man is playing a guitar"), (0.5, "the cat", "dogs run on the beach"),
-            (2.0, "a woman slices an onion", "a woman is playing"), (3.0, "the sun sets", "the sun sets over the beach")]
+    rows = [
+        (4.0, "a man is playing guitar", "a man is playing a guitar"),
+        (0.5, "the cat", "dogs run on the beach"),
+        (2.0, "a woman slices an onion", "a woman is playing"),
+        (3.0, "the sun sets", "the sun sets over the beach"),
+    ]
     (data / "sts-test.csv").write_text("".join(f"g\tf\ty\t{i}\t{s}\t{a}\t{b}\n" for i, (s, a, b) in enumerate(rows)))
     out_json = tmp_path / "scores.json"
-    assert main(["sts", "--model", str(model_dir), "--data", str(tmp_path / "data"), "--tasks", "STSBenchmark",
-                 "--device", "cpu", "--name", "tiny", "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "sts",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(tmp_path / "data"),
+                "--tasks",
+                "STSBenchmark",
+                "--device",
+                "cpu",
+                "--name",
+                "tiny",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| model | STS-B | Avg. |" and lines[2].startswith("| tiny | ")
     assert set(json.loads(out_json.read_text())["tiny"]) == {"STSBenchmark", "avg"}
@@ -123,6 +157,6 @@ def test_encoder_restores_training_mode(tiny_encoder):
     model.train()
     encoder = TransformersEncoder(model, tokenizer, device="cpu")
     first, second = encoder(SENTENCES), encoder(SENTENCES)
-    assert model.training                       # dropout stays on for the trainer
-    torch.testing.assert_close(first, second)   # but encoding ran in eval mode
+    assert model.training  # dropout stays on for the trainer
+    torch.testing.assert_close(first, second)  # but encoding ran in eval mode
     model.eval()

@@ -7,15 +7,22 @@ import pytest
 from train.report import read_log, retrieval_table, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
-STS = {"untrained": {"STS12": 60.0, "STSBenchmark": 70.0, "avg": 65.0},
-       "trained": {"STS12": 70.5, "STSBenchmark": 80.25, "avg": 75.375}}
+STS = {
+    "untrained": {"STS12": 60.0, "STSBenchmark": 70.0, "avg": 65.0},
+    "trained": {"STS12": 70.5, "STSBenchmark": 80.25, "avg": 75.375},
+}
 RETRIEVAL = {"trained": {"i2t_R@1": 10.0, "i2t_R@5": 30.0, "t2i_R@1": 8.0, "t2i_R@5": 25.0, "rsum": 73.0}}
 
 
 def test_full_report(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "intra": 3.0 / (s + 1), "inter_image": 1.0 / (s + 1), "lr": 1e-5})
-                           + "\n" for s in range(20)) + "\n")
+    log.write_text(
+        "".join(
+            json.dumps({"step": s, "intra": 3.0 / (s + 1), "inter_image": 1.0 / (s + 1), "lr": 1e-5}) + "\n"
+            for s in range(20)
+        )
+        + "\n"
+    )
     out = write_report(tmp_path / "run", sts=STS, retrieval=RETRIEVAL, log_file=log)
     text = out.read_text()
     assert "| trained | 70.50 | 80.25 | 75.38 |" in text

@@ -15,7 +15,9 @@ def brute_force(image, text, text_image, ks):
     t2i = torch.sort(sim.T, dim=1, descending=True, stable=True).indices
     out = {}
     for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * sum(any(int(text_image[j]) == i for j in i2t[i, :k]) for i in range(len(image))) / len(image)
+        out[f"i2t_R@{k}"] = (
+            100.0 * sum(any(int(text_image[j]) == i for j in i2t[i, :k]) for i in range(len(image))) / len(image)
+        )
     for k in ks:
         out[f"t2i_R@{k}"] = 100.0 * sum(int(text_image[t]) in t2i[t, :k].tolist() for t in range(len(text))) / len(text)
     out["rsum"] = sum(out.values())
@@ -49,7 +51,7 @@ def test_matches_brute_force():
 def test_any_caption_of_the_image_is_a_hit():
     images = torch.eye(3)
     text = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.2, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.1]])
-    text_image = torch.tensor([1, 0, 2, 0])         # image 0 has captions 1 and 3
+    text_image = torch.tensor([1, 0, 2, 0])  # image 0 has captions 1 and 3
     got = retrieval_recall(images, text, text_image, ks=(1,))
     assert got == {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "rsum": 200.0}
 
@@ -64,7 +66,7 @@ def test_group_pairs_takes_each_ids_first_row():
     image = torch.arange(10.0).reshape(5, 2)
     text = torch.randn(5, 2)
     images, same_text, text_image = group_pairs(image, text, torch.tensor([7, 3, 7, 3, 9]))
-    assert torch.equal(images, image[[1, 0, 4]])       # ids in sorted order: 3, 7, 9
+    assert torch.equal(images, image[[1, 0, 4]])  # ids in sorted order: 3, 7, 9
     assert torch.equal(text_image, torch.tensor([1, 0, 1, 0, 2]))
     assert same_text is text
 
@@ -105,5 +107,7 @@ def test_cli(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     want = retrieval_recall(*group_pairs(image, text, image_id), ks=(1, 5))
     assert lines[0] == "| model | I→T R@1 | I→T R@5 | T→I R@1 | T→I R@5 | rsum |"
-    assert lines[2] == f"| feats | {want['i2t_R@1']:.2f} | {want['i2t_R@5']:.2f} | {want['t2i_R@1']:.2f} | " \
-                       f"{want['t2i_R@5']:.2f} | {want['rsum']:.2f} |"
+    assert (
+        lines[2] == f"| feats | {want['i2t_R@1']:.2f} | {want['i2t_R@5']:.2f} | {want['t2i_R@1']:.2f} | "
+        f"{want['t2i_R@5']:.2f} | {want['rsum']:.2f} |"
+    )

@@ -12,15 +12,22 @@ from scipy.stats import spearmanr
 from train import sts
 from train.datasets import senteval_dir
 from train.encoders import TransformersEncoder
-from train.sts import ALL_TASKS, evaluate_sts, read_sick, read_sts_subset, read_stsb, stsb_dev, sts_table
+from train.sts import ALL_TASKS, evaluate_sts, read_sick, read_sts_subset, read_stsb, sts_table, stsb_dev
 
 SENTEVAL = senteval_dir()
 
 # Scored pairs per task, as data/README.md lists them.
 # all-MiniLM-L6-v2 (mean pooling) on the STS-B test split, as measured in docs/evaluation.md.
 MINILM_STSB = 82.03
-REAL_COUNTS = {"STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
-               "STSBenchmark": 1379, "SICKRelatedness": 4927}
+REAL_COUNTS = {
+    "STS12": 3108,
+    "STS13": 1500,
+    "STS14": 3750,
+    "STS15": 3000,
+    "STS16": 1186,
+    "STSBenchmark": 1379,
+    "SICKRelatedness": 4927,
+}
 
 
 def bag_of_words(sentences):
@@ -56,21 +63,30 @@ def tiny_senteval(tmp_path):
     def sentence():
         return " ".join(rng.choice(words, size=rng.integers(3, 8)))
 
-    for task, (folder, subsets) in sts.STS_YEARS.items():
+    for _task, (folder, subsets) in sts.STS_YEARS.items():
         for subset in subsets:
             n = 6
-            write(tmp_path / "STS" / folder / f"STS.input.{subset}.txt",
-                  "".join(f"{sentence()}\t{sentence()}\n" for _ in range(n)))
+            write(
+                tmp_path / "STS" / folder / f"STS.input.{subset}.txt",
+                "".join(f"{sentence()}\t{sentence()}\n" for _ in range(n)),
+            )
             gold = [f"{rng.uniform(0, 5):.2f}" for _ in range(n)]
-            gold[2] = ""                                     # unscored pair, as in STS15/16
+            gold[2] = ""  # unscored pair, as in STS15/16
             write(tmp_path / "STS" / folder / f"STS.gs.{subset}.txt", "\n".join(gold) + "\n")
     for split in ("train", "dev", "test"):
-        write(tmp_path / "STS" / "STSBenchmark" / f"sts-{split}.csv", "".join(
-            f"main-captions\tMSRvid\t2012test\t{i:04d}\t{rng.uniform(0, 5):.3f}\t{sentence()}\t{sentence()}\n"
-            for i in range(9)))
+        write(
+            tmp_path / "STS" / "STSBenchmark" / f"sts-{split}.csv",
+            "".join(
+                f"main-captions\tMSRvid\t2012test\t{i:04d}\t{rng.uniform(0, 5):.3f}\t{sentence()}\t{sentence()}\n"
+                for i in range(9)
+            ),
+        )
     for name in sts.SICK_FILES.values():
-        write(tmp_path / "SICK" / name, "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n" + "".join(
-            f"{i}\t{sentence()}\t{sentence()}\t{rng.uniform(1, 5):.1f}\tNEUTRAL\n" for i in range(9)))
+        write(
+            tmp_path / "SICK" / name,
+            "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+            + "".join(f"{i}\t{sentence()}\t{sentence()}\t{rng.uniform(1, 5):.1f}\tNEUTRAL\n" for i in range(9)),
+        )
     return tmp_path
 
 
@@ -82,9 +98,14 @@ def test_sts_subset_skips_blank_gold_lines_and_normalises_whitespace(tmp_path):
     assert pairs.gold.tolist() == [4.5, 0.0]
 
 
-@pytest.mark.parametrize("score, message", [("abc", "gold score 'abc' is not a number"),
-                                            ("nan", "gold score 'nan' is not finite"),
-                                            ("inf", "gold score 'inf' is not finite")])
+@pytest.mark.parametrize(
+    "score, message",
+    [
+        ("abc", "gold score 'abc' is not a number"),
+        ("nan", "gold score 'nan' is not finite"),
+        ("inf", "gold score 'inf' is not finite"),
+    ],
+)
 def test_gold_scores_must_be_finite_numbers(tmp_path, score, message):
     write(tmp_path / "STS.input.x.txt", "a\tb\nc\td\n")
     write(tmp_path / "STS.gs.x.txt", f"4.5\n{score}\n")
@@ -120,8 +141,10 @@ def test_sts_subset_errors_name_the_file(tmp_path):
 
 
 def test_stsb_columns(tmp_path):
-    path = write(tmp_path / "sts-test.csv", "genre\tfile\tyear\t0001\t3.800\tfirst  one\tsecond one\textra\n"
-                                            "g\tf\ty\t0002\t0.000\tx\ty\n")
+    path = write(
+        tmp_path / "sts-test.csv",
+        "genre\tfile\tyear\t0001\t3.800\tfirst  one\tsecond one\textra\ng\tf\ty\t0002\t0.000\tx\ty\n",
+    )
     pairs = read_stsb(path)
     assert pairs.first == ["first one", "x"] and pairs.second == ["second one", "y"]
     assert pairs.gold.tolist() == [3.8, 0.0]
@@ -133,8 +156,10 @@ def test_stsb_columns(tmp_path):
 
 
 def test_sick_columns_by_header(tmp_path):
-    path = write(tmp_path / "SICK_test_annotated.txt",
-                 "relatedness_score\tpair_ID\tsentence_B\tsentence_A\n4.5\t1\tthe b\tthe a\n\n1.0\t2\ty\tx\n")
+    path = write(
+        tmp_path / "SICK_test_annotated.txt",
+        "relatedness_score\tpair_ID\tsentence_B\tsentence_A\n4.5\t1\tthe b\tthe a\n\n1.0\t2\ty\tx\n",
+    )
     pairs = read_sick(path)
     assert pairs.first == ["the a", "x"] and pairs.second == ["the b", "y"]
     assert pairs.gold.tolist() == [4.5, 1.0]
@@ -166,7 +191,9 @@ def test_all_aggregation_matches_scipy(tiny_senteval):
 
 def test_stsb_dev_and_task_subset(tiny_senteval):
     dev = sts.load_task("STSBenchmark", tiny_senteval, "dev")[0]
-    assert stsb_dev(bag_of_words, tiny_senteval) == pytest.approx(100 * spearmanr(direct_cosines(dev), dev.gold).correlation)
+    assert stsb_dev(bag_of_words, tiny_senteval) == pytest.approx(
+        100 * spearmanr(direct_cosines(dev), dev.gold).correlation
+    )
     got = evaluate_sts(bag_of_words, tiny_senteval, tasks=["SICKRelatedness"])
     assert set(got) == {"SICKRelatedness", "avg"} and got["avg"] == got["SICKRelatedness"]
     with pytest.raises(ValueError, match="unknown task"):
@@ -181,8 +208,9 @@ def test_encode_must_return_one_row_per_sentence(tiny_senteval):
 
 
 def test_table():
-    table = sts_table({"run a": {"STS12": 70.123, "STSBenchmark": 80.0, "avg": 75.06},
-                       "run b": {"STS12": 71.0, "avg": 71.0}})
+    table = sts_table(
+        {"run a": {"STS12": 70.123, "STSBenchmark": 80.0, "avg": 75.06}, "run b": {"STS12": 71.0, "avg": 71.0}}
+    )
     lines = table.strip().splitlines()
     assert lines[0] == "| model | STS12 | STS-B | Avg. |"
     assert lines[2] == "| run a | 70.12 | 80.00 | 75.06 |"

@@ -21,10 +21,30 @@ def test_demo_smoke(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-m", "train", "--preset", "demo", "--method", "mcseo", "--override", "train.max_steps=2",
-         "train.batch_size=4", "data.text_limit=8", "train.eval_steps=2", "train.threads=1", f"train.sts_dir={sts}",
-         f"train.output_dir={out}", f"data.pairs={tmp_path / 'data'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--preset",
+            "demo",
+            "--method",
+            "mcseo",
+            "--override",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "data.text_limit=8",
+            "train.eval_steps=2",
+            "train.threads=1",
+            f"train.sts_dir={sts}",
+            f"train.output_dir={out}",
+            f"data.pairs={tmp_path / 'data'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # the progress bar's parts (with 8 sentences a caption batch comes every other step)
     assert "samples_per_s" in proc.stderr and "object_phrase" in proc.stderr

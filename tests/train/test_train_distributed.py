@@ -14,15 +14,20 @@ import torch.multiprocessing as mp
 pytest.importorskip("deepspeed")
 
 from tests.train.support import small_settings, tiny_bert  # noqa: E402
-
 from train.config import METHODS, build_config  # noqa: E402
 from train.demo_data import write_demo_data  # noqa: E402
 from train.presets import CONFIGS  # noqa: E402
 
 
 def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        HF_HUB_OFFLINE="1",
+    )
     from train.trainer import Trainer
 
     root = Path(root)
@@ -33,9 +38,15 @@ def _worker(rank: int, port: int, root: str) -> None:
         initial = {k: v.detach().clone() for k, v in trainer.engine.module.named_parameters()}
         summary = trainer.run()
         final = {k: v.detach().clone() for k, v in trainer.engine.module.named_parameters()}
-        out[method] = {"initial": initial, "final": final, "negatives": trainer.global_negatives,
-                       "parts": [line for line in (root / method / "metrics.jsonl").read_text().splitlines()]
-                       if rank == 0 else None, "steps": summary["steps"]}
+        out[method] = {
+            "initial": initial,
+            "final": final,
+            "negatives": trainer.global_negatives,
+            "parts": [line for line in (root / method / "metrics.jsonl").read_text().splitlines()]
+            if rank == 0
+            else None,
+            "steps": summary["steps"],
+        }
     torch.save(out, root / f"rank{rank}.pt")
 
 
@@ -56,8 +67,12 @@ def test_two_ranks_zero2_every_method(tmp_path):
         moved = [n for n, v in a["final"].items() if not torch.equal(v, a["initial"][n])]
         assert any(n.startswith("encoder.") for n in moved) and "mlp.0.weight" in moved, method
         log = "\n".join(a["parts"])
-        expected = {"simcse": ["simcse"], "mcse": ["mml"], "mcseo": ["mml", "object_phrase"],
-                    "kdmcse": ["intra", "inter_image", "inter_text"]}[method]
+        expected = {
+            "simcse": ["simcse"],
+            "mcse": ["mml"],
+            "mcseo": ["mml", "object_phrase"],
+            "kdmcse": ["intra", "inter_image", "inter_text"],
+        }[method]
         assert all(f'"{part}"' in log for part in expected), (method, log)
         if method != "simcse":  # a caption batch trained the heads
             assert {"ground.0.weight"} <= set(moved), method

@@ -153,8 +153,11 @@ def test_nan_weights_are_never_saved(shared, tmp_path):
 
 def test_resume_with_another_zero_stage_says_what_differs(shared, tmp_path):
     _trainer(shared, tmp_path / "run", zero=2, max_steps=2).run()
-    with pytest.raises(ConfigError, match=r"saved with ZeRO stage 2 on 1 rank\(s\), but this run has "
-                                          r"deepspeed.zero_stage=0 on 1 rank\(s\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"saved with ZeRO stage 2 on 1 rank\(s\), but this run has "
+        r"deepspeed.zero_stage=0 on 1 rank\(s\)",
+    ):
         _trainer(shared, tmp_path / "run", zero=0, max_steps=4).run()
 
 
@@ -187,8 +190,14 @@ def test_cli_exits_non_zero_on_nan(shared, tmp_path):
     config.write_text(yaml.safe_dump({"method": "mcse", **settings}))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", NAN_FEATURES, "--config", str(config)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", NAN_FEATURES, "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 3, proc.stderr[-4000:]
     assert "error: step " in proc.stderr and "loss part 'mml' is not finite" in proc.stderr, proc.stderr[-4000:]
     assert not (tmp_path / "run" / "last").exists()

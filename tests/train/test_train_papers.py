@@ -13,9 +13,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.train.support import small_settings, tiny_bert, tiny_senteval  # noqa: E402
-
 import mmloss  # noqa: E402
+from tests.train.support import small_settings, tiny_bert, tiny_senteval  # noqa: E402
 from train.config import ConfigError, build_config, parse_override  # noqa: E402
 from train.demo_data import write_demo_data  # noqa: E402
 from train.optim import AdamWHF  # noqa: E402
@@ -54,15 +53,21 @@ def test_bf16_autocast_step_keeps_fp32_weights(tiny, tmp_path):
     for linear in linears:
         linear.register_forward_hook(lambda m, i, o: seen["hidden"].add(o.dtype))
     model.loss.register_forward_pre_hook(
-        lambda m, args, kwargs: seen["loss"].update(a.dtype for a in list(args) + list(kwargs.values())
-                                                    if torch.is_tensor(a) and a.is_floating_point()),
-        with_kwargs=True)
+        lambda m, args, kwargs: seen["loss"].update(
+            a.dtype for a in list(args) + list(kwargs.values()) if torch.is_tensor(a) and a.is_floating_point()
+        ),
+        with_kwargs=True,
+    )
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainer.run()
     assert seen["hidden"] == {torch.bfloat16} and seen["loss"] == {torch.float32}
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert all(t.dtype == torch.float32 for s in trainer.engine.optimizer.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.is_floating_point())
+    assert all(
+        t.dtype == torch.float32
+        for s in trainer.engine.optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.is_floating_point()
+    )
     assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())
     saved = tmp_path / "run" / "last"
     assert {t.dtype for t in load_file(str(saved / "encoder" / "model.safetensors")).values()} == {torch.float32}
@@ -110,8 +115,9 @@ def test_adamw_hf_is_transformers_adamw(eps, wd):
         param.grad, theirs.grad = g.clone(), g.clone()
         opt.step()
         torch_opt.step()
-    torch.testing.assert_close(param.detach().double(), _adam_reference(p0, grads, 1e-3, (0.9, 0.999), eps, wd),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        param.detach().double(), _adam_reference(p0, grads, 1e-3, (0.9, 0.999), eps, wd), rtol=0, atol=1e-6
+    )
     if eps == 1e-6 and wd == 0:  # torch's AdamW puts eps after the bias correction: a different step
         assert (param - theirs).abs().max() > 1e-5
 
@@ -192,8 +198,9 @@ def test_pooling_choices(tiny):
     loss, _ = models["mean"]({"input_ids": ids, "attention_mask": mask})  # the MLP on the mean in training
     loss.backward()
     assert models["mean"].mlp[0].weight.grad is not None
-    encoder = TransformersEncoder(models["cls"].encoder, _tokenizer(tiny), pooling="cls", head=models["cls"].mlp,
-                                  device="cpu")
+    encoder = TransformersEncoder(
+        models["cls"].encoder, _tokenizer(tiny), pooling="cls", head=models["cls"].mlp, device="cpu"
+    )
     assert encoder(["a b c"]).shape == (1, 32)
 
 
@@ -204,9 +211,11 @@ def _tokenizer(tiny):
 
 
 def test_seeds_table_mean_and_std(tmp_path):
-    results = {0: {"STS12": 70.0, "STSBenchmark": 80.0, "avg": 75.0},
-               1: {"STS12": 72.0, "STSBenchmark": 81.0, "avg": 76.5},
-               2: {"STS12": 74.0, "STSBenchmark": 79.0, "avg": 76.5}}
+    results = {
+        0: {"STS12": 70.0, "STSBenchmark": 80.0, "avg": 75.0},
+        1: {"STS12": 72.0, "STSBenchmark": 81.0, "avg": 76.5},
+        2: {"STS12": 74.0, "STSBenchmark": 79.0, "avg": 76.5},
+    }
     table = seeds_table(results)
     assert "| 1 | 72.00 | 81.00 | 76.50 |" in table
     assert table.splitlines()[-1] == "| mean ± std | 72.00 ± 2.00 | 80.00 ± 1.00 | 76.00 ± 0.87 |"
@@ -224,8 +233,15 @@ def test_seeds_runs_each_seed_and_reports(tiny, tmp_path):
         with pytest.raises(ConfigError, match="--seeds"):
             parse_seeds(bad)
     sts = tiny_senteval(tmp_path / "senteval")
-    config = _config(tiny, tmp_path / "seeds", method="simcse", max_steps=2, eval_after=True, sts_dir=str(sts),
-                     sts_tasks="STSBenchmark,SICKRelatedness")
+    config = _config(
+        tiny,
+        tmp_path / "seeds",
+        method="simcse",
+        max_steps=2,
+        eval_after=True,
+        sts_dir=str(sts),
+        sts_tasks="STSBenchmark,SICKRelatedness",
+    )
     report = run_seeds(config, [0, 1])
     summary = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
     runs = {s: json.loads((tmp_path / "seeds" / f"seed-{s}" / "summary.json").read_text()) for s in (0, 1)}

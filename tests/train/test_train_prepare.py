@@ -15,22 +15,36 @@ from train.demo_data import write_demo_data
 from train.prepare import main, noun_phrases
 
 
-@pytest.mark.parametrize("text, phrases", [
-    ("a man in a red shirt riding a horse .", ["a man", "a red shirt", "a horse"]),
-    ("Two dogs are playing with the ball in a park", ["Two dogs", "the ball", "a park"]),
-    ("An old woman sits on the bench next to a building", ["An old woman", "the bench", "a building"]),
-    ("there is a large red circle and a blue square .", ["a large red circle", "a blue square"]),
-    ("people walking", []),
-])
+@pytest.mark.parametrize(
+    "text, phrases",
+    [
+        ("a man in a red shirt riding a horse .", ["a man", "a red shirt", "a horse"]),
+        ("Two dogs are playing with the ball in a park", ["Two dogs", "the ball", "a park"]),
+        ("An old woman sits on the bench next to a building", ["An old woman", "the bench", "a building"]),
+        ("there is a large red circle and a blue square .", ["a large red circle", "a blue square"]),
+        ("people walking", []),
+    ],
+)
 def test_noun_phrases(text, phrases):
     assert [text[s:e] for s, e in noun_phrases(text)] == phrases
 
 
 def _tiny_models(root):
     """ResNet, CLIP and OWL-ViT, 1-2 layers of width 8-16, with a character-level CLIP tokenizer."""
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer,
-                              ConvNextImageProcessor, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor,
-                              OwlViTProcessor, ResNetConfig, ResNetModel)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ConvNextImageProcessor,
+        OwlViTConfig,
+        OwlViTForObjectDetection,
+        OwlViTImageProcessor,
+        OwlViTProcessor,
+        ResNetConfig,
+        ResNetModel,
+    )
 
     torch.manual_seed(0)
     ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(root / "resnet")
@@ -42,16 +56,27 @@ def _tiny_models(root):
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=64)
-    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     square = {"height": 32, "width": 32}
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)).save_pretrained(root / "clip")
     clip_images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=square)
     CLIPProcessor(clip_images, tokenizer).save_pretrained(root / "clip")
     OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(
-        root / "owl")
+        root / "owl"
+    )
     OwlViTProcessor(OwlViTImageProcessor(size=square, crop_size=square), tokenizer).save_pretrained(root / "owl")
 
 
@@ -60,12 +85,31 @@ def test_prepare_writes_a_loadable_directory(tmp_path):
     scenes = write_demo_data(tmp_path / "scenes", images=3, save_images=True)
     lines = [json.loads(line) for line in (scenes / "captions.jsonl").read_text().splitlines()]
     captions = tmp_path / "captions.jsonl"
-    captions.write_text("".join(json.dumps({"image": f"{r['image']:05d}.png", "caption": r["caption"]}) + "\n"
-                                for r in lines))
+    captions.write_text(
+        "".join(json.dumps({"image": f"{r['image']:05d}.png", "caption": r["caption"]}) + "\n" for r in lines)
+    )
     out = tmp_path / "prepared"
-    assert main(["--images", str(scenes / "images"), "--caption-file", str(captions), "--out", str(out),
-                 "--image-model", str(tmp_path / "resnet"), "--teacher", str(tmp_path / "clip"),
-                 "--detector", str(tmp_path / "owl"), "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "--images",
+                str(scenes / "images"),
+                "--caption-file",
+                str(captions),
+                "--out",
+                str(out),
+                "--image-model",
+                str(tmp_path / "resnet"),
+                "--teacher",
+                str(tmp_path / "clip"),
+                "--detector",
+                str(tmp_path / "owl"),
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     data = load_pairs(out, regions=True, teacher=True)
     assert data.captions == [r["caption"] for r in lines] and data.image_of.tolist() == [r["image"] for r in lines]
     assert data.image_features.shape == (3, 16) and data.region_features.shape[1] == 16
@@ -77,8 +121,21 @@ def test_prepare_writes_a_loadable_directory(tmp_path):
 def test_prepare_names_a_missing_image(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     (tmp_path / "c.jsonl").write_text('{"image": "nope.png", "caption": "a dog"}\n')
-    assert main(["--images", str(tmp_path / "images"), "--caption-file", str(tmp_path / "c.jsonl"), "--out",
-                 str(tmp_path / "o"), "--image-model", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "--images",
+                str(tmp_path / "images"),
+                "--caption-file",
+                str(tmp_path / "c.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+                "--image-model",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "c.jsonl:1: image" in capsys.readouterr().err
 
 
@@ -93,8 +150,11 @@ def test_keep_captions_recipes():
     import random
 
     rng = random.Random(0)
-    assert [c for _, c in one] == [rng.sample(["a1", "a2", "a3"], 1)[0], rng.sample(["b1", "b2"], 1)[0],
-                                   rng.sample(["c1"], 1)[0]]
+    assert [c for _, c in one] == [
+        rng.sample(["a1", "a2", "a3"], 1)[0],
+        rng.sample(["b1", "b2"], 1)[0],
+        rng.sample(["c1"], 1)[0],
+    ]
     draws = {tuple(keep_captions(rows, "one", seed)) for seed in range(20)}
     assert len(draws) > 1  # the seed decides
 
@@ -103,8 +163,9 @@ def _scenes_and_captions(tmp_path, images=3):
     scenes = write_demo_data(tmp_path / "scenes", images=images, save_images=True)
     lines = [json.loads(line) for line in (scenes / "captions.jsonl").read_text().splitlines()]
     captions = tmp_path / "captions.jsonl"
-    captions.write_text("".join(json.dumps({"image": f"{r['image']:05d}.png", "caption": r["caption"]}) + "\n"
-                                for r in lines))
+    captions.write_text(
+        "".join(json.dumps({"image": f"{r['image']:05d}.png", "caption": r["caption"]}) + "\n" for r in lines)
+    )
     return scenes, captions, lines
 
 
@@ -114,8 +175,25 @@ def test_prepare_kdmcse_recipe_one_caption_and_teacher_images(tmp_path):
     _tiny_models(tmp_path)
     scenes, captions, lines = _scenes_and_captions(tmp_path)
     out = tmp_path / "prepared"
-    assert main(["--images", str(scenes / "images"), "--caption-file", str(captions), "--out", str(out),
-                 "--teacher", str(tmp_path / "clip"), "--captions", "one", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "--images",
+                str(scenes / "images"),
+                "--caption-file",
+                str(captions),
+                "--out",
+                str(out),
+                "--teacher",
+                str(tmp_path / "clip"),
+                "--captions",
+                "one",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     data = load_pairs(out, teacher=True)
     assert data.image_of.tolist() == [0, 1, 2] and data.teacher_text.shape == (3, 12)
     assert all(c in [r["caption"] for r in lines if r["image"] == i] for i, c in enumerate(data.captions))
@@ -124,12 +202,24 @@ def test_prepare_kdmcse_recipe_one_caption_and_teacher_images(tmp_path):
 
 def test_prepare_rejects_no_image_features(tmp_path, capsys):
     _, captions, _ = _scenes_and_captions(tmp_path)
-    assert main(["--images", str(tmp_path / "scenes" / "images"), "--caption-file", str(captions), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "--images",
+                str(tmp_path / "scenes" / "images"),
+                "--caption-file",
+                str(captions),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "--resnet50" in capsys.readouterr().err
 
 
 # --- MCSE's ResNet-50 features (train.resnet50) ---
+
 
 def test_resnet50_has_torchvisions_parameters():
     from train.resnet50 import ResNet
@@ -138,8 +228,14 @@ def test_resnet50_has_torchvisions_parameters():
     # torchvision's resnet50 has 25,557,032 parameters, 2,049,000 of them in fc (2048 x 1000 + 1000)
     assert sum(p.numel() for p in model.parameters()) == 25_557_032 - 2_049_000 and model.out_dim == 2048
     keys = set(model.state_dict())
-    assert {"conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer4.2.conv3.weight",
-            "layer4.2.bn3.num_batches_tracked", "layer3.5.bn2.bias"} <= keys
+    assert {
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.downsample.0.weight",
+        "layer4.2.conv3.weight",
+        "layer4.2.bn3.num_batches_tracked",
+        "layer3.5.bn2.bias",
+    } <= keys
     assert len(keys) == 320 - 2  # torchvision's resnet50 state dict minus fc.weight, fc.bias
 
 
@@ -150,11 +246,13 @@ def _transformers_to_torchvision(state):
         k = key.replace("embedder.embedder.convolution", "conv1").replace("embedder.embedder.normalization", "bn1")
         if k.startswith("encoder.stages."):
             _, _, stage, _, block, rest = k.split(".", 5)
-            rest = rest.replace("shortcut.convolution", "downsample.0").replace("shortcut.normalization",
-                                                                                 "downsample.1")
+            rest = rest.replace("shortcut.convolution", "downsample.0").replace(
+                "shortcut.normalization", "downsample.1"
+            )
             for c in range(3):
-                rest = rest.replace(f"layer.{c}.convolution", f"conv{c + 1}").replace(f"layer.{c}.normalization",
-                                                                                      f"bn{c + 1}")
+                rest = rest.replace(f"layer.{c}.convolution", f"conv{c + 1}").replace(
+                    f"layer.{c}.normalization", f"bn{c + 1}"
+                )
             k = f"layer{int(stage) + 1}.{block}.{rest}"
         out[k] = value
     return out
@@ -194,8 +292,10 @@ def test_mcse_preprocess_geometry():
     for height in (300, 301):  # short side already 256: no resize; crop top round(38) and round(38.5) = 38
         pixels = rng.integers(0, 256, size=(height, 256, 3), dtype=np.uint8)
         x = mcse_preprocess(Image.fromarray(pixels))
-        want = (torch.from_numpy(pixels[38:262, 16:240]).permute(2, 0, 1).float() / 255
-                - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        want = (
+            torch.from_numpy(pixels[38:262, 16:240]).permute(2, 0, 1).float() / 255
+            - torch.tensor(IMAGENET_MEAN)[:, None, None]
+        ) / torch.tensor(IMAGENET_STD)[:, None, None]
         assert x.shape == (3, 224, 224) and x.dtype == torch.float32
         torch.testing.assert_close(x, want)
 
@@ -207,8 +307,14 @@ def test_mcse_preprocess_equals_torchvision():
 
     from train.resnet50 import IMAGENET_MEAN, IMAGENET_STD, mcse_preprocess
 
-    theirs = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    theirs = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     rng = np.random.default_rng(1)
     for size in ((500, 375), (333, 500), (256, 300), (640, 427)):
         image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
@@ -239,8 +345,23 @@ def test_prepare_mcse_recipe_resnet50_weights_file(tmp_path):
     torch.save(state, tmp_path / "resnet50.pth")
     scenes, captions, lines = _scenes_and_captions(tmp_path, images=2)
     out = tmp_path / "prepared"
-    assert main(["--images", str(scenes / "images"), "--caption-file", str(captions), "--out", str(out),
-                 "--resnet50", str(tmp_path / "resnet50.pth"), "--captions", "one"]) == 0
+    assert (
+        main(
+            [
+                "--images",
+                str(scenes / "images"),
+                "--caption-file",
+                str(captions),
+                "--out",
+                str(out),
+                "--resnet50",
+                str(tmp_path / "resnet50.pth"),
+                "--captions",
+                "one",
+            ]
+        )
+        == 0
+    )
     data = load_pairs(out)
     assert data.image_features.shape == (2, 2048) and len(data.captions) == 2
     from PIL import Image

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 
 from tests.train.support import REPO, small_settings, tiny_bert, tiny_senteval  # noqa: E402
-
 from train.demo_data import write_demo_data  # noqa: E402
 
 # Runs the CLI with checkpoint publication patched to SIGKILL the process just before the
@@ -53,8 +52,16 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
     sts = tiny_senteval(tmp_path / "senteval")
     configs = {}
     for name in ("straight", "killed"):
-        settings = small_settings(tmp_path / name, tmp_path / "bert", tmp_path / "data", max_steps=6, save_steps=2,
-                                  eval_steps=2, eval_after=True, sts_dir=str(sts))
+        settings = small_settings(
+            tmp_path / name,
+            tmp_path / "bert",
+            tmp_path / "data",
+            max_steps=6,
+            save_steps=2,
+            eval_steps=2,
+            eval_after=True,
+            sts_dir=str(sts),
+        )
         configs[name] = tmp_path / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump({"method": "mcseo", **settings}))
     _run(["-m", "train", "--config", str(configs["straight"])])

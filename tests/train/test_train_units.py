@@ -16,8 +16,15 @@ from train.presets import CONFIGS, minilm_dir
 
 def test_every_config_loads_with_official_settings():
     configs = sorted(CONFIGS.glob("*.yaml"))
-    assert {c.stem for c in configs} >= {"simcse", "mcse", "mcse-roberta", "mcse-coco", "mcse-flickr-only", "kdmcse",
-                                         "mcseo"}
+    assert {c.stem for c in configs} >= {
+        "simcse",
+        "mcse",
+        "mcse-roberta",
+        "mcse-coco",
+        "mcse-flickr-only",
+        "kdmcse",
+        "mcseo",
+    }
     for path in configs:
         c = build_config(path)
         assert c.optim.lr == 3e-5 and c.train.batch_size == 64 and c.train.global_batch == 64, path
@@ -40,32 +47,35 @@ def test_unknown_key_lists_the_valid_keys():
     assert all(k in str(e.value) for k in valid_keys())
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.batch_size=abc", "train.batch_size must be an int"),
-    ("train.batch_size=1.5", "train.batch_size must be an int"),
-    ("optim.lr=fast", "optim.lr must be a float"),
-    ("deepspeed.zero_stage=3", "zero_stage must be one of 0, 1, 2"),
-    ("method=clip", "method must be one of"),
-    ("train.resume=maybe", "train.resume must be a bool"),
-    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
-    ("train.log_steps=0", "train.log_steps must be >= 1"),
-    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
-    ("optim.lr=.inf", "optim.lr must be a finite number"),
-    ("optim.lr=0", "optim.lr must be > 0, got 0"),
-    ("loss.vl_temperature=0", "loss.vl_temperature must be > 0"),
-    ("loss.op_temperature=-1", "loss.op_temperature must be > 0"),
-    ("loss.vl_weight=-0.1", "loss.vl_weight must be >= 0"),
-    ("loss.margin=2", r"loss.margin must be in \[0, 1.5708\)"),
-    ("loss.filter_threshold=.nan", "loss.filter_threshold must be a finite number"),
-    ("optim.beta2=1", r"optim.beta2 must be in \[0, 1\)"),
-    ("optim.eps=0", "optim.eps must be > 0"),
-    ("train.seed=-1", "train.seed must be >= 0"),
-    ("deepspeed.gradient_clipping=-1", "deepspeed.gradient_clipping must be >= 0"),
-    ("train.save_steps=-1", "train.save_steps must be >= 0"),
-    ("model=3", "model must be a mapping"),
-    ("train.sts_tasks=STS12,STS99", "unknown STS99"),
-    ("noequals", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=abc", "train.batch_size must be an int"),
+        ("train.batch_size=1.5", "train.batch_size must be an int"),
+        ("optim.lr=fast", "optim.lr must be a float"),
+        ("deepspeed.zero_stage=3", "zero_stage must be one of 0, 1, 2"),
+        ("method=clip", "method must be one of"),
+        ("train.resume=maybe", "train.resume must be a bool"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.log_steps=0", "train.log_steps must be >= 1"),
+        ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+        ("optim.lr=.inf", "optim.lr must be a finite number"),
+        ("optim.lr=0", "optim.lr must be > 0, got 0"),
+        ("loss.vl_temperature=0", "loss.vl_temperature must be > 0"),
+        ("loss.op_temperature=-1", "loss.op_temperature must be > 0"),
+        ("loss.vl_weight=-0.1", "loss.vl_weight must be >= 0"),
+        ("loss.margin=2", r"loss.margin must be in \[0, 1.5708\)"),
+        ("loss.filter_threshold=.nan", "loss.filter_threshold must be a finite number"),
+        ("optim.beta2=1", r"optim.beta2 must be in \[0, 1\)"),
+        ("optim.eps=0", "optim.eps must be > 0"),
+        ("train.seed=-1", "train.seed must be >= 0"),
+        ("deepspeed.gradient_clipping=-1", "deepspeed.gradient_clipping must be >= 0"),
+        ("train.save_steps=-1", "train.save_steps must be >= 0"),
+        ("model=3", "model must be a mapping"),
+        ("train.sts_tasks=STS12,STS99", "unknown STS99"),
+        ("noequals", "expected key=value"),
+    ],
+)
 def test_bad_values_fail_at_start(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config(CONFIGS / "simcse.yaml", [parse_override(override)])
@@ -176,17 +186,27 @@ def _corrupt(demo, tmp_path, line_no: int, record) -> str:
     return bad
 
 
-@pytest.mark.parametrize("record, message", [
-    ("{not json", r"captions.jsonl:5: not a JSON object"),
-    ({"image": 99, "caption": "x"}, r"captions.jsonl:5: image 99 out of range"),
-    ({"image": 1, "caption": "a red circle", "phrases": [{"start": 2, "end": 40, "region": 0}]}, r":5: phrase span"),
-    ({"image": 1, "caption": "a red circle", "phrases": [{"start": 0, "end": 5, "region": 0}]},
-     r":5: phrase region 0 belongs to image 0"),
-    ({"image": 1, "caption": "a red circle", "phrases": 5}, r'captions.jsonl:5: "phrases" must be a list'),
-    ({"image": 1, "caption": "a red circle", "phrases": None}, r'captions.jsonl:5: "phrases" must be a list'),
-    ({"image": 1, "caption": "a red circle", "phrases": [{"start": True, "end": 5, "region": 3}]},
-     r":5: a phrase must be"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ("{not json", r"captions.jsonl:5: not a JSON object"),
+        ({"image": 99, "caption": "x"}, r"captions.jsonl:5: image 99 out of range"),
+        (
+            {"image": 1, "caption": "a red circle", "phrases": [{"start": 2, "end": 40, "region": 0}]},
+            r":5: phrase span",
+        ),
+        (
+            {"image": 1, "caption": "a red circle", "phrases": [{"start": 0, "end": 5, "region": 0}]},
+            r":5: phrase region 0 belongs to image 0",
+        ),
+        ({"image": 1, "caption": "a red circle", "phrases": 5}, r'captions.jsonl:5: "phrases" must be a list'),
+        ({"image": 1, "caption": "a red circle", "phrases": None}, r'captions.jsonl:5: "phrases" must be a list'),
+        (
+            {"image": 1, "caption": "a red circle", "phrases": [{"start": True, "end": 5, "region": 3}]},
+            r":5: a phrase must be",
+        ),
+    ],
+)
 def test_pair_errors_name_file_and_line(demo, tmp_path, record, message):
     with pytest.raises(DataError, match=message):
         load_pairs(_corrupt(demo, tmp_path, 5, record), regions=True)
@@ -201,8 +221,10 @@ def test_caption_not_utf8_names_file_and_line(demo, tmp_path):
         load_pairs(bad, regions=True)
 
 
-@pytest.mark.parametrize("name, key, row", [("images", "features", 3), ("regions", "features", 7),
-                                            ("teacher", "text", 11), ("teacher", "image", 0)])
+@pytest.mark.parametrize(
+    "name, key, row",
+    [("images", "features", 3), ("regions", "features", 7), ("teacher", "text", 11), ("teacher", "image", 0)],
+)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_features_name_file_and_row(demo, tmp_path, name, key, row, value):
     from safetensors.torch import load_file, save_file

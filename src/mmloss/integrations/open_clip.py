@@ -87,8 +87,10 @@ class ClipLoss(nn.Module):
     ) -> None:
         super().__init__()
         if use_horovod:
-            raise NotImplementedError("ClipLoss(use_horovod=True) is not supported: mmloss exchanges features "
-                                      "with torch.distributed (launch with torchrun and use_horovod=False)")
+            raise NotImplementedError(
+                "ClipLoss(use_horovod=True) is not supported: mmloss exchanges features "
+                "with torch.distributed (launch with torchrun and use_horovod=False)"
+            )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -98,11 +100,15 @@ class ClipLoss(nn.Module):
 
     def _check_world(self) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(f"ClipLoss(world_size={self.world_size}) needs an initialised torch.distributed "
-                             "process group (torch.distributed.init_process_group)")
+            raise ValueError(
+                f"ClipLoss(world_size={self.world_size}) needs an initialised torch.distributed "
+                "process group (torch.distributed.init_process_group)"
+            )
         if (dist.get_rank(), dist.get_world_size()) != (self.rank, self.world_size):
-            raise ValueError(f"ClipLoss(rank={self.rank}, world_size={self.world_size}) differs from the default "
-                             f"process group's rank {dist.get_rank()} of {dist.get_world_size()}")
+            raise ValueError(
+                f"ClipLoss(rank={self.rank}, world_size={self.world_size}) differs from the default "
+                f"process group's rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
 
     def forward(
         self,
@@ -130,8 +136,9 @@ class ClipLoss(nn.Module):
         elif self.local_loss:
             total = self._local(image, text, temperature)
         else:
-            total = mmloss.contrastive_loss(image, text, temperature=temperature, symmetric=True,
-                                            global_negatives="gather")
+            total = mmloss.contrastive_loss(
+                image, text, temperature=temperature, symmetric=True, global_negatives="gather"
+            )
             if not self.gather_with_grad:  # only this rank's copy is differentiated
                 total = _gradient_scaled(total, 1.0 / self.world_size)
         if isinstance(logit_bias, Tensor):
@@ -144,9 +151,12 @@ class ClipLoss(nn.Module):
 
     def _local(self, image: Tensor, text: Tensor, temperature: Tensor) -> Tensor:
         """This rank's rows against all ranks' columns, its mean (OpenCLIP's local_loss)."""
+
         def rows(query, key, **kwargs):
-            return mmloss.contrastive_loss(query, key, temperature=temperature, reduction="none",
-                                           global_negatives="gather", **kwargs).mean()
+            return mmloss.contrastive_loss(
+                query, key, temperature=temperature, reduction="none", global_negatives="gather", **kwargs
+            ).mean()
+
         if self.gather_with_grad:
             return rows(image, text, symmetric=True)
         return 0.5 * (rows(image, text.detach()) + rows(text, image.detach()))

@@ -54,8 +54,10 @@ except ImportError as exc:  # pragma: no cover - exercised only where sentence-t
 import mmloss
 
 if not sentence_transformers.__version__.startswith("6."):  # pragma: no cover
-    raise ImportError(f"mmloss.integrations.sentence_transformers supports sentence-transformers 6.x, "
-                      f"found {sentence_transformers.__version__}")
+    raise ImportError(
+        f"mmloss.integrations.sentence_transformers supports sentence-transformers 6.x, "
+        f"found {sentence_transformers.__version__}"
+    )
 
 __all__ = [
     "CachedMultipleNegativesRankingLoss",
@@ -105,8 +107,9 @@ def _loss(rows: Tensor, keys: Tensor, temperature: float, across_ranks: bool, **
     all_gather_with_grad does (the value is this rank's mean, not the global one)."""
     if not across_ranks:
         return mmloss.contrastive_loss(rows, keys, temperature=temperature, **kwargs)
-    return mmloss.contrastive_loss(rows, keys, temperature=temperature, reduction="none",
-                                   global_negatives="gather", **kwargs).mean()
+    return mmloss.contrastive_loss(
+        rows, keys, temperature=temperature, reduction="none", global_negatives="gather", **kwargs
+    ).mean()
 
 
 class _GroupIds:
@@ -134,8 +137,12 @@ def _joint(queries: Tensor, docs: List[Tensor], scale: float, directions: Sequen
         q, d = F.normalize(queries, p=2, dim=-1), F.normalize(docs_all, p=2, dim=-1)
         zq, zd = torch.zeros_like(q), torch.zeros_like(d)
         rows = torch.cat([q, d[:batch]], dim=1)
-        blocks = {QUERY_TO_DOC: lambda: torch.cat([d, zd], 1), QUERY_TO_QUERY: lambda: torch.cat([q, zq], 1),
-                  DOC_TO_QUERY: lambda: torch.cat([zq, q], 1), DOC_TO_DOC: lambda: torch.cat([zd, d], 1)}
+        blocks = {
+            QUERY_TO_DOC: lambda: torch.cat([d, zd], 1),
+            QUERY_TO_QUERY: lambda: torch.cat([q, zq], 1),
+            DOC_TO_QUERY: lambda: torch.cat([zq, q], 1),
+            DOC_TO_DOC: lambda: torch.cat([zd, d], 1),
+        }
         temperature = 1.0 / (scale * math.sqrt(2.0))
     else:
         rows, temperature = queries, 1.0 / scale
@@ -146,10 +153,12 @@ def _joint(queries: Tensor, docs: List[Tensor], scale: float, directions: Sequen
     if QUERY_TO_QUERY in directions or DOC_TO_DOC in directions:
         rank, world = (dist.get_rank(), dist.get_world_size()) if across_ranks else (0, 1)
         ids = _GroupIds(rank, world, queries.device)
-        groups = {QUERY_TO_DOC: lambda: torch.cat([ids.own(batch), ids.fresh(batch * (n_docs - 1))]),
-                  QUERY_TO_QUERY: lambda: ids.own(batch),  # q_i itself leaves row i
-                  DOC_TO_QUERY: lambda: ids.fresh(batch),
-                  DOC_TO_DOC: lambda: ids.own(batch).repeat(n_docs)}  # row i's own documents leave it
+        groups = {
+            QUERY_TO_DOC: lambda: torch.cat([ids.own(batch), ids.fresh(batch * (n_docs - 1))]),
+            QUERY_TO_QUERY: lambda: ids.own(batch),  # q_i itself leaves row i
+            DOC_TO_QUERY: lambda: ids.fresh(batch),
+            DOC_TO_DOC: lambda: ids.own(batch).repeat(n_docs),
+        }  # row i's own documents leave it
         key_groups = torch.cat([groups[name]() for name in chosen])
     return _loss(rows, keys, temperature, across_ranks, key_groups=key_groups)
 
@@ -174,8 +183,10 @@ def ranking_loss(
     if partition_mode == "per_direction" and DOC_TO_QUERY in directions:
         if len(docs) == 1:
             return _loss(queries, docs[0], 1.0 / scale, across_ranks, symmetric=True)
-        return 0.5 * (_loss(queries, torch.cat(docs), 1.0 / scale, across_ranks)
-                      + _loss(docs[0], queries, 1.0 / scale, across_ranks))
+        return 0.5 * (
+            _loss(queries, torch.cat(docs), 1.0 / scale, across_ranks)
+            + _loss(docs[0], queries, 1.0 / scale, across_ranks)
+        )
     if set(directions) == {QUERY_TO_DOC}:
         return _loss(queries, torch.cat(docs), 1.0 / scale, across_ranks)
     return _joint(queries, docs, scale, directions, across_ranks)
@@ -188,8 +199,14 @@ class _RankingByMmloss:
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
         _check_supported(self)
-        return ranking_loss(embeddings[0], embeddings[1:], scale=self.scale, directions=self.directions,
-                            partition_mode=self.partition_mode, gather_across_devices=self.gather_across_devices)
+        return ranking_loss(
+            embeddings[0],
+            embeddings[1:],
+            scale=self.scale,
+            directions=self.directions,
+            partition_mode=self.partition_mode,
+            gather_across_devices=self.gather_across_devices,
+        )
 
 
 class MultipleNegativesRankingLoss(_RankingByMmloss, _st_losses.MultipleNegativesRankingLoss):
@@ -207,10 +224,16 @@ class MultipleNegativesRankingLoss(_RankingByMmloss, _st_losses.MultipleNegative
         hardness_mode: Optional[str] = None,
         hardness_strength: float = 0.0,
     ) -> None:
-        super().__init__(model, scale=scale, similarity_fct=similarity_fct,
-                         gather_across_devices=gather_across_devices, directions=directions,
-                         partition_mode=partition_mode, hardness_mode=hardness_mode,
-                         hardness_strength=hardness_strength)
+        super().__init__(
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
         _check_supported(self)
 
 
@@ -229,10 +252,18 @@ class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
         warnings.warn(
             "MultipleNegativesSymmetricRankingLoss is deprecated (as in sentence-transformers): use "
             "MultipleNegativesRankingLoss with directions=('query_to_doc', 'doc_to_query') and "
-            "partition_mode='per_direction'", DeprecationWarning, stacklevel=2)
-        super().__init__(model, scale=scale, similarity_fct=similarity_fct,
-                         gather_across_devices=gather_across_devices,
-                         directions=(QUERY_TO_DOC, DOC_TO_QUERY), partition_mode="per_direction")
+            "partition_mode='per_direction'",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            gather_across_devices=gather_across_devices,
+            directions=(QUERY_TO_DOC, DOC_TO_QUERY),
+            partition_mode="per_direction",
+        )
 
 
 class CachedMultipleNegativesRankingLoss(_st_losses.CachedMultipleNegativesRankingLoss):
@@ -260,18 +291,34 @@ class CachedMultipleNegativesRankingLoss(_st_losses.CachedMultipleNegativesRanki
         hardness_mode: Optional[str] = None,
         hardness_strength: float = 0.0,
     ) -> None:
-        super().__init__(model, scale=scale, similarity_fct=similarity_fct, mini_batch_size=mini_batch_size,
-                         mini_batch_num_tokens=mini_batch_num_tokens, gather_across_devices=gather_across_devices,
-                         directions=directions, partition_mode=partition_mode, show_progress_bar=show_progress_bar,
-                         hardness_mode=hardness_mode, hardness_strength=hardness_strength)
+        super().__init__(
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            mini_batch_size=mini_batch_size,
+            mini_batch_num_tokens=mini_batch_num_tokens,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            show_progress_bar=show_progress_bar,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
         # The wrapped loss holds the hyperparameters (sentence-transformers delegates to it).
         self.loss = MultipleNegativesRankingLoss(
-            model, scale=scale, similarity_fct=similarity_fct, gather_across_devices=gather_across_devices,
-            directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
-            hardness_strength=hardness_strength)
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
 
-    def calculate_loss(self, reps: List[List[Tensor]], labels: Optional[Tensor] = None, *,
-                       with_backward: bool = False) -> Tensor:
+    def calculate_loss(
+        self, reps: List[List[Tensor]], labels: Optional[Tensor] = None, *, with_backward: bool = False
+    ) -> Tensor:
         """The loss over the whole batch from the per-mini-batch embeddings `reps` (one list per
         column); with `with_backward`, back-propagates it into the embeddings and returns it detached."""
         loss = self.loss.compute_loss_from_embeddings([torch.cat(column) for column in reps], labels)

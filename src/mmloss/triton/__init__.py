@@ -23,5 +23,6 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
     """Raise TypeError/ValueError (naming the argument) for what these kernels cannot serve."""
     check_gpu_dtype(query, "triton")
     if query.device.type != "cuda" and not triton_interpreted():
-        raise ValueError(f"query is on {query.device}: backend 'triton' needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 for CPU tensors)")
+        raise ValueError(
+            f"query is on {query.device}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        )

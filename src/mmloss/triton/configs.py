@@ -29,7 +29,7 @@ CLASSES = ("plain16", "feat16", "sym16", "teacher32", "fp32")
 BLOCK_D = {"plain16": 64, "feat16": 64, "sym16": 64, "teacher32": 64, "fp32": 16}
 BLOCK_T = {"plain16": 32, "feat16": 32, "sym16": 32, "teacher32": 32, "fp32": 16}
 ELEMENTWISE = {"BLOCK_M": 32, "BLOCK_D": 64}
-GROUP_M = 32   # row tiles per band of the backward's tile order (L2 reuse of K tiles)
+GROUP_M = 32  # row tiles per band of the backward's tile order (L2 reuse of K tiles)
 
 
 def _cfg(cls: str, bm: int, bn: int, warps: int, stages: int) -> triton.Config:
@@ -48,27 +48,25 @@ def _table(cls: str, rows: Dict[int, list]) -> Dict[int, List[triton.Config]]:
 # its fp32 forward one stage).
 _SHAPES = {
     "forward": {
-        "plain16": {90: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-                    80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
-        "feat16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-                   80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "plain16": {
+            90: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+            80: [(128, 64, 8, 2), (64, 64, 4, 2)],
+        },
+        "feat16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)], 80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
         "sym16": {90: [(64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)], 80: [(64, 64, 4, 2)]},
         "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
         "fp32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 1)]},
     },
     "grad_tile": {
-        "plain16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-                    80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
+        "plain16": {90: [(128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)], 80: [(128, 64, 8, 2), (64, 64, 4, 2)]},
         # feat16's 64 x 128 spills (16 bytes) since the fp64 lse and the column offset.
-        "feat16": {90: [(128, 64, 8, 3), (64, 64, 4, 3)],
-                   80: [(128, 64, 8, 2), (64, 64, 8, 2)]},
+        "feat16": {90: [(128, 64, 8, 3), (64, 64, 4, 3)], 80: [(128, 64, 8, 2), (64, 64, 8, 2)]},
         "sym16": {90: [(64, 64, 8, 3)], 80: [(64, 64, 8, 2)]},
         "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
         "fp32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
     },
 }
-TABLES = {kind: {cls: _table(cls, shapes) for cls, shapes in by_cls.items()}
-          for kind, by_cls in _SHAPES.items()}
+TABLES = {kind: {cls: _table(cls, shapes) for cls, shapes in by_cls.items()} for kind, by_cls in _SHAPES.items()}
 
 # The small-batch path (`ops.SMALL_MAX`) runs one fixed config per kernel, never autotuned
 # (a batch of a few hundred rows is launch-bound): 64-row tiles spread it over more SMs.
@@ -80,8 +78,10 @@ _SMALL = {
     "forward": {"16": {90: (64, 64, 4, 3), 80: (64, 64, 4, 2)}, "32": {90: (64, 64, 8, 1), 80: (64, 64, 8, 1)}},
     "grad_tile": {"16": {90: (64, 64, 8, 3), 80: (64, 64, 8, 2)}, "32": {90: (64, 64, 8, 1), 80: (64, 64, 8, 1)}},
 }
-_SMALL_GEMM = {"16": {90: (64, 64, 64, 4, 3), 80: (64, 64, 64, 4, 1)},
-               "32": {90: (64, 64, 16, 4, 2), 80: (64, 64, 16, 8, 2)}}
+_SMALL_GEMM = {
+    "16": {90: (64, 64, 64, 4, 3), 80: (64, 64, 64, 4, 1)},
+    "32": {90: (64, 64, 16, 4, 2), 80: (64, 64, 16, 8, 2)},
+}
 
 
 def arch_key(capability: int) -> int:

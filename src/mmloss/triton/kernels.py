@@ -40,17 +40,44 @@ NORM_CHUNK = tl.constexpr(16)  # d-chunk of the in-kernel norms (fp64 tiles take
 
 
 @triton.jit
-def dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D,
-              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def dot_tile(
+    x_ptr,
+    y_ptr,
+    stride_x,
+    stride_y,
+    rows,
+    cols,
+    M,
+    N,
+    D,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_N) fp32 tile of x[rows] @ y[cols]^T, streaming D in BLOCK_D chunks."""
-    return _scaled_dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D, 1.0, 1.0,
-                            BLOCK_D, PRECISION, UPCAST, False)
+    return _scaled_dot_tile(
+        x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D, 1.0, 1.0, BLOCK_D, PRECISION, UPCAST, False
+    )
 
 
 @triton.jit
-def _scaled_dot_tile(x_ptr, y_ptr, stride_x, stride_y, rows, cols, M, N, D, sx, sy,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     SCALED: tl.constexpr):
+def _scaled_dot_tile(
+    x_ptr,
+    y_ptr,
+    stride_x,
+    stride_y,
+    rows,
+    cols,
+    M,
+    N,
+    D,
+    sx,
+    sy,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALED: tl.constexpr,
+):
     """`dot_tile` of (sx_i x_i) . (sy_j y_j) when SCALED (fp32 operands; sx, sy powers of
     two, so the products are exact and the tile is the unscaled one times sx_i sy_j, but
     neither overflows nor underflows for rows of any norm)."""
@@ -82,8 +109,23 @@ def _pow2_split(inv_norm):
 
 
 @triton.jit
-def cosine_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b,
-             BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr):
+def cosine_tile(
+    q_ptr,
+    k_ptr,
+    stride_q,
+    stride_k,
+    rows,
+    cols,
+    M,
+    N,
+    D,
+    a,
+    b,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALED: tl.constexpr,
+):
     """(c, row factor, column factor): the cosine tile c = <q_i, k_j> a_i b_j and the factors
     that multiply G in H. SCALED (fp32 inputs): rows are brought to unit scale by powers of
     two first, so c is exact for any norm (rows of 1e30 or 1e-30) and the factors are the
@@ -92,13 +134,21 @@ def cosine_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b,
     if SCALED:
         sa, fa = _pow2_split(a)
         sb, fb = _pow2_split(b)
-        c = _scaled_dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, sa, sb,
-                             BLOCK_D, PRECISION, UPCAST, True) * fa[:, None] * fb[None, :]
+        c = (
+            _scaled_dot_tile(
+                q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, sa, sb, BLOCK_D, PRECISION, UPCAST, True
+            )
+            * fa[:, None]
+            * fb[None, :]
+        )
     else:
         fa = a
         fb = b
-        c = dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D,
-                      BLOCK_D, PRECISION, UPCAST) * a[:, None] * b[None, :]
+        c = (
+            dot_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, BLOCK_D, PRECISION, UPCAST)
+            * a[:, None]
+            * b[None, :]
+        )
     return c, fa, fb
 
 
@@ -136,14 +186,41 @@ def _cos_sin(x):
 
 
 @triton.jit
-def _logits(c, rows, cols, M, N, pos, inv_temp,
-            rg_ptr, kg_ptr,
-            tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
-            fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
-            margin, cos_threshold, cos_m, sin_m,
-            HAS_MARGIN: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_FILTER: tl.constexpr,
-            HAS_GROUPS: tl.constexpr, T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
-            BLOCK_T: tl.constexpr, UPCAST: tl.constexpr, SIN_EPS: tl.constexpr):
+def _logits(
+    c,
+    rows,
+    cols,
+    M,
+    N,
+    pos,
+    inv_temp,
+    rg_ptr,
+    kg_ptr,
+    tq_ptr,
+    tk_ptr,
+    stride_tq,
+    stride_tk,
+    DT,
+    fq_ptr,
+    fk_ptr,
+    stride_fq,
+    stride_fk,
+    DF,
+    threshold,
+    margin,
+    cos_threshold,
+    cos_m,
+    sin_m,
+    HAS_MARGIN: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    HAS_FILTER: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    F_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SIN_EPS: tl.constexpr,
+):
     """From cosines c (BLOCK_M, BLOCK_N): logits (-inf where not allowed, NaN where the
     filter score is NaN), f, f' = df/dc, and the positive mask (docs/contract.md §1)."""
     row_ok = rows < M
@@ -153,8 +230,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
     fprime = tl.full(c.shape, 1.0, tl.float32)
     if HAS_MARGIN:
         if ADAPTIVE:
-            t = dot_tile(tq_ptr, tk_ptr, stride_tq, stride_tk, rows, cols, M, N, DT,
-                          BLOCK_T, T_PRECISION, UPCAST)
+            t = dot_tile(tq_ptr, tk_ptr, stride_tq, stride_tk, rows, cols, M, N, DT, BLOCK_T, T_PRECISION, UPCAST)
             cm, sm = _cos_sin(margin * (1.0 - t))
         else:
             cm = cos_m
@@ -170,8 +246,7 @@ def _logits(c, rows, cols, M, N, pos, inv_temp,
         allowed = allowed & ~((rg[:, None] == kg[None, :]) & (~is_pos))
     logit = f * inv_temp
     if HAS_FILTER:
-        s = dot_tile(fq_ptr, fk_ptr, stride_fq, stride_fk, rows, cols, M, N, DF,
-                      BLOCK_T, F_PRECISION, UPCAST)
+        s = dot_tile(fq_ptr, fk_ptr, stride_fq, stride_fk, rows, cols, M, N, DF, BLOCK_T, F_PRECISION, UPCAST)
         allowed = allowed & ~((s > threshold) & (~is_pos))
         logit = tl.where(allowed, logit, float("-inf"))
         logit = tl.where((s != s) & row_ok[:, None] & col_ok[None, :], float("nan"), logit)
@@ -189,8 +264,7 @@ def row_inv_norms(x_ptr, stride_x, rows, M, D, BLOCK_D: tl.constexpr, EPS: tl.co
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_rows + offs[None, :],
-                    mask=(rows < M)[:, None] & (offs < D)[None, :], other=0.0).to(tl.float64)
+        x = tl.load(x_rows + offs[None, :], mask=(rows < M)[:, None] & (offs < D)[None, :], other=0.0).to(tl.float64)
         sq += tl.sum(x * x, axis=1)
     # sqrt in fp64, then fp32: the squares of fp32 rows of 1e30 overflow fp32, not fp64.
     return _reciprocal(tl.maximum(tl.sqrt(sq).to(tl.float32), EPS))
@@ -206,8 +280,20 @@ def _reciprocal(x):
 
 
 @triton.jit
-def inv_norm_kernel(x_ptr, y_ptr, a_ptr, b_ptr, M, N, D, stride_x, stride_y,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EPS: tl.constexpr):
+def inv_norm_kernel(
+    x_ptr,
+    y_ptr,
+    a_ptr,
+    b_ptr,
+    M,
+    N,
+    D,
+    stride_x,
+    stride_y,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EPS: tl.constexpr,
+):
     """a_i = 1 / max(||x_i||, EPS) for M rows of x and b_j likewise for N rows of y (fp32),
     in one launch: the first cdiv(M, BLOCK_M) programs take x, the rest y."""
     pid = tl.program_id(0)
@@ -230,21 +316,62 @@ def _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR: tl.constexpr):
 
 
 @triton.jit
-def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
-                   pos_ptr, inv_temp_ptr, inv_temp_value, lse_ptr, pos_logit_ptr, col_acc_ptr, SPLITS,
-                   rg_ptr, kg_ptr,
-                   tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
-                   fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
-                   margin, cos_threshold, cos_m, sin_m,
-                   M_BUCKET, N_BUCKET, D_BUCKET,
-                   HAS_MARGIN: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_FILTER: tl.constexpr,
-                   HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
-                   T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr, SIN_EPS: tl.constexpr,
-                   TEMP_PTR: tl.constexpr, FUSED_NORMS: tl.constexpr, SYMMETRIC: tl.constexpr,
-                   SCALED: tl.constexpr, EPS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
+def forward_kernel(
+    q_ptr,
+    k_ptr,
+    stride_q,
+    stride_k,
+    M,
+    N,
+    D,
+    a_ptr,
+    b_ptr,
+    pos_ptr,
+    inv_temp_ptr,
+    inv_temp_value,
+    lse_ptr,
+    pos_logit_ptr,
+    col_acc_ptr,
+    SPLITS,
+    rg_ptr,
+    kg_ptr,
+    tq_ptr,
+    tk_ptr,
+    stride_tq,
+    stride_tk,
+    DT,
+    fq_ptr,
+    fk_ptr,
+    stride_fq,
+    stride_fk,
+    DF,
+    threshold,
+    margin,
+    cos_threshold,
+    cos_m,
+    sin_m,
+    M_BUCKET,
+    N_BUCKET,
+    D_BUCKET,
+    HAS_MARGIN: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    HAS_FILTER: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    F_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SIN_EPS: tl.constexpr,
+    TEMP_PTR: tl.constexpr,
+    FUSED_NORMS: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    SCALED: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """lse_i over this key block's allowed columns and the positive's logit (0 if absent).
     Grid (row blocks, SPLITS): program (r, s) covers the s-th of SPLITS equal spans of
     columns (whole tiles) and writes its partial lse and positive logit at [s, i] of
@@ -276,18 +403,50 @@ def forward_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr,
             b = row_inv_norms(k_ptr, stride_k, cols, N, D, NORM_CHUNK, EPS)
         else:
             b = tl.load(b_ptr + cols, mask=cols < N, other=0.0)
-        c, _, _ = cosine_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b,
-                           BLOCK_D, PRECISION, UPCAST, SCALED)
+        c, _, _ = cosine_tile(
+            q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b, BLOCK_D, PRECISION, UPCAST, SCALED
+        )
         logit, f, fprime, allowed, is_pos = _logits(
-            c, rows, cols, M, N, pos, inv_temp, rg_ptr, kg_ptr,
-            tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
-            threshold, margin, cos_threshold, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
-            HAS_GROUPS, T_PRECISION, F_PRECISION, BLOCK_T, UPCAST, SIN_EPS)
+            c,
+            rows,
+            cols,
+            M,
+            N,
+            pos,
+            inv_temp,
+            rg_ptr,
+            kg_ptr,
+            tq_ptr,
+            tk_ptr,
+            stride_tq,
+            stride_tk,
+            DT,
+            fq_ptr,
+            fk_ptr,
+            stride_fq,
+            stride_fk,
+            DF,
+            threshold,
+            margin,
+            cos_threshold,
+            cos_m,
+            sin_m,
+            HAS_MARGIN,
+            ADAPTIVE,
+            HAS_FILTER,
+            HAS_GROUPS,
+            T_PRECISION,
+            F_PRECISION,
+            BLOCK_T,
+            UPCAST,
+            SIN_EPS,
+        )
         # A NaN logit (NaN filter score or input) reaches run_off or pos_logit: lse is NaN.
         new_max = tl.maximum(run_max, tl.max(logit, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_off = run_off * tl.exp(run_max - shift) + tl.sum(
-            tl.where(is_pos, 0.0, tl.exp(logit - shift[:, None])), axis=1)
+            tl.where(is_pos, 0.0, tl.exp(logit - shift[:, None])), axis=1
+        )
         run_max = new_max
         pos_logit += tl.sum(tl.where(is_pos, logit, 0.0), axis=1)
         if SYMMETRIC:
@@ -410,22 +569,72 @@ def _grouped(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_ptr, b_ptr,
-                     pos_ptr, inv_temp_ptr, inv_temp_value, lse_ptr, w_ptr, lse_col_ptr, v_ptr,
-                     scale_ptr, h_ptr, stride_h, row_sum_ptr, col_sum_ptr, temp_grad_ptr,
-                     rg_ptr, kg_ptr,
-                     tq_ptr, tk_ptr, stride_tq, stride_tk, DT,
-                     fq_ptr, fk_ptr, stride_fq, stride_fk, DF, threshold,
-                     margin, cos_threshold, cos_m, sin_m,
-                     M_BUCKET, N_BUCKET, D_BUCKET,
-                     HAS_MARGIN: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_FILTER: tl.constexpr,
-                     HAS_GROUPS: tl.constexpr, NEED_TEMP: tl.constexpr, PRECISION: tl.constexpr,
-                     T_PRECISION: tl.constexpr, F_PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr, SIN_EPS: tl.constexpr,
-                     TEMP_PTR: tl.constexpr, FUSED: tl.constexpr, SYMMETRIC: tl.constexpr,
-                     SCALED: tl.constexpr, EPS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr):
+def grad_tile_kernel(
+    q_ptr,
+    k_ptr,
+    stride_q,
+    stride_k,
+    M,
+    N,
+    D,
+    row0,
+    col0,
+    a_ptr,
+    b_ptr,
+    pos_ptr,
+    inv_temp_ptr,
+    inv_temp_value,
+    lse_ptr,
+    w_ptr,
+    lse_col_ptr,
+    v_ptr,
+    scale_ptr,
+    h_ptr,
+    stride_h,
+    row_sum_ptr,
+    col_sum_ptr,
+    temp_grad_ptr,
+    rg_ptr,
+    kg_ptr,
+    tq_ptr,
+    tk_ptr,
+    stride_tq,
+    stride_tk,
+    DT,
+    fq_ptr,
+    fk_ptr,
+    stride_fq,
+    stride_fk,
+    DF,
+    threshold,
+    margin,
+    cos_threshold,
+    cos_m,
+    sin_m,
+    M_BUCKET,
+    N_BUCKET,
+    D_BUCKET,
+    HAS_MARGIN: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    HAS_FILTER: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
+    NEED_TEMP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    F_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SIN_EPS: tl.constexpr,
+    TEMP_PTR: tl.constexpr,
+    FUSED: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    SCALED: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """One tile of rows [row0, M) x columns [col0, N): G_ij = d_ij f'_ij / tau with
     d_ij = w_i (P_ij - delta_ij) [+ v_j (Q_ij - delta_ij) if SYMMETRIC], P = exp(logit - lse_i),
     Q = exp(logit - lse_col_j). Stores H = a_i b_j G / scale at h[i - row0, j - col0] and adds
@@ -448,13 +657,44 @@ def grad_tile_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, row0, col0, a_pt
     else:
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
-    c, fa, fb = cosine_tile(q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b,
-                         BLOCK_D, PRECISION, UPCAST, SCALED)
+    c, fa, fb = cosine_tile(
+        q_ptr, k_ptr, stride_q, stride_k, rows, cols, M, N, D, a, b, BLOCK_D, PRECISION, UPCAST, SCALED
+    )
     logit, f, fprime, allowed, is_pos = _logits(
-        c, rows, cols, M, N, pos, inv_temp, rg_ptr, kg_ptr,
-        tq_ptr, tk_ptr, stride_tq, stride_tk, DT, fq_ptr, fk_ptr, stride_fq, stride_fk, DF,
-        threshold, margin, cos_threshold, cos_m, sin_m, HAS_MARGIN, ADAPTIVE, HAS_FILTER,
-        HAS_GROUPS, T_PRECISION, F_PRECISION, BLOCK_T, UPCAST, SIN_EPS)
+        c,
+        rows,
+        cols,
+        M,
+        N,
+        pos,
+        inv_temp,
+        rg_ptr,
+        kg_ptr,
+        tq_ptr,
+        tk_ptr,
+        stride_tq,
+        stride_tk,
+        DT,
+        fq_ptr,
+        fk_ptr,
+        stride_fq,
+        stride_fk,
+        DF,
+        threshold,
+        margin,
+        cos_threshold,
+        cos_m,
+        sin_m,
+        HAS_MARGIN,
+        ADAPTIVE,
+        HAS_FILTER,
+        HAS_GROUPS,
+        T_PRECISION,
+        F_PRECISION,
+        BLOCK_T,
+        UPCAST,
+        SIN_EPS,
+    )
     kept = allowed | (logit != logit)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
@@ -508,8 +748,9 @@ def _abs_max(x_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fp16_scale(w_ptr, v_ptr, a_ptr, b_ptr, M, N, inv_temp, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr,
-                EPS: tl.constexpr):
+def _fp16_scale(
+    w_ptr, v_ptr, a_ptr, b_ptr, M, N, inv_temp, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, EPS: tl.constexpr
+):
     """g = (max|w| [+ max|v|]) max(a) max(b) / tau, in-kernel for the small-batch path: the
     chunked path's host forms the same g with kernel_common.fp16_scratch_scale. |H / g| <= |f'|."""
     weight = _abs_max(w_ptr, M, BLOCK)
@@ -529,8 +770,7 @@ def _sum_parts(part_ptr, idx, n, parts):
 
 
 @triton.jit
-def _finish_tile(out_ptr, stride_out, x_ptr, stride_x, idx, offs, n, D, acc, scale, inv_norm, r,
-                 EPS: tl.constexpr):
+def _finish_tile(out_ptr, stride_out, x_ptr, stride_x, idx, offs, n, D, acc, scale, inv_norm, r, EPS: tl.constexpr):
     """out = scale * acc - [||x|| > EPS] (inv_norm r) (inv_norm x) on rows idx, columns offs
     of d (inv_norm x is the unit row: no inv_norm^2, which underflows for rows of 1e30)."""
     mask = (idx < n)[:, None] & (offs < D)[None, :]
@@ -542,15 +782,45 @@ def _finish_tile(out_ptr, stride_out, x_ptr, stride_x, idx, offs, n, D, acc, sca
 
 
 @triton.jit
-def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_ptr, v_ptr,
-                     inv_temp_ptr, inv_temp_value, h_ptr, stride_h,
-                     row_part_ptr, col_part_ptr, temp_part_ptr, temp_grad_ptr,
-                     row_parts, col_parts, temp_parts,
-                     dq_ptr, dk_ptr, stride_dq, stride_dk,
-                     NEED_TEMP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     TEMP_PTR: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE16: tl.constexpr,
-                     SCALED: tl.constexpr, EPS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def grad_gemm_kernel(
+    q_ptr,
+    k_ptr,
+    stride_q,
+    stride_k,
+    M,
+    N,
+    D,
+    a_ptr,
+    b_ptr,
+    w_ptr,
+    v_ptr,
+    inv_temp_ptr,
+    inv_temp_value,
+    h_ptr,
+    stride_h,
+    row_part_ptr,
+    col_part_ptr,
+    temp_part_ptr,
+    temp_grad_ptr,
+    row_parts,
+    col_parts,
+    temp_parts,
+    dq_ptr,
+    dk_ptr,
+    stride_dq,
+    stride_dk,
+    NEED_TEMP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TEMP_PTR: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    SCALE16: tl.constexpr,
+    SCALED: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """The small-batch backward's second and last launch, after `grad_tile_kernel` (FUSED):
     the first cdiv(M, BLOCK_M) * cdiv(D, BLOCK_D) programs form dQ tiles = H K, the others dK
     tiles = H^T Q, each with the normalisation Jacobian's radial term from the summed
@@ -563,13 +833,40 @@ def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_
     q_tiles = tl.cdiv(M, BLOCK_M) * d_tiles
     g = 1.0
     if SCALE16:
-        g = _fp16_scale(w_ptr, v_ptr, a_ptr, b_ptr, M, N, _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR),
-                        SYMMETRIC, 1024, EPS)
+        g = _fp16_scale(
+            w_ptr, v_ptr, a_ptr, b_ptr, M, N, _temperature(inv_temp_ptr, inv_temp_value, TEMP_PTR), SYMMETRIC, 1024, EPS
+        )
     inv_g = _reciprocal(g)
     if pid < q_tiles:
-        _gradient_tile(pid, d_tiles, h_ptr, stride_h, k_ptr, stride_k, q_ptr, stride_q, dq_ptr, stride_dq,
-                       row_part_ptr, row_parts, a_ptr, b_ptr, M, N, D, g, inv_g, False,
-                       PRECISION, UPCAST, SCALED, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
+        _gradient_tile(
+            pid,
+            d_tiles,
+            h_ptr,
+            stride_h,
+            k_ptr,
+            stride_k,
+            q_ptr,
+            stride_q,
+            dq_ptr,
+            stride_dq,
+            row_part_ptr,
+            row_parts,
+            a_ptr,
+            b_ptr,
+            M,
+            N,
+            D,
+            g,
+            inv_g,
+            False,
+            PRECISION,
+            UPCAST,
+            SCALED,
+            EPS,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_K,
+        )
         if NEED_TEMP:
             if pid == 0:
                 total = tl.zeros((1024,), dtype=tl.float32)
@@ -578,24 +875,92 @@ def grad_gemm_kernel(q_ptr, k_ptr, stride_q, stride_k, M, N, D, a_ptr, b_ptr, w_
                     total += tl.load(temp_part_ptr + t, mask=t < temp_parts, other=0.0)
                 tl.store(temp_grad_ptr, tl.sum(total, axis=0))
     else:
-        _gradient_tile(pid - q_tiles, d_tiles, h_ptr, stride_h, q_ptr, stride_q, k_ptr, stride_k, dk_ptr, stride_dk,
-                       col_part_ptr, col_parts, b_ptr, a_ptr, N, M, D, g, inv_g, True,
-                       PRECISION, UPCAST, SCALED, EPS, BLOCK_M, BLOCK_D, BLOCK_K)
+        _gradient_tile(
+            pid - q_tiles,
+            d_tiles,
+            h_ptr,
+            stride_h,
+            q_ptr,
+            stride_q,
+            k_ptr,
+            stride_k,
+            dk_ptr,
+            stride_dk,
+            col_part_ptr,
+            col_parts,
+            b_ptr,
+            a_ptr,
+            N,
+            M,
+            D,
+            g,
+            inv_g,
+            True,
+            PRECISION,
+            UPCAST,
+            SCALED,
+            EPS,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_K,
+        )
 
 
 @triton.jit
-def _gradient_tile(tile, d_tiles, h_ptr, stride_h, y_ptr, stride_y, x_ptr, stride_x, out_ptr, stride_out,
-                   part_ptr, parts, inv_norm_ptr, y_inv_norm_ptr, n_idx, n_inner, D, g, inv_g,
-                   TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   SCALED: tl.constexpr, EPS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gradient_tile(
+    tile,
+    d_tiles,
+    h_ptr,
+    stride_h,
+    y_ptr,
+    stride_y,
+    x_ptr,
+    stride_x,
+    out_ptr,
+    stride_out,
+    part_ptr,
+    parts,
+    inv_norm_ptr,
+    y_inv_norm_ptr,
+    n_idx,
+    n_inner,
+    D,
+    g,
+    inv_g,
+    TRANSPOSED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALED: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Tile `tile` of out = g (H y) (TRANSPOSED: g (H^T y)) minus the radial term of x, whose
     rows idx have the inverse norms inv_norm and radial sums spread over `parts` partials
     (y's rows have y_inv_norm: SCALED uses their powers of two, see grad_gemm_kernel)."""
     idx = (tile // d_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = (tile % d_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = _h_product(h_ptr, stride_h, y_ptr, stride_y, y_inv_norm_ptr, idx, offs, n_idx, n_inner, D, inv_g,
-                     TRANSPOSED, PRECISION, UPCAST, SCALED, BLOCK_M, BLOCK_D, BLOCK_K)
+    acc = _h_product(
+        h_ptr,
+        stride_h,
+        y_ptr,
+        stride_y,
+        y_inv_norm_ptr,
+        idx,
+        offs,
+        n_idx,
+        n_inner,
+        D,
+        inv_g,
+        TRANSPOSED,
+        PRECISION,
+        UPCAST,
+        SCALED,
+        BLOCK_M,
+        BLOCK_D,
+        BLOCK_K,
+    )
     r = _sum_parts(part_ptr, idx, n_idx, parts)
     inv_norm = tl.load(inv_norm_ptr + idx, mask=idx < n_idx, other=0.0)
     if SCALED:
@@ -605,9 +970,26 @@ def _gradient_tile(tile, d_tiles, h_ptr, stride_h, y_ptr, stride_y, x_ptr, strid
 
 
 @triton.jit
-def _h_product(h_ptr, stride_h, y_ptr, stride_y, y_inv_norm_ptr, idx, offs, n_idx, n_inner, D, inv_g,
-               TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SCALED: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _h_product(
+    h_ptr,
+    stride_h,
+    y_ptr,
+    stride_y,
+    y_inv_norm_ptr,
+    idx,
+    offs,
+    n_idx,
+    n_inner,
+    D,
+    inv_g,
+    TRANSPOSED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_D) fp32 tile of H y (rows idx of H (n_idx, n_inner)) or, TRANSPOSED, of
     H^T y (columns idx of H (n_inner, n_idx)), over y's d-chunk offs. H (fp32) is scaled by
     inv_g and rounded to y's dtype for the MMA."""
@@ -617,15 +999,24 @@ def _h_product(h_ptr, stride_h, y_ptr, stride_y, y_inv_norm_ptr, idx, offs, n_id
         ks = k0 + tl.arange(0, BLOCK_K)
         ks_ok = ks < n_inner
         if TRANSPOSED:
-            h = tl.load(h_ptr + ks.to(tl.int64)[:, None] * stride_h + idx[None, :],
-                        mask=ks_ok[:, None] & idx_ok[None, :], other=0.0)
+            h = tl.load(
+                h_ptr + ks.to(tl.int64)[:, None] * stride_h + idx[None, :],
+                mask=ks_ok[:, None] & idx_ok[None, :],
+                other=0.0,
+            )
             h = tl.trans((h * inv_g).to(y_ptr.dtype.element_ty))
         else:
-            h = tl.load(h_ptr + idx.to(tl.int64)[:, None] * stride_h + ks[None, :],
-                        mask=idx_ok[:, None] & ks_ok[None, :], other=0.0)
+            h = tl.load(
+                h_ptr + idx.to(tl.int64)[:, None] * stride_h + ks[None, :],
+                mask=idx_ok[:, None] & ks_ok[None, :],
+                other=0.0,
+            )
             h = (h * inv_g).to(y_ptr.dtype.element_ty)
-        y = tl.load(y_ptr + ks.to(tl.int64)[:, None] * stride_y + offs[None, :],
-                    mask=ks_ok[:, None] & (offs < D)[None, :], other=0.0)
+        y = tl.load(
+            y_ptr + ks.to(tl.int64)[:, None] * stride_y + offs[None, :],
+            mask=ks_ok[:, None] & (offs < D)[None, :],
+            other=0.0,
+        )
         if SCALED:
             sy, _ = _pow2_split(tl.load(y_inv_norm_ptr + ks, mask=ks_ok, other=0.0))
             y = y * sy[:, None]
@@ -634,9 +1025,23 @@ def _h_product(h_ptr, stride_h, y_ptr, stride_y, y_inv_norm_ptr, idx, offs, n_id
 
 
 @triton.jit
-def finish_kernel(prod_ptr, x_ptr, out_ptr, inv_norm_ptr, row_sum_ptr, scale_ptr, M, D,
-                  stride_prod, stride_x, stride_out,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SCALED: tl.constexpr, EPS: tl.constexpr):
+def finish_kernel(
+    prod_ptr,
+    x_ptr,
+    out_ptr,
+    inv_norm_ptr,
+    row_sum_ptr,
+    scale_ptr,
+    M,
+    D,
+    stride_prod,
+    stride_x,
+    stride_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SCALED: tl.constexpr,
+    EPS: tl.constexpr,
+):
     """out_i = scale * prod_i - [||x_i|| > EPS] a_i^2 r_i x_i: the gradient through
     x / max(||x||, EPS), given prod = (H @ other) and r_i = sum_j G_ij c_ij. SCALED: H's rows
     held a_i / s_i (fp32, `cosine_tile`), so prod_i is multiplied by s_i first."""
@@ -645,8 +1050,11 @@ def finish_kernel(prod_ptr, x_ptr, out_ptr, inv_norm_ptr, row_sum_ptr, scale_ptr
     row_ok = rows < M
     a = tl.load(inv_norm_ptr + rows, mask=row_ok, other=0.0)
     r = tl.load(row_sum_ptr + rows, mask=row_ok, other=0.0)
-    prod = tl.load(prod_ptr + rows.to(tl.int64)[:, None] * stride_prod + offs[None, :],
-                   mask=row_ok[:, None] & (offs < D)[None, :], other=0.0).to(tl.float32)
+    prod = tl.load(
+        prod_ptr + rows.to(tl.int64)[:, None] * stride_prod + offs[None, :],
+        mask=row_ok[:, None] & (offs < D)[None, :],
+        other=0.0,
+    ).to(tl.float32)
     if SCALED:
         s, _ = _pow2_split(a)
         prod = prod * s[:, None]

@@ -43,17 +43,19 @@ def _op(name: str, tail, returns):
     pairs = (*_LEAD, *((f, _FIELD_TYPES[f]) for f in KERNEL_FIELDS), *tail)
     signature = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in pairs],
-        return_annotation=returns)
+        return_annotation=returns,
+    )
 
     def register(body):
         body.__signature__ = signature
         return torch.library.custom_op(f"mmloss::{name}", mutates_args=())(body)
+
     return register
 
 
 def _split(args) -> Tuple[ops.Fields, tuple]:
     """The op arguments after inv_temp_value: (the problem's fields, the op's own inputs)."""
-    return ops.Fields(*args[:len(KERNEL_FIELDS)]), tuple(args[len(KERNEL_FIELDS):])
+    return ops.Fields(*args[: len(KERNEL_FIELDS)]), tuple(args[len(KERNEL_FIELDS) :])
 
 
 @_op("triton_forward", (), Tuple[Tensor, Tensor])
@@ -79,8 +81,9 @@ def _backward_op(query, key, inv_temp, inv_temp_value, *rest):
 @_op("triton_backward_symmetric", _BACKWARD + _SYMMETRIC, Tuple[Tensor, Tensor, Tensor])
 def _backward_symmetric_op(query, key, inv_temp, inv_temp_value, *rest):
     f, (lse, row_weight, need_temp_grad, lse_col, col_weight) = _split(rest)
-    return ops.run_backward(query, key, inv_temp, inv_temp_value, f, lse, row_weight, need_temp_grad,
-                            lse_col, col_weight)
+    return ops.run_backward(
+        query, key, inv_temp, inv_temp_value, f, lse, row_weight, need_temp_grad, lse_col, col_weight
+    )
 
 
 def _row_stats(query: Tensor) -> Tuple[Tensor, Tensor]:
@@ -115,6 +118,7 @@ def _(query, key, *args):
 
 # The kernel contract of mmloss.backends, on the ops.
 
+
 def _temperature(inv_temp) -> Tuple[Optional[Tensor], float]:
     """(inv_temp, inv_temp_value) of the ops: a tensor 1/tau as it is (the op body makes it the
     kernels' fp32), a float by value."""
@@ -137,25 +141,42 @@ def forward(query: Tensor, key: Tensor, inv_temp, problem: LossProblem) -> Tuple
 def forward_symmetric(query: Tensor, key: Tensor, inv_temp, problem: LossProblem) -> Tuple[Tensor, Tensor, Tensor]:
     """Both directions of a symmetric loss (M == N, diagonal positives) in one pass over the
     tiles: row lse (M,) fp64, column lse (N,) fp64 and the diagonal logit (M,) fp32."""
-    return torch.ops.mmloss.triton_forward_symmetric(query, key, *_temperature(inv_temp),
-                                                     *ops.fields(problem))
+    return torch.ops.mmloss.triton_forward_symmetric(query, key, *_temperature(inv_temp), *ops.fields(problem))
 
 
-def backward(query: Tensor, key: Tensor, inv_temp, problem: LossProblem, lse: Tensor, row_weight: Tensor,
-             need_temp_grad: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def backward(
+    query: Tensor, key: Tensor, inv_temp, problem: LossProblem, lse: Tensor, row_weight: Tensor, need_temp_grad: bool
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients of sum_i w_i loss_i over this block's columns, with P from the given lse:
     d_query (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim (or None)."""
     d_query, d_key, temp_grad = torch.ops.mmloss.triton_backward(
-        query, key, *_temperature(inv_temp), *ops.fields(problem), lse, row_weight, bool(need_temp_grad))
+        query, key, *_temperature(inv_temp), *ops.fields(problem), lse, row_weight, bool(need_temp_grad)
+    )
     return d_query, d_key, _d_inv_temp(temp_grad, inv_temp, need_temp_grad)
 
 
-def backward_symmetric(query: Tensor, key: Tensor, inv_temp, problem: LossProblem, lse: Tensor, lse_col: Tensor,
-                       row_weight: Tensor, col_weight: Tensor, need_temp_grad: bool
-                       ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def backward_symmetric(
+    query: Tensor,
+    key: Tensor,
+    inv_temp,
+    problem: LossProblem,
+    lse: Tensor,
+    lse_col: Tensor,
+    row_weight: Tensor,
+    col_weight: Tensor,
+    need_temp_grad: bool,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients of sum_i w_i row_loss_i + sum_j v_j col_loss_j in one pass over the tiles:
     each tile's G carries both directions' softmax terms."""
     d_query, d_key, temp_grad = torch.ops.mmloss.triton_backward_symmetric(
-        query, key, *_temperature(inv_temp), *ops.fields(problem), lse, row_weight, bool(need_temp_grad),
-        lse_col, col_weight)
+        query,
+        key,
+        *_temperature(inv_temp),
+        *ops.fields(problem),
+        lse,
+        row_weight,
+        bool(need_temp_grad),
+        lse_col,
+        col_weight,
+    )
     return d_query, d_key, _d_inv_temp(temp_grad, inv_temp, need_temp_grad)

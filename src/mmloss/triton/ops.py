@@ -71,10 +71,12 @@ def _capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
-KERNELS = {"forward": kernels.forward_kernel, "grad_tile": kernels.grad_tile_kernel,
-           "grad_gemm": kernels.grad_gemm_kernel}
-_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS",
-             "SYMMETRIC"]
+KERNELS = {
+    "forward": kernels.forward_kernel,
+    "grad_tile": kernels.grad_tile_kernel,
+    "grad_gemm": kernels.grad_gemm_kernel,
+}
+_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS", "SYMMETRIC"]
 TUNE_KEY = {"forward": _TUNE_KEY, "grad_tile": _TUNE_KEY + ["NEED_TEMP"]}
 
 
@@ -97,8 +99,9 @@ def _tuned(kind: str, cls: str, capability: int, autotune: bool):
     with autotune=False the class's first (default) config only."""
     reset = {"grad_tile": ["row_sum_ptr", "col_sum_ptr", "temp_grad_ptr"], "forward": ["col_acc_ptr"]}[kind]
     candidates = configs.configs(kind, cls, capability)
-    return triton.autotune(configs=candidates if autotune else candidates[:1], key=TUNE_KEY[kind],
-                           reset_to_zero=reset)(KERNELS[kind])
+    return triton.autotune(configs=candidates if autotune else candidates[:1], key=TUNE_KEY[kind], reset_to_zero=reset)(
+        KERNELS[kind]
+    )
 
 
 def _launch(kind: str, cls: str, device: torch.device, grid_fn, kwargs: Dict[str, object]) -> None:
@@ -128,8 +131,9 @@ def small_batch(M: int, N: int) -> bool:
     return max(M, N) <= SMALL_MAX
 
 
-def _temperature_args(inv_temp: Optional[torch.Tensor], inv_temp_value: float, device: torch.device
-                      ) -> Dict[str, object]:
+def _temperature_args(
+    inv_temp: Optional[torch.Tensor], inv_temp_value: float, device: torch.device
+) -> Dict[str, object]:
     """The kernels' 1/tau arguments: a tensor stays on the device (no host sync,
     graph-capturable), a float is passed by value (no fill launch)."""
     if inv_temp is not None:
@@ -152,26 +156,45 @@ def _feature_args(query: torch.Tensor, f: Fields) -> Dict[str, object]:
     has_filter = fq is not None
     has_groups = f.key_groups is not None
     return dict(
-        rg_ptr=f.row_groups if has_groups else dummy, kg_ptr=f.key_groups if has_groups else dummy,
-        tq_ptr=tq if adaptive else dummy, tk_ptr=tk if adaptive else dummy,
-        stride_tq=tq.stride(0) if adaptive else 0, stride_tk=tk.stride(0) if adaptive else 0,
+        rg_ptr=f.row_groups if has_groups else dummy,
+        kg_ptr=f.key_groups if has_groups else dummy,
+        tq_ptr=tq if adaptive else dummy,
+        tk_ptr=tk if adaptive else dummy,
+        stride_tq=tq.stride(0) if adaptive else 0,
+        stride_tk=tk.stride(0) if adaptive else 0,
         DT=tq.shape[1] if adaptive else 1,
-        fq_ptr=fq if has_filter else dummy, fk_ptr=fk if has_filter else dummy,
-        stride_fq=fq.stride(0) if has_filter else 0, stride_fk=fk.stride(0) if has_filter else 0,
-        DF=fq.shape[1] if has_filter else 1, threshold=float(f.filter_threshold),
+        fq_ptr=fq if has_filter else dummy,
+        fk_ptr=fk if has_filter else dummy,
+        stride_fq=fq.stride(0) if has_filter else 0,
+        stride_fk=fk.stride(0) if has_filter else 0,
+        DF=fq.shape[1] if has_filter else 1,
+        threshold=float(f.filter_threshold),
         # cos_threshold: cos m, above which f = c; cos_m, sin_m: the fixed margin's.
-        margin=float(f.margin), cos_threshold=f.cos_threshold, cos_m=math.cos(f.margin),
+        margin=float(f.margin),
+        cos_threshold=f.cos_threshold,
+        cos_m=math.cos(f.margin),
         sin_m=math.sin(f.margin),
-        HAS_MARGIN=has_margin, ADAPTIVE=adaptive, HAS_FILTER=has_filter, HAS_GROUPS=has_groups,
+        HAS_MARGIN=has_margin,
+        ADAPTIVE=adaptive,
+        HAS_FILTER=has_filter,
+        HAS_GROUPS=has_groups,
         PRECISION=_precision(query.dtype),
         T_PRECISION=_precision(tq.dtype) if adaptive else "ieee",
         F_PRECISION=_precision(fq.dtype) if has_filter else "ieee",
-        UPCAST=triton_interpreted(), SIN_EPS=MARGIN_SIN_EPS, SCALED=query.dtype == torch.float32,
+        UPCAST=triton_interpreted(),
+        SIN_EPS=MARGIN_SIN_EPS,
+        SCALED=query.dtype == torch.float32,
     )
 
 
-def run_forward(query: torch.Tensor, key: torch.Tensor, inv_temp: Optional[torch.Tensor], inv_temp_value: float,
-                f: Fields, symmetric: bool):
+def run_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    inv_temp: Optional[torch.Tensor],
+    inv_temp_value: float,
+    f: Fields,
+    symmetric: bool,
+):
     """(lse, pos_logit, column lse or None): the body of the forward custom ops (library.py).
     lse and lse_col are fp64 (carried relative to the positive's logit), pos_logit fp32.
     Small batches: the forward kernel alone. Else the norm prologue, the forward kernel over
@@ -192,11 +215,29 @@ def run_forward(query: torch.Tensor, key: torch.Tensor, inv_temp: Optional[torch
     temp = _temperature_args(inv_temp, inv_temp_value, dev)
     a, b = (pos_logit, pos_logit) if small else _inv_norms(query, key)
     kwargs = dict(
-        q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=M, N=N, D=D,
-        a_ptr=a, b_ptr=b, pos_ptr=f.positives, **temp, lse_ptr=part_lse, pos_logit_ptr=part_pos,
-        col_acc_ptr=col_acc, SPLITS=splits, **_feature_args(query, f),
-        M_BUCKET=configs.bucket(M), N_BUCKET=configs.bucket(N), D_BUCKET=configs.bucket(D),
-        FUSED_NORMS=small, SYMMETRIC=symmetric, EPS=NORM_EPS)
+        q_ptr=query,
+        k_ptr=key,
+        stride_q=query.stride(0),
+        stride_k=key.stride(0),
+        M=M,
+        N=N,
+        D=D,
+        a_ptr=a,
+        b_ptr=b,
+        pos_ptr=f.positives,
+        **temp,
+        lse_ptr=part_lse,
+        pos_logit_ptr=part_pos,
+        col_acc_ptr=col_acc,
+        SPLITS=splits,
+        **_feature_args(query, f),
+        M_BUCKET=configs.bucket(M),
+        N_BUCKET=configs.bucket(N),
+        D_BUCKET=configs.bucket(D),
+        FUSED_NORMS=small,
+        SYMMETRIC=symmetric,
+        EPS=NORM_EPS,
+    )
     cls = call_class(query, f, symmetric)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)  # noqa: E731
     if small:
@@ -207,14 +248,21 @@ def run_forward(query: torch.Tensor, key: torch.Tensor, inv_temp: Optional[torch
     if splits > 1:
         block = configs.ELEMENTWISE["BLOCK_M"] * 8
         kernels.combine_kernel[(triton.cdiv(M, block),)](
-            part_lse_ptr=part_lse, part_pos_ptr=part_pos, lse_ptr=lse, pos_logit_ptr=pos_logit, M=M,
-            SPLITS=splits, BLOCK=block)
+            part_lse_ptr=part_lse,
+            part_pos_ptr=part_pos,
+            lse_ptr=lse,
+            pos_logit_ptr=pos_logit,
+            M=M,
+            SPLITS=splits,
+            BLOCK=block,
+        )
     lse_col = None
     if symmetric:
         lse_col = torch.empty(N, dtype=torch.float64, device=dev)
         block = configs.ELEMENTWISE["BLOCK_M"] * 8
         kernels.column_lse_kernel[(triton.cdiv(N, block),)](
-            col_acc_ptr=col_acc, pos_logit_ptr=pos_logit, lse_col_ptr=lse_col, N=N, BLOCK=block)
+            col_acc_ptr=col_acc, pos_logit_ptr=pos_logit, lse_col_ptr=lse_col, N=N, BLOCK=block
+        )
     return lse, pos_logit, lse_col
 
 
@@ -241,22 +289,53 @@ def _inv_norms(query: torch.Tensor, key: torch.Tensor) -> Tuple[torch.Tensor, to
     b = torch.empty(N, dtype=torch.float32, device=query.device)
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
     grid = (triton.cdiv(M, bm) + triton.cdiv(N, bm),)
-    kernels.inv_norm_kernel[grid](x_ptr=query, y_ptr=key, a_ptr=a, b_ptr=b, M=M, N=N, D=D,
-                                  stride_x=query.stride(0), stride_y=key.stride(0),
-                                  BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS)
+    kernels.inv_norm_kernel[grid](
+        x_ptr=query,
+        y_ptr=key,
+        a_ptr=a,
+        b_ptr=b,
+        M=M,
+        N=N,
+        D=D,
+        stride_x=query.stride(0),
+        stride_y=key.stride(0),
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+        EPS=NORM_EPS,
+    )
     return a, b
 
 
-def _finish(prod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor,
-            row_sum: torch.Tensor, scale: torch.Tensor, scaled: bool) -> None:
+def _finish(
+    prod: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    inv_norm: torch.Tensor,
+    row_sum: torch.Tensor,
+    scale: torch.Tensor,
+    scaled: bool,
+) -> None:
     """out = scale * prod - [||x|| > eps] inv_norm^2 row_sum x (rows of equal count); scaled:
     prod's rows are first multiplied by the powers of two of inv_norm (kernels.cosine_tile)."""
     M, D = x.shape
     bm, bd = configs.ELEMENTWISE["BLOCK_M"], configs.ELEMENTWISE["BLOCK_D"]
     kernels.finish_kernel[(triton.cdiv(M, bm), triton.cdiv(D, bd))](
-        prod_ptr=prod, x_ptr=x, out_ptr=out, inv_norm_ptr=inv_norm, row_sum_ptr=row_sum, scale_ptr=scale,
-        M=M, D=D, stride_prod=prod.stride(0), stride_x=x.stride(0), stride_out=out.stride(0),
-        BLOCK_M=bm, BLOCK_D=bd, SCALED=scaled, EPS=NORM_EPS)
+        prod_ptr=prod,
+        x_ptr=x,
+        out_ptr=out,
+        inv_norm_ptr=inv_norm,
+        row_sum_ptr=row_sum,
+        scale_ptr=scale,
+        M=M,
+        D=D,
+        stride_prod=prod.stride(0),
+        stride_x=x.stride(0),
+        stride_out=out.stride(0),
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+        SCALED=scaled,
+        EPS=NORM_EPS,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,8 +364,18 @@ def chunk_shape(M: int, N: int, element_size: int) -> Tuple[int, int]:
     return rows, rows_within(budget, rows * element_size, minimum=128, multiple=128, total=N)
 
 
-def run_backward(query, key, inv_temp: Optional[torch.Tensor], inv_temp_value: float, f: Fields, lse,
-                 row_weight, need_temp_grad: bool, lse_col: Optional[torch.Tensor], col_weight: Optional[torch.Tensor]):
+def run_backward(
+    query,
+    key,
+    inv_temp: Optional[torch.Tensor],
+    inv_temp_value: float,
+    f: Fields,
+    lse,
+    row_weight,
+    need_temp_grad: bool,
+    lse_col: Optional[torch.Tensor],
+    col_weight: Optional[torch.Tensor],
+):
     """(d_query, d_key, d_inv_temp fp32 0-dim): the body of the backward custom ops. The
     small-batch or the chunked path, one direction or (with lse_col and col_weight) both;
     d_inv_temp holds a value only when need_temp_grad."""
@@ -299,9 +388,17 @@ def run_backward(query, key, inv_temp: Optional[torch.Tensor], inv_temp_value: f
         lse_col = lse_col.contiguous()
         col_weight = col_weight.to(torch.float32).contiguous()
     common = dict(
-        pos_ptr=f.positives, **_temperature_args(inv_temp, inv_temp_value, dev), lse_ptr=lse, w_ptr=weight,
-        lse_col_ptr=lse_col if symmetric else lse, v_ptr=col_weight if symmetric else weight,  # dummies
-        **_feature_args(query, f), NEED_TEMP=bool(need_temp_grad), SYMMETRIC=symmetric, EPS=NORM_EPS)
+        pos_ptr=f.positives,
+        **_temperature_args(inv_temp, inv_temp_value, dev),
+        lse_ptr=lse,
+        w_ptr=weight,
+        lse_col_ptr=lse_col if symmetric else lse,
+        v_ptr=col_weight if symmetric else weight,  # dummies
+        **_feature_args(query, f),
+        NEED_TEMP=bool(need_temp_grad),
+        SYMMETRIC=symmetric,
+        EPS=NORM_EPS,
+    )
     run = _backward_small if small_batch(query.shape[0], key.shape[0]) else _backward_chunked
     d_query, d_key, temp_grad = run(query, key, f, common)
     return d_query, d_key, temp_grad.reshape(())
@@ -319,31 +416,77 @@ def _backward_small(query, key, f: Fields, common: Dict[str, object]):
     b = torch.empty(N, dtype=torch.float32, device=dev)
     # One allocation; temp_grad first (the op returns it: a view at storage offset 0).
     parts = torch.empty(1 + tiles_n * M + tiles_m * N + tiles_m * tiles_n, dtype=torch.float32, device=dev)
-    temp_grad, row_part = parts[:1], parts[1: 1 + tiles_n * M]
-    col_part, temp_part = parts[1 + tiles_n * M: 1 + tiles_n * M + tiles_m * N], parts[1 + tiles_n * M + tiles_m * N:]
+    temp_grad, row_part = parts[:1], parts[1 : 1 + tiles_n * M]
+    col_part, temp_part = parts[1 + tiles_n * M : 1 + tiles_n * M + tiles_m * N], parts[1 + tiles_n * M + tiles_m * N :]
     h = torch.empty(M, N, dtype=torch.float32, device=dev)
     kernels.grad_tile_kernel[(tiles_m * tiles_n,)](
-        q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=M, N=N, D=D,
-        row0=0, col0=0, a_ptr=a, b_ptr=b, **common, scale_ptr=_one(dev), h_ptr=h, stride_h=h.stride(0),
-        row_sum_ptr=row_part, col_sum_ptr=col_part, temp_grad_ptr=temp_part,
-        M_BUCKET=configs.bucket(M), N_BUCKET=configs.bucket(N), D_BUCKET=configs.bucket(D),
-        FUSED=True, GROUP_M=configs.GROUP_M, **tile)
+        q_ptr=query,
+        k_ptr=key,
+        stride_q=query.stride(0),
+        stride_k=key.stride(0),
+        M=M,
+        N=N,
+        D=D,
+        row0=0,
+        col0=0,
+        a_ptr=a,
+        b_ptr=b,
+        **common,
+        scale_ptr=_one(dev),
+        h_ptr=h,
+        stride_h=h.stride(0),
+        row_sum_ptr=row_part,
+        col_sum_ptr=col_part,
+        temp_grad_ptr=temp_part,
+        M_BUCKET=configs.bucket(M),
+        N_BUCKET=configs.bucket(N),
+        D_BUCKET=configs.bucket(D),
+        FUSED=True,
+        GROUP_M=configs.GROUP_M,
+        **tile,
+    )
     d_query = torch.empty(query.shape, dtype=query.dtype, device=dev)
     d_key = torch.empty(key.shape, dtype=key.dtype, device=dev)
     gemm = _small_meta("grad_gemm", cls, dev)
     d_tiles = triton.cdiv(D, gemm["BLOCK_D"])
     grid = ((triton.cdiv(M, gemm["BLOCK_M"]) + triton.cdiv(N, gemm["BLOCK_M"])) * d_tiles,)
     kernels.grad_gemm_kernel[grid](
-        q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=M, N=N, D=D,
-        a_ptr=a, b_ptr=b, w_ptr=common["w_ptr"], v_ptr=common["v_ptr"],
-        inv_temp_ptr=common["inv_temp_ptr"], inv_temp_value=common["inv_temp_value"],
-        h_ptr=h, stride_h=h.stride(0), row_part_ptr=row_part, col_part_ptr=col_part,
-        temp_part_ptr=temp_part, temp_grad_ptr=temp_grad,
-        row_parts=tiles_n, col_parts=tiles_m, temp_parts=tiles_m * tiles_n,
-        dq_ptr=d_query, dk_ptr=d_key, stride_dq=d_query.stride(0), stride_dk=d_key.stride(0),
-        NEED_TEMP=common["NEED_TEMP"], PRECISION=common["PRECISION"], UPCAST=common["UPCAST"],
-        TEMP_PTR=common["TEMP_PTR"], SYMMETRIC=common["SYMMETRIC"], SCALE16=query.dtype == torch.float16,
-        SCALED=common["SCALED"], EPS=NORM_EPS, **gemm)
+        q_ptr=query,
+        k_ptr=key,
+        stride_q=query.stride(0),
+        stride_k=key.stride(0),
+        M=M,
+        N=N,
+        D=D,
+        a_ptr=a,
+        b_ptr=b,
+        w_ptr=common["w_ptr"],
+        v_ptr=common["v_ptr"],
+        inv_temp_ptr=common["inv_temp_ptr"],
+        inv_temp_value=common["inv_temp_value"],
+        h_ptr=h,
+        stride_h=h.stride(0),
+        row_part_ptr=row_part,
+        col_part_ptr=col_part,
+        temp_part_ptr=temp_part,
+        temp_grad_ptr=temp_grad,
+        row_parts=tiles_n,
+        col_parts=tiles_m,
+        temp_parts=tiles_m * tiles_n,
+        dq_ptr=d_query,
+        dk_ptr=d_key,
+        stride_dq=d_query.stride(0),
+        stride_dk=d_key.stride(0),
+        NEED_TEMP=common["NEED_TEMP"],
+        PRECISION=common["PRECISION"],
+        UPCAST=common["UPCAST"],
+        TEMP_PTR=common["TEMP_PTR"],
+        SYMMETRIC=common["SYMMETRIC"],
+        SCALE16=query.dtype == torch.float16,
+        SCALED=common["SCALED"],
+        EPS=NORM_EPS,
+        **gemm,
+    )
     return d_query, d_key, temp_grad
 
 
@@ -362,7 +505,7 @@ def _backward_chunked(query, key, f: Fields, common: Dict[str, object]):
         inv_t = common["inv_temp_ptr"] if common["TEMP_PTR"] else common["inv_temp_value"]
         scale = fp16_scratch_scale(weight_max, a, b, inv_t)
     sums = torch.zeros(1 + M + N, dtype=torch.float32, device=dev)  # one launch for all three
-    temp_grad, row_sum, col_sum = sums[:1], sums[1:1 + M], sums[1 + M:]
+    temp_grad, row_sum, col_sum = sums[:1], sums[1 : 1 + M], sums[1 + M :]
 
     R, C = chunk_shape(M, N, torch.finfo(h_dtype).bits // 8)
     # The autotune key uses R, the same for every chunk: tuning (whose reset_to_zero clears
@@ -381,14 +524,37 @@ def _backward_chunked(query, key, f: Fields, common: Dict[str, object]):
             c1 = min(N, c0 + C)
             h = scratch[: r1 - r0, : c1 - c0]
             kwargs = dict(
-                q_ptr=query, k_ptr=key, stride_q=query.stride(0), stride_k=key.stride(0), M=r1, N=c1, D=D,
-                row0=r0, col0=c0, a_ptr=a, b_ptr=b, **common, scale_ptr=scale, h_ptr=h, stride_h=h.stride(0),
-                row_sum_ptr=row_sum, col_sum_ptr=col_sum, temp_grad_ptr=temp_grad,
-                M_BUCKET=configs.bucket(R), N_BUCKET=configs.bucket(C), D_BUCKET=configs.bucket(D),
-                FUSED=False, GROUP_M=configs.GROUP_M)
-            _launch("grad_tile", cls, dev,
-                    lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(c1 - c0, meta["BLOCK_N"]),),
-                    kwargs)
+                q_ptr=query,
+                k_ptr=key,
+                stride_q=query.stride(0),
+                stride_k=key.stride(0),
+                M=r1,
+                N=c1,
+                D=D,
+                row0=r0,
+                col0=c0,
+                a_ptr=a,
+                b_ptr=b,
+                **common,
+                scale_ptr=scale,
+                h_ptr=h,
+                stride_h=h.stride(0),
+                row_sum_ptr=row_sum,
+                col_sum_ptr=col_sum,
+                temp_grad_ptr=temp_grad,
+                M_BUCKET=configs.bucket(R),
+                N_BUCKET=configs.bucket(C),
+                D_BUCKET=configs.bucket(D),
+                FUSED=False,
+                GROUP_M=configs.GROUP_M,
+            )
+            _launch(
+                "grad_tile",
+                cls,
+                dev,
+                lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(c1 - c0, meta["BLOCK_N"]),),
+                kwargs,
+            )
             if query_acc is None:
                 prod = torch.mm(h, key)
             else:

@@ -27,10 +27,26 @@ GROUP_M = 8
 
 
 @triton.jit
-def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride_out,
-                      NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr, SCALED: tl.constexpr, EPS: tl.constexpr):
+def similarity_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    D,
+    stride_a,
+    stride_b,
+    stride_out,
+    NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALED: tl.constexpr,
+    EPS: tl.constexpr,
+):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -47,8 +63,9 @@ def similarity_kernel(a_ptr, b_ptr, out_ptr, M, N, D, stride_a, stride_b, stride
     if NORMALIZE:
         inv_a = row_inv_norms(a_ptr, stride_a, rows, M, D, NORM_CHUNK, EPS)
         inv_b = row_inv_norms(b_ptr, stride_b, cols, N, D, NORM_CHUNK, EPS)
-        acc, _, _ = cosine_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, M, N, D, inv_a, inv_b,
-                            BLOCK_D, PRECISION, UPCAST, SCALED)
+        acc, _, _ = cosine_tile(
+            a_ptr, b_ptr, stride_a, stride_b, rows, cols, M, N, D, inv_a, inv_b, BLOCK_D, PRECISION, UPCAST, SCALED
+        )
     else:
         acc = dot_tile(a_ptr, b_ptr, stride_a, stride_b, rows, cols, M, N, D, BLOCK_D, PRECISION, UPCAST)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
@@ -72,9 +89,21 @@ def similarity_into(a: torch.Tensor, b: torch.Tensor, normalize: bool, out: torc
     meta = _meta(a.dtype)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     similarity_kernel[grid](
-        a_ptr=a, b_ptr=b, out_ptr=out, M=M, N=N, D=D, stride_a=a.stride(0), stride_b=b.stride(0),
-        stride_out=out.stride(0), NORMALIZE=normalize, GROUP=GROUP_M,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=triton_interpreted(),
-        SCALED=a.dtype == torch.float32, EPS=NORM_EPS, **meta,
+        a_ptr=a,
+        b_ptr=b,
+        out_ptr=out,
+        M=M,
+        N=N,
+        D=D,
+        stride_a=a.stride(0),
+        stride_b=b.stride(0),
+        stride_out=out.stride(0),
+        NORMALIZE=normalize,
+        GROUP=GROUP_M,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        UPCAST=triton_interpreted(),
+        SCALED=a.dtype == torch.float32,
+        EPS=NORM_EPS,
+        **meta,
     )
     return out

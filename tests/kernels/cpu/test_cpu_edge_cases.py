@@ -10,8 +10,16 @@ from mmloss.checks import build_problem
 from mmloss.contrastive import inverse_temperature
 from mmloss.reference import contrastive_loss_reference
 
-NO_FEATURES = dict(positives=None, margin=0.0, margin_teacher=None, filter_teacher=None, filter_threshold=None,
-                   filter_normalize=False, key_groups=None, reduction="mean")
+NO_FEATURES = dict(
+    positives=None,
+    margin=0.0,
+    margin_teacher=None,
+    filter_teacher=None,
+    filter_threshold=None,
+    filter_normalize=False,
+    key_groups=None,
+    reduction="mean",
+)
 
 
 @pytest.fixture
@@ -56,8 +64,7 @@ def test_symmetric_one_pass_is_exact_at_a_tiny_temperature(dtype, tiled, request
 
 # (dtype, power-of-two row scale): fp16 rows of norm above 65,504 (entries below it), fp32 rows
 # whose squares and raw products overflow fp32, float64 rows whose squares overflow float64.
-HUGE_ROWS = [(torch.float16, 2.0 ** 14), (torch.float32, 2.0 ** 100), (torch.float32, 2.0 ** 125),
-             (torch.float64, 2.0 ** 900)]
+HUGE_ROWS = [(torch.float16, 2.0**14), (torch.float32, 2.0**100), (torch.float32, 2.0**125), (torch.float64, 2.0**900)]
 
 
 def _huge(x: torch.Tensor, dtype, scale) -> torch.Tensor:
@@ -85,7 +92,7 @@ def test_rows_whose_norms_overflow_their_dtype(dtype, scale, features):
     rtol = {torch.float16: 2e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(got.double(), want.detach(), rtol=rtol, atol=0)
     # fp16 gradients of ~1/scale are subnormal there: their spacing 2^-24 bounds the error.
-    floor = 2.0 ** -24 if dtype == torch.float16 else 0.0
+    floor = 2.0**-24 if dtype == torch.float16 else 0.0
     for g, ref in ((q.grad, q0.grad / scale), (k.grad, k0.grad / scale)):
         torch.testing.assert_close(g.double(), ref, rtol=rtol, atol=max(rtol * float(ref.abs().max()), floor))
 
@@ -96,8 +103,10 @@ def test_similarity_and_topk_of_rows_whose_norms_overflow(dtype, scale):
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(9, 24, generator=g), torch.randn(31, 24, generator=g)
     a, b = _huge(a, dtype, scale), _huge(b, dtype, scale)
-    want = torch.nn.functional.normalize(a.double() / scale, dim=1) @ torch.nn.functional.normalize(
-        b.double() / scale, dim=1).T
+    want = (
+        torch.nn.functional.normalize(a.double() / scale, dim=1)
+        @ torch.nn.functional.normalize(b.double() / scale, dim=1).T
+    )
     got = mmloss.similarity(a, b, backend="cpu")
     tol = 1e-3 if dtype == torch.float16 else 1e-6
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)

@@ -37,8 +37,9 @@ print(_C.cpu_isa())
 
 def _run(isa: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MMLOSS_CPU_ISA": isa}
-    return subprocess.run([sys.executable, "-c", _CHECK_AGAINST_REFERENCE], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", _CHECK_AGAINST_REFERENCE], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def test_the_extension_reports_the_widest_variant_this_cpu_runs():

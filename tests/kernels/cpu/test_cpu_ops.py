@@ -14,8 +14,9 @@ from mmloss.kernel_common import inv_temp_tensor
 from mmloss.problem import KERNEL_FIELDS
 from tests.cases import make_case
 
-pytestmark = pytest.mark.skipif(unavailable_reason("cpu", torch.device("cpu")) is not None,
-                                reason="needs the compiled CPU backend")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("cpu", torch.device("cpu")) is not None, reason="needs the compiled CPU backend"
+)
 LEADING = ("query", "key", "inv_temp")
 
 
@@ -25,8 +26,13 @@ def _problem_call(features: str, dtype=torch.float64, seed: int = 4, M: int = 9,
     case = make_case(M, N, 6, features, seed=seed)
     q, k, _ = case.inputs(dtype)
     q, k = q.detach(), k.detach()
-    kwargs = {**dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
-              "filter_normalize": False, "reduction": "mean", "backend": "cpu", **case.kwargs}
+    kwargs = {
+        **dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
+        "filter_normalize": False,
+        "reduction": "mean",
+        "backend": "cpu",
+        **case.kwargs,
+    }
     problem = build_problem(q, k, temperature=case.temperature, **kwargs)
     return q, k, inv_temp_tensor(1.0 / case.temperature, q.device), problem
 
@@ -63,13 +69,14 @@ def test_every_op_takes_the_problem_fields_in_their_python_order():
     """The schema fragment generated from csrc/include/mmloss/problem.h against
     mmloss.problem.KERNEL_FIELDS, and the LossProblem fields they name."""
     from mmloss.problem import LossProblem
+
     names = {f.name for f in LossProblem.__dataclass_fields__.values()}
     assert set(KERNEL_FIELDS) <= names
     for op in library.OPS:
         schema = getattr(torch.ops.mmloss, op).default._schema
         arguments = [a.name for a in schema.arguments]
         assert tuple(arguments[:3]) == LEADING, op
-        assert tuple(arguments[3:3 + len(KERNEL_FIELDS)]) == KERNEL_FIELDS, op
+        assert tuple(arguments[3 : 3 + len(KERNEL_FIELDS)]) == KERNEL_FIELDS, op
         assert tuple(arguments[-2:]) == ("chunk_rows", "chunk_cols"), op
 
 
@@ -92,8 +99,9 @@ def test_results_agree_between_ops(dtype, cols):
     torch.testing.assert_close(lse_s, lse)
     torch.testing.assert_close(pos_s, pos)
     torch.testing.assert_close(lse_col, col_lse)
-    sym = torch.ops.mmloss.contrastive_backward_symmetric(*lead, lse, lse_col, weight, torch.zeros_like(weight),
-                                                          True, 5, cols)
+    sym = torch.ops.mmloss.contrastive_backward_symmetric(
+        *lead, lse, lse_col, weight, torch.zeros_like(weight), True, 5, cols
+    )
     for got, want in zip(sym, grads):
         torch.testing.assert_close(got, want)
     _, _, no_temp = torch.ops.mmloss.contrastive_backward(*lead, lse, weight, False, 5, cols)
@@ -102,6 +110,7 @@ def test_results_agree_between_ops(dtype, cols):
 
 def test_fakes_give_dtypes_and_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     q, k, t, problem = _problem_call("plain", torch.float32, M=5, N=8)
     lead = (q, k, t, *problem.kernel_args())
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -124,6 +133,7 @@ def test_ops_reject_inputs_of_the_wrong_length():
     with pytest.raises(RuntimeError, match="lse must have 1 dimension"):
         torch.ops.mmloss.contrastive_backward(*lead, lse[:3], weight, True, 4, 0)
     import dataclasses
+
     short = dataclasses.replace(problem, key_groups=problem.key_groups[:-1])
     with pytest.raises(RuntimeError, match="key_groups must have"):
         torch.ops.mmloss.contrastive_forward(q, k, t, *short.kernel_args(), 4, 0)

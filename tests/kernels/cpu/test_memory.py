@@ -12,8 +12,10 @@ def test_cpu_extra_memory_far_below_the_matrix():
     grads = 2 * n * d * 4
     assert result["extra_bytes"] < matrix_bytes / 16, result
     assert result["scratch_bytes"] < 32 * 2**20, result  # strip tiles + BLAS buffers
-    print(f"\nextra {result['extra_bytes'] / 2**20:.1f} MiB (grads {grads / 2**20:.1f} MiB), "
-          f"M×N would be {matrix_bytes / 2**20:.0f} MiB; fwd+bwd {result['seconds']:.2f} s")
+    print(
+        f"\nextra {result['extra_bytes'] / 2**20:.1f} MiB (grads {grads / 2**20:.1f} MiB), "
+        f"M×N would be {matrix_bytes / 2**20:.0f} MiB; fwd+bwd {result['seconds']:.2f} s"
+    )
 
 
 _FEW_ROWS_MANY_COLUMNS = """
@@ -44,8 +46,9 @@ def test_cpu_scratch_is_bounded_for_few_rows_and_many_columns():
     import sys
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17), "MMLOSS_CPU_SCRATCH_MB": "4"}
-    out = subprocess.run([sys.executable, "-c", _FEW_ROWS_MANY_COLUMNS], capture_output=True, text=True,
-                         timeout=600, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _FEW_ROWS_MANY_COLUMNS], capture_output=True, text=True, timeout=600, env=env, check=True
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     inverse_norms = 2_000_000 * 4
     assert result["finite"], result

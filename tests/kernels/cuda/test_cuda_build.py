@@ -3,7 +3,6 @@ against the installed torch's headers) with no warning; ptxas reports no spills 
 frame for any kernel; the SASS of the loss kernels' inner loops uses tensor-core instructions
 (HMMA) for bf16/fp16 and exact fp32 FMAs (FFMA, no HMMA) for fp32, and no local memory."""
 
-from tests.repo import REPO
 import os
 import re
 import shutil
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.repo import REPO
 
 ROOT = REPO
 ARCHS = {"80", "90"}
@@ -42,14 +43,24 @@ def build(tmp_path_factory):
     """(log, build dir) of `cmake --build --target cuda_compile_check` in a fresh tree."""
     tmp = tmp_path_factory.mktemp("cuda_check")
     configure = [
-        "cmake", str(ROOT), "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-        f"-DPython3_EXECUTABLE={sys.executable}", f"-DMMLOSS_OUTPUT_DIR={tmp / 'out'}",
+        "cmake",
+        str(ROOT),
+        "-G",
+        "Ninja",
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DPython3_EXECUTABLE={sys.executable}",
+        f"-DMMLOSS_OUTPUT_DIR={tmp / 'out'}",
         "-DMMLOSS_CUDA_ARCHS=80;90",
     ]
     subprocess.run(configure, cwd=tmp, check=True, capture_output=True)
     jobs = ["-j", os.environ["MAX_JOBS"]] if os.environ.get("MAX_JOBS") else []
-    done = subprocess.run(["cmake", "--build", ".", "--target", "cuda_compile_check", *jobs], cwd=tmp,
-                          capture_output=True, text=True, env={**os.environ, "TERM": "dumb"})
+    done = subprocess.run(
+        ["cmake", "--build", ".", "--target", "cuda_compile_check", *jobs],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TERM": "dumb"},
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log
     return log, tmp
@@ -58,8 +69,9 @@ def build(tmp_path_factory):
 def resources(log: str):
     """{(kernel, arch): ptxas report line(s)} from the -Xptxas=-v output."""
     out = {}
-    for name, arch, body in re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'(.*?)(?=Compiling entry|\Z)",
-                                       log, re.S):
+    for name, arch, body in re.findall(
+        r"Compiling entry function '(\w+)' for 'sm_(\d+)'(.*?)(?=Compiling entry|\Z)", log, re.S
+    ):
         out[(name, arch)] = body
     return out
 

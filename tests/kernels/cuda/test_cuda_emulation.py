@@ -16,7 +16,6 @@ import torch
 import mmloss
 from mmloss import backends
 from mmloss.checks import build_problem
-
 from tests.cases import FEATURES, assert_kernel_matches_reference, make_case
 
 if shutil.which("g++") is None:
@@ -39,8 +38,9 @@ def library():
 def as_cuda_backend(monkeypatch):
     """backend="cuda" served by the emulated kernels, on CPU tensors."""
     kernels, reason = backends.kernels, backends.unavailable_reason
-    monkeypatch.setattr(backends, "unavailable_reason",
-                        lambda name, device: None if name == "cuda" else reason(name, device))
+    monkeypatch.setattr(
+        backends, "unavailable_reason", lambda name, device: None if name == "cuda" else reason(name, device)
+    )
     monkeypatch.setattr(backends, "kernels", lambda name: emulated if name == "cuda" else kernels(name))
 
 
@@ -82,8 +82,13 @@ def test_reductions(reduction):
 
 def _kernel_outputs(q, k, case):
     """forward and backward of the backend contract (lse, pos_logit, d_query, d_key, d_inv_temp)."""
-    kwargs = {**dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
-              "filter_normalize": False, "reduction": "mean", "backend": "cuda", **case.kwargs}
+    kwargs = {
+        **dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
+        "filter_normalize": False,
+        "reduction": "mean",
+        "backend": "cuda",
+        **case.kwargs,
+    }
     problem = build_problem(q, k, temperature=case.temperature, **kwargs)
     inv_temp = 1.0 / case.temperature
     lse, pos = emulated.forward(q, k, inv_temp, problem)
@@ -96,7 +101,7 @@ def _in_nan_frame(x: torch.Tensor, offset: int) -> torch.Tensor:
     of 2 * offset after each row): a read outside x makes the results NaN."""
     M, d = x.shape
     frame = torch.full((M + 2, d + 2 * offset), float("nan"), dtype=x.dtype)
-    view = frame[1:M + 1, offset:offset + d]
+    view = frame[1 : M + 1, offset : offset + d]
     view.copy_(x)
     return view
 
@@ -133,14 +138,17 @@ def test_thread_order_strides_and_alignment_change_no_bit(dtype, monkeypatch):
 def test_conversions_round_to_nearest_even_as_torch(dtype):
     g = torch.Generator().manual_seed(0)
     finfo = torch.finfo(dtype)
-    mags = torch.exp2(torch.empty(200000).uniform_(-30, 18, generator=g)) * torch.empty(200000).uniform_(1, 2, generator=g)
+    mags = torch.exp2(torch.empty(200000).uniform_(-30, 18, generator=g)) * torch.empty(200000).uniform_(
+        1, 2, generator=g
+    )
     signs = torch.where(torch.rand(200000, generator=g) < 0.5, -1.0, 1.0)
     # Every value of the 16-bit type, the midpoints between neighbours, and special values.
-    every = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
     every = every[torch.isfinite(every)].unique()
     midpoints = ((every[1:].double() + every[:-1].double()) / 2).float()
-    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), finfo.max, finfo.tiny, 65520.0, 65519.99,
-                            3e38, 1e-45])
+    special = torch.tensor(
+        [0.0, -0.0, float("inf"), float("-inf"), finfo.max, finfo.tiny, 65520.0, 65519.99, 3e38, 1e-45]
+    )
     x = torch.cat([mags * signs, every, midpoints, special])
     got = emulated.round_trip(x, dtype)
     want = x.to(dtype).float()
@@ -154,16 +162,28 @@ def test_a_bad_launch_reaches_the_launchers_error():
     returns that error through cudaGetLastError like on the device."""
     case = make_case(1, 7, 3, "plain", seed=1)
     q, k, _ = case.inputs(torch.float32)
-    problem = build_problem(q.detach(), k.detach(), temperature=0.1, positives=None, margin=0.0,
-                            margin_teacher=None, filter_teacher=None, filter_threshold=None,
-                            filter_normalize=False, key_groups=None, symmetric=False, reduction="mean",
-                            backend="cuda")
+    problem = build_problem(
+        q.detach(),
+        k.detach(),
+        temperature=0.1,
+        positives=None,
+        margin=0.0,
+        margin_teacher=None,
+        filter_teacher=None,
+        filter_threshold=None,
+        filter_normalize=False,
+        key_groups=None,
+        symmetric=False,
+        reduction="mean",
+        backend="cuda",
+    )
     lib, p = emulated.library(), emulated._prepare(q.detach(), k.detach(), 10.0, problem)
     splits = 65536
     partial, lse, pos_logit = torch.zeros(3 * splits), torch.zeros(1), torch.zeros(1)
     try:
-        err = lib.emu_forward(ctypes.c_void_p(p.args), splits, emulated._ptr(partial), emulated._ptr(lse),
-                              emulated._ptr(pos_logit))
+        err = lib.emu_forward(
+            ctypes.c_void_p(p.args), splits, emulated._ptr(partial), emulated._ptr(lse), emulated._ptr(pos_logit)
+        )
     finally:
         lib.emu_free_tile_args(ctypes.c_void_p(p.args))
     assert err != 0 and lib.emu_error_string(err) == b"invalid launch configuration"
@@ -178,7 +198,7 @@ def test_query_rows_whose_squares_overflow_fp32(dtype, monkeypatch):
     1/s). Before: inverse norm 0, so every cosine 0 and a loss of log N."""
     plan(monkeypatch, streamed=False, chunked=True)
     case = make_case(70, 66, 40, "all", seed=3)
-    scale = 2.0 ** 80
+    scale = 2.0**80
     q = (case.query.double() * scale).to(dtype).requires_grad_(True)
     k = case.key.to(dtype).requires_grad_(True)
     q0 = (q.detach().double() / scale).requires_grad_(True)

@@ -61,10 +61,17 @@ def test_strided_and_expanded_inputs():
     k_expanded = torch.randn(1, 65, device="cuda").expand(33, 65)
     groups = torch.arange(66, device="cuda")[::2]
     for key in (torch.randn(33, 65, device="cuda")[:, :], k_expanded):
-        got = mmloss.contrastive_loss(q, key, positives=torch.arange(40, device="cuda") % 33, key_groups=groups,
-                                      margin=0.1, backend=BACKEND)
-        want = mmloss.contrastive_loss(q.double(), key.double(), positives=torch.arange(40, device="cuda") % 33,
-                                       key_groups=groups, margin=0.1, backend="reference")
+        got = mmloss.contrastive_loss(
+            q, key, positives=torch.arange(40, device="cuda") % 33, key_groups=groups, margin=0.1, backend=BACKEND
+        )
+        want = mmloss.contrastive_loss(
+            q.double(),
+            key.double(),
+            positives=torch.arange(40, device="cuda") % 33,
+            key_groups=groups,
+            margin=0.1,
+            backend="reference",
+        )
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -127,6 +134,11 @@ def test_compute_sanitizer_small_case(tool):
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sanitizer, f"--tool={tool}", "--error-exitcode=3",
-                           sys.executable, "-c", SANITIZED], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sanitizer, f"--tool={tool}", "--error-exitcode=3", sys.executable, "-c", SANITIZED],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

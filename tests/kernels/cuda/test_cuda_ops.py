@@ -9,18 +9,24 @@ import json
 import pytest
 import torch
 
-from mmloss import backends
+from mmloss import (
+    backends,
+    library,  # noqa: F401  (registers the fakes)
+)
 from mmloss.checks import build_problem
-from mmloss import library  # noqa: F401  (registers the fakes)
-
 from tests.cases import make_case
 
 
 def _op_args(case, dtype=torch.float64):
     q, k, _ = case.inputs(dtype)
     q, k = q.detach(), k.detach()
-    kwargs = {**dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
-              "filter_normalize": False, "reduction": "mean", "backend": "cpu", **case.kwargs}
+    kwargs = {
+        **dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
+        "filter_normalize": False,
+        "reduction": "mean",
+        "backend": "cpu",
+        **case.kwargs,
+    }
     problem = build_problem(q, k, temperature=case.temperature, **kwargs)
     inv_temp = torch.tensor([1.0 / case.temperature], dtype=torch.float64)
     return q, k, inv_temp, problem.kernel_args(), problem
@@ -41,6 +47,7 @@ def test_ops_match_the_cpu_backend_and_trace_under_torch_compile():
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
     import mmloss.cpu
+
     lse, pos = mmloss.cpu.forward(q, k, 1.0 / case.temperature, problem)
     torch.testing.assert_close(eager[0], lse)
     torch.testing.assert_close(eager[1], pos)
@@ -48,6 +55,7 @@ def test_ops_match_the_cpu_backend_and_trace_under_torch_compile():
 
 def test_cuda_backend_rejects_what_it_cannot_serve():
     import mmloss.cuda as cuda
+
     case = make_case(3, 4, 2, "plain", seed=2)
     q, k, _, _, problem = _op_args(case)
     with pytest.raises(TypeError, match="query dtype torch.float64"):
@@ -58,9 +66,10 @@ def test_cuda_backend_rejects_what_it_cannot_serve():
 
 def test_row_chunk_is_within_budget_and_whole_tiles(monkeypatch):
     import mmloss.cuda as cuda
+
     monkeypatch.setenv("MMLOSS_CUDA_SCRATCH_MB", "1")
-    assert cuda.row_chunk(100, 10, 2) == 100                   # fits: one chunk
-    assert cuda.row_chunk(100_000, 4096, 2) == 128             # 1 MiB / 8 KiB = 128 rows
+    assert cuda.row_chunk(100, 10, 2) == 100  # fits: one chunk
+    assert cuda.row_chunk(100_000, 4096, 2) == 128  # 1 MiB / 8 KiB = 128 rows
     assert cuda.row_chunk(100_000, 1 << 20, 2) == cuda.ROW_TILE  # at least one row tile
 
 

@@ -3,13 +3,13 @@ CPU backend's suites exercise it through the kernels; this checks the functions 
 kernels use beyond the CPU's path (online log-sum-exp update and merge, float instances)
 directly against float64 Python, compiled with the host C++ compiler (no GPU, no torch)."""
 
-from tests.repo import REPO
 import math
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+
+from tests.repo import REPO
 
 ROOT = REPO
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -56,7 +56,8 @@ int main() {
   lse_case<double>("lse_nan", poisoned, 3, 1);
   std::printf("logit_grad %.17g %.17g\n", logit_grad(0.25, 1.0, 2.0, false), logit_grad(0.25, 1.0, 2.0, true));
   std::printf("cosine_grad %.17g\n", cosine_grad(-1.5, 0.5, 20.0));
-  std::printf("inv_temp_grad %.17g %.17g\n", inv_temp_grad(0.5, 0.75, true), inv_temp_grad(0.5, double(-INFINITY), false));
+  std::printf("inv_temp_grad %.17g %.17g\n", inv_temp_grad(0.5, 0.75, true),
+              inv_temp_grad(0.5, double(-INFINITY), false));
   std::printf("coef %.17g %.17g\n", double(normalize_grad_coef(2.0f, 3.0f)),
               double(normalize_grad_coef(float(1.0 / kNormEps), 3.0f)));
   const MarginPair<double> mp{std::cos(0.3), std::cos(0.3), std::sin(0.3)};
@@ -79,8 +80,12 @@ def results(tmp_path_factory):
         pytest.skip("no host C++ compiler")
     tmp = tmp_path_factory.mktemp("tile_math")
     (tmp / "t.cpp").write_text(PROGRAM)
-    subprocess.run([CXX, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'csrc' / 'include'}", "t.cpp", "-o", "t"],
-                   cwd=tmp, check=True, capture_output=True)
+    subprocess.run(
+        [CXX, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'csrc' / 'include'}", "t.cpp", "-o", "t"],
+        cwd=tmp,
+        check=True,
+        capture_output=True,
+    )
     out = subprocess.run([str(tmp / "t")], check=True, capture_output=True, text=True).stdout
     rows = {}
     for line in out.splitlines():
@@ -120,16 +125,16 @@ def test_online_lse_update_and_merge(results):
 
 
 def test_gradient_formula(results):
-    assert results["logit_grad"][0] == [0.5, -1.5]           # w (P - [pos]) with P = 0.25, w = 2
-    assert results["cosine_grad"][0] == [-15.0]              # dlogit f' / tau
-    assert results["inv_temp_grad"][0] == [0.375, 0.0]       # removed columns carry no f
-    assert results["coef"][0] == [12.0, 0.0]                 # a^2 r; 0 at the eps clamp
+    assert results["logit_grad"][0] == [0.5, -1.5]  # w (P - [pos]) with P = 0.25, w = 2
+    assert results["cosine_grad"][0] == [-15.0]  # dlogit f' / tau
+    assert results["inv_temp_grad"][0] == [0.375, 0.0]  # removed columns carry no f
+    assert results["coef"][0] == [12.0, 0.0]  # a^2 r; 0 at the eps clamp
 
 
 def test_masks_and_margin_of_one_element(results):
     pos, removed, poison, near = results["masked"][0]
-    assert pos == pytest.approx(1.0)                        # the positive: never removed, f = c
+    assert pos == pytest.approx(1.0)  # the positive: never removed, f = c
     assert removed == -math.inf
     assert math.isnan(poison)
-    assert near == pytest.approx(9.9)                        # c >= cos m: untouched
+    assert near == pytest.approx(9.9)  # c >= cos m: untouched
     assert results["predicates"][0] == [1, 0, 1, 1]

@@ -28,18 +28,49 @@ from triton.compiler import ASTSource  # noqa: E402
 from mmloss.triton import configs, kernels  # noqa: E402
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-INTS = {"stride_q", "stride_k", "stride_tq", "stride_tk", "stride_fq", "stride_fk", "stride_h",
-        "stride_prod", "stride_x", "stride_y", "stride_out", "stride_a", "stride_b", "M", "N", "D", "DT", "DF", "row0",
-        "col0",
-        "M_BUCKET", "N_BUCKET", "D_BUCKET", "stride_dq", "stride_dk", "row_parts", "col_parts", "temp_parts",
-        "SPLITS"}
+INTS = {
+    "stride_q",
+    "stride_k",
+    "stride_tq",
+    "stride_tk",
+    "stride_fq",
+    "stride_fk",
+    "stride_h",
+    "stride_prod",
+    "stride_x",
+    "stride_y",
+    "stride_out",
+    "stride_a",
+    "stride_b",
+    "M",
+    "N",
+    "D",
+    "DT",
+    "DF",
+    "row0",
+    "col0",
+    "M_BUCKET",
+    "N_BUCKET",
+    "D_BUCKET",
+    "stride_dq",
+    "stride_dk",
+    "row_parts",
+    "col_parts",
+    "temp_parts",
+    "SPLITS",
+}
 FLOATS = {"threshold", "margin", "cos_threshold", "cos_m", "sin_m", "eps", "inv_temp_value"}
 EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
 FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr"}  # the forward's lse (the backward reads it as given)
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
 INDICES = {"pos_ptr", "rg_ptr", "kg_ptr", "col_acc_ptr"}  # int64 (col_acc: packed column pairs)
-CLASS_DTYPES = {"plain16": ("bf16", "bf16"), "feat16": ("bf16", "bf16"), "sym16": ("bf16", "bf16"),
-                "teacher32": ("bf16", "fp32"), "fp32": ("fp32", "fp32")}
+CLASS_DTYPES = {
+    "plain16": ("bf16", "bf16"),
+    "feat16": ("bf16", "bf16"),
+    "sym16": ("bf16", "bf16"),
+    "teacher32": ("bf16", "fp32"),
+    "fp32": ("fp32", "fp32"),
+}
 _OFF = dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=False, SYMMETRIC=False)
 FEATURES = {
     "plain": _OFF,
@@ -50,8 +81,13 @@ FEATURES = {
     "all+sym": dict(HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True, SYMMETRIC=True),
 }
 # The heaviest feature sets each class serves (and plain where it is the common case).
-CLASS_FEATURES = {"plain16": ("groups",), "feat16": ("margin+groups", "all"), "sym16": ("clip", "all+sym"),
-                  "teacher32": ("all", "all+sym"), "fp32": ("plain", "all", "all+sym")}
+CLASS_FEATURES = {
+    "plain16": ("groups",),
+    "feat16": ("margin+groups", "all"),
+    "sym16": ("clip", "all+sym"),
+    "teacher32": ("all", "all+sym"),
+    "fp32": ("plain", "all", "all+sym"),
+}
 # The small-batch path's own variants (norms in the kernels, per-tile partials).
 CHUNKED = dict(FUSED_NORMS=False, FUSED=False, TEMP_PTR=True)
 SMALL = dict(FUSED_NORMS=True, FUSED=True, TEMP_PTR=False)
@@ -83,26 +119,50 @@ def jobs() -> List[Job]:
     out = []
     for arch in (90, 80):
         for cls, (emb, teach) in CLASS_DTYPES.items():
-            prec = dict(PRECISION=_precision(emb), T_PRECISION=_precision(teach),
-                        F_PRECISION=_precision(teach), UPCAST=False, SIN_EPS=1e-12, EPS=1e-12,
-                        SCALED=emb == "fp32")
+            prec = dict(
+                PRECISION=_precision(emb),
+                T_PRECISION=_precision(teach),
+                F_PRECISION=_precision(teach),
+                UPCAST=False,
+                SIN_EPS=1e-12,
+                EPS=1e-12,
+                SCALED=emb == "fp32",
+            )
             for feat in CLASS_FEATURES[cls]:
                 for cfg, path in _variants("forward", cls, arch):
-                    const = dict(prec, **FEATURES[feat], **cfg.kwargs, FUSED_NORMS=path["FUSED_NORMS"],
-                                 TEMP_PTR=path["TEMP_PTR"])
+                    const = dict(
+                        prec, **FEATURES[feat], **cfg.kwargs, FUSED_NORMS=path["FUSED_NORMS"], TEMP_PTR=path["TEMP_PTR"]
+                    )
                     label = feat + ("/small" if path is SMALL else "")
                     out.append(Job("forward_kernel", arch, cls, label, const, cfg.num_warps, cfg.num_stages))
                 for cfg, path in _variants("grad_tile", cls, arch):
-                    const = dict(prec, **FEATURES[feat], **cfg.kwargs, NEED_TEMP=True, GROUP_M=configs.GROUP_M,
-                                 FUSED=path["FUSED"], TEMP_PTR=path["TEMP_PTR"])
+                    const = dict(
+                        prec,
+                        **FEATURES[feat],
+                        **cfg.kwargs,
+                        NEED_TEMP=True,
+                        GROUP_M=configs.GROUP_M,
+                        FUSED=path["FUSED"],
+                        TEMP_PTR=path["TEMP_PTR"],
+                    )
                     label = feat + ("/small" if path is SMALL else "")
                     out.append(Job("grad_tile_kernel", arch, cls, label, const, cfg.num_warps, cfg.num_stages))
         for emb, cls, symmetric in (("bf16", "plain16", False), ("fp16", "plain16", True), ("fp32", "fp32", False)):
             cfg = configs.small_config("grad_gemm", cls, arch)
-            const = dict(cfg.kwargs, NEED_TEMP=True, PRECISION=_precision(emb), UPCAST=False, TEMP_PTR=False,
-                         SYMMETRIC=symmetric, SCALE16=emb == "fp16", SCALED=emb == "fp32", EPS=1e-12)
-            out.append(Job("grad_gemm_kernel", arch, emb, "sym" if symmetric else "-", const, cfg.num_warps,
-                           cfg.num_stages))
+            const = dict(
+                cfg.kwargs,
+                NEED_TEMP=True,
+                PRECISION=_precision(emb),
+                UPCAST=False,
+                TEMP_PTR=False,
+                SYMMETRIC=symmetric,
+                SCALE16=emb == "fp16",
+                SCALED=emb == "fp32",
+                EPS=1e-12,
+            )
+            out.append(
+                Job("grad_gemm_kernel", arch, emb, "sym" if symmetric else "-", const, cfg.num_warps, cfg.num_stages)
+            )
         for emb in ("bf16", "fp32"):
             small = dict(configs.ELEMENTWISE, EPS=1e-12)
             out.append(Job("inv_norm_kernel", arch, emb, "-", small, 4, 1))
@@ -128,8 +188,15 @@ def _similarity_jobs(arch: int) -> List[Job]:
             meta = dict(similarity._meta(getattr(__import__("torch"), dtype)))
         warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
         for normalize in (False, True):
-            const = dict(meta, NORMALIZE=normalize, GROUP=similarity.GROUP_M, PRECISION=_precision(emb), UPCAST=False,
-                         SCALED=emb == "fp32", EPS=1e-12)
+            const = dict(
+                meta,
+                NORMALIZE=normalize,
+                GROUP=similarity.GROUP_M,
+                PRECISION=_precision(emb),
+                UPCAST=False,
+                SCALED=emb == "fp32",
+                EPS=1e-12,
+            )
             jobs_.append(Job("similarity_kernel", arch, emb, "normalize" if normalize else "-", const, warps, stages))
     return jobs_
 
@@ -172,24 +239,36 @@ def compile_one(job: Job) -> Dict[str, object]:
     """Compile one job; registers, stack bytes and shared memory of the result."""
     if job.kernel == "similarity_kernel":
         from mmloss.triton import similarity
+
         fn = similarity.similarity_kernel
     else:
         fn = getattr(kernels, job.kernel)
     sig = _signature(fn, job)
     # As the launcher sees real tensors: 16-byte aligned pointers and strides.
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n, t in sig.items() if t.startswith("*") or n.startswith("stride")}
-    compiled = triton.compile(ASTSource(fn, sig, job.constexprs, attrs), target=GPUTarget("cuda", job.arch, 32),
-                              options=dict(num_warps=job.warps, num_stages=job.stages))
+    attrs = {
+        (fn.arg_names.index(n),): [["tt.divisibility", 16]]
+        for n, t in sig.items()
+        if t.startswith("*") or n.startswith("stride")
+    }
+    compiled = triton.compile(
+        ASTSource(fn, sig, job.constexprs, attrs),
+        target=GPUTarget("cuda", job.arch, 32),
+        options=dict(num_warps=job.warps, num_stages=job.stages),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path],
-                               capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        ).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    return {"job": job, "regs": int(fields["REG"]), "stack": int(fields["STACK"]) + int(fields.get("LOCAL", 0)),
-            "smem": int(compiled.metadata.shared)}
+    return {
+        "job": job,
+        "regs": int(fields["REG"]),
+        "stack": int(fields["STACK"]) + int(fields.get("LOCAL", 0)),
+        "smem": int(compiled.metadata.shared),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -230,14 +309,35 @@ def test_shared_memory_within_limits(resources):
 
 def test_every_autotune_config_is_covered():
     """The jobs include each config of each class and arch (nothing shipped goes unchecked)."""
-    seen = {(j.arch, j.cls, j.kernel, tuple(sorted((k, v) for k, v in j.constexprs.items() if k.startswith("BLOCK"))),
-             j.warps, j.stages) for j in jobs()}
+    seen = {
+        (
+            j.arch,
+            j.cls,
+            j.kernel,
+            tuple(sorted((k, v) for k, v in j.constexprs.items() if k.startswith("BLOCK"))),
+            j.warps,
+            j.stages,
+        )
+        for j in jobs()
+    }
     for arch in (90, 80):
         for cls in configs.CLASSES:
             for kind in ("forward", "grad_tile"):
                 for cfg in configs.configs(kind, cls, arch):
-                    assert (arch, cls, f"{kind}_kernel", tuple(sorted(cfg.kwargs.items())), cfg.num_warps,
-                            cfg.num_stages) in seen
+                    assert (
+                        arch,
+                        cls,
+                        f"{kind}_kernel",
+                        tuple(sorted(cfg.kwargs.items())),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    ) in seen
                 small = configs.small_config(kind, cls, arch)
-                assert (arch, cls, f"{kind}_kernel", tuple(sorted(small.kwargs.items())), small.num_warps,
-                        small.num_stages) in seen
+                assert (
+                    arch,
+                    cls,
+                    f"{kind}_kernel",
+                    tuple(sorted(small.kwargs.items())),
+                    small.num_warps,
+                    small.num_stages,
+                ) in seen

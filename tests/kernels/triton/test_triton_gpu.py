@@ -15,7 +15,6 @@ import functools  # noqa: E402
 import mmloss  # noqa: E402
 import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
-
 from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -115,15 +114,31 @@ def test_key_blocks_combine_by_logsumexp():
     case = make_case(300, 700, 256, "all", seed=17, device="cuda")
     q, k = case.query.float(), case.key.float()
     kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
-    whole = build_problem(q, k, positives=kw["positives"], temperature=0.05, margin=kw["margin"],
-                          margin_teacher=kw["margin_teacher"], filter_teacher=kw["filter_teacher"],
-                          filter_threshold=kw["filter_threshold"], filter_normalize=kw["filter_normalize"],
-                          key_groups=kw["key_groups"], symmetric=False, reduction="mean", backend=BACKEND)
+    whole = build_problem(
+        q,
+        k,
+        positives=kw["positives"],
+        temperature=0.05,
+        margin=kw["margin"],
+        margin_teacher=kw["margin_teacher"],
+        filter_teacher=kw["filter_teacher"],
+        filter_threshold=kw["filter_threshold"],
+        filter_normalize=kw["filter_normalize"],
+        key_groups=kw["key_groups"],
+        symmetric=False,
+        reduction="mean",
+        backend=BACKEND,
+    )
 
     def block(lo, hi):
         cut = lambda x: None if x is None else x[lo:hi]  # noqa: E731
-        return dataclasses.replace(whole, positives=whole.positives - lo, margin_key=cut(whole.margin_key),
-                                   filter_key=cut(whole.filter_key), key_groups=cut(whole.key_groups)), k[lo:hi]
+        return dataclasses.replace(
+            whole,
+            positives=whole.positives - lo,
+            margin_key=cut(whole.margin_key),
+            filter_key=cut(whole.filter_key),
+            key_groups=cut(whole.key_groups),
+        ), k[lo:hi]
 
     lse, pos = tk.forward(q, k, 20.0, whole)
     parts = [block(0, 450), block(450, 700)]
@@ -152,15 +167,29 @@ def test_small_batch_launches(n):
     """N = 64 ... 1,024 (float tau): the forward is one kernel, the backward two."""
     case = make_case(n, n, 768, "plain", seed=18, device="cuda")
     q, k = case.query.to(torch.bfloat16), case.key.to(torch.bfloat16)
-    problem = build_problem(q, k, positives=None, temperature=0.05, margin=0.0, margin_teacher=None,
-                            filter_teacher=None, filter_threshold=None, filter_normalize=False, key_groups=None,
-                            symmetric=False, reduction="mean", backend=BACKEND)
+    problem = build_problem(
+        q,
+        k,
+        positives=None,
+        temperature=0.05,
+        margin=0.0,
+        margin_teacher=None,
+        filter_teacher=None,
+        filter_threshold=None,
+        filter_normalize=False,
+        key_groups=None,
+        symmetric=False,
+        reduction="mean",
+        backend=BACKEND,
+    )
     weight = torch.full((n,), 1.0 / n, device="cuda")
     lse, _ = tk.forward(q, k, 20.0, problem)
     tk.backward(q, k, 20.0, problem, lse, weight, True)  # compile outside the profile
     assert _gpu_work(lambda: tk.forward(q, k, 20.0, problem)) == ["forward_kernel"]
     assert _gpu_work(lambda: tk.backward(q, k, 20.0, problem, lse, weight, True)) == [
-        "grad_tile_kernel", "grad_gemm_kernel"]
+        "grad_tile_kernel",
+        "grad_gemm_kernel",
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

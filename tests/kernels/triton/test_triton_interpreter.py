@@ -26,9 +26,11 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 if os.environ.get("TRITON_INTERPRET") != "1":
     if "triton" in sys.modules or torch.cuda.is_available():
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 (or CUDA is here): "
-                    "test_triton_interpreter_subprocess.py runs this file in its own process",
-                    allow_module_level=True)
+        pytest.skip(
+            "triton was imported without TRITON_INTERPRET=1 (or CUDA is here): "
+            "test_triton_interpreter_subprocess.py runs this file in its own process",
+            allow_module_level=True,
+        )
     os.environ["TRITON_INTERPRET"] = "1"
 
 import mmloss  # noqa: E402
@@ -36,7 +38,6 @@ import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
 from mmloss.kernel_common import scratch_bytes  # noqa: E402
 from mmloss.reference import contrastive_loss_reference  # noqa: E402
-
 from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
 
 BACKEND = "triton"
@@ -92,10 +93,18 @@ def test_tile_edges(M, N):
     assert_close_to_oracle(make_case(M, N, d, "positives", seed=M * 1000 + N), torch.float32)
 
 
-@pytest.mark.parametrize("M,N,d,features", [
-    (1, 130, 64, "margin"), (7, 7, 3, "groups"), (65, 130, 3, "filter"), (130, 130, 64, "all"),
-    (130, 130, 100, "adaptive_margin"), (65, 65, 100, "symmetric"), (130, 7, 100, "all"),
-])
+@pytest.mark.parametrize(
+    "M,N,d,features",
+    [
+        (1, 130, 64, "margin"),
+        (7, 7, 3, "groups"),
+        (65, 130, 3, "filter"),
+        (130, 130, 64, "all"),
+        (130, 130, 100, "adaptive_margin"),
+        (65, 65, 100, "symmetric"),
+        (130, 7, 100, "all"),
+    ],
+)
 def test_tile_edges_with_features(M, N, d, features, path):
     assert_close_to_oracle(make_case(M, N, d, features, seed=M + N + d), torch.float32)
 
@@ -132,8 +141,18 @@ def test_row_and_column_chunks_of_the_backward(features, monkeypatch):
     assert_close_to_oracle(make_case(300, 300, 20, features, seed=16), torch.float32)
 
 
-@pytest.mark.parametrize("M,N,e", [(300, 2_000_000, 4), (256, 30_000_000, 2), (1, 10**9, 4), (10**6, 10**6, 2),
-                                   (64, 64, 4), (5000, 100, 2), (100, 2_500_000, 4)])
+@pytest.mark.parametrize(
+    "M,N,e",
+    [
+        (300, 2_000_000, 4),
+        (256, 30_000_000, 2),
+        (1, 10**9, 4),
+        (10**6, 10**6, 2),
+        (64, 64, 4),
+        (5000, 100, 2),
+        (100, 2_500_000, 4),
+    ],
+)
 def test_backward_scratch_is_bounded_for_every_shape(M, N, e, monkeypatch):
     """The R x C scratch stays within the budget (1 GiB) for every M and N, small M with huge
     N included; whole rows while min(M, 128) of them fit (100 rows of 2.5M columns do, not
@@ -149,19 +168,35 @@ def test_backward_scratch_is_bounded_for_every_shape(M, N, e, monkeypatch):
 def _problem(case, q, k):
     kw = dict(case.kwargs)
     return build_problem(
-        q, k, positives=kw.get("positives"), temperature=case.temperature, margin=kw["margin"],
-        margin_teacher=kw.get("margin_teacher"), filter_teacher=kw.get("filter_teacher"),
-        filter_threshold=kw.get("filter_threshold"), filter_normalize=kw.get("filter_normalize", False),
-        key_groups=kw.get("key_groups"), symmetric=False, reduction="mean", backend=BACKEND)
+        q,
+        k,
+        positives=kw.get("positives"),
+        temperature=case.temperature,
+        margin=kw["margin"],
+        margin_teacher=kw.get("margin_teacher"),
+        filter_teacher=kw.get("filter_teacher"),
+        filter_threshold=kw.get("filter_threshold"),
+        filter_normalize=kw.get("filter_normalize", False),
+        key_groups=kw.get("key_groups"),
+        symmetric=False,
+        reduction="mean",
+        backend=BACKEND,
+    )
 
 
 def _block(problem, lo, hi):
     """The problem restricted to key columns [lo, hi) (positives elsewhere fall outside)."""
+
     def cols(x):
         return None if x is None else x[lo:hi]
-    return dataclasses.replace(problem, positives=problem.positives - lo,
-                               margin_key=cols(problem.margin_key), filter_key=cols(problem.filter_key),
-                               key_groups=cols(problem.key_groups))
+
+    return dataclasses.replace(
+        problem,
+        positives=problem.positives - lo,
+        margin_key=cols(problem.margin_key),
+        filter_key=cols(problem.filter_key),
+        key_groups=cols(problem.key_groups),
+    )
 
 
 def test_key_blocks_combine_by_logsumexp(path):
@@ -195,8 +230,14 @@ def test_nan_filter_score_gives_nan_loss():
     fk = fk.clone()
     fk[3, 0] = float("nan")
     case.kwargs["filter_teacher"] = (fq, fk)
-    loss = mmloss.contrastive_loss(case.query.float(), case.key.float(), temperature=case.temperature,
-                                   reduction="none", backend=BACKEND, **case.kwargs)
+    loss = mmloss.contrastive_loss(
+        case.query.float(),
+        case.key.float(),
+        temperature=case.temperature,
+        reduction="none",
+        backend=BACKEND,
+        **case.kwargs,
+    )
     assert torch.isnan(loss).all()
 
 
@@ -256,16 +297,24 @@ class _LaunchLog(TorchDispatchMode):
                         return kernel[grid](*args, **kwargs)
                     finally:
                         log.inside = False
+
                 return launch
+
         return Counted()
 
 
 @pytest.fixture
 def launch_log(monkeypatch):
     log = _LaunchLog()
-    for name in ("inv_norm_kernel", "forward_kernel", "combine_kernel", "column_lse_kernel", "grad_tile_kernel",
-                 "grad_gemm_kernel",
-                 "finish_kernel"):
+    for name in (
+        "inv_norm_kernel",
+        "forward_kernel",
+        "combine_kernel",
+        "column_lse_kernel",
+        "grad_tile_kernel",
+        "grad_gemm_kernel",
+        "finish_kernel",
+    ):
         counted = log.wrap(name, getattr(tk.kernels, name))
         monkeypatch.setattr(tk.kernels, name, counted)
         if name.replace("_kernel", "") in tk.ops.KERNELS:
@@ -336,8 +385,11 @@ def _op_args(features, M=7, N=20, d=16, seed=30, tensor_temp=True):
     kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
     case = type(case)(q, k, case.temperature, kw)
     problem = _problem(case, q, k)
-    inv_t = (torch.tensor(1.0 / case.temperature, dtype=torch.float64), 0.0) if tensor_temp \
+    inv_t = (
+        (torch.tensor(1.0 / case.temperature, dtype=torch.float64), 0.0)
+        if tensor_temp
         else (None, 1.0 / case.temperature)
+    )
     return (q, k, *inv_t, *tk.ops.fields(problem)), problem
 
 
@@ -345,15 +397,19 @@ def test_every_op_takes_the_problem_fields_in_their_python_order():
     """The four ops' schemas: (query, key, inv_temp, inv_temp_value), then KERNEL_FIELDS in
     order with LossProblem's types, then the op's own inputs."""
     from mmloss.problem import KERNEL_FIELDS
+
     types = {"positives": "Tensor", "margin": "float", "filter_threshold": "float"}
-    tails = {"triton_forward": [], "triton_forward_symmetric": [],
-             "triton_backward": ["lse", "row_weight", "need_temp_grad"],
-             "triton_backward_symmetric": ["lse", "row_weight", "need_temp_grad", "lse_col", "col_weight"]}
+    tails = {
+        "triton_forward": [],
+        "triton_forward_symmetric": [],
+        "triton_backward": ["lse", "row_weight", "need_temp_grad"],
+        "triton_backward_symmetric": ["lse", "row_weight", "need_temp_grad", "lse_col", "col_weight"],
+    }
     for op, tail in tails.items():
         arguments = getattr(torch.ops.mmloss, op).default._schema.arguments
         names = [a.name for a in arguments]
         assert names == ["query", "key", "inv_temp", "inv_temp_value", *KERNEL_FIELDS, *tail], op
-        fields = arguments[4:4 + len(KERNEL_FIELDS)]
+        fields = arguments[4 : 4 + len(KERNEL_FIELDS)]
         assert [str(a.type) for a in fields] == [types.get(a.name, "Optional[Tensor]") for a in fields], op
 
 
@@ -373,8 +429,7 @@ def test_opcheck_symmetric(path):
     torch.library.opcheck(torch.ops.mmloss.triton_forward_symmetric.default, args)
     lse, lse_col, _ = torch.ops.mmloss.triton_forward_symmetric(*args)
     w = torch.linspace(0.5, 1.5, 20)
-    torch.library.opcheck(torch.ops.mmloss.triton_backward_symmetric.default,
-                          (*args, lse, w, True, lse_col, w.flip(0)))
+    torch.library.opcheck(torch.ops.mmloss.triton_backward_symmetric.default, (*args, lse, w, True, lse_col, w.flip(0)))
 
 
 def test_ops_compile_with_fullgraph():
@@ -427,12 +482,25 @@ def test_symmetric_tiny_learnable_temperature_is_exact(path):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(16, 256, generator=g), torch.randn(16, 256, generator=g)
     t = torch.tensor(1e-3, dtype=torch.float64, requires_grad=True)
-    want = contrastive_loss_reference(q.double().requires_grad_(), k.double().requires_grad_(),
-                                      temperature=t, symmetric=True, reduction="none")
+    want = contrastive_loss_reference(
+        q.double().requires_grad_(), k.double().requires_grad_(), temperature=t, symmetric=True, reduction="none"
+    )
     want_grads = torch.autograd.grad(want.mean(), [t])
-    problem = build_problem(q, k, positives=None, temperature=t, margin=0.0, margin_teacher=None,
-                            filter_teacher=None, filter_threshold=None, filter_normalize=False, key_groups=None,
-                            symmetric=True, reduction="none", backend=BACKEND)
+    problem = build_problem(
+        q,
+        k,
+        positives=None,
+        temperature=t,
+        margin=0.0,
+        margin_teacher=None,
+        filter_teacher=None,
+        filter_threshold=None,
+        filter_normalize=False,
+        key_groups=None,
+        symmetric=True,
+        reduction="none",
+        backend=BACKEND,
+    )
     inv_t = 1.0 / t.detach()
     lse, lse_col, pos = tk.forward_symmetric(q, k, inv_t, problem)
     rows = 0.5 * ((lse - pos) + (lse_col - pos))
@@ -469,8 +537,9 @@ def test_all_rows_ignored_gives_zero_gradients(dtype, path):
         q = torch.randn(9, 16, generator=g).to(dtype).requires_grad_()
         k = torch.randn(70, 16, generator=g).to(dtype).requires_grad_()
         t = torch.tensor(0.05, requires_grad=True)
-        loss = mmloss.contrastive_loss(q, k, positives=torch.full((9,), mmloss.IGNORE_INDEX), temperature=t,
-                                       reduction=reduction, backend=BACKEND)
+        loss = mmloss.contrastive_loss(
+            q, k, positives=torch.full((9,), mmloss.IGNORE_INDEX), temperature=t, reduction=reduction, backend=BACKEND
+        )
         if reduction != "mean":
             assert torch.equal(loss, torch.zeros_like(loss))
         loss.sum().backward()
@@ -538,8 +607,8 @@ def test_fp32_power_of_two_scaling_changes_nothing(path):
     loss to the last bit and their gradients times the inverse scales (the kernels' own
     scaling is by powers of two, so it changes no rounding)."""
     q, k = _scaled_rows(9, 70, 16, 41, [1.0], [1.0])
-    s_q = torch.tensor([2.0 ** 100, 2.0 ** -30, 1.0]).repeat(3)[:, None]
-    s_k = torch.tensor([2.0 ** -30, 1.0, 2.0 ** 100, 2.0 ** 60]).repeat(18)[:70, None]
+    s_q = torch.tensor([2.0**100, 2.0**-30, 1.0]).repeat(3)[:, None]
+    s_k = torch.tensor([2.0**-30, 1.0, 2.0**100, 2.0**60]).repeat(18)[:70, None]
     runs = []
     for a, b in ((q.float(), k.float()), (q.float() * s_q, k.float() * s_k)):
         a, b = a.requires_grad_(), b.requires_grad_()
@@ -567,7 +636,7 @@ def test_fp16_rows_of_norm_above_65504(path):
     # Such rows' gradients (~1e-5) are fp16 subnormals, spaced 2^-24, and H enters the MMA in
     # fp16 (as for every fp16 input): a few units of that spacing.
     for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=4 * 2.0 ** -24)
+        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=4 * 2.0**-24)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -10,7 +10,6 @@ kernels fail to write shows.
 
 from __future__ import annotations
 
-from tests.repo import REPO
 import ctypes
 import functools
 import hashlib
@@ -25,13 +24,22 @@ import torch
 import mmloss.cuda as ck
 from mmloss.kernel_common import GPU_DTYPES, fp16_scratch_scale, inv_temp_tensor
 from mmloss.problem import LossProblem
+from tests.repo import REPO
 
 HERE = Path(__file__).resolve().parent
 ROOT = REPO
-SOURCES = [ROOT / "csrc/cuda/contrastive_forward.cu", ROOT / "csrc/cuda/contrastive_backward.cu",
-           HERE / "emulator.cpp", HERE / "driver.cpp"]
-HEADERS = [ROOT / "csrc/cuda/tile.cuh", ROOT / "csrc/cuda/contrastive_cuda.h",
-           ROOT / "csrc/include/mmloss/tile_math.h", *sorted((HERE / "include").glob("*.h"))]
+SOURCES = [
+    ROOT / "csrc/cuda/contrastive_forward.cu",
+    ROOT / "csrc/cuda/contrastive_backward.cu",
+    HERE / "emulator.cpp",
+    HERE / "driver.cpp",
+]
+HEADERS = [
+    ROOT / "csrc/cuda/tile.cuh",
+    ROOT / "csrc/cuda/contrastive_cuda.h",
+    ROOT / "csrc/include/mmloss/tile_math.h",
+    *sorted((HERE / "include").glob("*.h")),
+]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # mmloss::cuda::DType
 SMS = 132  # multiprocessors forward_splits plans for (an H100); tests lower it to stream tiles
 
@@ -44,9 +52,25 @@ def library() -> ctypes.CDLL:
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_suffix(".partial")
-        cmd = ["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-DMMLOSS_CUDA_HOST_EMULATION",
-               f"-I{HERE / 'include'}", f"-I{ROOT / 'csrc/cuda'}", f"-I{ROOT / 'csrc/include'}",
-               "-x", "c++", *map(str, SOURCES[:2]), "-x", "none", *map(str, SOURCES[2:]), "-o", str(partial)]
+        cmd = [
+            "g++",
+            "-std=c++20",
+            "-O1",
+            "-fPIC",
+            "-shared",
+            "-DMMLOSS_CUDA_HOST_EMULATION",
+            f"-I{HERE / 'include'}",
+            f"-I{ROOT / 'csrc/cuda'}",
+            f"-I{ROOT / 'csrc/include'}",
+            "-x",
+            "c++",
+            *map(str, SOURCES[:2]),
+            "-x",
+            "none",
+            *map(str, SOURCES[2:]),
+            "-o",
+            str(partial),
+        ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         partial.rename(out)
     lib = ctypes.CDLL(str(out))
@@ -97,8 +121,12 @@ def _prepare(query, key, inv_temp, problem: LossProblem) -> SimpleNamespace:
     """prepare(): the kernels' arguments, the tensors they point into, and the inverse norms."""
     lib = library()
     rows_of = lambda x: x if x.stride(1) == 1 else x.contiguous()  # noqa: E731
-    p = SimpleNamespace(query=rows_of(query), key=rows_of(key), positives=problem.positives.contiguous(),
-                        inv_temp=inv_temp_tensor(inv_temp, query.device).to(torch.float32).contiguous())
+    p = SimpleNamespace(
+        query=rows_of(query),
+        key=rows_of(key),
+        positives=problem.positives.contiguous(),
+        inv_temp=inv_temp_tensor(inv_temp, query.device).to(torch.float32).contiguous(),
+    )
     M, N, D = query.shape[0], key.shape[0], query.shape[1]
     p.M, p.N, p.D, p.dtype = M, N, D, DTYPES[query.dtype]
     p.inv_q = torch.full((M,), float("nan"))
@@ -111,16 +139,42 @@ def _prepare(query, key, inv_temp, problem: LossProblem) -> SimpleNamespace:
     width = lambda t: t.shape[1] if t is not None else 0  # noqa: E731
     stride = lambda t: _i64(t.stride(0) if t is not None else 0)  # noqa: E731
     p.args = lib.emu_tile_args(
-        p.dtype, _ptr(p.query), _ptr(p.key), _i64(p.query.stride(0)), _i64(p.key.stride(0)), _i64(M), _i64(N), D,
-        _ptr(p.inv_q), _ptr(p.inv_k), _ptr(p.positives), _ptr(p.row_groups), _ptr(p.key_groups),
-        _ptr(p.mq), _ptr(p.mk), stride(p.mq), stride(p.mk), width(p.mq),
-        _ptr(p.fq), _ptr(p.fk), stride(p.fq), stride(p.fk), width(p.fq),
-        ctypes.c_double(problem.filter_threshold), ctypes.c_double(problem.margin), _ptr(p.inv_temp))
+        p.dtype,
+        _ptr(p.query),
+        _ptr(p.key),
+        _i64(p.query.stride(0)),
+        _i64(p.key.stride(0)),
+        _i64(M),
+        _i64(N),
+        D,
+        _ptr(p.inv_q),
+        _ptr(p.inv_k),
+        _ptr(p.positives),
+        _ptr(p.row_groups),
+        _ptr(p.key_groups),
+        _ptr(p.mq),
+        _ptr(p.mk),
+        stride(p.mq),
+        stride(p.mk),
+        width(p.mq),
+        _ptr(p.fq),
+        _ptr(p.fk),
+        stride(p.fq),
+        stride(p.fk),
+        width(p.fq),
+        ctypes.c_double(problem.filter_threshold),
+        ctypes.c_double(problem.margin),
+        _ptr(p.inv_temp),
+    )
     try:
-        _check(lib.emu_inv_norms(p.dtype, _ptr(p.query), _i64(p.query.stride(0)), _i64(M), D, _ptr(p.inv_q)),
-               "inv_norm_kernel (query)")
-        _check(lib.emu_inv_norms(p.dtype, _ptr(p.key), _i64(p.key.stride(0)), _i64(N), D, _ptr(p.inv_k)),
-               "inv_norm_kernel (key)")
+        _check(
+            lib.emu_inv_norms(p.dtype, _ptr(p.query), _i64(p.query.stride(0)), _i64(M), D, _ptr(p.inv_q)),
+            "inv_norm_kernel (query)",
+        )
+        _check(
+            lib.emu_inv_norms(p.dtype, _ptr(p.key), _i64(p.key.stride(0)), _i64(N), D, _ptr(p.inv_k)),
+            "inv_norm_kernel (key)",
+        )
     except RuntimeError:
         lib.emu_free_tile_args(ctypes.c_void_p(p.args))
         raise
@@ -136,30 +190,49 @@ def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, t
         partial = torch.full((3 * splits * p.M,), float("nan"))
         lse = torch.full((p.M,), float("nan"), dtype=torch.float64)
         pos_logit = torch.full((p.M,), float("nan"))
-        _check(lib.emu_forward(ctypes.c_void_p(p.args), splits, _ptr(partial), _ptr(lse), _ptr(pos_logit)),
-               "forward_kernel")
+        _check(
+            lib.emu_forward(ctypes.c_void_p(p.args), splits, _ptr(partial), _ptr(lse), _ptr(pos_logit)),
+            "forward_kernel",
+        )
     finally:
         lib.emu_free_tile_args(ctypes.c_void_p(p.args))
     return lse, pos_logit
 
 
-def backward(query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
-             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def backward(
+    query, key, inv_temp, problem: LossProblem, lse, row_weight, need_temp_grad: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """mmloss.cuda.backward + backward_cuda."""
     lib = library()
     p = _prepare(query, key, inv_temp, problem)
     try:
-        d_query, d_key, d_inv_temp = _backward(lib, p, lse, row_weight, need_temp_grad,
-                                               ck.row_chunk(p.M, p.N, query.element_size()))
+        d_query, d_key, d_inv_temp = _backward(
+            lib, p, lse, row_weight, need_temp_grad, ck.row_chunk(p.M, p.N, query.element_size())
+        )
     finally:
         lib.emu_free_tile_args(ctypes.c_void_p(p.args))
     return d_query, d_key, d_inv_temp if need_temp_grad else None
 
 
 def _finish(lib, p, prod_fp32: bool, prod, x, out, inv_norm, radial, scale, what: str) -> None:
-    _check(lib.emu_finish(p.dtype, int(prod_fp32), _ptr(prod), _i64(prod.stride(0)), _ptr(x), _i64(x.stride(0)),
-                          _ptr(out), _i64(out.stride(0)), _ptr(inv_norm), _ptr(radial), _ptr(scale),
-                          _i64(x.shape[0]), p.D), what)
+    _check(
+        lib.emu_finish(
+            p.dtype,
+            int(prod_fp32),
+            _ptr(prod),
+            _i64(prod.stride(0)),
+            _ptr(x),
+            _i64(x.stride(0)),
+            _ptr(out),
+            _i64(out.stride(0)),
+            _ptr(inv_norm),
+            _ptr(radial),
+            _ptr(scale),
+            _i64(x.shape[0]),
+            p.D,
+        ),
+        what,
+    )
 
 
 def _backward(lib, p, lse, row_weight, need_temp_grad: bool, chunk_rows: int):
@@ -178,23 +251,37 @@ def _backward(lib, p, lse, row_weight, need_temp_grad: bool, chunk_rows: int):
     for r0 in range(0, M, R):
         n = min(R, M - r0)
         h = scratch[:n]
-        _check(lib.emu_grad_tile(ctypes.c_void_p(p.args), _i64(r0), _i64(r0 + n), _ptr(lse32), _ptr(weight),
-                                 _ptr(scale), _ptr(h), _i64(h.stride(0)), _ptr(sums),
-                                 _ptr(sums[M:]) if need_temp_grad else _ptr(None), _ptr(sums[2 * M:])),
-               "grad_tile_kernel")
-        q_rows = p.query[r0:r0 + n]
+        _check(
+            lib.emu_grad_tile(
+                ctypes.c_void_p(p.args),
+                _i64(r0),
+                _i64(r0 + n),
+                _ptr(lse32),
+                _ptr(weight),
+                _ptr(scale),
+                _ptr(h),
+                _i64(h.stride(0)),
+                _ptr(sums),
+                _ptr(sums[M:]) if need_temp_grad else _ptr(None),
+                _ptr(sums[2 * M :]),
+            ),
+            "grad_tile_kernel",
+        )
+        q_rows = p.query[r0 : r0 + n]
         prod = torch.mm(h, p.key)
-        _finish(lib, p, False, prod, q_rows, d_query[r0:r0 + n], p.inv_q[r0:], sums[r0:], scale,
-                "finish_kernel (query)")
+        _finish(
+            lib, p, False, prod, q_rows, d_query[r0 : r0 + n], p.inv_q[r0:], sums[r0:], scale, "finish_kernel (query)"
+        )
         key_prod = torch.mm(h.t(), q_rows)
         if key_acc is not None:
             key_acc.add_(key_prod)
     d_key = torch.full((N, D), float("nan"), dtype=dtype)
     key_total = key_acc if key_acc is not None else key_prod
     if key_total is not None:
-        _finish(lib, p, key_acc is not None, key_total, p.key, d_key, p.inv_k, sums[2 * M:], scale,
-                "finish_kernel (key)")
+        _finish(
+            lib, p, key_acc is not None, key_total, p.key, d_key, p.inv_k, sums[2 * M :], scale, "finish_kernel (key)"
+        )
     else:
         d_key.zero_()
-    d_inv_temp = sums[M:2 * M].double().sum() if need_temp_grad else torch.zeros((), dtype=torch.float64)
+    d_inv_temp = sums[M : 2 * M].double().sum() if need_temp_grad else torch.zeros((), dtype=torch.float64)
     return d_query, d_key, d_inv_temp
