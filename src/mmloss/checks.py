@@ -11,10 +11,10 @@ import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
-from mmloss.constants import IGNORE_INDEX, NORM_EPS
+from mmloss.constants import IGNORE_INDEX
 from mmloss.problem import LossProblem
+from mmloss.reference import normalize
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -201,8 +201,7 @@ def build_problem(
     margin_query = margin_key = None
     if margin_teacher is not None:
         tq, tk = _check_teacher_pair("margin_teacher", margin_teacher, M, N, device)
-        margin_query = F.normalize(tq.detach(), dim=-1, eps=NORM_EPS)
-        margin_key = F.normalize(tk.detach(), dim=-1, eps=NORM_EPS)
+        margin_query, margin_key = normalize(tq.detach()), normalize(tk.detach())
 
     if not isinstance(filter_normalize, bool):
         raise TypeError(f"filter_normalize must be a bool, got {type(filter_normalize).__name__}")
@@ -217,7 +216,7 @@ def build_problem(
             raise ValueError("filter_threshold must not be NaN")
         fq, fk = fq.detach(), fk.detach()
         if filter_normalize:
-            fq, fk = F.normalize(fq, dim=-1, eps=NORM_EPS), F.normalize(fk, dim=-1, eps=NORM_EPS)
+            fq, fk = normalize(fq), normalize(fk)
         filter_query, filter_key = fq.contiguous(), fk.contiguous()
     elif filter_threshold is not None:
         raise ValueError("filter_threshold was given without filter_teacher")

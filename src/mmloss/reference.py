@@ -14,6 +14,18 @@ import torch.nn.functional as F
 from mmloss.constants import IGNORE_INDEX, MARGIN_SIN_EPS, NORM_EPS
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """`F.normalize(x, dim=-1, eps=NORM_EPS)` that cannot overflow: a row whose largest entry
+    exceeds 1 is first scaled by a power of two (exact) to bring it below 2, so its squares stay
+    finite in x's dtype (fp16 rows of norm > 65,504, fp32 rows of 1e30). Ordinary rows give the
+    same bits as F.normalize; the scale carries no gradient (x̂ does not depend on it)."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    large = amax.isfinite() & (amax > 1)
+    exponent = torch.floor(torch.log2(torch.where(large, amax, torch.ones_like(amax))))
+    scaled = x * torch.exp2(-exponent).to(x.dtype)
+    return F.normalize(scaled, dim=-1, eps=NORM_EPS)
+
+
 def _sin_from_cos(c: torch.Tensor) -> torch.Tensor:
     """sqrt(max(1 - c², ε)) whose derivative is -c / sqrt(max(1 - c², ε)) everywhere (docs/contract.md §1).
     In fp16, where ε = 1e-12 rounds to 0, ε is fp16's smallest normal number instead: a
@@ -37,8 +49,7 @@ def _row_losses(
 ):
     """Per-row losses (M,) of one direction, 0 for ignored rows."""
     M, N = query.shape[0], key.shape[0]
-    qn = F.normalize(query, dim=-1, eps=NORM_EPS)
-    kn = F.normalize(key, dim=-1, eps=NORM_EPS)
+    qn, kn = normalize(query), normalize(key)
     cos = qn @ kn.T
 
     if positives is None:
@@ -57,7 +68,7 @@ def _row_losses(
     if filter_teacher is not None:
         fq, fk = (t.detach() for t in filter_teacher)
         if filter_normalize:
-            fq, fk = F.normalize(fq, dim=-1, eps=NORM_EPS), F.normalize(fk, dim=-1, eps=NORM_EPS)
+            fq, fk = normalize(fq), normalize(fk)
         scores = fq @ fk.T
         removed |= scores > filter_threshold
         poison = torch.isnan(scores)  # a NaN teacher score gives a NaN loss, never a silent number
@@ -68,7 +79,7 @@ def _row_losses(
         if margin_teacher is None:
             m_eff = torch.full_like(cos, margin)
         else:
-            tq, tk = (F.normalize(t.detach(), dim=-1, eps=NORM_EPS) for t in margin_teacher)
+            tq, tk = (normalize(t.detach()) for t in margin_teacher)
             m_eff = margin * (1.0 - (tq @ tk.T).to(cos.dtype))
         transformed = ~is_pos & (cos < math.cos(margin))
         arc = cos * torch.cos(m_eff) + _sin_from_cos(cos) * torch.sin(m_eff)

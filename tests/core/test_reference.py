@@ -157,3 +157,35 @@ def test_low_precision_loss_matches_logsumexp_form(dtype):
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(gq.float(), wq.float(), **tol)
     torch.testing.assert_close(gk.float(), wk.float(), **tol)
+
+
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float16, 2e4), (torch.float32, 1e30), (torch.float32, 1e-30), (torch.bfloat16, 1e30)],
+)
+def test_rows_whose_squares_overflow(dtype, scale):
+    """fp16 rows of norm > 65,504 and fp32 rows of 1e30 are valid: the reference in their dtype
+    gives the float64 answer (F.normalize alone overflowed: 1.386 instead of 3.234 in fp16)."""
+    g = torch.Generator().manual_seed(5)
+    q = (torch.randn(6, 40, generator=g, dtype=torch.float64).clamp(-3, 3) * scale).to(dtype)  # fp16: |x| < 65,504
+    k = (torch.randn(9, 40, generator=g, dtype=torch.float64).clamp(-3, 3) * scale).to(dtype)
+    teacher = tuple((torch.randn(n, 8, generator=g).clamp(-3, 3) * scale).to(dtype) for n in (6, 9))
+    kwargs = dict(positives=torch.tensor([0, 3, 8, 1, -100, 5]), margin=0.2, margin_teacher=teacher)
+    want = reference(
+        q.double(),
+        k.double(),
+        positives=kwargs["positives"],
+        margin=0.2,
+        margin_teacher=tuple(t.double() for t in teacher),
+    )
+    got = reference(q, k, **kwargs)
+    assert torch.isfinite(got)
+    tolerance = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5}[dtype]
+    assert abs(float(got) - float(want)) <= tolerance * abs(float(want))
+
+
+def test_normalize_gives_f_normalize_bits_on_ordinary_rows():
+    from mmloss.reference import normalize
+
+    x = torch.randn(50, 33) * torch.logspace(-3, 3, 50)[:, None]
+    assert torch.equal(normalize(x), torch.nn.functional.normalize(x, dim=-1, eps=1e-12))
