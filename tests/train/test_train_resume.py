@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from tests.train.support import REPO, small_settings, tiny_bert, tiny_senteval  # noqa: E402
+from tests.repo import REPO  # noqa: E402
+from tests.train.support import small_settings, tiny_bert, tiny_senteval  # noqa: E402
 from train.demo_data import write_demo_data  # noqa: E402
 
 # Runs the CLI with checkpoint publication patched to SIGKILL the process just before the
