@@ -255,6 +255,7 @@ def _worker(rank: int, world: int, port: int, out: str, backends: List[str]) -> 
                 except Exception:
                     results["subgroup", "reference", mode] = traceback.format_exc()
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while a peer still has a collective in flight
     dist.destroy_process_group()
 
 
