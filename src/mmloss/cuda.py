@@ -31,6 +31,7 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
     check_gpu_dtype(query, "cuda")
     if query.device.type != "cuda":
         raise ValueError(f"query is on {query.device}: backend 'cuda' needs CUDA tensors")
+    problem.reject_features("cuda")
 
 
 def forward(query, key, inv_temp, problem: LossProblem) -> Tuple[torch.Tensor, torch.Tensor]:

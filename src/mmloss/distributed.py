@@ -54,7 +54,7 @@ from mmloss.constants import IGNORE_INDEX
 from mmloss.problem import LossProblem
 
 MODES = ("gather", "ring")
-_KEY_SIDE = ("margin_key", "filter_key", "key_groups")
+_KEY_SIDE = ("margin_key", "filter_key", "key_groups", "key_owners")
 # What every rank tells the others before any data moves; all but "ok", "rows" and "keys"
 # must agree across ranks.
 _FIELDS = (

@@ -25,9 +25,18 @@ KERNEL_FIELDS: Tuple[str, ...] = (
     "filter_threshold",
     "row_groups",
     "key_groups",
+    "hardness_strength",
+    "hardness_scope",
+    "row_owners",
+    "key_owners",
+    "positive_weights",
 )
 """The fields every mmloss:: op takes after (query, key, inv_temp), in this order (the field list
 of csrc/include/mmloss/problem.h)."""
+
+
+HARDNESS_ALL, HARDNESS_OTHERS, HARDNESS_OWN = 0, 1, 2
+"""The values of LossProblem.hardness_scope (the kernels' integer codes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +59,19 @@ class LossProblem:
                       asked for the cosine), or None.
     key_groups:       (N,) int64 group id per column, or None.
     row_groups:       (M,) int64 group id of each row's positive (set with key_groups).
+    hardness_strength:
+                      alpha >= 0 of the hardness penalty: logit_ij = f(c_ij)/τ + alpha·c_ij on
+                      the penalised negatives, the alpha·c_ij term carrying no gradient; 0 = off.
+    hardness_scope:   which negatives are penalised: HARDNESS_ALL, HARDNESS_OTHERS (columns of
+                      other rows: key_owners[j] != row_owners[i]) or HARDNESS_OWN (the row's
+                      own columns, its hard negatives: key_owners[j] == row_owners[i]).
+    row_owners, key_owners:
+                      (M,), (N,) int64 owner ids for the hardness scope (-1: a column of no
+                      row), or None (HARDNESS_ALL).
+    positive_weights: (M,) float64 1/|P_i| when every column of the positive's group
+                      (key_groups[j] == row_groups[i]) is a positive (several positives per
+                      row; the group mask then removes nothing), or None (the one positive
+                      `positives[i]`). pos_logit is then Σ_{j∈P_i} positive_weights_i·logit_ij.
     """
 
     positives: torch.Tensor
@@ -62,6 +84,11 @@ class LossProblem:
     filter_threshold: float = 0.0
     key_groups: Optional[torch.Tensor] = None
     row_groups: Optional[torch.Tensor] = None
+    hardness_strength: float = 0.0
+    hardness_scope: int = 0
+    row_owners: Optional[torch.Tensor] = None
+    key_owners: Optional[torch.Tensor] = None
+    positive_weights: Optional[torch.Tensor] = None
 
     @property
     def adaptive_margin(self) -> bool:
@@ -72,16 +99,35 @@ class LossProblem:
         return self.filter_query is not None
 
     @property
+    def has_hardness(self) -> bool:
+        return self.hardness_strength > 0.0
+
+    @property
+    def multi_positive(self) -> bool:
+        return self.positive_weights is not None
+
+    def reject_features(self, backend: str, features=("hardness", "multi_positive")) -> None:
+        """ValueError naming the public argument when this problem uses one of `features` that
+        `backend` does not compute (a backend's `check` calls this before any kernel runs)."""
+        used = {
+            "hardness": (self.has_hardness, "the hardness penalty (hardness_strength > 0)"),
+            "multi_positive": (self.multi_positive, "several positives per row (multi_positive=True)"),
+        }
+        for name in features:
+            on, what = used[name]
+            if on:
+                raise ValueError(f"backend {backend!r} does not compute {what}; use backend='reference'")
+
+    @property
     def cos_threshold(self) -> float:
         """cos m: negatives with c_ij >= cos m keep f = c (docs/contract.md §1: near-duplicates untouched).
         Not the cosine of the applied margin m' (cos m' and sin m' are the kernels' to form)."""
         return math.cos(self.margin)
 
     def kernel_args(self) -> tuple:
-        """The KERNEL_FIELDS values in order, as the mmloss:: ops take them (floats as float)."""
-        return tuple(
-            float(v) if isinstance(v, (int, float)) else v for v in (getattr(self, name) for name in KERNEL_FIELDS)
-        )
+        """The KERNEL_FIELDS values in order, as the mmloss:: ops take them (Float fields as
+        float, Int fields as int)."""
+        return tuple(_FIELD_CASTS.get(name, _keep)(getattr(self, name)) for name in KERNEL_FIELDS)
 
     def transposed(self) -> "LossProblem":
         """The column direction of a symmetric loss: keys become rows (diagonal positives)."""
@@ -93,4 +139,14 @@ class LossProblem:
             filter_key=self.filter_query,
             key_groups=self.row_groups,
             row_groups=self.key_groups,
+            row_owners=self.key_owners,
+            key_owners=self.row_owners,
         )
+
+
+def _keep(value):
+    return value
+
+
+_FIELD_CASTS = {"margin": float, "filter_threshold": float, "hardness_strength": float, "hardness_scope": int}
+"""The scalar KERNEL_FIELDS and the Python type each crosses the op boundary as."""
