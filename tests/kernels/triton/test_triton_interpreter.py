@@ -398,7 +398,13 @@ def test_every_op_takes_the_problem_fields_in_their_python_order():
     order with LossProblem's types, then the op's own inputs."""
     from mmloss.problem import KERNEL_FIELDS
 
-    types = {"positives": "Tensor", "margin": "float", "filter_threshold": "float"}
+    types = {
+        "positives": "Tensor",
+        "margin": "float",
+        "filter_threshold": "float",
+        "hardness_strength": "float",
+        "hardness_scope": "int",
+    }
     tails = {
         "triton_forward": [],
         "triton_forward_symmetric": [],
