@@ -52,6 +52,10 @@ at::Tensor rows_as(const at::Tensor& x, int64_t r0, int64_t n, at::ScalarType ty
 
 struct Features {
   at::Tensor margin_q, margin_k, filter_q, filter_k, row_groups, key_groups;
+  at::Tensor row_owners, key_owners;  // the hardness scope's owners (undefined for scope 0)
+  at::Tensor positive_weights;        // (M,) float64, several positives per row
+  double hardness = 0.0;              // α of the hardness penalty
+  int64_t hardness_scope = 0;
 };
 
 template <typename T>
@@ -112,6 +116,8 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
   a.fixed_sin_m = std::sin(margin);
   a.threshold = threshold;
   a.has_margin = margin > 0.0;
+  a.hardness = feat.hardness;
+  a.hardness_scope = feat.hardness_scope;
 
   // The tiles of rows [r0, r0 + n) × columns [c0, c0 + w) (similarity and teachers) into the
   // scratch, and `a` pointed at them; returns the similarity tile (n, w).
@@ -135,6 +141,7 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
     a.filter = filtering ? filter.data_ptr<T>() : nullptr;
     a.inv_norm_k = inv_k.data_ptr<T>() + c0;
     a.key_groups = feat.key_groups.defined() ? feat.key_groups.data_ptr<int64_t>() + c0 : nullptr;
+    a.key_owners = feat.key_owners.defined() ? feat.key_owners.data_ptr<int64_t>() + c0 : nullptr;
     a.cols = w;
     a.col0 = c0;
     return s;
@@ -156,6 +163,8 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
     a.inv_norm_q = inv_q.data_ptr<T>() + r0;
     a.positives = positives.data_ptr<int64_t>() + r0;
     a.row_groups = feat.key_groups.defined() ? feat.row_groups.data_ptr<int64_t>() + r0 : nullptr;
+    a.row_owners = feat.row_owners.defined() ? feat.row_owners.data_ptr<int64_t>() + r0 : nullptr;
+    a.positive_weights = feat.positive_weights.defined() ? feat.positive_weights.data_ptr<double>() + r0 : nullptr;
     a.rows = n;
     double* lse_strip = lse.data_ptr<double>() + r0;
     double* pos_strip = pos_logit.data_ptr<double>() + r0;
@@ -252,6 +261,26 @@ std::vector<at::Tensor> dispatch(const at::Tensor& query, const at::Tensor& key,
                   (!problem.key_groups.has_value() || (problem.row_groups->scalar_type() == at::kLong &&
                                                        problem.key_groups->scalar_type() == at::kLong)),
               "mmloss cpu backend: row_groups and key_groups come together, int64");
+  // The hardness penalty and several positives per row (docs/contract.md §3).
+  TORCH_CHECK(std::isfinite(problem.hardness_strength) && problem.hardness_strength >= 0.0,
+              "mmloss cpu backend: hardness_strength must be finite and >= 0, got ", problem.hardness_strength);
+  TORCH_CHECK(problem.hardness_scope >= 0 && problem.hardness_scope <= 2,
+              "mmloss cpu backend: hardness_scope must be 0 (all), 1 (others) or 2 (own), got ", problem.hardness_scope);
+  const bool scoped = problem.hardness_strength > 0.0 && problem.hardness_scope != 0;
+  check_rows(problem.row_owners, M, 1, "row_owners");
+  check_rows(problem.key_owners, N, 1, "key_owners");
+  TORCH_CHECK(!scoped || (problem.row_owners.has_value() && problem.key_owners.has_value() &&
+                          problem.row_owners->scalar_type() == at::kLong &&
+                          problem.key_owners->scalar_type() == at::kLong),
+              "mmloss cpu backend: hardness_scope ", problem.hardness_scope,
+              " needs row_owners (M,) and key_owners (N,), int64");
+  const bool multi = problem.positive_weights.has_value();
+  check_rows(problem.positive_weights, M, 1, "positive_weights");
+  TORCH_CHECK(!multi || (problem.positive_weights->scalar_type() == at::kDouble && problem.key_groups.has_value()),
+              "mmloss cpu backend: positive_weights must be float64 (M,) and comes with row_groups and key_groups");
+  TORCH_CHECK(!symmetric || (problem.hardness_strength == 0.0 && !multi),
+              "mmloss cpu backend: the symmetric ops do not take the hardness penalty or several positives per row "
+              "(run one direction at a time)");
   Features feat;
   auto take = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
   feat.margin_q = take(problem.margin_query);
@@ -260,6 +289,13 @@ std::vector<at::Tensor> dispatch(const at::Tensor& query, const at::Tensor& key,
   feat.filter_k = take(problem.filter_key);
   feat.row_groups = take(problem.row_groups);
   feat.key_groups = take(problem.key_groups);
+  if (scoped) {
+    feat.row_owners = take(problem.row_owners);
+    feat.key_owners = take(problem.key_owners);
+  }
+  feat.positive_weights = take(problem.positive_weights);
+  feat.hardness = problem.hardness_strength;
+  feat.hardness_scope = problem.hardness_scope;
   const at::Tensor q = query.contiguous(), k = key.contiguous(), pos = problem.positives.contiguous();
   if (compute_type(q) == at::kDouble) {
     return run<double>(q, k, inv_temp, pos, problem.margin, feat, problem.filter_threshold, lse, row_weight,

@@ -43,7 +43,8 @@ void normalize_backward(const T* xp, const T* ip, T* ap, int64_t rows, int64_t d
 // (No std:: containers or algorithms in this file: their inline code would be shared by the
 // variants at link time, whatever instruction set each was compiled for.)
 struct RowBuffers {
-  explicit RowBuffers(int64_t n) : data(new double[4 * n]), f(data), df(data + n), l(data + 2 * n), e(data + 3 * n) {}
+  explicit RowBuffers(int64_t n)
+      : data(new double[5 * n]), f(data), df(data + n), l(data + 2 * n), e(data + 3 * n), p(data + 4 * n) {}
   ~RowBuffers() { delete[] data; }
   RowBuffers(const RowBuffers&) = delete;
   RowBuffers& operator=(const RowBuffers&) = delete;
@@ -52,6 +53,7 @@ struct RowBuffers {
   double* df;  // df/dc
   double* l;   // logit f/τ, rounded once; -inf = removed column, NaN = poisoned
   double* e;   // exp(logit - shift): see row_forward and row_backward
+  double* p;   // share of the positive term: 1 (the one positive), positive_weights_i (several), else 0
 };
 
 template <typename T>
@@ -63,12 +65,16 @@ constexpr double kRemoved = -INFINITY;
 
 inline double exp_scalar(double x) { return exp_simd(x); }
 
-// f, df/dc and the logit of every column of row i (tile_math.h's evaluate). The features are
-// template flags so that the column loop has no branches left and vectorises. The logit is
-// stored, and every exp reads it: a product f · (1/τ) fused into the subtraction of a shift
-// (an FMA) would leave that product's rounding error, huge for a tiny τ, in the exponent.
-template <typename T, bool kGroups, bool kFilter, bool kAdaptive>
-void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df, double* l) {
+// The hardness penalty's template flag: off, on every negative, or on a scope of owners.
+enum Hardness { kNoHardness, kHardnessAll, kHardnessScoped };
+
+// f, df/dc, the logit and the positive share of every column of row i (tile_math.h's
+// evaluate). The features are template flags so that the column loop has no branches left and
+// vectorises (several positives per row is a select inside kGroups). The logit is stored, and
+// every exp reads it: a product f · (1/τ) fused into the subtraction of a shift (an FMA) would
+// leave that product's rounding error, huge for a tiny τ, in the exponent.
+template <typename T, bool kGroups, bool kFilter, bool kAdaptive, Hardness kHardness>
+void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df, double* l, double* p) {
   const int64_t cols = a.cols, pos = a.positives[i] - a.col0;
   const T* sim = a.sim + i * cols;
   const T* teacher = kAdaptive ? a.teacher + i * cols : nullptr;
@@ -76,13 +82,23 @@ void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df, do
   const T* inv_k = a.inv_norm_k;
   const int64_t* key_groups = a.key_groups;
   const int64_t row_group = kGroups ? a.row_groups[i] : 0;
+  const int64_t* key_owners = a.key_owners;
+  const int64_t row_owner = kHardness == kHardnessScoped ? a.row_owners[i] : 0;
+  const int64_t scope = a.hardness_scope;
+  const double alpha = a.hardness;
+  const bool multi = a.positive_weights != nullptr;
+  const double share = multi ? a.positive_weights[i] : 1.0;
   const double inv_q = a.inv_norm_q[i];
   const MarginPair<double> fixed{a.cos_threshold, a.fixed_cos_m, a.fixed_sin_m};
 #pragma omp simd
   for (int64_t j = 0; j < cols; ++j) {
     const double c = double(sim[j]) * inv_q * inv_k[j];
-    bool removed = false, poisoned = false;
-    if constexpr (kGroups) removed = group_removes(key_groups[j], row_group);
+    bool removed = false, poisoned = false, is_positive = pos == j;
+    if constexpr (kGroups) {
+      const bool same_group = group_removes(key_groups[j], row_group);
+      is_positive = multi ? same_group : is_positive;
+      removed = !multi && same_group;
+    }
     if constexpr (kFilter) {
       const double s = filter[j];
       removed = removed || filter_removes(s, a.threshold);
@@ -90,31 +106,51 @@ void row_values_with(const StripArgs<T>& a, int64_t i, double* f, double* df, do
     }
     const MarginPair<double> margin =
         kAdaptive ? adaptive_margin(a.cos_threshold, a.margin, double(teacher[j])) : fixed;
-    const Element<double> el = evaluate(c, pos == j, removed, poisoned, a.has_margin, margin, a.inv_temp);
+    Element<double> el = evaluate(c, is_positive, removed, poisoned, a.has_margin, margin, a.inv_temp);
+    if constexpr (kHardness != kNoHardness) {
+      bool penalised = !is_positive && !removed;
+      if constexpr (kHardness == kHardnessScoped)
+        penalised = penalised && hardness_penalises(scope, key_owners[j], row_owner);
+      el.logit = hardness_logit(el.logit, c, alpha, penalised);
+    }
     f[j] = el.f;
     df[j] = el.df;
     l[j] = masked_logit(el);
+    p[j] = is_positive ? share : 0.0;
   }
 }
 
-// Fills f, df and l of row i; returns the row's largest logit (ignoring NaN).
+// row_values_with for the hardness flag of `a`.
+template <typename T, bool kGroups, bool kFilter, bool kAdaptive>
+void row_values_hardness(const StripArgs<T>& a, int64_t i, double* f, double* df, double* l, double* p) {
+  if (a.hardness == 0.0) {
+    row_values_with<T, kGroups, kFilter, kAdaptive, kNoHardness>(a, i, f, df, l, p);
+  } else if (a.key_owners == nullptr) {
+    row_values_with<T, kGroups, kFilter, kAdaptive, kHardnessAll>(a, i, f, df, l, p);
+  } else {
+    row_values_with<T, kGroups, kFilter, kAdaptive, kHardnessScoped>(a, i, f, df, l, p);
+  }
+}
+
+// Fills f, df, l and p of row i; returns the row's largest logit (ignoring NaN).
 template <typename T>
 double row_values(const StripArgs<T>& a, int64_t i, RowBuffers& buf) {
   double* f = buf.f;
   double* df = buf.df;
   double* l = buf.l;
+  double* p = buf.p;
   const bool groups = a.key_groups != nullptr, filter = a.filter != nullptr, adaptive = a.teacher != nullptr;
   if (groups) {
     if (filter) {
-      adaptive ? row_values_with<T, true, true, true>(a, i, f, df, l) : row_values_with<T, true, true, false>(a, i, f, df, l);
+      adaptive ? row_values_hardness<T, true, true, true>(a, i, f, df, l, p) : row_values_hardness<T, true, true, false>(a, i, f, df, l, p);
     } else {
-      adaptive ? row_values_with<T, true, false, true>(a, i, f, df, l) : row_values_with<T, true, false, false>(a, i, f, df, l);
+      adaptive ? row_values_hardness<T, true, false, true>(a, i, f, df, l, p) : row_values_hardness<T, true, false, false>(a, i, f, df, l, p);
     }
   } else {
     if (filter) {
-      adaptive ? row_values_with<T, false, true, true>(a, i, f, df, l) : row_values_with<T, false, true, false>(a, i, f, df, l);
+      adaptive ? row_values_hardness<T, false, true, true>(a, i, f, df, l, p) : row_values_hardness<T, false, true, false>(a, i, f, df, l, p);
     } else {
-      adaptive ? row_values_with<T, false, false, true>(a, i, f, df, l) : row_values_with<T, false, false, false>(a, i, f, df, l);
+      adaptive ? row_values_hardness<T, false, false, true>(a, i, f, df, l, p) : row_values_hardness<T, false, false, false>(a, i, f, df, l, p);
     }
   }
   double l_max = kRemoved;
@@ -165,14 +201,22 @@ void row_forward(const StripArgs<T>& a, int64_t i, RowBuffers& buf, LseAcc<doubl
     total += e[j];
   }
   acc.sum += total;
-  const int64_t pos = a.positives[i] - a.col0;
-  if (pos >= 0 && pos < a.cols) *pos_logit = l[pos];
+  if (a.positive_weights != nullptr) {
+    const double* p = buf.p;
+    double tile_pos = 0.0;  // Σ_{j∈P_i} positive_weights_i·logit_ij over the tile (removed: p = 0)
+#pragma omp simd reduction(+ : tile_pos)
+    for (int64_t j = 0; j < a.cols; ++j) tile_pos += p[j] != 0.0 ? p[j] * l[j] : 0.0;
+    *pos_logit += tile_pos;
+  } else {
+    const int64_t pos = a.positives[i] - a.col0;
+    if (pos >= 0 && pos < a.cols) *pos_logit = l[pos];
+  }
   if (col != nullptr) add_to_columns(l, a.cols, *col);
 }
 
 // Overwrites row i of the tile with H_ij = dL/dc_ij · a_i · b_j (a, b the inverse norms, dL the
-// gradient of w · loss_i) from buf (f, df and e_j = exp(logit_j - shift) with `total` = Σ_j e_j
-// over the whole row, so that P_j = e_j / total); returns row i's share of dL/d(1/τ).
+// gradient of w · loss_i) from buf (f, df, p and e_j = exp(logit_j - shift) with `total` = Σ_j
+// e_j over the whole row, so that P_j = e_j / total); returns row i's share of dL/d(1/τ).
 template <typename T>
 double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double total, double w, T* tile,
                 const ColumnTerms& col) {
@@ -180,6 +224,7 @@ double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double 
   const double* df = buf.df;
   const double* l = buf.l;
   const double* e = buf.e;
+  const double* p = buf.p;
   const double s = a.inv_temp;
   const int64_t pos = a.positives[i] - a.col0;
   T* h = tile + i * a.cols;
@@ -189,7 +234,7 @@ double row_grad(const StripArgs<T>& a, int64_t i, const RowBuffers& buf, double 
   if (col.col_lse == nullptr) {
 #pragma omp simd reduction(+ : d_inv_temp)
     for (int64_t j = 0; j < a.cols; ++j) {
-      const double g = logit_grad(e[j], total, w_over_total, j == pos);
+      const double g = logit_grad_shared(e[j], total, w_over_total, p[j]);
       d_inv_temp += inv_temp_grad(g, f[j], l[j] != kRemoved);
       h[j] = T(cosine_grad(g, df[j], s) * inv_q * inv_k[j]);
     }

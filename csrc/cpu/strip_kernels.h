@@ -21,11 +21,18 @@ struct StripArgs {
   const int64_t* positives;   // (rows,) column of the positive in the block (else outside [0, N))
   const int64_t* row_groups;  // (rows,) or null
   const int64_t* key_groups;  // (cols,) of the tile's columns, or null
+  const int64_t* row_owners;  // (rows,) owner ids of the hardness scope, or null (no scope)
+  const int64_t* key_owners;  // (cols,) of the tile's columns, or null
+  // (rows,) 1/|P_i| when every column of the row's group is a positive (row_groups and
+  // key_groups given; the group mask then removes nothing), or null (the one positive).
+  const double* positive_weights;
   int64_t rows, cols, col0;
   double inv_temp, margin;
   double cos_threshold;             // cos m: negatives with c < cos m are transformed
   double fixed_cos_m, fixed_sin_m;  // cos m', sin m' of the fixed margin (m' = m)
   double threshold;                 // the filter drops scores above it
+  double hardness;                  // α of the hardness penalty logit += α·c (0 = off)
+  int64_t hardness_scope;           // its negatives: 0 all, 1 other rows', 2 own (owners given)
   bool has_margin;
 };
 
@@ -39,7 +46,8 @@ struct ColumnTerms {
 template <typename T>
 struct TileKernels {
   // The forward of one tile for its rows: merges the tile into their running log-sum-exp
-  // (row_max, row_sum) and sets their positive logits when the positive is in the tile;
+  // (row_max, row_sum) and sets their positive logits when the positive is in the tile (adds
+  // the tile's Σ_{j∈P_i} positive_weights_i·logit_ij with several positives);
   // symmetric (col_max, col_sum of threads × cols given): each thread's column accumulators of
   // the tile, reset first. With `weight` (only when the tile spans every column): also the
   // gradient tile H of Σ_i weight_i loss_i into h; returns its dL/d(1/τ).

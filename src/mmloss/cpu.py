@@ -39,7 +39,6 @@ def tile_shape(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
     if query.device.type != "cpu":
         raise ValueError(f"query is on {query.device}: backend 'cpu' needs CPU tensors")
-    problem.reject_features("cpu")
 
 
 def _args(query, key, inv_temp, problem: LossProblem) -> tuple:

@@ -127,6 +127,18 @@ MMLOSS_HD Element<T> evaluate(T c, bool is_positive, bool removed, bool poisoned
   return e;
 }
 
+// Hardness penalty (docs/contract.md §3): whether a negative is penalised, by scope: 0 every
+// negative, 1 other rows' columns (key_owner != row_owner), 2 the row's own (==).
+MMLOSS_HD bool hardness_penalises(int64_t scope, int64_t key_owner, int64_t row_owner) {
+  return scope == 0 || ((key_owner == row_owner) == (scope == 2));
+}
+// The logit of a penalised negative, f/τ + α·c: the α·c term carries no gradient (the backward
+// still uses f and f' of the Element only); `penalised` is false for positives and removed columns.
+template <typename T>
+MMLOSS_HD T hardness_logit(T logit, T c, T alpha, bool penalised) {
+  return penalised ? logit + alpha * c : logit;
+}
+
 // The logit that enters the row's log-sum-exp: -inf for a column that is not allowed.
 template <typename T>
 MMLOSS_HD T masked_logit(const Element<T>& e) {
@@ -176,6 +188,14 @@ MMLOSS_HD T lse_value(const LseAcc<T>& a) {
 template <typename T>
 MMLOSS_HD T logit_grad(T e, T total, T w_over_total, bool is_positive) {
   return (is_positive ? e - total : e) * w_over_total;
+}
+
+// The same with several positives per row: dL/dlogit_ij = w_i (P_ij - π_ij), π_ij the column's
+// share of the positive term (positive_weights_i = 1/|P_i| for j in P_i, 1 for the one
+// positive, 0 for a negative). π = 1 and π = 0 give logit_grad's values bit for bit.
+template <typename T>
+MMLOSS_HD T logit_grad_shared(T e, T total, T w_over_total, T positive_share) {
+  return (e - positive_share * total) * w_over_total;
 }
 
 // dL/dc_ij = dL/dlogit_ij · f'(c_ij) / τ (the chain rule through logit = f(c) / τ).
