@@ -69,10 +69,6 @@ def test_equals_sentence_transformers_mnrl(backend, directions, partition, n_neg
         st_kwargs.update(hardness_mode=hardness[0], hardness_strength=hardness[1])
     want = _st_mnrl(**st_kwargs).compute_loss_from_embeddings([q] + docs, None)
     want_grads = torch.autograd.grad(want, [q] + docs)
-    if backend != "reference" and hardness is not None:
-        with pytest.raises(ValueError, match="hardness"):  # until the cpu kernels compute it
-            joint_contrastive_loss(mnrl_blocks(q, docs, directions, hardness), temperature=0.05, backend=backend)
-        pytest.skip(f"backend {backend!r} rejects the hardness penalty")
     got = joint_contrastive_loss(
         mnrl_blocks(q, docs, directions, hardness),
         temperature=0.05,
