@@ -57,7 +57,7 @@ def _calls(features: str, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("features", ["plain", "all", "symmetric_all"])
+@pytest.mark.parametrize("features", ["plain", "all", "symmetric_all", "multi_positive_all"])
 def test_opcheck(features, dtype):
     calls = _calls(features, dtype)
     for name, args in calls.items():
