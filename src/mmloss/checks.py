@@ -13,13 +13,15 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from mmloss.constants import IGNORE_INDEX
-from mmloss.problem import LossProblem
+from mmloss.problem import HARDNESS_ALL, HARDNESS_OTHERS, HARDNESS_OWN, LossProblem
 from mmloss.reference import normalize
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 GLOBAL_NEGATIVES = ("gather", "ring")
+HARDNESS_NEGATIVES = {"all": HARDNESS_ALL, "others": HARDNESS_OTHERS, "own": HARDNESS_OWN}
+"""The public `hardness_negatives` values and their LossProblem.hardness_scope codes."""
 
 Temperature = Union[float, torch.Tensor]
 
@@ -154,6 +156,70 @@ def check_global_negatives(global_negatives, process_group) -> None:
         )
 
 
+def _check_filter_threshold(threshold, M: int, device: torch.device):
+    """A real number (not NaN), or an (M,) floating tensor of per-row thresholds (NaN entries
+    are allowed: that row's loss is NaN, as a NaN teacher score makes it)."""
+    if isinstance(threshold, torch.Tensor):
+        if not threshold.is_floating_point():
+            raise TypeError(f"filter_threshold tensor must be floating point, got {threshold.dtype}")
+        if threshold.shape != (M,):
+            raise ValueError(
+                f"filter_threshold tensor must have shape ({M},) (one per row), got {tuple(threshold.shape)}"
+            )
+        if threshold.device != device:
+            raise ValueError(f"filter_threshold is on {threshold.device} but query is on {device}")
+        return threshold.detach()
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"filter_threshold must be a float or an (M,) tensor, got {type(threshold).__name__}")
+    if math.isnan(threshold):
+        raise ValueError("filter_threshold must not be NaN")
+    return float(threshold)
+
+
+def lift_row_thresholds(fq: torch.Tensor, fk: torch.Tensor, threshold: torch.Tensor):
+    """(fq' = [fq_i, -t_i] (M, df+1), fk' = [fk_j, 1] (N, df+1)): <fq'_i, fk'_j> = s_ij - t_i,
+    so the kernels' scalar threshold 0 applies the per-row thresholds t (docs/contract.md §3).
+    At least fp32 (a 16-bit t_i would round by 1e-3): exact up to the rounding of s_ij - t_i."""
+    dtype = torch.promote_types(torch.promote_types(fq.dtype, fk.dtype), torch.float32)
+    lifted_q = torch.cat([fq.to(dtype), -threshold.to(dtype)[:, None]], dim=1)
+    lifted_k = torch.cat([fk.to(dtype), torch.ones(fk.shape[0], 1, dtype=dtype, device=fk.device)], dim=1)
+    return lifted_q.contiguous(), lifted_k.contiguous()
+
+
+def _check_hardness(strength, negatives, owners, M: int, N: int, device: torch.device):
+    """(alpha, scope code, row_owners, key_owners) of the hardness penalty; alpha 0 = off."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"hardness_strength must be a float, got {type(strength).__name__}")
+    if not 0.0 <= strength < math.inf:
+        raise ValueError(f"hardness_strength must be finite and >= 0, got {strength}")
+    if not isinstance(negatives, str) or negatives not in HARDNESS_NEGATIVES:
+        raise ValueError(f"hardness_negatives must be one of {tuple(HARDNESS_NEGATIVES)}, got {negatives!r}")
+    if negatives == "all":
+        if owners is not None:
+            raise ValueError("hardness_owners is only used with hardness_negatives='others' or 'own'")
+        row_owners = key_owners = None
+    else:
+        if owners is None:
+            raise ValueError(
+                f"hardness_negatives={negatives!r} needs hardness_owners=(row_owners (M,), key_owners (N,))"
+            )
+        if not isinstance(owners, Sequence) or len(owners) != 2:
+            raise TypeError("hardness_owners must be a pair (row_owners (M,), key_owners (N,)) of integer tensors")
+        row_owners = _check_index_tensor("hardness_owners[0]", owners[0], M, device)
+        key_owners = _check_index_tensor("hardness_owners[1]", owners[1], N, device)
+    if strength == 0.0:
+        return 0.0, HARDNESS_ALL, None, None
+    return float(strength), HARDNESS_NEGATIVES[negatives], row_owners, key_owners
+
+
+def positive_counts(row_groups: torch.Tensor, key_groups: torch.Tensor) -> torch.Tensor:
+    """|P_i| (M,) int64: the number of columns j with key_groups[j] == row_groups[i]
+    (O((M + N) log N), no M × N)."""
+    values, counts = torch.unique(key_groups, return_counts=True)  # sorted
+    at = torch.searchsorted(values, row_groups).clamp(max=values.numel() - 1)
+    return torch.where(values[at] == row_groups, counts[at], torch.zeros_like(counts[at]))
+
+
 def build_problem(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -163,17 +229,22 @@ def build_problem(
     margin: float,
     margin_teacher,
     filter_teacher,
-    filter_threshold: Optional[float],
+    filter_threshold: Union[None, float, torch.Tensor],
     filter_normalize: bool,
     key_groups: Optional[torch.Tensor],
     symmetric: bool,
     reduction: str,
     backend: str,
+    hardness_strength: float = 0.0,
+    hardness_negatives: str = "all",
+    hardness_owners=None,
+    multi_positive: bool = False,
 ) -> LossProblem:
     """Checks every argument of `contrastive_loss` and returns what the kernels need.
 
     Teacher features are normalised here (they get no gradient): unit rows for the adaptive
-    margin, and for the filter when `filter_normalize` is set.
+    margin, and for the filter when `filter_normalize` is set; per-row filter thresholds are
+    lifted into the filter features (`lift_row_thresholds`, threshold 0).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -197,6 +268,18 @@ def build_problem(
     if key_groups is not None:
         key_groups = _check_index_tensor("key_groups", key_groups, N, device)
         row_groups = key_groups[positives.clamp(min=0)]
+    if not isinstance(multi_positive, bool):
+        raise TypeError(f"multi_positive must be a bool, got {type(multi_positive).__name__}")
+    positive_weights = None
+    if multi_positive:
+        if key_groups is None:
+            raise ValueError(
+                "multi_positive=True needs key_groups (every column of the positive's group is a positive)"
+            )
+        positive_weights = 1.0 / positive_counts(row_groups, key_groups).double()
+    hardness_strength, hardness_scope, row_owners, key_owners = _check_hardness(
+        hardness_strength, hardness_negatives, hardness_owners, M, N, device
+    )
 
     margin_query = margin_key = None
     if margin_teacher is not None:
@@ -206,20 +289,29 @@ def build_problem(
     if not isinstance(filter_normalize, bool):
         raise TypeError(f"filter_normalize must be a bool, got {type(filter_normalize).__name__}")
     filter_query = filter_key = None
+    row_thresholds = isinstance(filter_threshold, torch.Tensor)
     if filter_teacher is not None:
         fq, fk = _check_teacher_pair("filter_teacher", filter_teacher, M, N, device)
         if filter_threshold is None:
             raise ValueError("filter_threshold is required with filter_teacher (its scale depends on the teacher)")
-        if isinstance(filter_threshold, bool) or not isinstance(filter_threshold, numbers.Real):
-            raise TypeError(f"filter_threshold must be a float, got {type(filter_threshold).__name__}")
-        if math.isnan(filter_threshold):
-            raise ValueError("filter_threshold must not be NaN")
+        filter_threshold = _check_filter_threshold(filter_threshold, M, device)
         fq, fk = fq.detach(), fk.detach()
         if filter_normalize:
             fq, fk = normalize(fq), normalize(fk)
+        if row_thresholds:
+            fq, fk = lift_row_thresholds(fq, fk, filter_threshold)
+            filter_threshold = 0.0
         filter_query, filter_key = fq.contiguous(), fk.contiguous()
     elif filter_threshold is not None:
         raise ValueError("filter_threshold was given without filter_teacher")
+    if symmetric:
+        for name, on in (
+            ("hardness_strength > 0", hardness_strength > 0),
+            ("multi_positive=True", multi_positive),
+            ("a per-row filter_threshold tensor", row_thresholds),
+        ):
+            if on:
+                raise ValueError(f"symmetric=True does not take {name} (one direction only; call each direction)")
 
     return LossProblem(
         positives=positives,
@@ -232,4 +324,9 @@ def build_problem(
         filter_threshold=float(filter_threshold) if filter_threshold is not None else 0.0,
         key_groups=key_groups,
         row_groups=row_groups,
+        hardness_strength=hardness_strength,
+        hardness_scope=hardness_scope,
+        row_owners=row_owners,
+        key_owners=key_owners,
+        positive_weights=positive_weights,
     )

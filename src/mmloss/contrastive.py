@@ -3,7 +3,7 @@ one pass for both); with global negatives, the checked problem goes to `mmloss.d
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -34,9 +34,13 @@ def contrastive_loss(
     margin: float = 0.0,
     margin_teacher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     filter_teacher: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    filter_threshold: Optional[float] = None,
+    filter_threshold: Union[None, float, torch.Tensor] = None,
     filter_normalize: bool = False,
     key_groups: Optional[torch.Tensor] = None,
+    multi_positive: bool = False,
+    hardness_strength: float = 0.0,
+    hardness_negatives: str = "all",
+    hardness_owners: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     symmetric: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
@@ -51,10 +55,21 @@ def contrastive_loss(
     margin: angular margin m (radians, [0, π/2)) on negatives: f = cos(θ - m').
     margin_teacher (tq (M, dt), tk (N, dt)): adaptive m'_ij = m (1 - cos(tq_i, tk_j)).
     filter_teacher (fq (M, df), fk (N, df)) with filter_threshold: negative j is dropped from
-        row i when <fq_i, fk_j> > filter_threshold (cosine when filter_normalize=True).
+        row i when <fq_i, fk_j> > filter_threshold (cosine when filter_normalize=True); the
+        threshold is a float or an (M,) tensor t (row i drops s_ij > t_i: GISTEmbed's
+        row-relative filter, docs/contract.md §3).
     key_groups (N,) int: columns sharing the positive's group (other than the positive) are
         not negatives.
-    symmetric: CLIP-style mean of the row and column losses (M == N, positives None).
+    multi_positive: with key_groups, every column of the positive's group is a positive P_i:
+        loss_i = LSE over the allowed columns - mean over P_i of logit_ip (supervised
+        contrastive "L_out"); nothing is removed by the group mask.
+    hardness_strength: α >= 0: logit_ij += α·stopgrad(cos_ij) on the penalised negatives
+        (sentence-transformers' hardness_mode); 0 = off.
+    hardness_negatives: which negatives are penalised: "all", "others" (columns j with
+        key_owners[j] != row_owners[i]) or "own" (key_owners[j] == row_owners[i]).
+    hardness_owners (row_owners (M,), key_owners (N,)) int: required with "others" / "own".
+    symmetric: CLIP-style mean of the row and column losses (M == N, positives None; none of
+        multi_positive, hardness or a per-row filter_threshold).
     reduction: "mean" over non-ignored rows, "sum", or "none" ((M,), 0 for ignored rows).
     backend: "auto" | "reference" | "cpu" | "triton" | "cuda"; `mmloss.last_backend()` says
         which one ran. `auto` warns (once per reason) when it has to run the reference.
@@ -80,6 +95,10 @@ def contrastive_loss(
             symmetric=symmetric,
             reduction=reduction,
             backend=backend,
+            hardness_strength=hardness_strength,
+            hardness_negatives=hardness_negatives,
+            hardness_owners=hardness_owners,
+            multi_positive=multi_positive,
         )
     except (TypeError, ValueError) as exc:
         if global_negatives is None:
@@ -113,6 +132,10 @@ def contrastive_loss(
             key_groups=key_groups,
             symmetric=symmetric,
             reduction=reduction,
+            hardness_strength=hardness_strength,
+            hardness_negatives=hardness_negatives,
+            hardness_owners=hardness_owners,
+            multi_positive=multi_positive,
         )
     kernel_module = backends.kernels(name)
     kernel_module.check(query, problem)

@@ -7,8 +7,10 @@ concatenated batch (rank 0's keys first, then rank 1's, ...).
 Indices. `positives` are local: column j of this rank's `key` (they are offset by the rank's
 key offset internally); a row's positive is always on its own rank. `key_groups` are labels
 compared as they are across ranks: use global ids (dataset image ids), since local ids 0..n
-of two ranks would mark different images as copies of one another. Teacher key features
-(`margin_teacher[1]`, `filter_teacher[1]`) travel with their keys. Local batch sizes may
+of two ranks would mark different images as copies of one another; so are the owner ids of
+`hardness_owners`, and with `multi_positive` |P_i| counts the group's columns on every rank.
+Teacher key features (`margin_teacher[1]`, `filter_teacher[1]`) travel with their keys; a
+per-row filter threshold stays with its row (lifted into the filter features, mmloss.checks). Local batch sizes may
 differ between ranks (each needs at least one row and one key).
 
 Modes.
@@ -49,7 +51,7 @@ import torch.distributed as dist
 
 from mmloss import backends, blockwise
 from mmloss.autograd import ContrastiveRows, inverse_temperature
-from mmloss.checks import BACKENDS, FLOAT_DTYPES, REDUCTIONS, Temperature
+from mmloss.checks import BACKENDS, FLOAT_DTYPES, HARDNESS_NEGATIVES, REDUCTIONS, Temperature, positive_counts
 from mmloss.constants import IGNORE_INDEX
 from mmloss.problem import LossProblem
 
@@ -77,6 +79,9 @@ _FIELDS = (
     "filter_threshold",
     "filter_normalize",
     "key_groups",
+    "multi_positive",
+    "hardness_strength",
+    "hardness_scope",
     "backend",
 )
 
@@ -134,6 +139,9 @@ def _metadata(query, key, problem: Optional[LossProblem], settings: Tuple[float,
             problem.filter_threshold,
             filter_normalize,
             problem.key_groups is not None,
+            problem.multi_positive,
+            problem.hardness_strength,
+            problem.hardness_scope,
             backend,
         )
     device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
@@ -162,6 +170,8 @@ def _describe(field: str, value: float) -> str:
         return MODES[int(value)]
     if field == "backend":
         return BACKENDS[int(value)]
+    if field == "hardness_scope":
+        return tuple(HARDNESS_NEGATIVES)[int(value)]
     return "none" if field.endswith("width") and value < 0 else f"{value:g}"
 
 
@@ -370,6 +380,11 @@ def global_contrastive_loss(
     table = _exchange(_metadata(query, key, problem, settings), group)
     _check_agreement(table)
     layout = _layout(group, table[:, 1:3])
+    if problem.multi_positive:  # |P_i| counts the positive's group over every rank's keys
+        every_group = _all_gather(problem.key_groups, layout.key_sizes, group)
+        problem = dataclasses.replace(
+            problem, positive_weights=1.0 / positive_counts(problem.row_groups, every_group).double()
+        )
     seen = sum(layout.key_sizes) if mode == "gather" else max(layout.key_sizes)  # keys per kernel call
     name = backends.choose(backend, query.device, query.dtype, seen)
     kernel_module = blockwise if name == "reference" else backends.kernels(name)

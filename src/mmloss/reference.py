@@ -46,6 +46,10 @@ def _row_losses(
     filter_threshold,
     filter_normalize,
     key_groups,
+    hardness_strength=0.0,
+    hardness_negatives="all",
+    hardness_owners=None,
+    multi_positive=False,
 ):
     """Per-row losses (M,) of one direction, 0 for ignored rows."""
     M, N = query.shape[0], key.shape[0]
@@ -63,15 +67,24 @@ def _row_losses(
     removed = torch.zeros_like(is_pos)
     if key_groups is not None:
         groups = key_groups.long()
-        removed |= groups[None, :] == groups[pos_col][:, None]
+        same_group = groups[None, :] == groups[pos_col][:, None]
+        if multi_positive:  # every column of the positive's group is a positive (P_i)
+            is_pos = same_group & valid[:, None]
+        else:
+            removed |= same_group
     poison = None
     if filter_teacher is not None:
         fq, fk = (t.detach() for t in filter_teacher)
         if filter_normalize:
             fq, fk = normalize(fq), normalize(fk)
         scores = fq @ fk.T
-        removed |= scores > filter_threshold
-        poison = torch.isnan(scores)  # a NaN teacher score gives a NaN loss, never a silent number
+        if isinstance(filter_threshold, torch.Tensor):  # one threshold per row, compared in the wider dtype
+            threshold = filter_threshold.detach()[:, None].to(torch.promote_types(scores.dtype, filter_threshold.dtype))
+            removed |= scores.to(threshold.dtype) > threshold
+            poison = torch.isnan(scores) | torch.isnan(threshold)
+        else:
+            removed |= scores > filter_threshold
+            poison = torch.isnan(scores)  # a NaN teacher score gives a NaN loss, never a silent number
     allowed = ~removed | is_pos
 
     f = cos
@@ -86,13 +99,24 @@ def _row_losses(
         f = torch.where(transformed, arc, cos)
 
     logits = f / temperature
+    if hardness_strength > 0:  # + alpha·sg(c) on the penalised negatives (docs/contract.md §3)
+        penalised = ~is_pos
+        if hardness_negatives != "all":
+            row_owners, key_owners = (o.long() for o in hardness_owners)
+            same_owner = row_owners[:, None] == key_owners[None, :]
+            penalised &= same_owner if hardness_negatives == "own" else ~same_owner
+        logits = torch.where(penalised, logits + hardness_strength * cos.detach(), logits)
     logits = logits.masked_fill(~allowed, float("-inf"))
     if poison is not None:
         logits = logits.masked_fill(poison, float("nan"))
     wide = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    pos_logit = wide.gather(1, pos_col[:, None]).squeeze(1)
-    loss = torch.logsumexp(wide, dim=1) - pos_logit
-    if wide.dtype != torch.float64:
+    if multi_positive:  # the mean of the positives' logits
+        pos_logit = torch.where(is_pos, wide, 0.0).sum(dim=1) / is_pos.sum(dim=1).clamp(min=1)
+        loss = torch.logsumexp(wide, dim=1) - pos_logit
+    else:
+        pos_logit = wide.gather(1, pos_col[:, None]).squeeze(1)
+        loss = torch.logsumexp(wide, dim=1) - pos_logit
+    if wide.dtype != torch.float64 and not multi_positive:
         # The value of the relative form (accurate for nearly solved rows), the gradient of
         # the logsumexp form (the same derivative; the low-precision bars of the other
         # backends' tests are unchanged).
@@ -137,10 +161,16 @@ def contrastive_loss_reference(
     key_groups=None,
     symmetric: bool = False,
     reduction: str = "mean",
+    hardness_strength: float = 0.0,
+    hardness_negatives: str = "all",
+    hardness_owners=None,
+    multi_positive: bool = False,
 ) -> torch.Tensor:
-    """docs/contract.md §1 densely; same arguments as `mmloss.contrastive_loss` less `backend`.
+    """docs/contract.md §1 and §3 densely; same arguments as `mmloss.contrastive_loss` less
+    `backend` and the distributed ones.
 
-    Assumes valid arguments (the public call checks them). Returns fp32 for 16-bit inputs.
+    Assumes valid arguments (the public call checks them; symmetric takes none of the §3
+    features). Returns fp32 for 16-bit inputs.
     """
     common = dict(
         temperature=temperature,
@@ -150,7 +180,16 @@ def contrastive_loss_reference(
         key_groups=key_groups,
     )
     rows, valid = _row_losses(
-        query, key, positives, margin_teacher=margin_teacher, filter_teacher=filter_teacher, **common
+        query,
+        key,
+        positives,
+        margin_teacher=margin_teacher,
+        filter_teacher=filter_teacher,
+        hardness_strength=hardness_strength,
+        hardness_negatives=hardness_negatives,
+        hardness_owners=hardness_owners,
+        multi_positive=multi_positive,
+        **common,
     )
     if symmetric:
         swap = lambda pair: None if pair is None else (pair[1], pair[0])  # noqa: E731

@@ -88,6 +88,58 @@ BAD = [
     ),
     (dict(symmetric="yes"), TypeError, "symmetric must be a bool"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(filter_teacher=(t4, t5), filter_threshold=torch.zeros(5)), ValueError, "filter_threshold tensor must have"),
+    (
+        dict(filter_teacher=(t4, t5), filter_threshold=torch.zeros(4, dtype=torch.long)),
+        TypeError,
+        "filter_threshold tensor",
+    ),
+    (
+        dict(filter_teacher=(t4, t5), filter_threshold=torch.zeros(4, device="meta")),
+        ValueError,
+        "filter_threshold is on meta",
+    ),
+    (dict(multi_positive=True), ValueError, "multi_positive=True needs key_groups"),
+    (dict(multi_positive=1, key_groups=torch.arange(5)), TypeError, "multi_positive must be a bool"),
+    (dict(hardness_strength=-1.0), ValueError, "hardness_strength must be finite and >= 0"),
+    (dict(hardness_strength=math.inf), ValueError, "hardness_strength must be finite and >= 0"),
+    (dict(hardness_strength="5"), TypeError, "hardness_strength must be a float"),
+    (dict(hardness_strength=5.0, hardness_negatives="in_batch"), ValueError, "hardness_negatives must be one of"),
+    (
+        dict(hardness_strength=5.0, hardness_negatives="own"),
+        ValueError,
+        "hardness_negatives='own' needs hardness_owners",
+    ),
+    (
+        dict(hardness_strength=5.0, hardness_owners=(torch.arange(4), torch.arange(5))),
+        ValueError,
+        "hardness_owners is only used with",
+    ),
+    (
+        dict(hardness_strength=5.0, hardness_negatives="others", hardness_owners=(torch.arange(4), torch.arange(4))),
+        ValueError,
+        "hardness_owners[1] must have shape (5,)",
+    ),
+    (
+        dict(hardness_strength=5.0, hardness_negatives="others", hardness_owners=torch.arange(4)),
+        TypeError,
+        "hardness_owners must be a pair",
+    ),
+    (
+        dict(key=torch.randn(4, 3), symmetric=True, hardness_strength=1.0),
+        ValueError,
+        "symmetric=True does not take hardness_strength",
+    ),
+    (
+        dict(key=torch.randn(4, 3), symmetric=True, multi_positive=True, key_groups=torch.arange(4)),
+        ValueError,
+        "symmetric=True does not take multi_positive",
+    ),
+    (
+        dict(key=torch.randn(4, 3), symmetric=True, filter_teacher=(t4, t4), filter_threshold=torch.zeros(4)),
+        ValueError,
+        "symmetric=True does not take a per-row filter_threshold",
+    ),
     (dict(backend="fast"), ValueError, "backend must be one of"),
 ]
 
