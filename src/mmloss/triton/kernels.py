@@ -703,8 +703,9 @@ def grad_tile_kernel(
     """One tile of rows [row0, M) x columns [col0, N): G_ij = d_ij f'_ij / tau with
     d_ij = w_i (P_ij - delta_ij) [+ v_j (Q_ij - delta_ij) if SYMMETRIC], P = exp(logit - lse_i),
     Q = exp(logit - lse_col_j); MULTI_POS: delta_ij = pw_i [j in P_i]. The hardness term of
-    the logit changes P only (it carries no gradient: f' and f are the unpenalised ones). Stores H = a_i b_j G / scale at h[i - row0, j - col0] and adds
-    sum_j G c to row_sum[i], sum_i G c to col_sum[j], sum d f to temp_grad (atomics).
+    the logit changes P only (it carries no gradient: f' and f are the unpenalised ones).
+    Stores H = a_i b_j G / scale at h[i - row0, j - col0] and adds sum_j G c to row_sum[i],
+    sum_i G c to col_sum[j], sum d f to temp_grad (atomics).
     FUSED (the small-batch path, row0 = col0 = 0): a, b computed here (tiles of the first column /
     row store them), H unscaled in fp32, and the three sums written per tile without atomics
     into row_sum[pid_n, i], col_sum[pid_m, j], temp_grad[tile] for `grad_gemm_kernel`.

@@ -94,15 +94,17 @@ TUNE_KEY = {"forward": _TUNE_KEY, "grad_tile": _TUNE_KEY + ["NEED_TEMP"]}
 
 def call_class(query: torch.Tensor, problem, symmetric: bool = False) -> str:
     """Which config class (configs.py) a call uses: by embedding and teacher dtypes, features
-    and direction count."""
+    and direction count (the hardness penalty or several positives on top of a margin or a
+    teacher: the "x" variant of the class)."""
     if query.dtype == torch.float32:
         return "fp32"
+    extra = "x" if problem.hardness_strength > 0.0 or problem.positive_weights is not None else ""
     teachers = (problem.margin_query if problem.margin > 0 else None, problem.filter_query)
     if any(t is not None and t.dtype in (torch.float32, torch.float64) for t in teachers):
-        return "teacher32"
+        return "teacher32" + extra
     if symmetric:
         return "sym16"
-    return "feat16" if problem.margin > 0 or problem.filter_query is not None else "plain16"
+    return "feat16" + extra if problem.margin > 0 or problem.filter_query is not None else "plain16"
 
 
 @functools.lru_cache(maxsize=None)

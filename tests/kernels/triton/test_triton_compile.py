@@ -62,7 +62,8 @@ INTS = {
 }
 FLOATS = {"threshold", "margin", "cos_threshold", "cos_m", "sin_m", "eps", "inv_temp_value", "hardness"}
 EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
-FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr", "pw_ptr"}  # the forward's lse (the backward reads it as given); positive_weights
+# The forward's lse (the backward reads it as given) and positive_weights.
+FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr", "pw_ptr"}
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
 INDICES = {"pos_ptr", "rg_ptr", "kg_ptr", "ro_ptr", "ko_ptr", "col_acc_ptr"}  # int64 (col_acc: packed column pairs)
 CLASS_DTYPES = {
@@ -71,6 +72,8 @@ CLASS_DTYPES = {
     "sym16": ("bf16", "bf16"),
     "teacher32": ("bf16", "fp32"),
     "fp32": ("fp32", "fp32"),
+    "feat16x": ("bf16", "bf16"),
+    "teacher32x": ("bf16", "fp32"),
 }
 _OFF = dict(
     HAS_MARGIN=False,
@@ -100,10 +103,12 @@ FEATURES = {
 # symmetric one pass takes neither the hardness penalty nor several positives (ops.check_features).
 CLASS_FEATURES = {
     "plain16": ("groups", "hard+multi"),
-    "feat16": ("margin+groups", "all", "all+hard", "all+hard+multi"),
+    "feat16": ("margin+groups", "all"),
     "sym16": ("clip", "all+sym"),
-    "teacher32": ("all", "all+sym", "all+hard+multi"),
+    "teacher32": ("all", "all+sym"),
     "fp32": ("plain", "all", "all+sym", "all+hard+multi"),
+    "feat16x": ("all+hard", "all+hard+multi"),
+    "teacher32x": ("all+hard", "all+hard+multi"),
 }
 # The small-batch path's own variants (norms in the kernels, per-tile partials).
 CHUNKED = dict(FUSED_NORMS=False, FUSED=False, TEMP_PTR=True)
