@@ -10,4 +10,4 @@ venv="${TMPDIR:-/tmp}/mmloss-triton-$version"
 [ -x "$venv/bin/python" ] || python3 -m venv --system-site-packages "$venv"
 "$venv/bin/python" -m pip install --quiet --no-deps "triton==$version"
 cd "$root"
-TRITON_CACHE_DIR="$venv/cache" "$venv/bin/python" -m pytest -q -s tests/test_triton_compile.py -p no:cacheprovider
+TRITON_CACHE_DIR="$venv/cache" "$venv/bin/python" -m pytest -q -s tests/kernels/triton/test_triton_compile.py -p no:cacheprovider

@@ -52,6 +52,7 @@ class KeyBlock:
         `contrastive_loss`, for this block's columns.
     local_keys: with global negatives, this block's columns are this rank's keys only
         (GISTEmbedLoss's anchor-anchor block); the other blocks see every rank's keys.
+    Several positives per row (multi_positive) are a `contrastive_loss` option, not a block one.
     """
 
     rows: torch.Tensor

@@ -178,6 +178,9 @@ def test_nan_row_threshold_gives_a_nan_row():
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
     rows = _block_rows(q, k, 20.0, **kwargs)
     assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+    if mmloss.backends.unavailable_reason("cpu", q.device) is None:  # the lifted form in a kernel
+        rows = mmloss.contrastive_loss(q, k, backend="cpu", **kwargs)
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
 
 
 def _block_rows(q, k, inv_temp, **kwargs):

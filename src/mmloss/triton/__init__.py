@@ -26,4 +26,3 @@ def check(query: torch.Tensor, problem: LossProblem) -> None:
         raise ValueError(
             f"query is on {query.device}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
         )
-    problem.reject_features("triton")

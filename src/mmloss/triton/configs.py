@@ -10,6 +10,12 @@ compiles all of them and fails on spills):
                16-bit teachers): at most 128 x 64 / 64 x 128.
 * "teacher32": 16-bit embeddings with an fp32 teacher: the teacher dot is exact fp32 on
                CUDA cores, whose operands take many registers: 64 x 64 tiles, 8 warps.
+* "feat16x", "teacher32x": feat16 / teacher32 with the hardness penalty or several
+               positives per row on top: the chunked backward tile, at the register limit
+               with margin and teachers alone, spills with the owners' or the positive
+               weights' few more live values, so it runs at 64 x 64 (8 warps; teacher32x one
+               stage). feat16x's forward list is feat16's; teacher32x's forward takes one
+               stage on sm_80.
 * "fp32":      fp32 embeddings, exact fp32 dots (CUDA cores): 64 x 64, small d-chunks.
 
 BLOCK_D is fixed per class and shared by the forward and backward lists: the backward
@@ -25,9 +31,9 @@ from typing import Dict, List
 import triton
 
 INTERPRETER_BLOCK = 64
-CLASSES = ("plain16", "feat16", "sym16", "teacher32", "fp32")
-BLOCK_D = {"plain16": 64, "feat16": 64, "sym16": 64, "teacher32": 64, "fp32": 16}
-BLOCK_T = {"plain16": 32, "feat16": 32, "sym16": 32, "teacher32": 32, "fp32": 16}
+CLASSES = ("plain16", "feat16", "sym16", "teacher32", "fp32", "feat16x", "teacher32x")
+BLOCK_D = {"plain16": 64, "feat16": 64, "sym16": 64, "teacher32": 64, "fp32": 16, "feat16x": 64, "teacher32x": 64}
+BLOCK_T = {"plain16": 32, "feat16": 32, "sym16": 32, "teacher32": 32, "fp32": 16, "feat16x": 32, "teacher32x": 32}
 ELEMENTWISE = {"BLOCK_M": 32, "BLOCK_D": 64}
 GROUP_M = 32  # row tiles per band of the backward's tile order (L2 reuse of K tiles)
 
@@ -64,8 +70,12 @@ _SHAPES = {
         "sym16": {90: [(64, 64, 8, 3)], 80: [(64, 64, 8, 2)]},
         "teacher32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
         "fp32": {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 2)]},
+        "feat16x": {90: [(64, 64, 8, 3)], 80: [(64, 64, 8, 2)]},
+        "teacher32x": {90: [(64, 64, 8, 1)], 80: [(64, 64, 8, 1)]},
     },
 }
+_SHAPES["forward"]["feat16x"] = _SHAPES["forward"]["feat16"]
+_SHAPES["forward"]["teacher32x"] = {90: [(64, 64, 8, 2)], 80: [(64, 64, 8, 1)]}
 TABLES = {kind: {cls: _table(cls, shapes) for cls, shapes in by_cls.items()} for kind, by_cls in _SHAPES.items()}
 
 # The small-batch path (`ops.SMALL_MAX`) runs one fixed config per kernel, never autotuned
@@ -97,7 +107,7 @@ def configs(kind: str, cls: str, capability: int) -> List[triton.Config]:
 def small_config(kind: str, cls: str, capability: int) -> triton.Config:
     """The fixed config of the small-batch path for a kernel ("forward", "grad_tile",
     "grad_gemm"), call class and arch."""
-    width = "32" if cls in ("fp32", "teacher32") else "16"
+    width = "32" if cls in ("fp32", "teacher32", "teacher32x") else "16"
     arch = arch_key(capability)
     if kind == "grad_gemm":
         gemm_cls = "32" if cls == "fp32" else "16"

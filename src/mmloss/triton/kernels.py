@@ -211,10 +211,17 @@ def _logits(
     cos_threshold,
     cos_m,
     sin_m,
+    ro_ptr,
+    ko_ptr,
+    hardness,
+    own_scope,
     HAS_MARGIN: tl.constexpr,
     ADAPTIVE: tl.constexpr,
     HAS_FILTER: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    BY_OWNER: tl.constexpr,
+    MULTI_POS: tl.constexpr,
     T_PRECISION: tl.constexpr,
     F_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -222,10 +229,19 @@ def _logits(
     SIN_EPS: tl.constexpr,
 ):
     """From cosines c (BLOCK_M, BLOCK_N): logits (-inf where not allowed, NaN where the
-    filter score is NaN), f, f' = df/dc, and the positive mask (docs/contract.md §1)."""
+    filter score is NaN), f, f' = df/dc, and the positive mask (docs/contract.md §1).
+    MULTI_POS: every column of the row's group is a positive (HAS_GROUPS is then off: the
+    group mask removes nothing). HARDNESS: the negatives in scope (all, or with BY_OWNER
+    those whose key owner equals the row's owner when own_scope, else differs) get
+    + hardness * c on their logit; f and f' (the gradient's factors) do not see it."""
     row_ok = rows < M
     col_ok = cols < N
-    is_pos = (cols[None, :] == pos[:, None]) & col_ok[None, :]
+    if MULTI_POS:
+        rg = tl.load(rg_ptr + rows, mask=row_ok, other=-1)
+        kg = tl.load(kg_ptr + cols, mask=col_ok, other=-2)
+        is_pos = (rg[:, None] == kg[None, :]) & row_ok[:, None] & col_ok[None, :]
+    else:
+        is_pos = (cols[None, :] == pos[:, None]) & col_ok[None, :]
     f = c
     fprime = tl.full(c.shape, 1.0, tl.float32)
     if HAS_MARGIN:
@@ -245,6 +261,13 @@ def _logits(
         kg = tl.load(kg_ptr + cols, mask=col_ok, other=-2)
         allowed = allowed & ~((rg[:, None] == kg[None, :]) & (~is_pos))
     logit = f * inv_temp
+    if HARDNESS:
+        penalised = ~is_pos
+        if BY_OWNER:
+            ro = tl.load(ro_ptr + rows, mask=row_ok, other=-1)
+            ko = tl.load(ko_ptr + cols, mask=col_ok, other=-1)
+            penalised = penalised & ((ro[:, None] == ko[None, :]) == (own_scope != 0))
+        logit = tl.where(penalised, logit + hardness * c, logit)
     if HAS_FILTER:
         s = dot_tile(fq_ptr, fk_ptr, stride_fq, stride_fk, rows, cols, M, N, DF, BLOCK_T, F_PRECISION, UPCAST)
         allowed = allowed & ~((s > threshold) & (~is_pos))
@@ -350,6 +373,11 @@ def forward_kernel(
     cos_threshold,
     cos_m,
     sin_m,
+    ro_ptr,
+    ko_ptr,
+    pw_ptr,
+    hardness,
+    own_scope,
     M_BUCKET,
     N_BUCKET,
     D_BUCKET,
@@ -357,6 +385,9 @@ def forward_kernel(
     ADAPTIVE: tl.constexpr,
     HAS_FILTER: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    BY_OWNER: tl.constexpr,
+    MULTI_POS: tl.constexpr,
     PRECISION: tl.constexpr,
     T_PRECISION: tl.constexpr,
     F_PRECISION: tl.constexpr,
@@ -380,7 +411,9 @@ def forward_kernel(
     prologue's a_ptr/b_ptr. lse (fp64) is carried relative to the positive's logit
     (`_lse_from_parts`). SYMMETRIC: also merges this row block's (max, off-diagonal sum) of
     each column j into col_acc[j] (packed int64, compare-and-swap), from which
-    `column_lse_kernel` takes the column lse.
+    `column_lse_kernel` takes the column lse. MULTI_POS (several positives per row: the
+    columns of the row's group): pos_logit is sum_{j in P_i} pw_i logit_ij over the span
+    (pw = positive_weights) and lse is carried relative to it. HARDNESS: see `_logits`.
     M_BUCKET/N_BUCKET/D_BUCKET only key the autotuner."""
     split = tl.program_id(1)
     span = tl.cdiv(tl.cdiv(N, SPLITS), BLOCK_N) * BLOCK_N
@@ -394,6 +427,7 @@ def forward_kernel(
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0)
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_off = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    run_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)  # MULTI_POS: the positives' sum of exp(logit - max)
     pos_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first = split * span
     last = tl.minimum(N, (split + 1) * span)
@@ -431,10 +465,17 @@ def forward_kernel(
             cos_threshold,
             cos_m,
             sin_m,
+            ro_ptr,
+            ko_ptr,
+            hardness,
+            own_scope,
             HAS_MARGIN,
             ADAPTIVE,
             HAS_FILTER,
             HAS_GROUPS,
+            HARDNESS,
+            BY_OWNER,
+            MULTI_POS,
             T_PRECISION,
             F_PRECISION,
             BLOCK_T,
@@ -444,9 +485,11 @@ def forward_kernel(
         # A NaN logit (NaN filter score or input) reaches run_off or pos_logit: lse is NaN.
         new_max = tl.maximum(run_max, tl.max(logit, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_off = run_off * tl.exp(run_max - shift) + tl.sum(
-            tl.where(is_pos, 0.0, tl.exp(logit - shift[:, None])), axis=1
-        )
+        rescale = tl.exp(run_max - shift)
+        e = tl.exp(logit - shift[:, None])
+        run_off = run_off * rescale + tl.sum(tl.where(is_pos, 0.0, e), axis=1)
+        if MULTI_POS:
+            run_pos = run_pos * rescale + tl.sum(tl.where(is_pos, e, 0.0), axis=1)
         run_max = new_max
         pos_logit += tl.sum(tl.where(is_pos, logit, 0.0), axis=1)
         if SYMMETRIC:
@@ -456,8 +499,15 @@ def forward_kernel(
             col_shift = tl.where(col_max == float("-inf"), 0.0, col_max)
             col_off = tl.sum(tl.where(is_pos, 0.0, tl.exp(logit - col_shift[None, :])), axis=0)
             _merge_columns(col_acc_ptr, cols, N, col_max, col_off)
-    has_pos = (pos >= first) & (pos < last)
-    lse = _lse_from_parts(run_max, run_off, pos_logit, has_pos)
+    if MULTI_POS:
+        # pos_logit: sum over this span's positives of positive_weights_i * logit_ij. A span
+        # without positives (or whose positives underflow against the max) takes the
+        # formula without a positive, which is as accurate there.
+        pos_logit = pos_logit * tl.load(pw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        has_pos = run_pos > 0.0
+    else:
+        has_pos = (pos >= first) & (pos < last)
+    lse = _lse_from_parts(run_max, run_off, pos_logit, has_pos, run_pos, MULTI_POS)
     tl.store(lse_ptr + split * M + rows, lse, mask=row_ok)
     tl.store(pos_logit_ptr + split * M + rows, pos_logit, mask=row_ok)
 
@@ -471,16 +521,23 @@ def _log1p(x):
 
 
 @triton.jit
-def _lse_from_parts(top, off, pos_logit, has_pos):
+def _lse_from_parts(top, off, pos_logit, has_pos, pos_sum, MULTI_POS: tl.constexpr):
     """fp64 log-sum-exp of a row (or column) from its max `top`, the sum `off` of exp(logit -
     top) over the entries other than the positive, and the positive's logit (when has_pos).
     With the positive it is pos_logit + loss, loss = delta + log1p(exp(-delta) - 1 + off)
     with delta = top - pos_logit >= 0, so that lse - pos_logit keeps the loss's relative
     accuracy when the row is nearly solved (loss << 1; delta = 0 there). Without it (the
-    positive is in another block or the row is ignored): top + log(off)."""
+    positive is in another block or the row is ignored): top + log(off).
+    MULTI_POS: pos_logit is the weighted sum of the positives' logits and pos_sum their sum
+    of exp(logit - top); loss = delta + log1p(pos_sum - 1 + off), exact in real arithmetic
+    for any weights. With one positive pos_sum = exp(-delta) (the form above); with
+    several (weights 1/|P|) the loss is >= log |P| (Jensen), so nothing cancels."""
     shift = tl.where(top == float("-inf"), 0.0, top)
     delta = tl.where(has_pos, shift - pos_logit, 0.0)
-    loss = delta + _log1p(tl.exp(-delta) - 1.0 + off)
+    if MULTI_POS:
+        loss = delta + _log1p(pos_sum - 1.0 + off)
+    else:
+        loss = delta + _log1p(tl.exp(-delta) - 1.0 + off)
     with_pos = pos_logit.to(tl.float64) + loss.to(tl.float64)
     without = shift.to(tl.float64) + tl.log(off).to(tl.float64)
     return tl.where(has_pos, with_pos, without)
@@ -534,7 +591,7 @@ def column_lse_kernel(col_acc_ptr, pos_logit_ptr, lse_col_ptr, N, BLOCK: tl.cons
     ok = cols < N
     m, s = _unpack(tl.load(col_acc_ptr + cols, mask=ok, other=0))
     pos = tl.load(pos_logit_ptr + cols, mask=ok, other=0.0)
-    tl.store(lse_col_ptr + cols, _lse_from_parts(m, s, pos, ok), mask=ok)
+    tl.store(lse_col_ptr + cols, _lse_from_parts(m, s, pos, ok, s, False), mask=ok)
 
 
 @triton.jit
@@ -611,6 +668,11 @@ def grad_tile_kernel(
     cos_threshold,
     cos_m,
     sin_m,
+    ro_ptr,
+    ko_ptr,
+    pw_ptr,
+    hardness,
+    own_scope,
     M_BUCKET,
     N_BUCKET,
     D_BUCKET,
@@ -618,6 +680,9 @@ def grad_tile_kernel(
     ADAPTIVE: tl.constexpr,
     HAS_FILTER: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    HARDNESS: tl.constexpr,
+    BY_OWNER: tl.constexpr,
+    MULTI_POS: tl.constexpr,
     NEED_TEMP: tl.constexpr,
     PRECISION: tl.constexpr,
     T_PRECISION: tl.constexpr,
@@ -637,8 +702,10 @@ def grad_tile_kernel(
 ):
     """One tile of rows [row0, M) x columns [col0, N): G_ij = d_ij f'_ij / tau with
     d_ij = w_i (P_ij - delta_ij) [+ v_j (Q_ij - delta_ij) if SYMMETRIC], P = exp(logit - lse_i),
-    Q = exp(logit - lse_col_j). Stores H = a_i b_j G / scale at h[i - row0, j - col0] and adds
-    sum_j G c to row_sum[i], sum_i G c to col_sum[j], sum d f to temp_grad (atomics).
+    Q = exp(logit - lse_col_j); MULTI_POS: delta_ij = pw_i [j in P_i]. The hardness term of
+    the logit changes P only (it carries no gradient: f' and f are the unpenalised ones).
+    Stores H = a_i b_j G / scale at h[i - row0, j - col0] and adds sum_j G c to row_sum[i],
+    sum_i G c to col_sum[j], sum d f to temp_grad (atomics).
     FUSED (the small-batch path, row0 = col0 = 0): a, b computed here (tiles of the first column /
     row store them), H unscaled in fp32, and the three sums written per tile without atomics
     into row_sum[pid_n, i], col_sum[pid_m, j], temp_grad[tile] for `grad_gemm_kernel`.
@@ -685,10 +752,17 @@ def grad_tile_kernel(
         cos_threshold,
         cos_m,
         sin_m,
+        ro_ptr,
+        ko_ptr,
+        hardness,
+        own_scope,
         HAS_MARGIN,
         ADAPTIVE,
         HAS_FILTER,
         HAS_GROUPS,
+        HARDNESS,
+        BY_OWNER,
+        MULTI_POS,
         T_PRECISION,
         F_PRECISION,
         BLOCK_T,
@@ -698,7 +772,11 @@ def grad_tile_kernel(
     kept = allowed | (logit != logit)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
-    positive = is_pos.to(tl.float32)
+    if MULTI_POS:
+        pw = tl.load(pw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        positive = tl.where(is_pos, pw[:, None], 0.0)
+    else:
+        positive = is_pos.to(tl.float32)
     d_logit = w[:, None] * (tl.where(kept, tl.exp(logit - lse[:, None]), 0.0) - positive)
     if SYMMETRIC:
         lse_col = tl.load(lse_col_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)

@@ -24,7 +24,7 @@ import triton
 
 from mmloss.constants import MARGIN_SIN_EPS, NORM_EPS
 from mmloss.kernel_common import fp16_scratch_scale, rows_within, scratch_bytes, triton_interpreted
-from mmloss.problem import KERNEL_FIELDS, LossProblem
+from mmloss.problem import HARDNESS_ALL, HARDNESS_OTHERS, HARDNESS_OWN, KERNEL_FIELDS, LossProblem
 from mmloss.triton import configs, kernels
 
 # Batches with M and N up to this take the small-batch path (`small_batch`).
@@ -76,21 +76,35 @@ KERNELS = {
     "grad_tile": kernels.grad_tile_kernel,
     "grad_gemm": kernels.grad_gemm_kernel,
 }
-_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D_BUCKET", "HAS_MARGIN", "ADAPTIVE", "HAS_FILTER", "HAS_GROUPS", "SYMMETRIC"]
+_TUNE_KEY = [
+    "M_BUCKET",
+    "N_BUCKET",
+    "D_BUCKET",
+    "HAS_MARGIN",
+    "ADAPTIVE",
+    "HAS_FILTER",
+    "HAS_GROUPS",
+    "HARDNESS",
+    "BY_OWNER",
+    "MULTI_POS",
+    "SYMMETRIC",
+]
 TUNE_KEY = {"forward": _TUNE_KEY, "grad_tile": _TUNE_KEY + ["NEED_TEMP"]}
 
 
 def call_class(query: torch.Tensor, problem, symmetric: bool = False) -> str:
     """Which config class (configs.py) a call uses: by embedding and teacher dtypes, features
-    and direction count."""
+    and direction count (the hardness penalty or several positives on top of a margin or a
+    teacher: the "x" variant of the class)."""
     if query.dtype == torch.float32:
         return "fp32"
+    extra = "x" if problem.hardness_strength > 0.0 or problem.positive_weights is not None else ""
     teachers = (problem.margin_query if problem.margin > 0 else None, problem.filter_query)
     if any(t is not None and t.dtype in (torch.float32, torch.float64) for t in teachers):
-        return "teacher32"
+        return "teacher32" + extra
     if symmetric:
         return "sym16"
-    return "feat16" if problem.margin > 0 or problem.filter_query is not None else "plain16"
+    return "feat16" + extra if problem.margin > 0 or problem.filter_query is not None else "plain16"
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,19 +159,48 @@ def _temperature_args(
     return dict(inv_temp_ptr=_one(device), inv_temp_value=as_fp32, TEMP_PTR=False)
 
 
+def check_features(f: Fields, symmetric: bool) -> None:
+    """ValueError (naming the field) for a hardness penalty or several positives the kernels
+    cannot serve: the symmetric one pass takes neither (the public call runs the two
+    directions then), several positives need the groups, a scope its owners."""
+    multi = f.positive_weights is not None
+    hardness = f.hardness_strength > 0.0
+    if symmetric and (multi or hardness):
+        what = "positive_weights (several positives per row)" if multi else "hardness_strength > 0"
+        raise ValueError(f"the symmetric one-pass kernels do not take {what}; run the two directions separately")
+    if multi and (f.key_groups is None or f.row_groups is None):
+        raise ValueError("positive_weights (several positives per row) needs key_groups and row_groups")
+    if hardness:
+        if f.hardness_scope not in (HARDNESS_ALL, HARDNESS_OTHERS, HARDNESS_OWN):
+            raise ValueError(f"hardness_scope must be 0 (all), 1 (others) or 2 (own); got {f.hardness_scope}")
+        if f.hardness_scope != HARDNESS_ALL and (f.row_owners is None or f.key_owners is None):
+            raise ValueError("hardness_scope 1 or 2 needs row_owners and key_owners")
+
+
 def _feature_args(query: torch.Tensor, f: Fields) -> Dict[str, object]:
-    """The group, teacher, filter and margin arguments and constexpr flags shared by the
-    loss kernels, by parameter name."""
+    """The group, teacher, filter, margin, hardness and multi-positive arguments and
+    constexpr flags shared by the loss kernels, by parameter name. Several positives per row
+    (MULTI_POS) read the groups for the positive mask; the group mask (HAS_GROUPS) is then
+    off, as it removes nothing."""
     dummy = query
     tq, tk = _teacher(f.margin_query), _teacher(f.margin_key)
     fq, fk = _teacher(f.filter_query), _teacher(f.filter_key)
     has_margin = f.margin > 0.0
     adaptive = has_margin and tq is not None
     has_filter = fq is not None
-    has_groups = f.key_groups is not None
+    multi = f.positive_weights is not None
+    has_groups = f.key_groups is not None and not multi
+    reads_groups = has_groups or multi
+    hardness = f.hardness_strength > 0.0
+    by_owner = hardness and f.hardness_scope != HARDNESS_ALL
     return dict(
-        rg_ptr=f.row_groups if has_groups else dummy,
-        kg_ptr=f.key_groups if has_groups else dummy,
+        rg_ptr=f.row_groups if reads_groups else dummy,
+        kg_ptr=f.key_groups if reads_groups else dummy,
+        ro_ptr=f.row_owners if by_owner else dummy,
+        ko_ptr=f.key_owners if by_owner else dummy,
+        pw_ptr=f.positive_weights if multi else dummy,
+        hardness=float(f.hardness_strength),
+        own_scope=int(by_owner and f.hardness_scope == HARDNESS_OWN),
         tq_ptr=tq if adaptive else dummy,
         tk_ptr=tk if adaptive else dummy,
         stride_tq=tq.stride(0) if adaptive else 0,
@@ -178,6 +221,9 @@ def _feature_args(query: torch.Tensor, f: Fields) -> Dict[str, object]:
         ADAPTIVE=adaptive,
         HAS_FILTER=has_filter,
         HAS_GROUPS=has_groups,
+        HARDNESS=hardness,
+        BY_OWNER=by_owner,
+        MULTI_POS=multi,
         PRECISION=_precision(query.dtype),
         T_PRECISION=_precision(tq.dtype) if adaptive else "ieee",
         F_PRECISION=_precision(fq.dtype) if has_filter else "ieee",
@@ -200,6 +246,7 @@ def run_forward(
     Small batches: the forward kernel alone. Else the norm prologue, the forward kernel over
     (row blocks, column splits) and, with more than one split, `combine_kernel`. Symmetric
     adds a fill of the packed column pairs and `column_lse_kernel`."""
+    check_features(f, symmetric)
     query, key = _rows(query), _rows(key)
     (M, D), N = query.shape, key.shape[0]
     dev = query.device
@@ -379,8 +426,9 @@ def run_backward(
     """(d_query, d_key, d_inv_temp fp32 0-dim): the body of the backward custom ops. The
     small-batch or the chunked path, one direction or (with lse_col and col_weight) both;
     d_inv_temp holds a value only when need_temp_grad."""
-    query, key = _rows(query), _rows(key)
     symmetric = lse_col is not None
+    check_features(f, symmetric)
+    query, key = _rows(query), _rows(key)
     dev = query.device
     weight = row_weight.to(torch.float32).contiguous()
     lse = lse.contiguous()  # fp32 or fp64: the kernels read either and round to fp32

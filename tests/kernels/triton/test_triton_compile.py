@@ -58,35 +58,57 @@ INTS = {
     "col_parts",
     "temp_parts",
     "SPLITS",
+    "own_scope",
 }
-FLOATS = {"threshold", "margin", "cos_threshold", "cos_m", "sin_m", "eps", "inv_temp_value"}
+FLOATS = {"threshold", "margin", "cos_threshold", "cos_m", "sin_m", "eps", "inv_temp_value", "hardness"}
 EMBEDDINGS = {"q_ptr", "k_ptr", "h_ptr", "x_ptr", "y_ptr", "prod_ptr", "out_ptr", "dq_ptr", "dk_ptr"}
-FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr"}  # the forward's lse (the backward reads it as given)
+# The forward's lse (the backward reads it as given) and positive_weights.
+FP64 = {"lse_ptr", "part_lse_ptr", "lse_col_ptr", "pw_ptr"}
 TEACHERS = {"tq_ptr", "tk_ptr", "fq_ptr", "fk_ptr"}
-INDICES = {"pos_ptr", "rg_ptr", "kg_ptr", "col_acc_ptr"}  # int64 (col_acc: packed column pairs)
+INDICES = {"pos_ptr", "rg_ptr", "kg_ptr", "ro_ptr", "ko_ptr", "col_acc_ptr"}  # int64 (col_acc: packed column pairs)
 CLASS_DTYPES = {
     "plain16": ("bf16", "bf16"),
     "feat16": ("bf16", "bf16"),
     "sym16": ("bf16", "bf16"),
     "teacher32": ("bf16", "fp32"),
     "fp32": ("fp32", "fp32"),
+    "feat16x": ("bf16", "bf16"),
+    "teacher32x": ("bf16", "fp32"),
 }
-_OFF = dict(HAS_MARGIN=False, ADAPTIVE=False, HAS_FILTER=False, HAS_GROUPS=False, SYMMETRIC=False)
+_OFF = dict(
+    HAS_MARGIN=False,
+    ADAPTIVE=False,
+    HAS_FILTER=False,
+    HAS_GROUPS=False,
+    HARDNESS=False,
+    BY_OWNER=False,
+    MULTI_POS=False,
+    SYMMETRIC=False,
+)
+_ALL = dict(_OFF, HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True)
+# The hardness penalty by owner and several positives per row (the group mask is off then).
+_HARD_MULTI = dict(HARDNESS=True, BY_OWNER=True, MULTI_POS=True, HAS_GROUPS=False)
 FEATURES = {
     "plain": _OFF,
     "groups": dict(_OFF, HAS_GROUPS=True),
     "clip": dict(_OFF, SYMMETRIC=True),
     "margin+groups": dict(_OFF, HAS_MARGIN=True, HAS_GROUPS=True),
-    "all": dict(HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True, SYMMETRIC=False),
-    "all+sym": dict(HAS_MARGIN=True, ADAPTIVE=True, HAS_FILTER=True, HAS_GROUPS=True, SYMMETRIC=True),
+    "all": _ALL,
+    "all+sym": dict(_ALL, SYMMETRIC=True),
+    "hard+multi": dict(_OFF, **_HARD_MULTI),
+    "all+hard": dict(_ALL, HARDNESS=True, BY_OWNER=True),
+    "all+hard+multi": dict(_ALL, **_HARD_MULTI),
 }
-# The heaviest feature sets each class serves (and plain where it is the common case).
+# The heaviest feature sets each class serves (and plain where it is the common case). The
+# symmetric one pass takes neither the hardness penalty nor several positives (ops.check_features).
 CLASS_FEATURES = {
-    "plain16": ("groups",),
+    "plain16": ("groups", "hard+multi"),
     "feat16": ("margin+groups", "all"),
     "sym16": ("clip", "all+sym"),
     "teacher32": ("all", "all+sym"),
-    "fp32": ("plain", "all", "all+sym"),
+    "fp32": ("plain", "all", "all+sym", "all+hard+multi"),
+    "feat16x": ("all+hard", "all+hard+multi"),
+    "teacher32x": ("all+hard", "all+hard+multi"),
 }
 # The small-batch path's own variants (norms in the kernels, per-tile partials).
 CHUNKED = dict(FUSED_NORMS=False, FUSED=False, TEMP_PTR=True)
@@ -290,12 +312,12 @@ def monkeypatch_module():
 def _label(job: Job) -> str:
     meta = job.constexprs
     tile = f"{meta.get('BLOCK_M')}x{meta.get('BLOCK_N', meta.get('BLOCK_K', '-'))}x{meta.get('BLOCK_D')}"
-    return f"sm_{job.arch} {job.kernel:<17} {job.cls:<9} {job.features:<17} {tile:<11} w{job.warps} s{job.stages}"
+    return f"sm_{job.arch} {job.kernel:<17} {job.cls:<9} {job.features:<20} {tile:<11} w{job.warps} s{job.stages}"
 
 
 def test_every_config_compiles_without_spills(resources, capsys):
-    lines = [f"{'target/kernel/class/features/tile/warps/stages':<78} regs  spill  smem(KiB)"]
-    lines += [f"{_label(r['job']):<78} {r['regs']:>4}  {r['stack']:>5}  {r['smem'] / 1024:>8.1f}" for r in resources]
+    lines = [f"{'target/kernel/class/features/tile/warps/stages':<81} regs  spill  smem(KiB)"]
+    lines += [f"{_label(r['job']):<81} {r['regs']:>4}  {r['stack']:>5}  {r['smem'] / 1024:>8.1f}" for r in resources]
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     spills = [_label(r["job"]) for r in resources if r["stack"] > 0]

@@ -35,15 +35,15 @@ assert_close_to_oracle = functools.partial(assert_kernel_matches_reference, back
 
 
 # Each feature set x dtype class is a separate compiled variant: bf16 covers every feature,
-# fp32 and fp16 the plain and the heaviest sets (set MMLOSS_TRITON_AUTOTUNE=0 to compile
-# one config per variant instead of the whole autotune list).
+# fp32 and fp16 the plain and the heaviest sets, docs/contract.md §3's included (set
+# MMLOSS_TRITON_AUTOTUNE=0 to compile one config per variant instead of the whole autotune list).
 @pytest.mark.parametrize("features", sorted(FEATURES))
 def test_every_feature_bf16(features):
     assert_close_to_oracle(make_case(300, 520, 256, features, seed=11, device="cuda"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("features", ["plain", "all", "symmetric_all"])
+@pytest.mark.parametrize("features", ["plain", "all", "symmetric_all", "hardness_own", "multi_positive_all"])
 def test_dtypes(features, dtype, path):
     assert_close_to_oracle(make_case(300, 520, 256, features, seed=12, device="cuda"), dtype)
 

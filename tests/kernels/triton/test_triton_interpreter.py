@@ -181,6 +181,10 @@ def _problem(case, q, k):
         symmetric=False,
         reduction="mean",
         backend=BACKEND,
+        hardness_strength=kw.get("hardness_strength", 0.0),
+        hardness_negatives=kw.get("hardness_negatives", "all"),
+        hardness_owners=kw.get("hardness_owners"),
+        multi_positive=kw.get("multi_positive", False),
     )
 
 
@@ -196,6 +200,7 @@ def _block(problem, lo, hi):
         margin_key=cols(problem.margin_key),
         filter_key=cols(problem.filter_key),
         key_groups=cols(problem.key_groups),
+        key_owners=cols(problem.key_owners),
     )
 
 
@@ -379,8 +384,13 @@ def test_column_splits_combine(launch_log, monkeypatch):
 
 
 def _op_args(features, M=7, N=20, d=16, seed=30, tensor_temp=True):
-    """(query, key, inv_temp tensor or None, inv_temp value, fields..., problem) of a case."""
-    case = make_case(M, N, d, features, seed=seed)
+    """(query, key, inv_temp tensor or None, inv_temp value, fields..., problem) of a case
+    (a FEATURES or an EXTRA_FEATURES set)."""
+    case = (
+        _extra_case(M, N, d, features, seed=seed)
+        if features in EXTRA_FEATURES
+        else make_case(M, N, d, features, seed=seed)
+    )
     q, k = case.query.float(), case.key.float()
     kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
     case = type(case)(q, k, case.temperature, kw)
@@ -665,3 +675,192 @@ def test_similarity_and_topk_of_huge_rows(dtype):
     torch.testing.assert_close(scores.double(), want_scores, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-3)
     if dtype == torch.float32:
         assert torch.equal(idx, want_idx)
+
+
+# The hardness penalty and several positives per row (docs/contract.md §3): a FEATURES set
+# with these on top, (base, several positives, alpha, hardness_negatives).
+EXTRA_FEATURES = {
+    "hardness": ("positives", False, 0.8, "all"),
+    "hardness_others_all": ("all", False, 1.5, "others"),
+    "hardness_own_margin": ("margin", False, 2.0, "own"),
+    "multi_positive": ("groups", True, 0.0, "all"),
+    "multi_positive_hardness_all": ("all", True, 0.5, "own"),
+    "multi_positive_filter": ("filter_normalize", True, 1.0, "others"),
+}
+
+
+def _extra_case(M, N, d, name, *, seed, **make):
+    """make_case of the base set, with several positives per row (the case's key groups, or
+    groups of ~3 columns) and/or the hardness penalty (owners: 4 row owners, key owners among
+    them or -1)."""
+    base, multi, alpha, negatives = EXTRA_FEATURES[name]
+    case = make_case(M, N, d, base, seed=seed, **make)
+    g = torch.Generator().manual_seed(seed + 1)
+    M, N = case.query.shape[0], case.key.shape[0]
+    kw = dict(case.kwargs)
+    if multi:
+        kw.setdefault("key_groups", torch.randint(0, max(1, N // 3), (N,), generator=g))
+        kw["multi_positive"] = True
+    if alpha:
+        kw.update(hardness_strength=alpha, hardness_negatives=negatives)
+        if negatives != "all":
+            kw["hardness_owners"] = (torch.randint(0, 4, (M,), generator=g), torch.randint(-1, 4, (N,), generator=g))
+    return dataclasses.replace(case, kwargs=kw)
+
+
+@pytest.mark.parametrize("features", sorted(EXTRA_FEATURES))
+def test_hardness_and_several_positives_fp32(features, path):
+    """Through contrastive_loss against the float64 reference, learnable tau, both paths."""
+    assert_close_to_oracle(_extra_case(7, 65, 100, features, seed=40), torch.float32)
+
+
+@pytest.mark.parametrize("features", sorted(EXTRA_FEATURES))
+def test_hardness_and_several_positives_three_by_three_tiles(features):
+    """130 x 150, d = 37: three row and column tiles, short last ones; a float tau."""
+    assert_close_to_oracle(_extra_case(130, 150, 37, features, seed=41), torch.float32, learn_temperature=False)
+
+
+@pytest.mark.parametrize("features", sorted(EXTRA_FEATURES))
+def test_hardness_and_several_positives_fp16(features, path):
+    assert_close_to_oracle(_extra_case(65, 70, 64, features, seed=42), torch.float16)
+
+
+@pytest.mark.parametrize(
+    "M,N,d,features",
+    [
+        (1, 1, 3, "multi_positive"),
+        (1, 131, 5, "hardness_own_margin"),
+        (7, 7, 3, "multi_positive"),
+        (67, 7, 37, "multi_positive_hardness_all"),
+        (131, 67, 64, "hardness_others_all"),
+        (65, 131, 100, "multi_positive_filter"),
+    ],
+)
+def test_hardness_and_several_positives_at_tile_edges(M, N, d, features, path):
+    assert_close_to_oracle(_extra_case(M, N, d, features, seed=M + N + d), torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_hardness_and_several_positives_reductions(reduction, path):
+    assert_close_to_oracle(_extra_case(33, 65, 64, "multi_positive_hardness_all", seed=43), torch.float32, reduction)
+
+
+def test_several_positives_key_blocks_combine_by_logsumexp(path):
+    """Two key blocks that split the rows' positive groups, with the hardness penalty by
+    owner: logsumexp of the block lse's and the sum of the blocks' weighted positive logits
+    equal the whole; backward with the global lse gives the whole's gradients block by block."""
+    case = _extra_case(40, 100, 64, "multi_positive_hardness_all", seed=44)
+    q, k = case.query.float(), case.key.float()
+    kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
+    whole = _problem(type(case)(q, k, case.temperature, kw), q, k)
+    inv_t = 1.0 / case.temperature
+    lse, pos = tk.forward(q, k, inv_t, whole)
+    split = 70
+    parts = [(_block(whole, 0, split), k[:split]), (_block(whole, split, 100), k[split:])]
+    in_both = ((whole.row_groups[:, None] == whole.key_groups[None, :split]).any(1)) & (
+        (whole.row_groups[:, None] == whole.key_groups[None, split:]).any(1)
+    )
+    assert int(in_both.sum()) >= 5  # rows whose positives are in both blocks
+    outs = [tk.forward(q, kb, inv_t, p) for p, kb in parts]
+    torch.testing.assert_close(torch.logsumexp(torch.stack([o[0] for o in outs]), 0), lse, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(outs[0][1] + outs[1][1], pos, rtol=1e-6, atol=1e-5)
+    weight = torch.where(whole.valid_rows, torch.linspace(0.5, 1.5, 40), torch.zeros(40))
+    dq, dk, dt = tk.backward(q, k, inv_t, whole, lse, weight, True)
+    grads = [tk.backward(q, kb, inv_t, p, lse, weight, True) for p, kb in parts]
+    torch.testing.assert_close(grads[0][0] + grads[1][0], dq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]]), dk, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][2] + grads[1][2], dt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("partner", [False, True])
+def test_several_positives_nearly_solved_rows_keep_their_accuracy(partner, path):
+    """fp32, tau = 0.05, several positives per row: rows whose only positive is a
+    near-duplicate (loss 1e-7 ... 1e-4, where lse and the positive logit agree to 6-9 digits)
+    keep their relative accuracy in reduction="none" (the lse is carried relative to the
+    weighted positive logit); with a second near-duplicate positive in the group (partner)
+    the loss is log 2 + tiny, nothing cancels, and the error is the logits' own fp32 rounding
+    (ulp(1/tau) ~ 2e-6 absolute)."""
+    g = torch.Generator().manual_seed(45)
+    q = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    k[:5] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k[5:] = -k[5:].abs() * q[0].sign()  # far from every row
+    groups = torch.arange(70)
+    if partner:
+        k[5:10] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+        groups[5:10] = torch.arange(5)
+    kw = dict(temperature=0.05, key_groups=groups, multi_positive=True, reduction="none")
+    want = contrastive_loss_reference(q, k, **kw)
+    assert float(want.max()) < (math.log(2) + 1e-3 if partner else 1e-4) and float(want.min()) > 0
+    got = mmloss.contrastive_loss(q.float(), k.float(), backend=BACKEND, **kw)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if partner else 1e-3, atol=0)
+
+
+def test_symmetric_one_pass_rejects_hardness_and_several_positives():
+    """The symmetric kernels take neither feature (the public call rejects them before): the
+    op bodies raise a ValueError naming the field before any launch, as does an op call with
+    several positives but no groups."""
+    case = make_case(20, 20, 16, "groups", seed=46)
+    q, k = case.query.float(), case.key.float()
+    problem = _problem(case, q, k)
+    hard = dataclasses.replace(problem, hardness_strength=1.0)
+    multi = dataclasses.replace(problem, positive_weights=torch.ones(20, dtype=torch.float64))
+    for bad, name in ((hard, "hardness_strength"), (multi, "positive_weights")):
+        with pytest.raises(ValueError, match=name):
+            tk.forward_symmetric(q, k, 20.0, bad)
+        with pytest.raises(ValueError, match=name):
+            tk.backward_symmetric(
+                q, k, 20.0, bad, *([torch.zeros(20, dtype=torch.float64)] * 2), *([torch.ones(20)] * 2), True
+            )
+    with pytest.raises(ValueError, match="key_groups"):
+        tk.forward(q, k, 20.0, dataclasses.replace(multi, key_groups=None, row_groups=None))
+    with pytest.raises(ValueError, match="row_owners"):
+        tk.forward(q, k, 20.0, dataclasses.replace(hard, hardness_scope=1))
+
+
+@pytest.mark.parametrize("features", ["multi_positive_hardness_all", "hardness_others_all"])
+def test_opcheck_with_hardness_and_several_positives(features, path):
+    args, problem = _op_args(features, M=9, N=20, tensor_temp=features.startswith("multi"))
+    torch.library.opcheck(torch.ops.mmloss.triton_forward.default, args)
+    lse, _ = torch.ops.mmloss.triton_forward(*args)
+    weight = torch.where(problem.valid_rows, torch.linspace(0.5, 1.5, 9), torch.zeros(9))
+    torch.library.opcheck(torch.ops.mmloss.triton_backward.default, (*args, lse, weight, True))
+
+
+def test_small_batch_launches_with_hardness_and_several_positives(launch_log):
+    """The small path keeps one forward and two backward launches, and no host device work,
+    with both features on (positive_weights and the owners are read as they are)."""
+    case = _extra_case(70, 70, 37, "multi_positive_hardness_all", seed=47)
+    q, k = case.query.float(), case.key.float()
+    kw = {n: (tuple(x.float() for x in v) if n.endswith("teacher") else v) for n, v in case.kwargs.items()}
+    problem = _problem(type(case)(q, k, case.temperature, kw), q, k)
+    weight = torch.where(problem.valid_rows, torch.ones(70), torch.zeros(70))
+    fields = tk.ops.fields(problem)
+    tk.ops.run_forward(q, k, None, 20.0, fields, False)
+    launch_log.launches.clear()
+    with launch_log:
+        lse, _, _ = tk.ops.run_forward(q, k, None, 20.0, fields, False)
+        tk.ops.run_backward(q, k, None, 20.0, fields, lse, weight, True, None, None)
+    assert launch_log.launches[1:] == ["grad_tile_kernel", "grad_gemm_kernel"]
+    assert launch_log.launches[0] == "forward_kernel"
+    assert set(launch_log.host_ops) <= NO_LAUNCH, launch_log.host_ops
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_contrastive_loss_with_both_features_compiles_as_shipped(learn):
+    """fullgraph torch.compile of a step with several positives and the hardness penalty."""
+    torch._dynamo.reset()
+    case = _extra_case(20, 20, 16, "multi_positive_hardness_all", seed=48)
+
+    def step(q, k, t):
+        return mmloss.contrastive_loss(q, k, temperature=t, backend=BACKEND, **case.kwargs)
+
+    results = []
+    for run in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        q, k, t = case.inputs(torch.float32, learn)
+        loss = run(q, k, t)
+        loss.backward()
+        assert mmloss.last_backend() == BACKEND
+        results.append((loss.detach(), q.grad, k.grad) + ((t.grad,) if learn else ()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
