@@ -6,12 +6,16 @@ and bf16; and the ops' own checks of the new fields."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+import mmloss
 from mmloss.backends import unavailable_reason
 from mmloss.checks import build_problem
 from mmloss.kernel_common import inv_temp_tensor
+from mmloss.reference import contrastive_loss_reference
 from tests.cases import FEATURES, assert_matches_reference, make_case
 
 pytestmark = pytest.mark.skipif(
@@ -75,6 +79,28 @@ def test_float64_awkward_sizes(monkeypatch, tiling, new, M, N, d):
 def test_low_precision_meets_error_bar(monkeypatch, tiling, dtype, new):
     case = _case(monkeypatch, "all", new, 61, 71, 48, seed=23)
     assert_matches_reference(case, "cpu", dtype, learn_temperature=True)
+
+
+@pytest.mark.parametrize("partner", [False, True])
+def test_several_positives_nearly_solved_rows_keep_their_accuracy(tiling, partner):
+    """fp32, τ = 0.05: rows whose only positive is a near-duplicate (loss 1e-7 ... 1e-4, lse and
+    the positive logit agreeing to 6-9 digits) keep their relative accuracy in reduction="none"
+    (lse and Σ positive_weights·logit in float64); with a second near-duplicate positive in the
+    group (partner) the loss is log 2 + tiny and the error is the logits' own fp32 rounding."""
+    g = torch.Generator().manual_seed(45)
+    q = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    k[:5] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k[5:] = -k[5:].abs() * q[0].sign()  # far from every row
+    groups = torch.arange(70)
+    if partner:
+        k[5:10] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+        groups[5:10] = torch.arange(5)
+    kw = dict(temperature=0.05, key_groups=groups, multi_positive=True, reduction="none")
+    want = contrastive_loss_reference(q, k, **kw)
+    assert float(want.max()) < (math.log(2) + 1e-3 if partner else 1e-4) and float(want.min()) > 0
+    got = mmloss.contrastive_loss(q.float(), k.float(), backend="cpu", **kw)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if partner else 1e-3, atol=0)
 
 
 def _lead(**changes):
