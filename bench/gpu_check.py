@@ -6,7 +6,9 @@ OUT/correctness.csv, written as it arrives:
 * check:  one backend (triton: small and chunked path; cuda: one scratch chunk and 64-row
           chunks) × feature set (tests/cases.py's FEATURES) × dtype at sizes that cross tile
           edges, against the float64 reference by tests/cases.py's bar (docs/contract.md §1), one
-          config per Triton variant (MMLOSS_TRITON_AUTOTUNE=0). status ok / FAIL / error.
+          config per Triton variant (MMLOSS_TRITON_AUTOTUNE=0). status ok / FAIL / error, or
+          "skipped: unsupported feature" where the backend rejects a docs/contract.md §3
+          feature by name (mmloss.problem.UnsupportedFeature).
 * anchor: the loss and gradient error of mmloss and each anchor (eager bf16, cut-cross-
           entropy, Inf-CL) against float64 eager on the same rounded inputs.
 * warm:   one autotuned step of a benchmarked variant at a small size, so that the
@@ -123,6 +125,7 @@ def _device(torch):
 def _check(job) -> Dict[str, str]:
     import torch
 
+    from mmloss.problem import UnsupportedFeature
     from tests.cases import assert_kernel_matches_reference, make_case
 
     M, N, d = job["shape"]
@@ -134,6 +137,8 @@ def _check(job) -> Dict[str, str]:
             assert_kernel_matches_reference(case, dtype, backend=job["backend"])
     except AssertionError as exc:
         return {"status": "FAIL", "detail": str(exc).splitlines()[0][:200]}
+    except UnsupportedFeature as exc:
+        return {"status": "skipped: unsupported feature", "detail": str(exc)[:200]}
     return {"status": "ok", "detail": ""}
 
 

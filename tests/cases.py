@@ -29,6 +29,23 @@ FEATURES = {
     "symmetric": {"symmetric": True},
     "symmetric_all": {"symmetric": True, "margin": 0.2, "adaptive": True, "filter": True, "groups": True},
     "all": {"margin": 0.2, "adaptive": True, "filter": True, "groups": True, "ignore": True, "shuffle_positives": True},
+    # docs/contract.md §3 (a backend that rejects one by name, UnsupportedFeature, is skipped:
+    # tests/conftest.py).
+    "hardness": {"hardness": "all"},
+    "hardness_others": {"hardness": "others", "shuffle_positives": True, "groups": True},
+    "hardness_own": {"hardness": "own", "margin": 0.2, "filter": True, "ignore": True},
+    "multi_positive": {"multi_positive": True, "groups": True, "ignore": True},
+    "multi_positive_all": {
+        "multi_positive": True,
+        "groups": True,
+        "margin": 0.2,
+        "adaptive": True,
+        "filter": True,
+        "hardness": "others",
+        "shuffle_positives": True,
+    },
+    "row_threshold": {"filter": True, "row_threshold": True, "groups": True, "margin": 0.15},
+    "row_threshold_normalize": {"filter": True, "filter_normalize": True, "row_threshold": True, "ignore": True},
 }
 
 
@@ -94,13 +111,22 @@ def make_case(
         fk = torch.randn(N, teacher_width + 2, generator=g, dtype=torch.float64)
         normalize = spec.get("filter_normalize", False)
         scores = F.normalize(fq, dim=-1) @ F.normalize(fk, dim=-1).T if normalize else fq @ fk.T
+        threshold = off_the_scores(scores, 0.5 if normalize else 1.5)
+        if spec.get("row_threshold"):
+            quantiles = 0.4 + 0.5 * torch.rand(M, generator=g)
+            threshold = torch.tensor([row_threshold(scores[i], float(quantiles[i])) for i in range(M)]).to(device)
         kwargs.update(
-            filter_teacher=(fq.to(device), fk.to(device)),
-            filter_normalize=normalize,
-            filter_threshold=off_the_scores(scores, 0.5 if normalize else 1.5),
+            filter_teacher=(fq.to(device), fk.to(device)), filter_normalize=normalize, filter_threshold=threshold
         )
     if spec.get("groups"):
         kwargs["key_groups"] = torch.randint(0, max(1, N // 3), (N,), generator=g).to(device)
+    if spec.get("multi_positive"):
+        kwargs["multi_positive"] = True
+    if spec.get("hardness"):
+        kwargs.update(hardness_strength=3.0, hardness_negatives=spec["hardness"])
+        if spec["hardness"] != "all":
+            owners = torch.randint(0, 3, (M,), generator=g), torch.randint(-1, 3, (N,), generator=g)
+            kwargs["hardness_owners"] = tuple(o.to(device) for o in owners)
     # fp32-representable, so that every run (fp64 oracle included) sees the same τ.
     temperature = float((0.05 + 0.2 * torch.rand((), generator=g)).float())
     return Case(q.to(device), k.to(device), temperature, kwargs)
@@ -114,6 +140,13 @@ def off_the_scores(scores: torch.Tensor, threshold: float) -> float:
         return threshold
     values = torch.unique(scores.detach().flatten().double())
     return threshold_between(scores, float(torch.searchsorted(values, threshold)) / max(1, len(values) - 1))
+
+
+def row_threshold(row_scores: torch.Tensor, quantile: float) -> float:
+    """One row's filter threshold: `threshold_between` its scores, or above its only score."""
+    if torch.unique(row_scores).numel() < 2:
+        return float(row_scores.max()) + 0.5
+    return threshold_between(row_scores, quantile)
 
 
 def threshold_between(scores: torch.Tensor, quantile: float = 0.5) -> float:

@@ -20,6 +20,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 GLOBAL_NEGATIVES = ("gather", "ring")
+PARTITIONS = ("joint", "per_block")
 HARDNESS_NEGATIVES = {"all": HARDNESS_ALL, "others": HARDNESS_OTHERS, "own": HARDNESS_OWN}
 """The public `hardness_negatives` values and their LossProblem.hardness_scope codes."""
 

@@ -396,10 +396,17 @@ def global_contrastive_loss(
         transposed_layout = dataclasses.replace(layout, row_sizes=layout.key_sizes, key_sizes=layout.row_sizes)
         cols = direction(key, query, inv_temp, problem.transposed(), transposed_layout, kernel_module)
         rows = 0.5 * (rows + cols)
+    return reduce_across_ranks(rows, problem.valid_rows, reduction, layout)
+
+
+def reduce_across_ranks(rows: torch.Tensor, valid_rows: torch.Tensor, reduction: str, layout: _Layout) -> torch.Tensor:
+    """This rank's row losses (M_local,) to `reduction` under the gradient convention of the
+    module doc: the single-process value, the gradient of W times this rank's share
+    ("none": the rows themselves)."""
     if reduction == "none":
         return rows
-    totals = torch.stack([rows.detach().sum().double(), problem.valid_rows.sum().double()])
-    dist.all_reduce(totals, group=group)
+    totals = torch.stack([rows.detach().sum().double(), valid_rows.sum().double()])
+    dist.all_reduce(totals, group=layout.group)
     share = layout.world * rows.sum()
     value = totals[0]
     if reduction == "mean":  # a mean over no valid row is 0 (docs/contract.md §1)
@@ -407,3 +414,54 @@ def global_contrastive_loss(
         share, value = share / count.to(share.dtype), value / count
     # The value of the single-process loss with the gradient of W times this rank's share.
     return share + (value.to(share.dtype) - share).detach()
+
+
+def global_blocks(blocks, *, temperature: Temperature, reduction: str, backend: str, mode: str, process_group=None):
+    """The key blocks of `mmloss.joint_contrastive_loss` with every rank's keys: `blocks` is
+    this rank's checked [(rows, keys, problem, filter_normalize, local_keys)], block 0 holding
+    the positives (local indices; the other blocks' positives are IGNORE_INDEX and their
+    valid_rows all False). Returns ([(rows, keys, problem, kernel module)], layout of block 0):
+    in "gather" mode the keys gathered (with gradient) and block 0's positives global; in
+    "ring" mode the local keys and a ring kernel module per block. A block with `local_keys`
+    keeps this rank's keys only. Every rank must pass the same number of blocks."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    tables = []
+    for b, (rows, keys, problem, filter_normalize, _) in enumerate(blocks):
+        settings = (
+            False,
+            REDUCTIONS.index(reduction),
+            MODES.index(mode),
+            float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature),
+            filter_normalize,
+            BACKENDS.index(backend),
+        )
+        tables.append(_exchange(_metadata(rows, keys, problem, settings), group))
+        _check_agreement(tables[-1])
+        if b == 0:  # the block count, once every rank has passed its checks
+            counts = _exchange(torch.tensor([float(len(blocks))], dtype=torch.float64, device=rows.device), group)
+            if not bool((counts == counts[0]).all()):
+                raise ValueError(
+                    f"global negatives: the number of key blocks differs across ranks ({counts[:, 0].tolist()})"
+                )
+    layouts = [_layout(group, table[:, 1:3]) for table in tables]
+    seen = max(sum(lay.key_sizes) if mode == "gather" else max(lay.key_sizes) for lay in layouts)
+    rows0 = blocks[0][0]
+    name = backends.choose(backend, rows0.device, rows0.dtype, seen)
+    kernel_module = blockwise if name == "reference" else backends.kernels(name)
+    served = []
+    for (rows, keys, problem, _, local_keys), layout in zip(blocks, layouts):
+        kernel_module.check(rows, problem)
+        if local_keys:
+            served.append((rows, keys, problem, kernel_module))
+        elif mode == "ring":
+            served.append((rows, keys, problem, _Ring(layout, kernel_module)))
+        else:
+            side = {
+                field: _all_gather(getattr(problem, field), layout.key_sizes, layout.group)
+                for field in _KEY_SIDE
+                if getattr(problem, field) is not None
+            }
+            positives = _global_positives(problem, _offset(layout.key_sizes, layout.rank))
+            problem = dataclasses.replace(problem, positives=positives, **side)
+            served.append((rows, _GatherWithGrad.apply(keys, layout), problem, kernel_module))
+    return served, layouts[0]

@@ -39,6 +39,11 @@ HARDNESS_ALL, HARDNESS_OTHERS, HARDNESS_OWN = 0, 1, 2
 """The values of LossProblem.hardness_scope (the kernels' integer codes)."""
 
 
+class UnsupportedFeature(ValueError):
+    """A kernel backend does not compute a feature of docs/contract.md §3 (yet): raised by
+    `LossProblem.reject_features` before any kernel runs (the test suites skip such pairs)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LossProblem:
     """One direction of `contrastive_loss`: rows `query` (M, d) against columns `key` (N, d).
@@ -107,8 +112,9 @@ class LossProblem:
         return self.positive_weights is not None
 
     def reject_features(self, backend: str, features=("hardness", "multi_positive")) -> None:
-        """ValueError naming the public argument when this problem uses one of `features` that
-        `backend` does not compute (a backend's `check` calls this before any kernel runs)."""
+        """UnsupportedFeature (a ValueError) naming the public argument when this problem uses
+        one of `features` that `backend` does not compute (a backend's `check` calls this
+        before any kernel runs)."""
         used = {
             "hardness": (self.has_hardness, "the hardness penalty (hardness_strength > 0)"),
             "multi_positive": (self.multi_positive, "several positives per row (multi_positive=True)"),
@@ -116,7 +122,7 @@ class LossProblem:
         for name in features:
             on, what = used[name]
             if on:
-                raise ValueError(f"backend {backend!r} does not compute {what}; use backend='reference'")
+                raise UnsupportedFeature(f"backend {backend!r} does not compute {what}; use backend='reference'")
 
     @property
     def cos_threshold(self) -> float:

@@ -116,7 +116,9 @@ def test_correctness_rows(dry_run):
 
     rows = _rows(out / "correctness.csv")
     checks = {(r["features"], r["dtype"]): r["status"] for r in rows if r["kind"] == "check"}
-    assert all(checks.get((f, "bf16")) == "ok" for f in FEATURES), checks
+    # A feature the backend rejects by name (docs/contract.md §3, not yet computed) is skipped.
+    assert all(checks.get((f, "bf16")) in ("ok", "skipped: unsupported feature") for f in FEATURES), checks
+    assert checks[("row_threshold", "bf16")] == "ok"
     assert checks[("plain", "fp32")] == "ok" and checks[("plain", "fp16")] == "ok"
     anchors = {r["backend"]: r for r in rows if r["kind"] == "anchor"}
     for method in ("mmloss_triton", "eager", "cce"):

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import mmloss
 import mmloss.losses
 from mmloss.backends import unavailable_reason
-from tests.cases import off_the_scores, threshold_between
+from tests.cases import off_the_scores, row_threshold, threshold_between
 
 # CPU tensors here: the Triton interpreter has its own suites (tests/test_triton_*.py).
 BACKENDS = [b for b in ("reference", "cpu") if unavailable_reason(b, torch.device("cpu")) is None]
@@ -43,6 +43,11 @@ CASES = {
     "sum": {"reduction": "sum", "margin": 0.1, "groups": True},
     "none": {"reduction": "none", "filter": True, "groups": True},
     "float32": {"dtype": torch.float32, "margin": 0.2, "adaptive": True, "groups": True},
+    # docs/contract.md §3 (a backend that rejects one by name is skipped)
+    "hardness": {"hardness": "others", "margin": 0.1, "ignore": True},
+    "hardness_own": {"hardness": "own", "groups": True},
+    "multi_positive": {"multi_positive": True, "groups": True, "ignore": True, "margin": 0.1},
+    "row_threshold": {"filter": True, "row_threshold": True, "groups": True},
 }
 METHODS = ("kdmcse", "mcseo")
 # Relative to magnitudes above 1. In float32 the temperature gradient, a cancelling sum
@@ -93,9 +98,17 @@ def _global_batch(spec: Dict, rows: Tuple[int, ...], keys: Tuple[int, ...], seed
             torch.randn(M, 7, generator=g, dtype=torch.float64),
             torch.randn(N, 7, generator=g, dtype=torch.float64),
         )
-        kwargs.update(filter_teacher=(fq, fk), filter_threshold=off_the_scores(fq @ fk.T, 1.5))
+        threshold = off_the_scores(fq @ fk.T, 1.5)
+        if spec.get("row_threshold"):
+            threshold = torch.tensor([row_threshold(row, 0.5) for row in fq @ fk.T], dtype=torch.float64)
+        kwargs.update(filter_teacher=(fq, fk), filter_threshold=threshold)
     if spec.get("groups"):
         kwargs["key_groups"] = torch.randint(0, 4, (N,), generator=g)  # labels shared across ranks
+    if spec.get("multi_positive"):
+        kwargs["multi_positive"] = True
+    if spec.get("hardness"):
+        owners = torch.randint(0, 3, (M,), generator=g), torch.randint(-1, 3, (N,), generator=g)  # global ids
+        kwargs.update(hardness_strength=4.0, hardness_negatives=spec["hardness"], hardness_owners=owners)
     return query, key, positives, kwargs, keys
 
 
@@ -134,9 +147,11 @@ def _run_case(rank: int, world: int, name: str, backend: str, mode: str, seed: i
     if positives is not None:
         p = positives[rs]
         local["positives"] = torch.where(p >= 0, p - key_off[rank], p)
-    for pair in ("margin_teacher", "filter_teacher"):
+    for pair in ("margin_teacher", "filter_teacher", "hardness_owners"):
         if pair in kwargs:
             local[pair] = (kwargs[pair][0][rs], kwargs[pair][1][ks])
+    if isinstance(kwargs.get("filter_threshold"), torch.Tensor):
+        local["filter_threshold"] = kwargs["filter_threshold"][rs]
     if "key_groups" in kwargs:
         local["key_groups"] = kwargs["key_groups"][ks]
     loss, grads = _loss_and_grads(
@@ -159,6 +174,117 @@ def _run_case(rank: int, world: int, name: str, backend: str, mode: str, seed: i
         d_temp = grads[2].clone()
         dist.all_reduce(d_temp, group=group)
         pairs.append((d_temp / scale, single_grads[2]))
+    return max(_error(got, want) for got, want in pairs)
+
+
+JOINT_CASES = {
+    "mnrl_joint": {"blocks": "mnrl", "directions": 4, "partition": "joint", "reduction": "mean"},
+    "mnrl_hardness": {"blocks": "mnrl", "directions": 4, "partition": "joint", "hardness": "own", "reduction": "none"},
+    "mnrl_per_block": {
+        "blocks": "mnrl",
+        "directions": 2,
+        "partition": "per_block",
+        "ignore": True,
+        "reduction": "none",
+    },
+    "gist": {"blocks": "gist", "partition": "joint", "reduction": "none"},
+}
+
+
+def _joint_data(world: int, seed: int):
+    """Per-rank float64 tensors of a joint case: queries/anchors q, positive documents d0,
+    negatives d1, and guide features gq, g0, g1 (each a list over ranks)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = LAYOUTS[world][0]
+    data = {name: [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in rows] for name in ("d0", "d1")}
+    data["q"] = [d + torch.randn(d.shape, generator=g, dtype=torch.float64) for d in data["d0"]]
+    for guide, base in (("gq", "q"), ("g0", "d0"), ("g1", "d1")):
+        data[guide] = [
+            x[:, :4] + 0.5 * torch.randn(x.shape[0], 4, generator=g, dtype=torch.float64) for x in data[base]
+        ]
+    return data
+
+
+def _joint_blocks(spec, data, r: int, key_ranks: List[int], distributed: bool):
+    """Rank r's KeyBlocks with the columns of `key_ranks` (all ranks in one process, [r] with
+    global negatives), and block 0's positives in those columns."""
+    from mmloss import KeyBlock
+
+    sizes = [x.shape[0] for x in data["q"]]
+    gid = [torch.arange(sum(sizes[:s]), sum(sizes[: s + 1])) for s in range(len(sizes))]
+    cat = lambda name, ranks: torch.cat([data[name][s] for s in ranks])  # noqa: E731
+    q, d0 = data["q"][r], data["d0"][r]
+    if spec["blocks"] == "gist":
+        g_pos = torch.nn.functional.cosine_similarity(data["gq"][r], data["g0"][r], dim=-1)
+        guided = dict(filter_threshold=g_pos - 0.05, filter_normalize=True)
+        blocks = [
+            KeyBlock(q, cat("d0", key_ranks), filter_teacher=(data["gq"][r], cat("g0", key_ranks)), **guided),
+            KeyBlock(q, q, filter_teacher=(data["gq"][r], data["gq"][r]), local_keys=distributed, **guided),
+            KeyBlock(d0, cat("d0", key_ranks), filter_teacher=(data["g0"][r], cat("g0", key_ranks)), **guided),
+            KeyBlock(q, cat("d1", key_ranks), filter_teacher=(data["gq"][r], cat("g1", key_ranks)), **guided),
+        ]
+        offset = sum(sizes[s] for s in key_ranks if s < r)
+        return blocks, offset + torch.arange(sizes[r])
+    docs = lambda ranks: torch.cat([torch.cat([data["d0"][s], data["d1"][s]]) for s in ranks])  # noqa: E731
+    doc_owners = lambda ranks: torch.cat([gid[s].repeat(2) for s in ranks])  # noqa: E731
+    penalty = {}
+    if spec.get("hardness"):
+        penalty = dict(hardness_strength=5.0, hardness_negatives=spec["hardness"])
+        penalty["hardness_owners"] = (gid[r], doc_owners(key_ranks))
+    blocks = [KeyBlock(q, docs(key_ranks), **penalty)]
+    if spec["directions"] == 4:
+        blocks.append(KeyBlock(q, cat("q", key_ranks), exclude=(gid[r], torch.cat([gid[s] for s in key_ranks]))))
+    blocks.append(KeyBlock(d0, cat("q", key_ranks)))
+    if spec["directions"] == 4:
+        blocks.append(KeyBlock(d0, docs(key_ranks), exclude=(gid[r], doc_owners(key_ranks))))
+    offset = sum(2 * sizes[s] for s in key_ranks if s < r)
+    positives = offset + torch.arange(sizes[r])
+    if spec.get("ignore") and r == len(sizes) - 1:
+        positives[0] = mmloss.IGNORE_INDEX
+    return blocks, positives
+
+
+def _run_joint(rank: int, world: int, name: str, backend: str, mode: str, seed: int) -> float:
+    """Largest error of rank `rank`'s joint_contrastive_loss rows (or mean) and gradients with
+    global negatives against one process computing every rank's rows against all columns."""
+    spec = JOINT_CASES[name]
+    raw = _joint_data(world, seed)
+    reduction, ranks = spec["reduction"], list(range(world))
+    options = dict(temperature=None, partition=spec["partition"], backend=backend)
+
+    def leaves(which):
+        return {k: [x.clone().requires_grad_(s in which) for s, x in enumerate(v)] for k, v in raw.items()}
+
+    learnt = ("q", "d0", "d1")
+    data, tau = leaves(ranks), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    single = []
+    for r in ranks:
+        blocks, positives = _joint_blocks(spec, data, r, ranks, False)
+        single.append(
+            mmloss.joint_contrastive_loss(
+                blocks, positives=positives, **dict(options, temperature=tau), reduction="none"
+            )
+        )
+    upstream = [torch.linspace(0.5, 1.5, x.shape[0], dtype=torch.float64) for x in single]
+    valid = sum(int((_joint_blocks(spec, data, r, ranks, False)[1] >= 0).sum()) for r in ranks)
+    if reduction == "none":
+        total = sum((u * x).sum() for u, x in zip(upstream, single))
+    else:
+        total = sum(x.sum() for x in single) / valid
+    wanted = [data[k][rank] for k in learnt]
+    single_grads = torch.autograd.grad(total, wanted + [tau])
+
+    mine, my_tau = leaves([rank]), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    blocks, positives = _joint_blocks(spec, mine, rank, [rank], True)
+    loss = mmloss.joint_contrastive_loss(
+        blocks, positives=positives, **dict(options, temperature=my_tau), reduction=reduction, global_negatives=mode
+    )
+    scale = 1.0 if reduction == "none" else float(world)
+    objective = (upstream[rank] * loss).sum() if reduction == "none" else loss
+    grads = list(torch.autograd.grad(objective, [mine[k][rank] for k in learnt] + [my_tau]))
+    dist.all_reduce(grads[-1])
+    want_value = single[rank].detach() if reduction == "none" else total.detach()
+    pairs = [(loss.detach(), want_value)] + [(got / scale, want) for got, want in zip(grads, single_grads)]
     return max(_error(got, want) for got, want in pairs)
 
 
@@ -238,6 +364,13 @@ def _worker(rank: int, world: int, port: int, out: str, backends: List[str]) -> 
                     results[name, backend, mode] = _run_case(rank, world, name, backend, mode, seed)
                 except Exception:  # recorded for the test that asks; the other ranks time out
                     results[name, backend, mode] = traceback.format_exc()
+    for seed, name in enumerate(JOINT_CASES):
+        for backend in backends:
+            for mode in MODES:
+                try:
+                    results[name, backend, mode] = _run_joint(rank, world, name, backend, mode, seed)
+                except Exception:
+                    results[name, backend, mode] = traceback.format_exc()
     for seed, method in enumerate(METHODS):
         for mode in MODES:
             try:
@@ -271,6 +404,12 @@ def _results(world: int, tmp_path_factory) -> List[Dict]:
     return _RESULTS[world]
 
 
+def _skip_if_rejected(error, backend: str) -> None:
+    """Skip a (backend, feature) pair the backend rejects by name (mmloss.problem.UnsupportedFeature)."""
+    if isinstance(error, str) and "UnsupportedFeature" in error and f"backend '{backend}'" in error:
+        pytest.skip(error.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
@@ -278,9 +417,23 @@ def _results(world: int, tmp_path_factory) -> List[Dict]:
 def test_equals_single_process(world, name, mode, backend, tmp_path_factory):
     for rank, results in enumerate(_results(world, tmp_path_factory)):
         error = results[name, backend, mode]
+        _skip_if_rejected(error, backend)
         assert not isinstance(error, str), f"rank {rank} raised:\n{error}"
         tol = TOL[CASES[name].get("dtype", torch.float64)]
         assert error <= tol, f"rank {rank}: largest error {error:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(JOINT_CASES))
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_joint_blocks_equal_single_process(world, name, mode, backend, tmp_path_factory):
+    """joint_contrastive_loss with global negatives (GIST's local anchor-anchor block too)."""
+    for rank, results in enumerate(_results(world, tmp_path_factory)):
+        error = results[name, backend, mode]
+        _skip_if_rejected(error, backend)
+        assert not isinstance(error, str), f"rank {rank} raised:\n{error}"
+        assert error <= TOL[torch.float64], f"rank {rank}: largest error {error:.3g}"
 
 
 @pytest.mark.parametrize("mode", MODES)

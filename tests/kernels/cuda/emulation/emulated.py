@@ -108,6 +108,7 @@ def round_trip(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def check(query: torch.Tensor, problem: LossProblem) -> None:
     if query.dtype not in GPU_DTYPES:
         raise TypeError(f"query dtype {query.dtype} is not supported by the CUDA kernels")
+    problem.reject_features("cuda")  # as mmloss.cuda.check
 
 
 def _teachers(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]):
