@@ -1,4 +1,4 @@
-"""sentence-transformers 6.x ranking losses computed by `mmloss.contrastive_loss`.
+"""sentence-transformers 6.x ranking losses computed by mmloss's fused kernels.
 
 Swap the import and keep the rest of the script (docs/integrations.md):
 
@@ -19,22 +19,14 @@ GISTEmbedLoss and CachedGISTEmbedLoss (the guide's row-relative false-negative f
 losses that no library has, AngularMarginMNRL (KDMCSE's angular margin, fixed or adaptive from a
 teacher) and TeacherFilteredMNRL (a teacher's false-negative filter), are below.
 
-How the directions map onto the op. Rows are the queries q_i; the keys are the blocks of the
-chosen directions side by side, with `key_groups` removing each row's own query (query_to_query)
-and own documents (doc_to_doc), as sentence-transformers' -inf entries do. When a block's row
-vector is the document d_i (doc_to_query, doc_to_doc), the rows are [q̂_i, d̂_i] and the keys
-[k̂, 0] (query-side blocks) or [0, k̂] (document-side blocks): every logit is then the cosine
-of the right pair, times √2 (the rows' norm), which the temperature takes back. This costs a
-doubled width (2d); a zero embedding (norm 0 instead of 1) would break the √2 and is not
-supported there. `per_direction` (query_to_doc and doc_to_query only, as in
-sentence-transformers) is the mean of two calls, or one symmetric call without hard negatives.
-
-The hardness penalty is on the query_to_doc block only. With other blocks in the joint softmax it
-is two calls that share the row's positive: A, the queries against the documents with the
-penalty; B, the other blocks (lifted as above) and a block holding only the positive (the
-filter drops every other column of it, the positive is never dropped). With Σ_A, Σ_B the sums of
-exp(logit) and p the positive logit, loss_A = log Σ_A − p and loss_B = log(Σ_B) − p, so the joint
-loss log(Σ_A + Σ_B − e^p) − p = loss_A + log1p(expm1(loss_B)·exp(−loss_A)), exactly.
+How the directions map onto the op. query_to_doc alone is one `mmloss.contrastive_loss` call
+(the queries against the concatenated documents, the penalty of `hardness_mode` there); several
+directions are one `mmloss.joint_contrastive_loss` call with a `KeyBlock` per direction:
+query_to_doc (the positives and the penalty), query_to_query (q_i itself excluded),
+doc_to_query, doc_to_doc (d_i's own documents excluded); "joint" shares one softmax per row,
+"per_direction" averages the blocks' log-sum-exps (`partition="per_block"`). Pairs with
+per_direction and no penalty are one symmetric call. GIST's ap, aa, pp and an blocks are the
+same call, each with the guide's filter at the rows' thresholds.
 """
 
 from __future__ import annotations
@@ -129,91 +121,35 @@ def _loss(rows: Tensor, keys: Tensor, temperature: float, across_ranks: bool, **
     return _row_losses(rows, keys, temperature, across_ranks, **kwargs).mean()
 
 
-def _rank_world(across_ranks: bool) -> Tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if across_ranks else (0, 1)
+def _row_ids(batch: int, across_ranks: bool, device: torch.device) -> Tensor:
+    """(B,) ids of this rank's rows, unique across ranks (owner and exclude ids)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if across_ranks else (0, 1)
+    return rank + world * torch.arange(batch, device=device)
 
 
-class _GroupIds:
-    """Column labels for `key_groups`, unique across ranks: own(B) labels row i's own columns
-    (even numbers), fresh(n) labels columns that belong to no row (odd numbers)."""
-
-    def __init__(self, rank: int, world: int, device: torch.device):
-        self.rank, self.world, self.device, self.used = rank, world, device, 0
-
-    def own(self, count: int) -> Tensor:
-        return 2 * (self.rank + self.world * torch.arange(count, device=self.device))
-
-    def fresh(self, count: int) -> Tensor:
-        ids = 2 * (self.rank + self.world * (self.used + torch.arange(count, device=self.device))) + 1
-        self.used += count
-        return ids
-
-
-def _hardness(
-    mode: Optional[str], strength: float, batch: int, n_docs: int, across_ranks: bool, device: torch.device
-) -> dict:
-    """contrastive_loss arguments of sentence-transformers' hardness penalty on the queries
-    against cat(docs) (the query_to_doc block); {} when it penalises nothing. Owners: a
-    document column's owner is its query (ids unique across ranks)."""
+def _hardness(mode: Optional[str], strength: float, ids: Tensor, n_docs: int) -> dict:
+    """contrastive_loss / KeyBlock arguments of sentence-transformers' hardness penalty on the
+    queries against cat(docs) (the query_to_doc block); {} when it penalises nothing. A
+    document column's owner is its query."""
     if mode is None or strength == 0.0 or (mode == "hard_negatives" and n_docs == 1):
         return {}
     scope = _HARDNESS_SCOPE[mode]
     kwargs = dict(hardness_strength=float(strength), hardness_negatives=scope)
     if scope != "all":
-        rank, world = _rank_world(across_ranks)
-        owners = rank + world * torch.arange(batch, device=device)
-        kwargs["hardness_owners"] = (owners, owners.repeat(n_docs))
+        kwargs["hardness_owners"] = (ids, ids.repeat(n_docs))
     return kwargs
 
 
-def _joint(
-    queries: Tensor,
-    docs: List[Tensor],
-    scale: float,
-    directions: Sequence[str],
-    across_ranks: bool,
-    backend: str,
-    positive_only: bool = False,
-) -> Tensor:
-    """(B,) row losses of one softmax per row over the union of the chosen directions' columns
-    (see the module doc). With `positive_only`, the query_to_doc block holds only each row's
-    positive (the filter drops the other columns of the block; the positive is never dropped)."""
-    batch, n_docs = queries.shape[0], len(docs)
-    doc_rows = DOC_TO_QUERY in directions or DOC_TO_DOC in directions
-    qd_docs = docs[0] if positive_only else torch.cat(docs)
-    if doc_rows:
-        q, d = F.normalize(queries, p=2, dim=-1), F.normalize(torch.cat(docs), p=2, dim=-1)
-        d_qd = d[:batch] if positive_only else d
-        zq, zd = torch.zeros_like(q), torch.zeros_like(d)
-        rows = torch.cat([q, d[:batch]], dim=1)
-        blocks = {
-            QUERY_TO_DOC: lambda: torch.cat([d_qd, torch.zeros_like(d_qd)], 1),
-            QUERY_TO_QUERY: lambda: torch.cat([q, zq], 1),
-            DOC_TO_QUERY: lambda: torch.cat([zq, q], 1),
-            DOC_TO_DOC: lambda: torch.cat([zd, d], 1),
-        }
-        temperature = 1.0 / (scale * math.sqrt(2.0))
-    else:
-        rows, temperature = queries, 1.0 / scale
-        blocks = {QUERY_TO_DOC: lambda: qd_docs, QUERY_TO_QUERY: lambda: queries}
-    chosen = [name for name in _BLOCK_ORDER if name in directions]
-    key_blocks = [blocks[name]() for name in chosen]
-    keys = torch.cat(key_blocks)
-    kwargs = {}
-    if QUERY_TO_QUERY in directions or DOC_TO_DOC in directions:
-        ids = _GroupIds(*_rank_world(across_ranks), queries.device)
-        groups = {
-            QUERY_TO_DOC: lambda: torch.cat([ids.own(batch), ids.fresh(qd_docs.shape[0] - batch)]),
-            QUERY_TO_QUERY: lambda: ids.own(batch),  # q_i itself leaves row i
-            DOC_TO_QUERY: lambda: ids.fresh(batch),
-            DOC_TO_DOC: lambda: ids.own(batch).repeat(n_docs),
-        }  # row i's own documents leave it
-        kwargs["key_groups"] = torch.cat([groups[name]() for name in chosen])
-    if positive_only:  # score 1 on the positive-only block (> 0.5: dropped but the positive), 0 elsewhere
-        flags = torch.zeros(keys.shape[0], 1, dtype=queries.dtype, device=queries.device)
-        flags[:batch] = 1.0
-        kwargs.update(filter_teacher=(torch.ones_like(queries[:, :1]), flags), filter_threshold=0.5)
-    return _row_losses(rows, keys, temperature, across_ranks, backend=backend, **kwargs)
+def _joint_rows(blocks: list, temperature: float, partition: str, across_ranks: bool, backend: str) -> Tensor:
+    """(B,) row losses of `mmloss.joint_contrastive_loss` (every rank's keys with gather)."""
+    return mmloss.joint_contrastive_loss(
+        blocks,
+        temperature=temperature,
+        partition=partition,
+        reduction="none",
+        backend=backend,
+        global_negatives="gather" if across_ranks else None,
+    )
 
 
 def ranking_loss(
@@ -237,22 +173,22 @@ def ranking_loss(
     """
     docs = list(docs)
     across_ranks = _global(gather_across_devices)
-    penalty = _hardness(hardness_mode, hardness_strength, queries.shape[0], len(docs), across_ranks, queries.device)
-    if partition_mode == "per_direction" and DOC_TO_QUERY in directions:
-        if len(docs) == 1 and not penalty:
-            return _loss(queries, docs[0], 1.0 / scale, across_ranks, symmetric=True, backend=backend)
-        return 0.5 * (
-            _loss(queries, torch.cat(docs), 1.0 / scale, across_ranks, backend=backend, **penalty)
-            + _loss(docs[0], queries, 1.0 / scale, across_ranks, backend=backend)
-        )
+    ids = _row_ids(queries.shape[0], across_ranks, queries.device)
+    penalty = _hardness(hardness_mode, hardness_strength, ids, len(docs))
+    docs_all = torch.cat(docs)
     if set(directions) == {QUERY_TO_DOC}:
-        return _loss(queries, torch.cat(docs), 1.0 / scale, across_ranks, backend=backend, **penalty)
-    if not penalty:
-        return _joint(queries, docs, scale, directions, across_ranks, backend).mean()
-    # the penalty is on query_to_doc only: A = that block, B = the other blocks (module doc)
-    loss_a = _row_losses(queries, torch.cat(docs), 1.0 / scale, across_ranks, backend=backend, **penalty)
-    loss_b = _joint(queries, docs, scale, directions, across_ranks, backend, positive_only=True)
-    return (loss_a + torch.log1p(torch.expm1(loss_b) * torch.exp(-loss_a))).mean()
+        return _loss(queries, docs_all, 1.0 / scale, across_ranks, backend=backend, **penalty)
+    if partition_mode == "per_direction" and len(docs) == 1 and not penalty:
+        return _loss(queries, docs[0], 1.0 / scale, across_ranks, symmetric=True, backend=backend)
+    blocks = {
+        QUERY_TO_DOC: lambda: mmloss.KeyBlock(queries, docs_all, **penalty),
+        QUERY_TO_QUERY: lambda: mmloss.KeyBlock(queries, queries, exclude=(ids, ids)),
+        DOC_TO_QUERY: lambda: mmloss.KeyBlock(docs[0], queries),
+        DOC_TO_DOC: lambda: mmloss.KeyBlock(docs[0], docs_all, exclude=(ids, ids.repeat(len(docs)))),
+    }
+    chosen = [blocks[name]() for name in _BLOCK_ORDER if name in directions]
+    partition = "joint" if partition_mode == "joint" else "per_block"
+    return _joint_rows(chosen, 1.0 / scale, partition, across_ranks, backend).mean()
 
 
 class _RankingByMmloss:
@@ -397,10 +333,6 @@ class CachedMultipleNegativesRankingLoss(_st_losses.CachedMultipleNegativesRanki
         return loss
 
 
-def _unit(x: Tensor) -> Tensor:
-    return F.normalize(x, p=2, dim=-1)
-
-
 def gist_loss(
     embeddings: Sequence[Tensor],
     guide_embeddings: Sequence[Tensor],
@@ -413,7 +345,7 @@ def gist_loss(
     gather_across_devices: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """sentence-transformers' GISTEmbedLoss on embeddings, by one mmloss call.
+    """sentence-transformers' GISTEmbedLoss on embeddings, by one `mmloss.joint_contrastive_loss` call.
 
     embeddings: [anchors (B, d), positives (B, d)[, negatives (B, d)]]; guide_embeddings: the
     guide's of the same columns (B, dg), no gradient. One softmax per row over the blocks
@@ -434,50 +366,28 @@ def gist_loss(
     if margin_strategy not in ("absolute", "relative"):
         raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
     across_ranks = _global(gather_across_devices)
-    a, p, *n = [_unit(x) for x in embeddings]
-    ga, gp, *gn = [_unit(x.detach()) for x in guide_embeddings]
-    g_pos = (ga * gp).sum(dim=-1)
+    a, p, *n = embeddings
+    ga, gp, *gn = [x.detach() for x in guide_embeddings]
+    g_pos = (F.normalize(ga, p=2, dim=-1) * F.normalize(gp, p=2, dim=-1)).sum(dim=-1)
     threshold = g_pos - margin if margin_strategy == "absolute" else g_pos - g_pos.abs() * margin
-    # (key block, guide key block) per block; with contrast_positives the rows are lifted to
-    # [a_i, p_i] and each key to [k, 0] (anchor rows) or [0, k] (the positive rows' block).
-    blocks = [(p, gp, False)]
-    blocks += [(a, ga, False)] if contrast_anchors else []
-    blocks += [(p, gp, True)] if contrast_positives else []
-    blocks += [(x, gx, False) for x, gx in zip(n, gn)]
+
+    def block(rows, keys, guide_rows, guide_keys, local_keys=False):
+        return mmloss.KeyBlock(
+            rows,
+            keys,
+            filter_teacher=(guide_rows, guide_keys),
+            filter_threshold=threshold,
+            filter_normalize=True,
+            local_keys=local_keys and across_ranks,
+        )
+
+    blocks = [block(a, p, ga, gp)]
+    if contrast_anchors:  # this rank's anchors only, as sentence-transformers
+        blocks.append(block(a, a, ga, ga, local_keys=True))
     if contrast_positives:
-        rows, guide_rows, tau = torch.cat([a, p], 1), torch.cat([ga, gp], 1), temperature / math.sqrt(2.0)
-
-        def lift(x: Tensor, second: bool) -> Tensor:
-            zero = torch.zeros_like(x)
-            return torch.cat([zero, x] if second else [x, zero], 1)
-    else:
-        rows, guide_rows, tau = a, ga, temperature
-
-        def lift(x: Tensor, second: bool) -> Tensor:
-            return x
-
-    keys = torch.cat([lift(x, second) for x, _, second in blocks])
-    guide_keys = torch.cat([lift(gx, second) for _, gx, second in blocks])
-    if across_ranks and contrast_anchors:
-        # anchor–anchor stays on this rank: another rank's anchor columns get a filter score
-        # above every threshold (|g| <= 1, |t| <= 1 + |margin|) through a one-hot of the rank
-        rank, world = _rank_world(True)
-        batch, big = a.shape[0], 4.0 + 2.0 * abs(margin)
-        own = torch.zeros(world, dtype=guide_rows.dtype, device=a.device)
-        own[rank] = 1.0
-        tags = torch.zeros(keys.shape[0], world, dtype=guide_rows.dtype, device=a.device)
-        tags[batch : 2 * batch] = big * (1.0 - own)
-        guide_rows = torch.cat([guide_rows, own.expand(batch, world)], 1)
-        guide_keys = torch.cat([guide_keys, tags], 1)
-    return _loss(
-        rows,
-        keys,
-        tau,
-        across_ranks,
-        filter_teacher=(guide_rows, guide_keys),
-        filter_threshold=threshold,
-        backend=backend,
-    )
+        blocks.append(block(p, p, gp, gp))
+    blocks += [block(a, x, ga, gx) for x, gx in zip(n, gn)]
+    return _joint_rows(blocks, temperature, "joint", across_ranks, backend).mean()
 
 
 def _must_retokenize(model, guide) -> bool:
