@@ -5,8 +5,9 @@ features and of logit_scale equal OpenCLIP's ClipLoss on that rank (float64, 1e-
 the weight gradients of two DDP-wrapped towers after DDP's averaging. sentence-transformers'
 MultipleNegativesRankingLoss with gather_across_devices: every rank's loss and embedding
 gradients equal the peer's, with each hardness_mode too (reference backend). GISTEmbedLoss with
-gather_across_devices for every contrast flag, with and without a hard negative. One spawn per world size runs every case and writes each rank's
-largest relative error (or its traceback) to a file.
+gather_across_devices for every contrast flag, with and without a hard negative. One spawn per
+world size runs every case and writes each rank's largest relative error (or its traceback) to
+a file.
 """
 
 from __future__ import annotations

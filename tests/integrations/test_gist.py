@@ -175,7 +175,8 @@ def test_gist_end_to_end_matches_peer(two_models, cached, retokenize):
 
 def test_gist_never_builds_the_peers_tensors(two_models):
     """B = 512, d = 64: the peer's nn.CosineSimilarity makes B × B × d tensors (64 MiB each in
-    float32); mmloss's peak extra memory stays below one B × B float64 matrix (2 MiB)."""
+    float32); every tensor mmloss's loss saves for its backward is smaller than one B × B
+    float64 matrix (2 MiB)."""
     model, guide = two_models
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(512, 64, generator=g).requires_grad_() for _ in range(3)]
