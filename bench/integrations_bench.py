@@ -9,7 +9,7 @@ process (bench/harness.py's high-water-mark method). A measurement whose estimat
 peer GISTEmbedLoss's nn.CosineSimilarity makes B × B × d tensors: 3 GiB at B = 1,024).
 
     python -m bench.integrations_bench [--sizes 1024 2048 4096 8192 16384] [--width 768]
-        [--threads 2] [--cases ...] [--memory-gib 20]
+        [--threads 2] [--repeats 3] [--cases ...] [--memory-gib 20] [--timeout 3600]
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-gib", type=float, default=20.0, help="skip a measurement whose estimated peak exceeds this"
     )
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement (its process)")
     args = parser.parse_args()
     print(
         f"# fp32 forward+backward on the CPU, d = {args.width}, {args.threads} threads, "
@@ -207,7 +208,7 @@ def main() -> None:
                 if need > args.memory_gib:
                     row[impl] = {"error": f"does not fit (~{need:.0f} GiB)"}
                 else:
-                    row[impl] = measure(case, impl, batch, args.width, args.repeats, args.threads)
+                    row[impl] = measure(case, impl, batch, args.width, args.repeats, args.threads, args.timeout)
             print(_row(case, batch, row["peer"], row["mmloss"]), flush=True)
 
 
