@@ -40,6 +40,7 @@ HARDNESS_CASES = list(
 GIST_CASES = list(
     itertools.product((True, False), (True, False), (0, 1))
 )  # contrast_anchors, contrast_positives, negatives
+MARGIN_CASES = ("angular_fixed", "angular_teacher", "teacher_filtered")
 LOCAL, WIDTH, TOL = 4, 6, 1e-10
 
 
@@ -184,6 +185,47 @@ def _gist_case(
     return _relative(results[1], results[0])
 
 
+def _margin_case(world: int, rank: int, name: str, seed: int) -> float:
+    """AngularMarginMNRL / TeacherFilteredMNRL with gather_across_devices against the float64
+    dense formula of tests/integrations/test_margin_losses.py on the global batch: this rank's
+    loss is its rows' mean against every rank's documents; its gradients are those of the sum
+    of every rank's loss (the gathered columns carry gradient to their owners)."""
+    from mmloss.integrations import sentence_transformers as ml
+    from tests.integrations.test_margin_losses import dense_loss
+
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64)
+    columns = [anchors] + [
+        anchors + torch.randn(world * LOCAL, WIDTH, generator=g, dtype=torch.float64) for _ in range(2)
+    ]
+    teacher = [c[:, :4] + 0.5 * torch.randn(world * LOCAL, 4, generator=g, dtype=torch.float64) for c in columns]
+    if name == "teacher_filtered":
+        loss_fn = ml.TeacherFilteredMNRL(None, object(), 0.3, scale=9.0, gather_across_devices=True)
+        options = dict(filter_teacher=teacher, threshold=0.3)
+    else:
+        adaptive = name == "angular_teacher"
+        loss_fn = ml.AngularMarginMNRL(
+            None, scale=9.0, margin=0.3, teacher=object() if adaptive else None, gather_across_devices=True
+        )
+        options = dict(margin=0.3, margin_teacher=teacher if adaptive else None)
+    local = [_local_slice(c, rank).requires_grad_() for c in columns]
+    local_teacher = [_local_slice(t, rank) for t in teacher] if name != "angular_fixed" else None
+    loss = loss_fn.compute_loss_from_embeddings(local, None, local_teacher)
+    got = [loss.detach(), *torch.autograd.grad(loss, local)]
+    exact = [c.clone().requires_grad_() for c in columns]
+    per_rank = []
+    for s in range(world):
+        rows = slice(s * LOCAL, (s + 1) * LOCAL)
+        opts = dict(options)
+        for key in ("margin_teacher", "filter_teacher"):
+            if opts.get(key) is not None:
+                opts[key] = [opts[key][0][rows]] + opts[key][1:]
+        per_rank.append(dense_loss([exact[0][rows]] + exact[1:], 9.0, offset=s * LOCAL, **opts))
+    grads = torch.autograd.grad(sum(per_rank), exact)
+    want = [per_rank[rank].detach()] + [_local_slice(gr, rank) for gr in grads]
+    return _relative(got, want)
+
+
 def _worker(rank: int, world: int, port: int, out: str, model_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -198,6 +240,7 @@ def _worker(rank: int, world: int, port: int, out: str, model_dir: str) -> None:
     cases += [(("clip_ddp",) + c, _clip_ddp_case, c) for c in CLIP_CASES]
     cases += [(("st", name), _st_case, (name,)) for name in ST_CASES]
     cases += [(("st", name, mode), _st_case, (name, mode)) for name, mode in HARDNESS_CASES]
+    cases += [(("margin", name), _margin_case, (name,)) for name in MARGIN_CASES]
     from tests.integrations.support import tiny_sentence_transformer
 
     models = (tiny_sentence_transformer(Path(model_dir)), tiny_sentence_transformer(Path(model_dir)))
@@ -267,3 +310,9 @@ def test_gist_gather_equals_sentence_transformers(
     world, contrast_anchors, contrast_positives, negatives, tmp_path_factory
 ):
     _check(world, ("gist", contrast_anchors, contrast_positives, negatives), tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", MARGIN_CASES)
+@pytest.mark.parametrize("world", WORLDS)
+def test_margin_losses_gather_equal_the_dense_formula(world, name, tmp_path_factory):
+    _check(world, ("margin", name), tmp_path_factory)

@@ -18,16 +18,18 @@ from tests.integrations.support import assert_matches_peer, tiny_sentence_transf
 SIZES = [(7, 10, 6), (1, 3, 4), (33, 17, 5)]  # (B, d, teacher width)
 
 
-def dense_loss(embeddings, scale, margin=0.0, margin_teacher=None, filter_teacher=None, threshold=None, cosine=True):
+def dense_loss(
+    embeddings, scale, margin=0.0, margin_teacher=None, filter_teacher=None, threshold=None, cosine=True, offset=0
+):
     """The loss as a B × B·(1+n) matrix: the anchors' cosines c with every document, a negative
     with c < cos m scores cos(acos c − m'), m' = m or m·(1 − cos(t_i, t_j)); a negative whose
     teacher score (cosine, or raw dot product) exceeds `threshold` is dropped; cross entropy
-    with the positive at column i."""
+    with the positive at column offset + i."""
     q, docs = embeddings[0], torch.cat(embeddings[1:])
     batch = q.shape[0]
     c = F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T
     is_pos = torch.zeros_like(c, dtype=torch.bool)
-    is_pos[torch.arange(batch), torch.arange(batch)] = True
+    is_pos[torch.arange(batch), offset + torch.arange(batch)] = True
     logits = c
     if margin > 0:
         m = torch.full_like(c, margin)
@@ -41,7 +43,7 @@ def dense_loss(embeddings, scale, margin=0.0, margin_teacher=None, filter_teache
         tq, tk = filter_teacher[0], torch.cat(filter_teacher[1:])
         s = F.normalize(tq, dim=-1) @ F.normalize(tk, dim=-1).T if cosine else tq @ tk.T
         logits = logits.masked_fill((s > threshold) & ~is_pos, -math.inf)
-    return F.cross_entropy(logits, torch.arange(batch))
+    return F.cross_entropy(logits, offset + torch.arange(batch))
 
 
 def _inputs(batch, width, teacher_width, columns, seed):
