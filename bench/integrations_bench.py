@@ -6,7 +6,8 @@ each against its mmloss drop-in on the same random embeddings: one forward+backw
 and process CPU time (medians of `--repeats`) and peak extra memory, each measurement in a fresh
 process (bench/harness.py's high-water-mark method). A measurement whose estimated peak exceeds
 `--memory-gib` is not run and is marked "does not fit" (the peers' dense B × B matrices; the
-peer GISTEmbedLoss's nn.CosineSimilarity makes B × B × d tensors: 3 GiB at B = 1,024).
+peer GISTEmbedLoss's nn.CosineSimilarity makes B × B × d tensors, about 11.5 of them at its
+peak with three columns: 9.0 GiB measured at B = 512, d = 768, ~36 GiB at 1,024).
 
     python -m bench.integrations_bench [--sizes 1024 2048 4096 8192 16384] [--width 768]
         [--threads 2] [--repeats 3] [--cases ...] [--memory-gib 20] [--timeout 3600]
@@ -40,12 +41,13 @@ _F32 = 4
 def estimated_bytes(case: str, impl: str, batch: int, width: int) -> float:
     """A rough upper estimate of one step's peak extra memory: the peers' dense matrices (a few
     live copies of the score matrix: scores, softmax, gradient; GIST's B × B × d products of
-    nn.CosineSimilarity, two live at its backward), mmloss's O(B·d) copies of the inputs."""
+    nn.CosineSimilarity, 11.5 of them at the peak measured at B = 256 and 512), mmloss's O(B·d)
+    copies of the inputs."""
     if impl == "mmloss" or case == "cached_mnrl_loss_stage":
         return 16 * batch * width * _F32
     columns = {"mnrl_hard_negative": 2, "mnrl_all_directions": 6, "mnsrl": 2, "clip_loss": 2}
     if case == "gist_guide":
-        return 3 * batch * batch * width * _F32
+        return 12 * batch * batch * width * _F32
     return 5 * columns[case] * batch * batch * _F32
 
 
