@@ -5,11 +5,11 @@ Swap the import and keep the rest of the script (docs/integrations.md):
     from mmloss.integrations.sentence_transformers import MultipleNegativesRankingLoss
     loss = MultipleNegativesRankingLoss(model)        # was sentence_transformers.losses....
 
-Each class subclasses the sentence-transformers class of the same name, so the constructor
-(arguments, defaults, checks), `forward`, `get_config_dict`, `citation` and `temperature` are
-that class's; the loss itself comes from mmloss's fused kernels, which never build the
-B × B·(1+n) score matrix (O(B·d) memory). The value and the embedding gradients equal the
-sentence-transformers class's (tests/integrations/).
+Each drop-in subclasses the sentence-transformers class of the same name, so the constructor
+(arguments, defaults, checks), `get_config_dict`, `citation` and `temperature` are that
+class's (and `forward`, but GISTEmbedLoss's); the loss itself comes from mmloss's fused
+kernels, which never build the B × B·(1+n) score matrix (O(B·d) memory). The value and the
+embedding gradients equal the sentence-transformers class's (tests/integrations/).
 
 Supported: the (anchor, positive, negative_1…n) columns, `scale`, cosine similarity (the
 default `cos_sim`), `gather_across_devices` (mmloss's global negatives), every `directions`
