@@ -3,6 +3,7 @@ SentenceTransformer, and the comparison against a peer class."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -71,3 +72,27 @@ def assert_matches_peer(run: Callable[[str, torch.dtype], List[torch.Tensor]], n
         slack = 1e-6 * max(1.0, scale) if i == 0 else 1e-6
         bar = 2 * _error(theirs, want) + slack + 0.5 * torch.finfo(torch.float32).eps * scale
         assert _error(got, want) <= bar, f"{name}: float32 error {_error(got, want):.3g} > bar {bar:.3g}"
+
+
+@contextlib.contextmanager
+def embeddings_as_features(model, guide):
+    """Feature dicts {"model": (B, d), "guide": (B, dg)} that `model` and `guide` "embed" to
+    those tensors, in sentence-transformers' GISTEmbedLoss module and mmloss's (their
+    embed_columns patched): the losses' forward runs on given embeddings."""
+    from sentence_transformers.sentence_transformer.losses import gist_embed
+
+    from mmloss.integrations import sentence_transformers as ml
+
+    def embed(which, features):
+        assert which is model or which is guide
+        return [f["model" if which is model else "guide"] for f in features]
+
+    modules = (gist_embed, ml)
+    saved = [m.embed_columns for m in modules]
+    try:
+        for m in modules:
+            m.embed_columns = embed
+        yield
+    finally:
+        for m, fn in zip(modules, saved):
+            m.embed_columns = fn

@@ -1,5 +1,6 @@
-"""A few steps of SentenceTransformerTrainer with each mmloss loss on a tiny random BERT: the
-weights move, the logged loss is finite, and the saved model card names the loss."""
+"""A few steps of SentenceTransformerTrainer with each mmloss loss on a tiny random BERT (a
+frozen copy of it as the guide or teacher where the loss takes one): the weights move, the
+logged loss is finite, and the saved model card names the loss."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from mmloss.integrations import sentence_transformers as ml
 from tests.integrations.support import tiny_sentence_transformer
 
 LOSSES = {
-    "MultipleNegativesRankingLoss": lambda model: ml.MultipleNegativesRankingLoss(model),
-    "MultipleNegativesSymmetricRankingLoss": lambda model: ml.MultipleNegativesSymmetricRankingLoss(model),
-    "CachedMultipleNegativesRankingLoss": lambda model: ml.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2),
+    "MultipleNegativesRankingLoss": lambda model, guide: ml.MultipleNegativesRankingLoss(model),
+    "MultipleNegativesSymmetricRankingLoss": lambda model, guide: ml.MultipleNegativesSymmetricRankingLoss(model),
+    "CachedMultipleNegativesRankingLoss": lambda model, guide: ml.CachedMultipleNegativesRankingLoss(
+        model, mini_batch_size=2
+    ),
+    "GISTEmbedLoss": lambda model, guide: ml.GISTEmbedLoss(model, guide, margin=0.05),
+    "CachedGISTEmbedLoss": lambda model, guide: ml.CachedGISTEmbedLoss(model, guide, mini_batch_size=2),
+    "AngularMarginMNRL": lambda model, guide: ml.AngularMarginMNRL(model, margin=0.2, teacher=guide),
+    "TeacherFilteredMNRL": lambda model, guide: ml.TeacherFilteredMNRL(model, guide, threshold=0.95),
 }
 
 
@@ -26,13 +33,14 @@ def test_trainer_steps_and_model_card(name, tmp_path, monkeypatch):
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     model = tiny_sentence_transformer(tmp_path / "tiny_bert")
+    guide = tiny_sentence_transformer(tmp_path / "tiny_bert")  # a frozen copy: the guide or teacher
     words = ["cats", "dogs", "a red car", "the sea", "rain", "music", "old books", "a train"]
     columns = {"anchor": [f"a sentence about {w}" for w in words], "positive": [f"something on {w}" for w in words]}
     if name != "MultipleNegativesSymmetricRankingLoss":
         columns["negative"] = [f"nothing on {w}" for w in words[1:] + words[:1]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        loss = LOSSES[name](model)
+        loss = LOSSES[name](model, guide)
     before = [p.detach().clone() for p in model.parameters()]
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path / "out"),
