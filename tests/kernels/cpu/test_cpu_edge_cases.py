@@ -46,7 +46,9 @@ def test_symmetric_one_pass_is_exact_at_a_tiny_temperature(dtype, tiled, request
     k64.requires_grad_(True)
     want = contrastive_loss_reference(q64, k64, temperature=t64, symmetric=True)
     want.backward()
-    assert abs(float(want.detach()) - 119.4) < 0.05
+    assert float(want.detach()) > 50  # far beyond where a shift by 1/τ = 1000 underflows
+    if shifted_seed(0) == 0:
+        assert abs(float(want.detach()) - 119.4) < 0.05  # the inputs
 
     q, k = q64.detach().to(dtype), k64.detach().to(dtype)
     t = torch.tensor(1e-3, dtype=torch.float64, requires_grad=True)
