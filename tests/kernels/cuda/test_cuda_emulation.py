@@ -112,7 +112,8 @@ def test_thread_order_strides_and_alignment_change_no_bit(dtype, monkeypatch):
     same bits as the contiguous run (vector loads at d = 64); fibers in reverse order between
     barriers (a missing barrier would read stale shared memory) the same forward bits and the
     same gradients up to the order of the fp32 atomic adds (a few ulps of the largest gradient:
-    the radial terms cancel in the finish)."""
+    the radial terms cancel in the finish). The kernels read the strided rows themselves for
+    fp16; fp32 and bf16 rows reach them as the glue's scaled, contiguous copies."""
     plan(monkeypatch, streamed=True, chunked=True)
     case = make_case(130, 70, 64, "all", seed=2)
     q, k, _ = case.inputs(dtype)
