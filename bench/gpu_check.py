@@ -3,7 +3,7 @@ worker processes (compiling Triton variants is CPU-bound: one worker per core).
 
 Jobs (dicts) of three kinds, run by `run_pool` with a deadline; each result is a row of
 OUT/correctness.csv, written as it arrives:
-* check:  one backend (triton: small and chunked path; cuda: one scratch chunk and 64-row
+* check:  one backend (triton: small and chunked path; cuda: one scratch chunk and 64 x 64
           chunks) × feature set (tests/cases.py's FEATURES) × dtype at sizes that cross tile
           edges, against the float64 reference by tests/cases.py's bar (docs/contract.md §1), one
           config per Triton variant (MMLOSS_TRITON_AUTOTUNE=0). status ok / FAIL / error, or
@@ -94,7 +94,7 @@ def warm_jobs(variants: Iterable[tuple]) -> List[Dict[str, object]]:
 @contextlib.contextmanager
 def _path(backend: str, path: str):
     """The chunked designs at small sizes: Triton's SMALL_MAX = 0, CUDA's scratch budget 0
-    (64-row chunks: MMLOSS_CUDA_SCRATCH_MB=0), as the GPU test suites set them."""
+    (64 x 64 chunks: MMLOSS_CUDA_SCRATCH_MB=0), as the GPU test suites set them."""
     if path != "chunked":
         yield
         return

@@ -8,6 +8,7 @@ backend and returns the loss with the gradients of query, key and a learnable te
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -49,6 +50,20 @@ FEATURES = {
 }
 
 
+SEED_OFFSET_ENV = "MMLOSS_TEST_SEED_OFFSET"
+
+
+def shifted_seed(seed: int) -> int:
+    """`seed` plus the integer in MMLOSS_TEST_SEED_OFFSET (0 when unset; read at each call, so
+    spawned workers see it too): every seeded test draws other inputs under another offset,
+    for sweeps over fresh seeds (tests/README.md)."""
+    value = os.environ.get(SEED_OFFSET_ENV, "0")
+    try:
+        return seed + int(value)
+    except ValueError:
+        raise ValueError(f"{SEED_OFFSET_ENV} must be an integer, got {value!r}") from None
+
+
 @dataclasses.dataclass
 class Case:
     query: torch.Tensor
@@ -78,7 +93,7 @@ def make_case(
     """Fresh random inputs (float64) for the named feature set. `duplicates` makes some
     columns near-copies of their rows' positives (c -> 1)."""
     spec = FEATURES[features]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     symmetric = spec.get("symmetric", False)
     if symmetric or not spec.get("shuffle_positives"):
         N = max(N, M) if not symmetric else M

@@ -1,6 +1,6 @@
 // Backward of the core op on CUDA, the Triton backend's design (docs/cuda.md): per row chunk,
 // `grad_tile_kernel` recomputes each 64 × 64 tile exactly as the forward does and writes
-// H_ij = a_i b_j G_ij / g (G = dL/dc) into an R × N scratch, with the row/column sums of G·c and
+// H_ij = a_i b_j G_ij / g (G = dL/dc) into an R × C scratch, with the row/column sums of G·c and
 // the rows' shares of dL/d(1/τ); two cuBLAS GEMMs (the ATen glue) give H K and Hᵀ Q, and
 // `finish_kernel` applies the normalisation Jacobian's radial term.
 #include "tile.cuh"
@@ -25,10 +25,11 @@ __device__ __forceinline__ void grouped_tile(int64_t id, int64_t tiles_m, int64_
 template <typename T, bool ADAPTIVE, bool FILTER>
 __global__ void __launch_bounds__(kThreads, 1) grad_tile_kernel(const TileArgs p, const GradArgs q) {
   __shared__ __align__(16) unsigned char smem[kTileSmemBytes];
-  const int64_t tiles_m = (q.row_end - q.row0 + kBlockM - 1) / kBlockM, tiles_n = (p.N + kBlockN - 1) / kBlockN;
+  const int64_t tiles_m = (q.row_end - q.row0 + kBlockM - 1) / kBlockM;
+  const int64_t tiles_n = (q.col_end - q.col0 + kBlockN - 1) / kBlockN;
   int64_t tm, tn;
   grouped_tile(blockIdx.x, tiles_m, tiles_n, tm, tn);
-  const int64_t row0 = q.row0 + tm * kBlockM, col0 = tn * kBlockN;
+  const int64_t row0 = q.row0 + tm * kBlockM, col0 = q.col0 + tn * kBlockN;
   const float inv_temp = *p.inv_temp;
   const float inv_scale = 1.f / *q.scale;
 
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad_tile_kernel(const TileArgs p
           const float c = tile.c[mi][ni][2 * h + e];
           // P from the given lse; removed columns have P = 0 (also when lse = -inf).
           const float prob = el.allowed || el.logit != el.logit ? exp_f(el.logit - lse) : 0.f;
-          const bool valid = row_ok && j + e < p.N;
+          const bool valid = row_ok && j + e < q.col_end;
           const float d_logit = valid ? logit_grad(prob, 1.f, w, is_positive) : 0.f;
           const float g = cosine_grad(d_logit, el.df, inv_temp);
           pair[e] = from_float<T>(g * h_row * (valid ? p.inv_norm_k[j + e] : 0.f));
@@ -68,9 +69,9 @@ __global__ void __launch_bounds__(kThreads, 1) grad_tile_kernel(const TileArgs p
           col_part[ni][e] += g * c;
           temp_part += inv_temp_grad(d_logit, el.f, el.allowed);
         }
-        if (row_ok && j < p.N) {
-          T* dst = h_out + (i - q.row0) * q.stride_h + j;
-          if (pair_stores && j + 1 < p.N) {
+        if (row_ok && j < q.col_end) {
+          T* dst = h_out + (i - q.row0) * q.stride_h + (j - q.col0);
+          if (pair_stores && j + 1 < q.col_end) {
             if constexpr (sizeof(T) == 2) {
               __nv_bfloat162 packed;  // two 16-bit values of either type, as raw bits
               memcpy(&packed, pair, sizeof packed);
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad_tile_kernel(const TileArgs p
             }
           } else {
             dst[0] = pair[0];
-            if (j + 1 < p.N) dst[1] = pair[1];
+            if (j + 1 < q.col_end) dst[1] = pair[1];
           }
         }
       }
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad_tile_kernel(const TileArgs p
 #pragma unroll
       for (int off = 4; off < 32; off *= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
       const int64_t j = col0 + local_col(ni, e);
-      if (threadIdx.x % 32 < 4 && j < p.N) atomicAdd(q.col_sum + j, s);
+      if (threadIdx.x % 32 < 4 && j < q.col_end) atomicAdd(q.col_sum + j, s);
     }
 }
 
@@ -127,7 +128,8 @@ __global__ void finish_kernel(const P* __restrict__ prod, int64_t stride_p, cons
 
 template <typename T, bool ADAPTIVE, bool FILTER>
 void launch_grad_as(const TileArgs& p, const GradArgs& q, cudaStream_t stream) {
-  const int64_t tiles = (q.row_end - q.row0 + kBlockM - 1) / kBlockM * ((p.N + kBlockN - 1) / kBlockN);
+  const int64_t tiles =
+      (q.row_end - q.row0 + kBlockM - 1) / kBlockM * ((q.col_end - q.col0 + kBlockN - 1) / kBlockN);
   MMLOSS_LAUNCH(unsigned(tiles), kThreads, 0, stream, grad_tile_kernel<T, ADAPTIVE, FILTER>)(p, q);
 }
 
@@ -154,7 +156,7 @@ void launch_finish_as(const void* prod, int64_t stride_p, const void* x, int64_t
 }  // namespace
 
 cudaError_t launch_grad_tile(const TileArgs& p, const GradArgs& q, cudaStream_t stream) {
-  if (q.row_end <= q.row0 || p.N == 0) return cudaSuccess;
+  if (q.row_end <= q.row0 || q.col_end <= q.col0) return cudaSuccess;
   switch (p.dtype) {
     case DType::kFloat32: launch_grad_typed<float>(p, q, stream); break;
     case DType::kBFloat16: launch_grad_typed<__nv_bfloat16>(p, q, stream); break;

@@ -42,11 +42,30 @@ void check_rows(const c10::optional<at::Tensor>& x, const char* name, int64_t ro
   TORCH_CHECK(x->size(0) == rows, "mmloss cuda backend: ", name, " has ", x->size(0), " rows, expected ", rows);
 }
 
-// The kernels' arguments and the tensors they point into (kept alive by this struct).
+// The kernels' arguments and the tensors they point into (kept alive by this struct). query and
+// key are the rows the kernels see: scaled by scale_q / scale_k (row_scale) where defined.
 struct Prepared {
   at::Tensor query, key, inv_q, inv_k, inv_temp, positives, row_groups, key_groups, mq, mk, fq, fk;
+  at::Tensor scale_q, scale_k;
   TileArgs args{};
 };
+
+constexpr double kScaleAbove = 1099511627776.0;  // 2^40, as the CPU backend (csrc/cpu/row_norms.cpp)
+
+// Per row (rows,) fp32: 2^-e with e = ⌊log2 ‖x_i‖⌋ (at most 126: a normal fp32/bf16 number) for
+// rows of finite norm above 2^40, else 1; from the fp32 inverse norms, on the device (no host
+// sync). Scaled rows keep their cosines exactly, and raw products of two rows stay far within
+// fp32 in the tiles and the GEMMs.
+at::Tensor row_scale(const at::Tensor& inv_norm) {
+  const at::Tensor big = (inv_norm < float(1.0 / kScaleAbove)) & (inv_norm > 0);
+  const at::Tensor e = at::floor(at::log2(inv_norm.to(at::kDouble)).neg_()).clamp_max_(126.0);
+  return at::where(big, at::exp2(e.neg_()), at::ones_like(e)).to(at::kFloat);
+}
+
+// x (rows, d) with row i multiplied by scale_i (exact: powers of two), unit stride along d.
+at::Tensor scaled(const at::Tensor& x, const at::Tensor& scale) {
+  return (x * scale.to(x.scalar_type()).unsqueeze(1)).contiguous();
+}
 
 // A (rows (M, w), cols (N, w)) teacher pair as fp32 tensors kept in `keep_*` (16-bit values are
 // exact in fp32; fp64 rounds as in the Triton backend), with the pointers, strides and width.
@@ -96,13 +115,29 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   Prepared p;
   p.query = rows_of(query);
   p.key = rows_of(key);
-  p.positives = problem.positives.contiguous();
-  p.inv_temp = inv_temp.detach().to(device, at::kFloat).reshape({1}).contiguous();
   const auto f32 = query.options().dtype(at::kFloat);
   p.inv_q = at::empty({M}, f32);
   p.inv_k = at::empty({N}, f32);
+  const DType dtype = dtype_of(query);
+  auto inv_norms = [&](const at::Tensor& x, at::Tensor& out, const char* what) {
+    check_launch(launch_inv_norms(dtype, x.data_ptr(), x.stride(0), x.size(0), int(x.size(1)), out.data_ptr<float>(),
+                                  stream),
+                 what);
+  };
+  inv_norms(p.query, p.inv_q, "inv_norm_kernel (query)");
+  inv_norms(p.key, p.inv_k, "inv_norm_kernel (key)");
+  if (dtype != DType::kFloat16) {  // an fp16 row's norm stays below 65,504 · √d < 2^40
+    p.scale_q = row_scale(p.inv_q);
+    p.scale_k = row_scale(p.inv_k);
+    p.query = scaled(p.query, p.scale_q);
+    p.key = scaled(p.key, p.scale_k);
+    inv_norms(p.query, p.inv_q, "inv_norm_kernel (scaled query)");
+    inv_norms(p.key, p.inv_k, "inv_norm_kernel (scaled key)");
+  }
+  p.positives = problem.positives.contiguous();
+  p.inv_temp = inv_temp.detach().to(device, at::kFloat).reshape({1}).contiguous();
   TileArgs& a = p.args;
-  a.dtype = dtype_of(query);
+  a.dtype = dtype;
   a.query = p.query.data_ptr();
   a.key = p.key.data_ptr();
   a.stride_q = p.query.stride(0);
@@ -133,11 +168,13 @@ Prepared prepare(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   a.cos_m = float(std::cos(problem.margin));     // cos m' and sin m' of the fixed margin (m' = m)
   a.sin_m = float(std::sin(problem.margin));
   a.inv_temp = p.inv_temp.data_ptr<float>();
-  check_launch(launch_inv_norms(a.dtype, a.query, a.stride_q, M, a.D, p.inv_q.data_ptr<float>(), stream),
-               "inv_norm_kernel (query)");
-  check_launch(launch_inv_norms(a.dtype, a.key, a.stride_k, N, a.D, p.inv_k.data_ptr<float>(), stream),
-               "inv_norm_kernel (key)");
   return p;
+}
+
+// The gradients of the scaled rows back to the inputs' (x_i scaled by s_i: dL/dx_i = s_i dL/dx̃_i).
+void unscale_grads(const Prepared& p, at::Tensor& d_query, at::Tensor& d_key) {
+  if (p.scale_q.defined()) d_query.mul_(p.scale_q.to(d_query.scalar_type()).unsqueeze(1));
+  if (p.scale_k.defined()) d_key.mul_(p.scale_k.to(d_key.scalar_type()).unsqueeze(1));
 }
 
 int multiprocessors(int device) {
@@ -173,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& q
                                                              const at::Tensor& inv_temp MMLOSS_PROBLEM_PARAMS,
                                                              const at::Tensor& lse, const at::Tensor& row_weight,
                                                              bool need_temp_grad, int64_t chunk_rows,
-                                                             int64_t /*chunk_cols*/) {
+                                                             int64_t chunk_cols) {
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(query.device().index()).stream();
   Prepared p = prepare(query, key, inv_temp, MMLOSS_PROBLEM_FROM_PARAMS, stream);
@@ -192,37 +229,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& q
                                : at::ones({1}, f32);
   at::Tensor sums = at::zeros({2 * M + N}, f32);  // row_sum (M), row_temp (M), col_sum (N)
   float* row_sum = sums.data_ptr<float>();
+  // Chunks of R rows × C columns (mmloss.cuda.chunk_shape: the R × C scratch within the budget);
+  // C is N or a multiple of the column tile, so that no tile straddles two chunks.
   const int64_t R = std::clamp<int64_t>(chunk_rows, 1, std::max<int64_t>(M, 1));
-  at::Tensor scratch = at::empty({R, N}, query.options());
+  const int64_t C = chunk_cols > 0 && chunk_cols < N ? chunk_cols : std::max<int64_t>(N, 1);
+  TORCH_CHECK(C >= N || C % kBlockN == 0, "mmloss cuda backend: chunk_cols must be N or a multiple of ", kBlockN,
+              ", got ", chunk_cols);
+  const bool row_chunks = R < M, col_chunks = C < N;
+  at::Tensor scratch = at::empty({R, C}, query.options());
   at::Tensor d_query = at::empty({M, D}, query.options());
-  at::Tensor key_acc = R >= M ? at::Tensor() : at::zeros({N, D}, f32);
-  at::Tensor key_prod;
+  at::Tensor d_key = at::empty({N, D}, key.options());
+  // With several row chunks dK sums over them in fp32 (finished at the end); with one, each
+  // column chunk's keys are final once their chunk is done. dQ_R likewise over column chunks.
+  at::Tensor key_acc = row_chunks ? at::zeros({N, D}, f32) : at::Tensor();
+  if (M == 0) d_key.zero_();  // no rows: nothing flows to the keys
   for (int64_t r0 = 0; r0 < M; r0 += R) {
     const int64_t n = std::min(R, M - r0);
-    at::Tensor h = scratch.narrow(0, 0, n);
-    GradArgs g{r0, r0 + n, lse32.data_ptr<float>(), weight.data_ptr<float>(), scale.data_ptr<float>(),
-               h.data_ptr(), h.stride(0), row_sum, need_temp_grad ? row_sum + M : nullptr, row_sum + 2 * M};
-    check_launch(launch_grad_tile(p.args, g, stream), "grad_tile_kernel");
     const at::Tensor q_rows = p.query.narrow(0, r0, n);
-    const at::Tensor prod = at::mm(h, p.key);
+    at::Tensor query_acc = col_chunks ? at::zeros({n, D}, f32) : at::Tensor();
+    at::Tensor prod;
+    for (int64_t c0 = 0; c0 == 0 || c0 < N; c0 += C) {  // once when N = 0: the rows' finish
+      const int64_t w = std::min(C, N - c0);
+      at::Tensor h = scratch.narrow(0, 0, n).narrow(1, 0, w);
+      GradArgs g{r0, r0 + n, c0, c0 + w, lse32.data_ptr<float>(), weight.data_ptr<float>(), scale.data_ptr<float>(),
+                 h.data_ptr(), h.stride(0), row_sum, need_temp_grad ? row_sum + M : nullptr, row_sum + 2 * M};
+      check_launch(launch_grad_tile(p.args, g, stream), "grad_tile_kernel");
+      const at::Tensor k_cols = p.key.narrow(0, c0, w);
+      prod = at::mm(h, k_cols);
+      if (query_acc.defined()) query_acc.add_(prod);
+      const at::Tensor key_prod = at::mm(h.t(), q_rows);
+      if (key_acc.defined()) {
+        key_acc.narrow(0, c0, w).add_(key_prod);
+      } else if (w > 0) {
+        at::Tensor dk_cols = d_key.narrow(0, c0, w);
+        check_launch(launch_finish(p.args.dtype, false, key_prod.data_ptr(), key_prod.stride(0), k_cols.data_ptr(),
+                                   k_cols.stride(0), dk_cols.data_ptr(), dk_cols.stride(0),
+                                   p.inv_k.data_ptr<float>() + c0, row_sum + 2 * M + c0, scale.data_ptr<float>(), w,
+                                   int(D), stream),
+                     "finish_kernel (key)");
+      }
+    }
+    const at::Tensor q_total = query_acc.defined() ? query_acc : prod;
     at::Tensor dq_rows = d_query.narrow(0, r0, n);
-    check_launch(launch_finish(p.args.dtype, false, prod.data_ptr(), prod.stride(0), q_rows.data_ptr(),
-                               q_rows.stride(0), dq_rows.data_ptr(), dq_rows.stride(0), p.inv_q.data_ptr<float>() + r0,
-                               row_sum + r0, scale.data_ptr<float>(), n, int(D), stream),
+    check_launch(launch_finish(p.args.dtype, query_acc.defined(), q_total.data_ptr(), q_total.stride(0),
+                               q_rows.data_ptr(), q_rows.stride(0), dq_rows.data_ptr(), dq_rows.stride(0),
+                               p.inv_q.data_ptr<float>() + r0, row_sum + r0, scale.data_ptr<float>(), n, int(D), stream),
                  "finish_kernel (query)");
-    key_prod = at::mm(h.t(), q_rows);
-    if (key_acc.defined()) key_acc.add_(key_prod);
   }
-  at::Tensor d_key = at::empty({N, D}, key.options());
-  const at::Tensor key_total = key_acc.defined() ? key_acc : key_prod;
-  if (key_total.defined()) {
-    check_launch(launch_finish(p.args.dtype, key_acc.defined(), key_total.data_ptr(), key_total.stride(0),
-                               p.key.data_ptr(), p.key.stride(0), d_key.data_ptr(), d_key.stride(0),
-                               p.inv_k.data_ptr<float>(), row_sum + 2 * M, scale.data_ptr<float>(), N, int(D), stream),
+  if (key_acc.defined()) {
+    check_launch(launch_finish(p.args.dtype, true, key_acc.data_ptr(), key_acc.stride(0), p.key.data_ptr(),
+                               p.key.stride(0), d_key.data_ptr(), d_key.stride(0), p.inv_k.data_ptr<float>(),
+                               row_sum + 2 * M, scale.data_ptr<float>(), N, int(D), stream),
                  "finish_kernel (key)");
-  } else {
-    d_key.zero_();  // no rows: nothing flows to the keys
   }
+  unscale_grads(p, d_query, d_key);
   at::Tensor d_inv_temp = need_temp_grad ? sums.narrow(0, M, M).to(at::kDouble).sum()
                                          : at::zeros({}, query.options().dtype(at::kDouble));
   return {d_query, d_key, d_inv_temp};

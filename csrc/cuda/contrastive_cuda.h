@@ -42,13 +42,15 @@ struct TileArgs {
   const float* inv_temp;     // device scalar 1/τ (no host sync: graph-capturable)
 };
 
-// The backward's tile pass over rows [row0, row_end) (one chunk of the R × N scratch).
+// The backward's tile pass over rows [row0, row_end) × columns [col0, col_end) (one chunk of
+// the R × C scratch; col0 a multiple of kBlockN).
 struct GradArgs {
   int64_t row0, row_end;
+  int64_t col0, col_end;
   const float* lse;     // (M,) the (possibly global) log-sum-exp
   const float* weight;  // (M,) w_i: the incoming gradient of row i's loss (0 for ignored rows)
   const float* scale;   // device scalar g: H is stored divided by g (fp16 range), else 1
-  void* h;              // (row_end - row0, N) scratch in the embeddings' dtype
+  void* h;              // (row_end - row0, col_end - col0) scratch in the embeddings' dtype
   int64_t stride_h;
   float* row_sum;       // (M,) += Σ_j G_ij c_ij, G = dL/dc (the normalisation's radial term)
   float* row_temp;      // (M,) += Σ_j dL/dlogit_ij f_ij (row i's share of dL/d(1/τ)), or null

@@ -3,13 +3,16 @@ torch.ops.mmloss.contrastive_forward / contrastive_backward (mmloss.library) of 
 
 Forward: one launch for the inverse norms, one for the loss tiles (tensor cores for bf16/fp16,
 exact fp32 FMAs for fp32), one to combine column splits. Backward (the Triton backend's
-design): a tile kernel writes H = a_i b_j G_ij / g into an R x N scratch, two cuBLAS GEMMs,
-and a finish kernel for the normalisation's radial term. R keeps the scratch within
-MMLOSS_CUDA_SCRATCH_MB (default 1 GiB). Kernels, tiles and resources: docs/cuda.md.
+design): per chunk of R rows x C columns a tile kernel writes H = a_i b_j G_ij / g into an
+R x C scratch, two cuBLAS GEMMs, and a finish kernel for the normalisation's radial term.
+`chunk_shape` keeps the scratch within MMLOSS_CUDA_SCRATCH_MB (default 1 GiB) for every M and
+N. Rows of norm above 2^40 are scaled by a power of two in the glue (csrc/cuda/
+contrastive_cuda.cpp). Kernels, tiles and resources: docs/cuda.md.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -18,12 +21,22 @@ from mmloss import library  # noqa: F401  (the ops and their fakes)
 from mmloss.kernel_common import check_gpu_dtype, inv_temp_tensor, rows_within, scratch_bytes
 from mmloss.problem import LossProblem
 
-ROW_TILE = 64  # the kernels' row tile: chunks are whole tiles
+TILE = 64  # the kernels' row and column tile: chunks are whole tiles (but the last)
 
 
-def row_chunk(M: int, N: int, element_size: int) -> int:
-    """Rows per backward chunk: the R x N scratch within the budget, a multiple of ROW_TILE."""
-    return rows_within(scratch_bytes("cuda"), N * element_size, minimum=ROW_TILE, multiple=ROW_TILE, total=M)
+def chunk_shape(M: int, N: int, element_size: int) -> Tuple[int, int]:
+    """(rows R, columns C) of the backward's R x C scratch of `element_size`-byte elements,
+    within scratch_bytes("cuda") for every M and N (at least one TILE x TILE tile). Whole rows
+    (C = N) while min(M, S) of them fit, S the side of a square of the budget (a multiple of
+    TILE); beyond that R = min(M, S) and C the largest multiple of TILE that fits, so that both
+    GEMMs over a chunk (H K_C: inner size C, Hᵀ Q_R: inner size R) stay large."""
+    budget = scratch_bytes("cuda")
+    side = max(TILE, math.isqrt(budget // element_size) // TILE * TILE)
+    rows = rows_within(budget, N * element_size, minimum=TILE, multiple=TILE, total=M)
+    if rows * N * element_size <= budget and rows >= min(M, side):
+        return rows, N
+    rows = min(M, side)
+    return rows, rows_within(budget, rows * element_size, minimum=TILE, multiple=TILE, total=N)
 
 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
@@ -48,7 +61,7 @@ def backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of Σ_i w_i loss_i over this block's columns, P from the given lse: d_query
     (M, d), d_key (N, d) in the inputs' dtype, d_inv_temp 0-dim float64 (or None)."""
-    rows = row_chunk(query.shape[0], key.shape[0], query.element_size())
+    rows, cols = chunk_shape(query.shape[0], key.shape[0], query.element_size())
     d_query, d_key, d_inv_temp = torch.ops.mmloss.contrastive_backward(
         query,
         key,
@@ -58,6 +71,6 @@ def backward(
         row_weight,
         bool(need_temp_grad),
         rows,
-        0,
+        cols,
     )
     return d_query, d_key, d_inv_temp if need_temp_grad else None

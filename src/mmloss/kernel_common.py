@@ -16,7 +16,7 @@ GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Embedding dtypes of the GPU kernels (Triton, CUDA); float64 runs on the CPU or the reference."""
 
 DEFAULT_SCRATCH_MB = {"cpu": 4.0, "cuda": 1024.0, "triton": 1024.0}
-"""Default scratch budget per backend in MiB: the CPU's strip tiles, the GPU backwards' R x N
+"""Default scratch budget per backend in MiB: the CPU's strip tiles, the GPU backwards' R x C
 scratch. `MMLOSS_<BACKEND>_SCRATCH_MB` overrides it (read at each call)."""
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import mmloss
 from mmloss.backends import unavailable_reason
-from tests.cases import FEATURES, make_case
+from tests.cases import FEATURES, make_case, shifted_seed
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason("cpu", torch.device("cpu")) is not None, reason="needs the compiled CPU backend"
@@ -34,7 +34,7 @@ class Encoders(nn.Module):
 
     def __init__(self, d: int, learn_temperature: bool, seed: int):
         super().__init__()
-        torch.manual_seed(seed)
+        torch.manual_seed(shifted_seed(seed))
         self.query = nn.Linear(D_IN, d, dtype=torch.float64)
         self.key = nn.Linear(D_IN, d, dtype=torch.float64)
         self.temperature = nn.Parameter(torch.tensor(0.07, dtype=torch.float64)) if learn_temperature else 0.07
@@ -80,7 +80,7 @@ def test_contrastive_loss_every_feature(features, reduction):
     i = sorted(FEATURES).index(features)
     case = make_case(9, 11, 6, features, seed=i)
     M, N = case.query.shape[0], case.key.shape[0]
-    g = torch.Generator().manual_seed(100 + i)
+    g = torch.Generator().manual_seed(shifted_seed(100 + i))
     x_query = torch.randn(M, D_IN, generator=g, dtype=torch.float64)
     x_key = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
     model = Encoders(6, learn_temperature=i % 2 == 0, seed=i)
@@ -134,7 +134,7 @@ def test_batch_sizes_that_change_between_steps():
         )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(shifted_seed(5))
     for M, N in [(8, 10), (6, 9), (5, 7)]:
         q, k = torch.randn(M, 4, generator=g, requires_grad=True), torch.randn(N, 4, generator=g, requires_grad=True)
         t = torch.tensor(0.1, requires_grad=True)
@@ -155,7 +155,7 @@ def test_float_temperature_that_changes_between_steps(symmetric):
         return mmloss.contrastive_loss(q, k, temperature=t, symmetric=symmetric, backend="cpu")
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(shifted_seed(6))
     q = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     for t in (0.05, 0.07, 0.1):
@@ -180,7 +180,7 @@ def test_auto_is_chosen_and_recorded_when_the_graph_is_traced():
 
 def _method_inputs(seed: int):
     """Raw inputs of every method's arguments (encoded by linear maps in the step)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     raw = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     return {
         "z1": raw(6, D_IN),
@@ -200,7 +200,7 @@ class MethodModel(nn.Module):
 
     def __init__(self, seed: int):
         super().__init__()
-        torch.manual_seed(seed)
+        torch.manual_seed(shifted_seed(seed))
         self.text = nn.Linear(D_IN, 8, dtype=torch.float64)
         self.ground = nn.Linear(D_IN, 5, dtype=torch.float64)
         self.vision = nn.Linear(D_IN, 5, dtype=torch.float64)

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import mmloss
 import mmloss.losses
 from mmloss.backends import unavailable_reason
-from tests.cases import off_the_scores, row_threshold, threshold_between
+from tests.cases import off_the_scores, row_threshold, shifted_seed, threshold_between
 
 # CPU tensors here: the Triton interpreter has its own suites (tests/test_triton_*.py).
 BACKENDS = [b for b in ("reference", "cpu") if unavailable_reason(b, torch.device("cpu")) is None]
@@ -68,7 +68,7 @@ def _offsets(sizes) -> List[int]:
 def _global_batch(spec: Dict, rows: Tuple[int, ...], keys: Tuple[int, ...], seed: int):
     """The whole batch (float64) as one process sees it: query, key, global positives (or
     None for symmetric), kwargs; every row's positive lies in its own rank's keys."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     if spec.get("symmetric"):
         keys = rows
     row_off, key_off = _offsets(rows), _offsets(keys)
@@ -194,7 +194,7 @@ JOINT_CASES = {
 def _joint_data(world: int, seed: int):
     """Per-rank float64 tensors of a joint case: queries/anchors q, positive documents d0,
     negatives d1, and guide features gq, g0, g1 (each a list over ranks)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     rows = LAYOUTS[world][0]
     data = {name: [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in rows] for name in ("d0", "d1")}
     data["q"] = [d + torch.randn(d.shape, generator=g, dtype=torch.float64) for d in data["d0"]]
@@ -291,7 +291,7 @@ def _run_joint(rank: int, world: int, name: str, backend: str, mode: str, seed: 
 def _method_inputs(method: str, world: int, seed: int):
     """The whole batch of a method module and each rank's share of it: (module kwargs, input
     dict, {input name: per-rank slices}, {index input: (what it indexes)})."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     rows = LAYOUTS[world][0]
     n = sum(rows)
@@ -516,7 +516,7 @@ def _skip_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20)
     )
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(shifted_seed(0))
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     views = rand(5, 2, 4, 3)  # z1, z2, s1, s2, m of each rank
     phrases, objects = rand(2, 3, 3), rand(2, 5, 3)

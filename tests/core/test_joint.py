@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import mmloss
 from mmloss import KeyBlock, joint_contrastive_loss
 from mmloss.backends import unavailable_reason
+from tests.cases import shifted_seed
 
 BACKENDS = [b for b in ("reference", "cpu") if unavailable_reason(b, torch.device("cpu")) is None]
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -18,7 +19,7 @@ TOL = dict(rtol=1e-11, atol=1e-12)
 
 
 def _leaves(*shapes, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
 
 

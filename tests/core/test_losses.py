@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mmloss.backends import unavailable_reason
 from mmloss.losses import KDMCSELoss, LossOutput, MCSELoss, MCSEOLoss, SimCSELoss
-from tests.cases import threshold_between
+from tests.cases import shifted_seed, threshold_between
 
 # CPU tensors here: the Triton interpreter has its own suites (tests/test_triton_*.py).
 BACKENDS = [b for b in ("reference", "cpu") if unavailable_reason(b, torch.device("cpu")) is None]
@@ -51,7 +51,7 @@ def same_image(ids):
 def batch(seed: int):
     """Random float64 inputs: views, grounded heads, image heads (one per caption, duplicated
     for captions of one image), teacher features."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     z2 = rand(N, D)
     images, image_features = rand(3, G)[IMAGE_OF_CAPTION], rand(3, DT)[IMAGE_OF_CAPTION]
@@ -117,7 +117,7 @@ def test_mcse(backend, image_ids):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mcseo(backend):
     x, _, _ = batch(2)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(shifted_seed(3))
     objects = torch.randn(5, G, generator=g, dtype=torch.float64, requires_grad=True)
     phrase_object = torch.tensor([0, 2, 2, 4, -100, 1, 3])  # ragged: 7 phrases, 5 objects; one unmatched
     object_groups = torch.tensor([10, 10, 11, 12, 12])  # region ids: objects 0-1 and 3-4 share a region

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import mmloss
 from mmloss.backends import unavailable_reason
 from mmloss.similarity_ops import _decode_keys, _score_keys
+from tests.cases import shifted_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -55,7 +56,7 @@ def tolerance(dtype):
 
 
 def inputs(M, N, d, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shifted_seed(seed))
     return (torch.randn(M, d, generator=g).to(device, dtype), torch.randn(N, d, generator=g).to(device, dtype))
 
 
@@ -116,7 +117,7 @@ def test_topk_matches_dense(backend, device, dtype, M, N, k_top, block):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_topk_ties_go_to_the_lower_index(backend, device, normalize):
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(shifted_seed(3))
     # Integer rows (exact dot products); normalised: signed unit rows ±e_j, whose cosines ±q_j/‖q‖
     # every backend computes alike, so mathematically equal scores are equal numbers.
     base = (

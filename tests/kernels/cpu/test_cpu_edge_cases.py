@@ -9,6 +9,7 @@ import mmloss.cpu as cpu
 from mmloss.checks import build_problem
 from mmloss.contrastive import inverse_temperature
 from mmloss.reference import contrastive_loss_reference
+from tests.cases import shifted_seed
 
 NO_FEATURES = dict(
     positives=None,
@@ -38,14 +39,16 @@ def test_symmetric_one_pass_is_exact_at_a_tiny_temperature(dtype, tiled, request
     one-pass pair itself against the float64 reference (119.4 here), loss and gradients."""
     if tiled:
         request.getfixturevalue("small_tiles")
-    torch.manual_seed(0)
+    torch.manual_seed(shifted_seed(0))
     q64, k64 = torch.randn(16, 256).double(), torch.randn(16, 256).double()  # the issue's inputs
     t64 = torch.tensor(1e-3, dtype=torch.float64, requires_grad=True)
     q64.requires_grad_(True)
     k64.requires_grad_(True)
     want = contrastive_loss_reference(q64, k64, temperature=t64, symmetric=True)
     want.backward()
-    assert abs(float(want.detach()) - 119.4) < 0.05
+    assert float(want.detach()) > 50  # far beyond where a shift by 1/τ = 1000 underflows
+    if shifted_seed(0) == 0:
+        assert abs(float(want.detach()) - 119.4) < 0.05  # the issue's inputs
 
     q, k = q64.detach().to(dtype), k64.detach().to(dtype)
     t = torch.tensor(1e-3, dtype=torch.float64, requires_grad=True)
@@ -100,7 +103,7 @@ def test_rows_whose_norms_overflow_their_dtype(dtype, scale, features):
 @pytest.mark.parametrize("dtype,scale", HUGE_ROWS, ids=str)
 def test_similarity_and_topk_of_rows_whose_norms_overflow(dtype, scale):
     """mmloss.similarity/topk_similarity on the cpu gave all-zero cosines and columns 0, 1."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(shifted_seed(1))
     a, b = torch.randn(9, 24, generator=g), torch.randn(31, 24, generator=g)
     a, b = _huge(a, dtype, scale), _huge(b, dtype, scale)
     want = (
@@ -120,7 +123,7 @@ def test_a_tiny_temperature_is_exact(dtype):
     """τ = 1e-30: logits of 1e30 are fine in the kernel's float64 element math, but an exp of
     f/τ - shift with the product fused into the subtraction (an FMA) kept its rounding error
     (~1e14) in the exponent: -inf and NaN row lse. The logit is now rounded once and stored."""
-    torch.manual_seed(0)
+    torch.manual_seed(shifted_seed(0))
     q = torch.randn(6, 16, dtype=dtype, requires_grad=True)
     k = torch.randn(6, 16, dtype=dtype, requires_grad=True)
     q0 = q.detach().double().requires_grad_(True)

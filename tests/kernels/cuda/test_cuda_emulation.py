@@ -46,7 +46,7 @@ def as_cuda_backend(monkeypatch):
 
 def plan(monkeypatch, streamed: bool, chunked: bool) -> None:
     """streamed: one column split, so a CTA streams all column tiles (else one split per tile);
-    chunked: the backward in 64-row chunks (a tiny scratch budget)."""
+    chunked: the backward in 64 x 64 chunks (a tiny scratch budget)."""
     if streamed:
         monkeypatch.setattr(emulated, "SMS", 1)
     if chunked:
@@ -112,7 +112,8 @@ def test_thread_order_strides_and_alignment_change_no_bit(dtype, monkeypatch):
     same bits as the contiguous run (vector loads at d = 64); fibers in reverse order between
     barriers (a missing barrier would read stale shared memory) the same forward bits and the
     same gradients up to the order of the fp32 atomic adds (a few ulps of the largest gradient:
-    the radial terms cancel in the finish)."""
+    the radial terms cancel in the finish). The kernels read the strided rows themselves for
+    fp16; fp32 and bf16 rows reach them as the glue's scaled, contiguous copies."""
     plan(monkeypatch, streamed=True, chunked=True)
     case = make_case(130, 70, 64, "all", seed=2)
     q, k, _ = case.inputs(dtype)
@@ -231,3 +232,119 @@ def test_nearly_solved_rows_keep_their_relative_accuracy_in_fp32():
         finally:
             emulated.SMS = saved
         torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=0)
+
+
+# (rows R, columns C) of the backward's chunks: several column chunks of one row chunk (each
+# key chunk finished on its own), several of both (dK summed in fp32 over row chunks, dQ over
+# column chunks), and a last column chunk of a single column.
+CHUNKS = [(70, 64), (64, 64), (64, 128), (128, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunks", CHUNKS, ids=str)
+@pytest.mark.parametrize("features", ["all", "symmetric_all", "plain"])
+def test_column_chunks_of_the_backward(features, chunks, dtype, monkeypatch):
+    """The backward in R x C chunks that cross column tiles (N = 129 and 193: 3 and 4 column
+    chunks of 64, the last partial) against the float64 reference at the usual bar, and against
+    the one-chunk run: the same loss bits, gradients up to the fp32 sums over chunks."""
+    M, N = (70, 193) if features != "symmetric_all" else (129, 129)
+    case = make_case(M, N, 40, features, seed=7)
+    monkeypatch.setattr(emulated.ck, "chunk_shape", lambda m, n, e: (min(m, chunks[0]), min(n, chunks[1])))
+    assert_close_to_oracle(case, dtype)
+    q, k, _ = case.inputs(dtype)
+    tiled = _kernel_outputs(q.detach(), k.detach(), case)
+    monkeypatch.setattr(emulated.ck, "chunk_shape", lambda m, n, e: (m, n))
+    whole = _kernel_outputs(q.detach(), k.detach(), case)
+    assert torch.equal(tiled[0], whole[0]) and torch.equal(tiled[1], whole[1])
+    for a, b in zip(tiled[2:], whole[2:]):
+        eps = torch.finfo(b.dtype).eps
+        torch.testing.assert_close(a, b, rtol=0, atol=8 * eps * float(b.abs().max()))
+
+
+def _scaled_rows(M, N, d, seed, row_scale, key_scale):
+    """float64 query/key (each row correlated with its positive), rows times the given scales (cycled)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, d, generator=g, dtype=torch.float64)
+    k = torch.randn(N, d, generator=g, dtype=torch.float64)
+    q = q + 1.5 * k[:M]
+    rs = torch.tensor(row_scale, dtype=torch.float64).repeat(M)[:M, None]
+    ks = torch.tensor(key_scale, dtype=torch.float64).repeat(N)[:N, None]
+    return q * rs, k * ks
+
+
+def _unit_scaled(grad, x):
+    """Gradient rows times their input's norm: O(1) whatever the row's scale (d(x/|x|) ~ 1/|x|)."""
+    return grad.double() * x.double().norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("learn", [False, True])
+def test_rows_of_huge_and_tiny_norms(dtype, learn, monkeypatch):
+    """Rows of 1e30 and 1e-30 (and ordinary ones) among queries and keys, fp32 and bf16: the
+    loss and gradients are the float64 reference's on the same inputs. Two rows of 1e30 have a
+    raw product of 1e60 (beyond fp32) in the tiles and the GEMMs unless the glue scales them
+    by a power of two (row_scale) and scales their gradients back. Before: NaN."""
+    plan(monkeypatch, streamed=learn, chunked=True)
+    q, k = _scaled_rows(70, 130, 40, 40, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-25, 1.0])
+    q, k = q.to(dtype).double(), k.to(dtype).double()  # the inputs, exactly
+    ref_inputs = (q.clone().requires_grad_(), k.clone().requires_grad_())
+    t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    want = mmloss.contrastive_loss(
+        *ref_inputs, temperature=t64 if learn else 0.05, reduction="none", backend="reference"
+    )
+    want_grads = torch.autograd.grad(want.sum(), list(ref_inputs) + ([t64] if learn else []))
+    qf, kf = q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_()
+    t32 = torch.tensor(0.05, requires_grad=True)
+    got = mmloss.contrastive_loss(qf, kf, temperature=t32 if learn else 0.05, reduction="none", backend="cuda")
+    grads = torch.autograd.grad(got.sum(), [qf, kf] + ([t32] if learn else []))
+    assert torch.isfinite(got).all()
+    tol = 2e-5 if dtype == torch.float32 else 2e-2  # bf16: H and the GEMMs' operands in bf16
+    torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol)
+    for g, w, x in zip(grads[:2], want_grads[:2], (q, k)):
+        g, w = _unit_scaled(g, x), _unit_scaled(w, x)
+        torch.testing.assert_close(g, w, rtol=0, atol=tol * float(w.abs().max()))
+    if learn:
+        torch.testing.assert_close(grads[2].double(), want_grads[2], rtol=tol, atol=0)
+
+
+def test_power_of_two_row_scales_change_nothing(monkeypatch):
+    """fp32 rows times 2^100 ... 2^-30 give the unscaled rows' loss to the last bit and their
+    gradients times the inverse scales: the glue's scaling is by powers of two, and brings a
+    row of norm above 2^40 to a norm in [1, 2)."""
+    plan(monkeypatch, streamed=False, chunked=True)
+    q, k = _scaled_rows(70, 130, 40, 41, [1.0], [1.0])
+    s_q = torch.tensor([2.0**100, 2.0**-30, 1.0]).repeat(24)[:70, None]
+    s_k = torch.tensor([2.0**-30, 1.0, 2.0**100, 2.0**60]).repeat(33)[:130, None]
+    q0, k0 = q.float() / q.float().norm(dim=1, keepdim=True), k.float() / k.float().norm(dim=1, keepdim=True)
+    q0, k0 = q0 * torch.exp2(torch.rand(70, 1).mul(0.9).floor()), k0  # norms in [1, 2)
+    runs = []
+    for a, b in ((q0, k0), (q0 * s_q, k0 * s_k)):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = mmloss.contrastive_loss(a, b, temperature=0.05, reduction="none", backend="cuda")
+        runs.append((loss,) + torch.autograd.grad(loss.sum(), [a, b]))
+    (l0, dq0, dk0), (l1, dq1, dk1) = runs
+    assert torch.equal(l0, l1)
+    torch.testing.assert_close(dq1 * s_q, dq0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dk1 * s_k, dk0, rtol=1e-6, atol=1e-6 * float(dk0.abs().max()))
+
+
+def test_fp16_rows_of_norm_above_65504(monkeypatch):
+    """fp16 rows whose norm exceeds fp16's range (entries ~1e4, d = 64): loss and gradients
+    are the float64 reference's on the same inputs (the fp16 reference itself overflows)."""
+    plan(monkeypatch, streamed=False, chunked=True)
+    q, k = _scaled_rows(70, 130, 64, 42, [1e4, 1.0], [2e4])
+    q, k = q.clamp(-6e4, 6e4).half(), k.clamp(-6e4, 6e4).half()
+    assert float(q.double().norm(dim=1).max()) > 65504 and float(k.double().norm(dim=1).min()) > 65504
+    ref_inputs = (q.double().requires_grad_(), k.double().requires_grad_())
+    want = mmloss.contrastive_loss(*ref_inputs, temperature=0.05, reduction="none", backend="reference")
+    want_grads = torch.autograd.grad(want.sum(), ref_inputs)
+    qh, kh = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got = mmloss.contrastive_loss(qh, kh, temperature=0.05, reduction="none", backend="cuda")
+    grads = torch.autograd.grad(got.sum(), [qh, kh])
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)
+    # The keys' gradients (~4e-8) are fp16 subnormals, spaced 2^-24; H and H K enter the finish
+    # in fp16 (as for every fp16 input): a few fp16 ulps (2^-11) of the largest gradient.
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(
+            g.double(), w, rtol=2e-3, atol=max(4 * 2.0**-24, 4 * 2.0**-11 * float(w.abs().max()))
+        )

@@ -19,7 +19,7 @@ if unavailable_reason("cuda", torch.device("cuda")) is not None:
     pytest.skip(unavailable_reason("cuda", torch.device("cuda")), allow_module_level=True)
 
 import mmloss  # noqa: E402
-from tests.cases import FEATURES, assert_kernel_matches_reference, make_case  # noqa: E402
+from tests.cases import FEATURES, assert_kernel_matches_reference, make_case, shifted_seed  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 BACKEND = "cuda"
@@ -31,7 +31,7 @@ assert_close_to_oracle = functools.partial(assert_kernel_matches_reference, back
 
 @pytest.fixture(params=["one_chunk", "chunked"])
 def chunks(request, monkeypatch):
-    """The backward in one R x N scratch, or in 64-row chunks (a tiny scratch budget)."""
+    """The backward in one scratch chunk, or in 64 x 64 chunks (a tiny scratch budget)."""
     if request.param == "chunked":
         monkeypatch.setenv("MMLOSS_CUDA_SCRATCH_MB", "0")
     return request.param
@@ -53,6 +53,38 @@ def test_odd_shapes(M, N, d, dtype, chunks):
 @pytest.mark.parametrize("features", ["plain", "all", "symmetric_all"])
 def test_reductions(reduction, features):
     assert_close_to_oracle(make_case(70, 90, 40, features, seed=5, device="cuda"), torch.bfloat16, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_of_norm_1e30_and_column_chunks(dtype, monkeypatch):
+    """Rows of 1e30 among queries and keys (raw products of 1e60 unless the glue scales them)
+    in a backward of 64 x 128 chunks (3 column chunks of N = 300): the float64 reference's
+    loss and gradients (times the rows' norms: O(1) whatever the scale)."""
+    import mmloss.cuda as cuda
+
+    monkeypatch.setattr(cuda, "chunk_shape", lambda m, n, e: (min(m, 64), min(n, 128)))
+    g = torch.Generator().manual_seed(shifted_seed(12))
+    k = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    q = k[:100] * 1.5 + torch.randn(100, 64, generator=g, dtype=torch.float64)
+    q, k = (
+        q * torch.tensor([1e30, 1.0]).repeat(50)[:, None].double(),
+        k * torch.tensor([1.0, 1e30, 1e-25]).repeat(100)[:, None].double(),
+    )
+    q, k = q.to(dtype).double().cuda(), k.to(dtype).double().cuda()
+    runs = []
+    for x, y, backend in ((q, k, "reference"), (q.to(dtype), k.to(dtype), BACKEND)):
+        x, y = x.clone().requires_grad_(), y.clone().requires_grad_()
+        loss = mmloss.contrastive_loss(x, y, temperature=0.05, reduction="none", backend=backend)
+        runs.append(
+            (loss.double(),)
+            + tuple(
+                gr.double() * z.double().norm(dim=1, keepdim=True)
+                for gr, z in zip(torch.autograd.grad(loss.sum(), [x, y]), (q, k))
+            )
+        )
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
 def test_strided_and_expanded_inputs():

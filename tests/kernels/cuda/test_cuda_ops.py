@@ -64,13 +64,44 @@ def test_cuda_backend_rejects_what_it_cannot_serve():
         cuda.check(q.float(), problem)
 
 
-def test_row_chunk_is_within_budget_and_whole_tiles(monkeypatch):
+def test_chunk_shape_is_within_budget_and_whole_tiles(monkeypatch):
     import mmloss.cuda as cuda
 
     monkeypatch.setenv("MMLOSS_CUDA_SCRATCH_MB", "1")
-    assert cuda.row_chunk(100, 10, 2) == 100  # fits: one chunk
-    assert cuda.row_chunk(100_000, 4096, 2) == 128  # 1 MiB / 8 KiB = 128 rows
-    assert cuda.row_chunk(100_000, 1 << 20, 2) == cuda.ROW_TILE  # at least one row tile
+    assert cuda.chunk_shape(100, 10, 2) == (100, 10)  # fits: one chunk
+    # Whole rows while at least a square's side of them fit (704 of 2^19 elements) ...
+    assert cuda.chunk_shape(2000, 600, 2) == (832, 600)  # 1 MiB / 1,200 B = 873 rows
+    # ... else a square-ish chunk: 128 whole rows of 4,096 would give Hᵀ Q_R an inner size of 128.
+    assert cuda.chunk_shape(100_000, 4096, 2) == (704, 704)
+    assert cuda.chunk_shape(100_000, 1 << 20, 2) == (704, 704)  # whole rows: 64 x 2^20 = 128 MiB
+    assert cuda.chunk_shape(300, 1 << 20, 2) == (300, 1728)  # all rows, 1 MiB / 600 B columns
+    monkeypatch.setenv("MMLOSS_CUDA_SCRATCH_MB", "0")
+    assert cuda.chunk_shape(130, 130, 4) == (64, 64)  # at least one tile
+    assert cuda.chunk_shape(7, 1, 4) == (7, 1)
+
+
+@pytest.mark.parametrize("M,N", [(300, 2_000_000), (256, 30_000_000), (10**6, 10**6), (1, 10**9), (10**9, 1)])
+@pytest.mark.parametrize("element_size", [2, 4])
+@pytest.mark.parametrize("budget_mb", [None, "4", "1024"])
+def test_backward_scratch_stays_within_the_budget(M, N, element_size, budget_mb, monkeypatch):
+    """The backward's R x C scratch (what contrastive_cuda.cpp allocates from chunk_shape) is
+    within MMLOSS_CUDA_SCRATCH_MB for every M and N, in whole column tiles but the last, and
+    the chunks stay GEMM-sized (both sides at least min(M or N, 1024) at the default budget).
+    Before: R x N with R >= 64, e.g. 64 x 3e7 x 2 bytes = 3.8 GB at M = 256, N = 3e7."""
+    import mmloss.cuda as cuda
+    from mmloss.kernel_common import scratch_bytes
+
+    if budget_mb is None:
+        monkeypatch.delenv("MMLOSS_CUDA_SCRATCH_MB", raising=False)
+    else:
+        monkeypatch.setenv("MMLOSS_CUDA_SCRATCH_MB", budget_mb)
+    R, C = cuda.chunk_shape(M, N, element_size)
+    assert 1 <= R <= M and 1 <= C <= N
+    assert R * C * element_size <= scratch_bytes("cuda")
+    assert C == N or C % cuda.TILE == 0
+    assert R == M or R % cuda.TILE == 0
+    if budget_mb is None:
+        assert R >= min(M, 1024) and C >= min(N, 1024)
 
 
 def test_committed_table_never_picks_cuda_without_a_passing_gpu_run():

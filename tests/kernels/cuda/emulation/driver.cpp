@@ -69,9 +69,10 @@ int emu_forward(const TileArgs* a, int splits, float* partial, double* lse, floa
   return mmloss::cuda::launch_forward(*a, splits, partial, lse, pos_logit, kStream);
 }
 
-int emu_grad_tile(const TileArgs* a, int64_t row0, int64_t row_end, const float* lse, const float* weight,
-                  const float* scale, void* h, int64_t stride_h, float* row_sum, float* row_temp, float* col_sum) {
-  const GradArgs g{row0, row_end, lse, weight, scale, h, stride_h, row_sum, row_temp, col_sum};
+int emu_grad_tile(const TileArgs* a, int64_t row0, int64_t row_end, int64_t col0, int64_t col_end, const float* lse,
+                  const float* weight, const float* scale, void* h, int64_t stride_h, float* row_sum, float* row_temp,
+                  float* col_sum) {
+  const GradArgs g{row0, row_end, col0, col_end, lse, weight, scale, h, stride_h, row_sum, row_temp, col_sum};
   return mmloss::cuda::launch_grad_tile(*a, g, kStream);
 }
 

@@ -118,8 +118,26 @@ def _teachers(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]):
     return rows.to(torch.float32).contiguous(), cols.to(torch.float32).contiguous()
 
 
+def _inv_norms(x: torch.Tensor) -> torch.Tensor:
+    """inv_norm_kernel on the rows of x: (rows,) fp32."""
+    out = torch.full((x.shape[0],), float("nan"))
+    _check(
+        library().emu_inv_norms(DTYPES[x.dtype], _ptr(x), _i64(x.stride(0)), _i64(x.shape[0]), x.shape[1], _ptr(out)),
+        "inv_norm_kernel",
+    )
+    return out
+
+
+def row_scale(inv_norm: torch.Tensor) -> torch.Tensor:
+    """row_scale(): 2^-e, e = floor(log2 |x_i|) at most 126, for rows of finite norm above 2^40, else 1."""
+    big = (inv_norm < float(2.0**-40)) & (inv_norm > 0)
+    e = torch.floor(-torch.log2(inv_norm.double())).clamp_max(126.0)
+    return torch.where(big, torch.exp2(-e), torch.ones_like(e)).float()
+
+
 def _prepare(query, key, inv_temp, problem: LossProblem) -> SimpleNamespace:
-    """prepare(): the kernels' arguments, the tensors they point into, and the inverse norms."""
+    """prepare(): the kernels' arguments, the tensors they point into, the inverse norms, and
+    the rows the kernels see (scaled by scale_q / scale_k for fp32 and bf16)."""
     lib = library()
     rows_of = lambda x: x if x.stride(1) == 1 else x.contiguous()  # noqa: E731
     p = SimpleNamespace(
@@ -127,11 +145,17 @@ def _prepare(query, key, inv_temp, problem: LossProblem) -> SimpleNamespace:
         key=rows_of(key),
         positives=problem.positives.contiguous(),
         inv_temp=inv_temp_tensor(inv_temp, query.device).to(torch.float32).contiguous(),
+        scale_q=None,
+        scale_k=None,
     )
     M, N, D = query.shape[0], key.shape[0], query.shape[1]
     p.M, p.N, p.D, p.dtype = M, N, D, DTYPES[query.dtype]
-    p.inv_q = torch.full((M,), float("nan"))
-    p.inv_k = torch.full((N,), float("nan"))
+    p.inv_q, p.inv_k = _inv_norms(p.query), _inv_norms(p.key)
+    if query.dtype != torch.float16:
+        p.scale_q, p.scale_k = row_scale(p.inv_q), row_scale(p.inv_k)
+        p.query = (p.query * p.scale_q.to(query.dtype)[:, None]).contiguous()
+        p.key = (p.key * p.scale_k.to(key.dtype)[:, None]).contiguous()
+        p.inv_q, p.inv_k = _inv_norms(p.query), _inv_norms(p.key)
     groups = problem.key_groups is not None
     p.row_groups = problem.row_groups.contiguous() if groups else None
     p.key_groups = problem.key_groups.contiguous() if groups else None
@@ -167,18 +191,6 @@ def _prepare(query, key, inv_temp, problem: LossProblem) -> SimpleNamespace:
         ctypes.c_double(problem.margin),
         _ptr(p.inv_temp),
     )
-    try:
-        _check(
-            lib.emu_inv_norms(p.dtype, _ptr(p.query), _i64(p.query.stride(0)), _i64(M), D, _ptr(p.inv_q)),
-            "inv_norm_kernel (query)",
-        )
-        _check(
-            lib.emu_inv_norms(p.dtype, _ptr(p.key), _i64(p.key.stride(0)), _i64(N), D, _ptr(p.inv_k)),
-            "inv_norm_kernel (key)",
-        )
-    except RuntimeError:
-        lib.emu_free_tile_args(ctypes.c_void_p(p.args))
-        raise
     return p
 
 
@@ -208,7 +220,7 @@ def backward(
     p = _prepare(query, key, inv_temp, problem)
     try:
         d_query, d_key, d_inv_temp = _backward(
-            lib, p, lse, row_weight, need_temp_grad, ck.row_chunk(p.M, p.N, query.element_size())
+            lib, p, lse, row_weight, need_temp_grad, *ck.chunk_shape(p.M, p.N, query.element_size())
         )
     finally:
         lib.emu_free_tile_args(ctypes.c_void_p(p.args))
@@ -236,7 +248,7 @@ def _finish(lib, p, prod_fp32: bool, prod, x, out, inv_norm, radial, scale, what
     )
 
 
-def _backward(lib, p, lse, row_weight, need_temp_grad: bool, chunk_rows: int):
+def _backward(lib, p, lse, row_weight, need_temp_grad: bool, chunk_rows: int, chunk_cols: int):
     M, N, D, dtype = p.M, p.N, p.D, p.query.dtype
     lse32, weight = lse.to(torch.float32).contiguous(), row_weight.to(torch.float32).contiguous()
     if dtype == torch.float16:
@@ -245,44 +257,57 @@ def _backward(lib, p, lse, row_weight, need_temp_grad: bool, chunk_rows: int):
         scale = torch.ones(1)
     sums = torch.zeros(2 * M + N)  # row_sum (M), row_temp (M), col_sum (N)
     R = min(max(chunk_rows, 1), max(M, 1))
-    scratch = torch.full((R, N), float("nan"), dtype=dtype)
+    C = chunk_cols if 0 < chunk_cols < N else max(N, 1)
+    assert C >= N or C % 64 == 0, chunk_cols
+    row_chunks, col_chunks = R < M, C < N
+    scratch = torch.full((R, C), float("nan"), dtype=dtype)
     d_query = torch.full((M, D), float("nan"), dtype=dtype)
-    key_acc = None if R >= M else torch.zeros(N, D)
-    key_prod = None
+    d_key = torch.full((N, D), float("nan"), dtype=dtype)
+    key_acc = torch.zeros(N, D) if row_chunks else None
+    if M == 0:
+        d_key.zero_()
     for r0 in range(0, M, R):
         n = min(R, M - r0)
-        h = scratch[:n]
-        _check(
-            lib.emu_grad_tile(
-                ctypes.c_void_p(p.args),
-                _i64(r0),
-                _i64(r0 + n),
-                _ptr(lse32),
-                _ptr(weight),
-                _ptr(scale),
-                _ptr(h),
-                _i64(h.stride(0)),
-                _ptr(sums),
-                _ptr(sums[M:]) if need_temp_grad else _ptr(None),
-                _ptr(sums[2 * M :]),
-            ),
-            "grad_tile_kernel",
-        )
         q_rows = p.query[r0 : r0 + n]
-        prod = torch.mm(h, p.key)
-        _finish(
-            lib, p, False, prod, q_rows, d_query[r0 : r0 + n], p.inv_q[r0:], sums[r0:], scale, "finish_kernel (query)"
-        )
-        key_prod = torch.mm(h.t(), q_rows)
-        if key_acc is not None:
-            key_acc.add_(key_prod)
-    d_key = torch.full((N, D), float("nan"), dtype=dtype)
-    key_total = key_acc if key_acc is not None else key_prod
-    if key_total is not None:
-        _finish(
-            lib, p, key_acc is not None, key_total, p.key, d_key, p.inv_k, sums[2 * M :], scale, "finish_kernel (key)"
-        )
-    else:
-        d_key.zero_()
+        query_acc = torch.zeros(n, D) if col_chunks else None
+        for c0 in range(0, max(N, 1), C):  # once when N = 0: the rows' finish
+            w = min(C, N - c0)
+            h = scratch[:n, :w]
+            _check(
+                lib.emu_grad_tile(
+                    ctypes.c_void_p(p.args),
+                    _i64(r0),
+                    _i64(r0 + n),
+                    _i64(c0),
+                    _i64(c0 + w),
+                    _ptr(lse32),
+                    _ptr(weight),
+                    _ptr(scale),
+                    _ptr(h),
+                    _i64(h.stride(0)),
+                    _ptr(sums),
+                    _ptr(sums[M:]) if need_temp_grad else _ptr(None),
+                    _ptr(sums[2 * M :]),
+                ),
+                "grad_tile_kernel",
+            )
+            k_cols = p.key[c0 : c0 + w]
+            prod = torch.mm(h, k_cols)
+            if query_acc is not None:
+                query_acc.add_(prod)
+            key_prod = torch.mm(h.t(), q_rows)
+            if key_acc is not None:
+                key_acc[c0 : c0 + w].add_(key_prod)
+            elif w > 0:
+                cols = sums[2 * M + c0 :]
+                _finish(lib, p, False, key_prod, k_cols, d_key[c0 : c0 + w], p.inv_k[c0:], cols, scale, "finish (key)")
+        q_total = query_acc if query_acc is not None else prod
+        rows = d_query[r0 : r0 + n]
+        _finish(lib, p, col_chunks, q_total, q_rows, rows, p.inv_q[r0:], sums[r0:], scale, "finish_kernel (query)")
+    if key_acc is not None:
+        _finish(lib, p, True, key_acc, p.key, d_key, p.inv_k, sums[2 * M :], scale, "finish_kernel (key)")
+    if p.scale_q is not None:  # unscale_grads
+        d_query.mul_(p.scale_q.to(dtype)[:, None])
+        d_key.mul_(p.scale_k.to(dtype)[:, None])
     d_inv_temp = sums[M : 2 * M].double().sum() if need_temp_grad else torch.zeros((), dtype=torch.float64)
     return d_query, d_key, d_inv_temp
