@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -23,21 +24,31 @@ at::Tensor padded_to_even_cols(const at::Tensor& x) {
   return x.size(1) % 2 == 0 ? x : at::constant_pad_nd(x, {0, 1});
 }
 
-// One tiny product through the microkernel against its exact value (small integers are exact
-// in bf16 and fp32): false when the microkernel throws (this CPU lacks it) or differs.
+// One small product through the microkernel against its exact value (small integers are exact
+// in bf16 and fp32), shaped like the kernels' use (several column blocks, ldb beyond a block,
+// odd sizes): false when the microkernel throws (this CPU lacks it) or differs.
 bool probe() {
   try {
-    const int64_t m = 3, n = 5, k = 4;
+    const int64_t m = 67, n = 301, k = 6;
     const at::Tensor a = at::arange(m * k, at::kFloat).remainder_(7).sub_(3).view({m, k});
     const at::Tensor b = at::arange(k * n, at::kFloat).remainder_(5).sub_(2).view({k, n});
     const at::Tensor a16 = a.to(at::kBFloat16), bv = vnni_of_rows(b.to(at::kBFloat16));
     at::Tensor c = at::full({m, n}, 1.0f);
     gemm_bf16(m, n, k, a16.data_ptr<c10::BFloat16>(), k, bv.data_ptr<c10::BFloat16>(), n, c.data_ptr<float>(), n,
-              /*accumulate=*/true, 1);
+              /*accumulate=*/true, 2);
     return at::equal(c, at::mm(a, b).add_(1.0f));
   } catch (const std::exception&) {
     return false;
   }
+}
+
+// x rounded to bf16, nearest even, NaN kept quiet (c10::BFloat16's rounding, written with
+// plain integer operations so that the tile loop vectorises).
+inline uint16_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return x != x ? uint16_t(0x7fc0) : uint16_t(rounded);
 }
 
 }  // namespace
@@ -84,25 +95,34 @@ void gemm_bf16(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t 
 
 void round_gradient_tile(const float* h, int64_t rows, int64_t cols, c10::BFloat16* g, c10::BFloat16* gv,
                          int threads) {
+  static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "bf16 is 16 bits");
   const int64_t cols2 = cols + (cols & 1), pairs = (rows + 1) / 2;
+  auto* out = reinterpret_cast<uint16_t*>(g);
+  auto* out_pairs = reinterpret_cast<uint32_t*>(gv);  // one (row 2p, row 2p + 1) pair per column
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t i0 = 2 * p, i1 = 2 * p + 1;
+    const bool second = i1 < rows;
     const float* h0 = h + i0 * cols;
-    const float* h1 = i1 < rows ? h + i1 * cols : nullptr;
-    c10::BFloat16* g0 = g + i0 * cols2;
-    c10::BFloat16* g1 = h1 != nullptr ? g + i1 * cols2 : nullptr;
-    c10::BFloat16* v = gv + 2 * p * cols;
+    const float* h1 = second ? h + i1 * cols : h0;
+    uint16_t* g0 = out + i0 * cols2;
+    uint16_t* g1 = second ? out + i1 * cols2 : nullptr;
+    uint32_t* v = out_pairs + p * cols;
     for (int64_t j = 0; j < cols; ++j) {
-      const c10::BFloat16 x0(h0[j]), x1(h1 != nullptr ? h1[j] : 0.0f);
+      const uint16_t x0 = bf16_bits(h0[j]);
       g0[j] = x0;
-      if (g1 != nullptr) g1[j] = x1;
-      v[2 * j] = x0;
-      v[2 * j + 1] = x1;
+      v[j] = uint32_t(x0);
+    }
+    if (second) {
+      for (int64_t j = 0; j < cols; ++j) {
+        const uint16_t x1 = bf16_bits(h1[j]);
+        g1[j] = x1;
+        v[j] |= uint32_t(x1) << 16;
+      }
     }
     if (cols2 != cols) {
-      g0[cols] = c10::BFloat16(0.0f);
-      if (g1 != nullptr) g1[cols] = c10::BFloat16(0.0f);
+      g0[cols] = 0;
+      if (second) g1[cols] = 0;
     }
   }
 }
