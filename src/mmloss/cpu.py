@@ -6,7 +6,9 @@ Rows are processed in strips, each strip in column tiles of the key block. A str
 M and N: a strip spans every column while that leaves it MIN_FULL_ROWS rows (then the fused
 forward+gradient is one pass of 3 GEMMs), else tiles are MIN_STRIP_ROWS rows by what the budget
 leaves of columns (at least MIN_TILE_COLS), which keeps the GEMMs compute-bound; the fused path
-then takes a second pass over the tiles (4 GEMMs).
+then takes a second pass over the tiles (4 GEMMs). bf16 inputs on the 16-bit GEMMs
+(`_C.cpu_gemm16()`) add two bf16 copies of the gradient tile (together the tile's size) and
+the keys packed twice (each the keys' size; docs/ARCHITECTURE.md, "The CPU kernels").
 """
 
 from __future__ import annotations
