@@ -245,14 +245,23 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
     return {lse, pos_logit, lse_col};
   }
   if (!want_grad) return {lse, pos_logit};
-  if (g16) dk = dk.t().contiguous();
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t n = std::min(chunk, N - r0);
-    at::Tensor dk_rows = dk.narrow(0, r0, n);
+  // 16-bit path: dKᵀ (d, N) back to rows 1,024 at a time, finished straight into the bf16 result.
+  at::Tensor dk_out = g16 ? at::empty({N, d}, k_in.options()) : at::Tensor();
+  const int64_t finish_rows = g16 ? std::min<int64_t>(chunk, 1024) : chunk;
+  for (int64_t r0 = 0; r0 < N; r0 += finish_rows) {
+    const int64_t n = std::min(finish_rows, N - r0);
+    at::Tensor dk_rows = g16 ? dk.narrow(1, r0, n).t().contiguous() : dk.narrow(0, r0, n);
     normalize_backward_<T>(rows_as(k, r0, n, type).contiguous(), inv_k.narrow(0, r0, n), dk_rows, threads);
+    if (!g16) continue;
+    if (rows_k.scale.defined()) dk_rows.mul_(rows_k.scale.narrow(0, r0, n).to(type).unsqueeze(1));
+    dk_out.narrow(0, r0, n).copy_(dk_rows);
   }
   if (rows_q.scale.defined()) dq.mul_(rows_q.scale.to(type).unsqueeze(1));
-  if (rows_k.scale.defined()) dk.mul_(rows_k.scale.to(type).unsqueeze(1));
+  if (g16) {
+    dk = dk_out;
+  } else if (rows_k.scale.defined()) {
+    dk.mul_(rows_k.scale.to(type).unsqueeze(1));
+  }
   return {lse, pos_logit, dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), at::scalar_tensor(d_inv_temp, wide)};
 }
 
