@@ -141,11 +141,12 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
     if (g16) {
       gemm_bf16(n, w, d2, strip16.data_ptr<c10::BFloat16>(), d2, keys_t.data_ptr<c10::BFloat16>() + 2 * c0, N,
                 s.data_ptr<float>(), w, /*accumulate=*/false, threads);
-    }
-    for (int64_t kc = 0; kc < w && !g16; kc += chunk) {
-      const int64_t kw = std::min(chunk, w - kc);
-      at::Tensor block = s.narrow(1, kc, kw);
-      at::mm_out(block, q_strip, rows_as(k, c0 + kc, kw, type).t());
+    } else {
+      for (int64_t kc = 0; kc < w; kc += chunk) {
+        const int64_t kw = std::min(chunk, w - kc);
+        at::Tensor block = s.narrow(1, kc, kw);
+        at::mm_out(block, q_strip, rows_as(k, c0 + kc, kw, type).t());
+      }
     }
     if (adaptive) {
       at::Tensor t = teacher.narrow(0, 0, n * w).view({n, w});
