@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/contrastive_cpu.h"
+#include "cpu/gemm16.h"
 #include "cpu/strip_kernels.h"
 #include "cpu/similarity_cpu.h"
 
@@ -45,6 +46,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_cols"));
   m.def("openmp_threads", &mmloss::openmp_threads, "Threads OpenMP would use");
   m.def("cpu_isa", [] { return std::string(mmloss::strip_kernels().isa); }, "The CPU kernels' instruction set that runs");
+  m.def("cpu_gemm16", [] { return std::string(mmloss::gemm16_path()); },
+        "The GEMMs bf16 inputs take here: brgemm-bf16 (16-bit, fp32 accumulation) or fp32 (upcast)");
   m.def("cpu_isas", &mmloss::cpu_isas, "Compiled CPU kernel variants, widest first: (name, runs on this CPU)");
   m.def("has_cuda", &has_cuda, "Whether CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "Compiled CUDA architectures");

@@ -3,6 +3,8 @@
 // BLAS GEMM, the per-element math (strip_kernels.h, one variant per instruction set) runs in
 // OpenMP over its rows, and the backward contracts the gradient tile with two more GEMMs.
 // Nothing of size M × N is allocated. Normalisation is fused: only inverse row norms are kept.
+// bf16 inputs take bf16 GEMMs with fp32 accumulation and output (gemm16.h) where this CPU has
+// them: the keys packed once per call for both of their GEMMs, the gradient tile rounded to bf16.
 #include "contrastive_cpu.h"
 
 #include <ATen/ATen.h>
@@ -14,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gemm16.h"
 #include "mmloss/tile_math.h"
 #include "row_norms.h"
 #include "strip_kernels.h"
@@ -71,25 +74,40 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
   // the cosines do not change) so that the GEMMs' raw products stay in range, and their
   // gradients scaled back at the end.
   const RowScaling rows_q = row_scaling(q_in, type), rows_k = row_scaling(k_in, type);
-  const at::Tensor q = scaled_rows(q_in, rows_q, type), k = scaled_rows(k_in, rows_k, type);
+  // bf16 query and keys: bf16 GEMMs (scaling by a power of two is exact in bf16 too).
+  const bool g16 = type == at::kFloat && q_in.scalar_type() == at::kBFloat16 &&
+                   k_in.scalar_type() == at::kBFloat16 && gemm16_enabled();
+  const at::ScalarType scaled_type = g16 ? at::kBFloat16 : type;
+  const at::Tensor q = scaled_rows(q_in, rows_q, scaled_type), k = scaled_rows(k_in, rows_k, scaled_type);
   const at::Tensor &inv_q = rows_q.inv, &inv_k = rows_k.inv;
   const bool adaptive = feat.margin_q.defined(), filtering = feat.filter_q.defined();
   const bool want_grad = row_weight.has_value();
   const int64_t R = std::clamp<int64_t>(strip_rows, 1, std::max<int64_t>(M, 1));
-  const int64_t C = block_cols > 0 ? std::min(block_cols, N) : N;
+  // The 16-bit path reads the keys' row pairs from an even column: narrow tiles of even width.
+  const int64_t C_given = block_cols > 0 ? std::min(block_cols, N) : N;
+  const int64_t C = g16 && C_given < N ? std::max<int64_t>(C_given & ~int64_t(1), 2) : C_given;
   // A tile spanning every column gives a row's final lse in the forward, so the gradient comes
   // in the same pass (3 GEMMs); narrower tiles take a second pass over the strip's tiles.
   const bool fused = want_grad && !lse_in.has_value() && C >= N;
   // 16-bit keys are upcast a column chunk at a time; full-precision keys are used in place.
   const int64_t chunk = k.scalar_type() == type ? std::max<int64_t>(C, 1) : std::min<int64_t>(std::max<int64_t>(C, 1), 4096);
   const auto opts = q.options().dtype(type);
+  // 16-bit path: the keys as right factors, Kᵀ for the similarity (d2 / 2, N, 2), K for dQ
+  // (N2 / 2, d, 2) (d2, N2: d and N rounded up to even); dK accumulated transposed (d, N).
+  const int64_t d2 = d + (d & 1);
+  const at::Tensor keys_t = g16 ? vnni_of_transpose(k) : at::Tensor();
+  const at::Tensor keys_rows = g16 && want_grad ? vnni_of_rows(k) : at::Tensor();
+  const auto opts16 = q.options().dtype(at::kBFloat16);
+  const int64_t C2 = C + (C & 1), R2 = R + (R & 1);
+  at::Tensor grad16 = g16 && want_grad ? at::empty({R * C2}, opts16) : at::Tensor();
+  at::Tensor grad16_pairs = g16 && want_grad ? at::empty({R2 * C}, opts16) : at::Tensor();
 
   const auto wide = q.options().dtype(at::kDouble);
   at::Tensor lse = lse_in.has_value() ? lse_in->to(at::kDouble).contiguous() : at::empty({M}, wide);
   at::Tensor pos_logit = at::zeros({M}, wide);
   at::Tensor weight = want_grad ? row_weight->to(at::kDouble).contiguous() : at::Tensor();
   at::Tensor dq = want_grad ? at::zeros({M, d}, opts) : at::Tensor();
-  at::Tensor dk = want_grad ? at::zeros({N, d}, opts) : at::Tensor();
+  at::Tensor dk = !want_grad ? at::Tensor() : g16 ? at::zeros({d, N}, opts) : at::zeros({N, d}, opts);
   const at::Tensor mk = adaptive ? feat.margin_k.to(type) : at::Tensor();
   const at::Tensor fk = filtering ? feat.filter_k.to(type) : at::Tensor();
   at::Tensor sim = at::empty({R * C}, opts);
@@ -119,14 +137,22 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
   a.hardness = feat.hardness;
   a.hardness_scope = feat.hardness_scope;
 
+  // The 16-bit path's strip operands: the strip (n, d2) bf16 (zero column for odd d), and its
+  // transpose (d, n2) (zero column for odd n) for dKᵀ += Qᵀ G.
+  at::Tensor strip16, strip16_t;
   // The tiles of rows [r0, r0 + n) × columns [c0, c0 + w) (similarity and teachers) into the
   // scratch, and `a` pointed at them; returns the similarity tile (n, w).
   auto compute_tiles = [&](const at::Tensor& q_strip, int64_t r0, int64_t n, int64_t c0, int64_t w) {
     at::Tensor s = sim.narrow(0, 0, n * w).view({n, w});
-    for (int64_t kc = 0; kc < w; kc += chunk) {
-      const int64_t kw = std::min(chunk, w - kc);
-      at::Tensor block = s.narrow(1, kc, kw);
-      at::mm_out(block, q_strip, rows_as(k, c0 + kc, kw, type).t());
+    if (g16) {
+      gemm_bf16(n, w, d2, strip16.data_ptr<c10::BFloat16>(), d2, keys_t.data_ptr<c10::BFloat16>() + 2 * c0, N,
+                s.data_ptr<float>(), w, /*accumulate=*/false, threads);
+    } else {
+      for (int64_t kc = 0; kc < w; kc += chunk) {
+        const int64_t kw = std::min(chunk, w - kc);
+        at::Tensor block = s.narrow(1, kc, kw);
+        at::mm_out(block, q_strip, rows_as(k, c0 + kc, kw, type).t());
+      }
     }
     if (adaptive) {
       at::Tensor t = teacher.narrow(0, 0, n * w).view({n, w});
@@ -148,7 +174,19 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
   };
   // U (rows of dq) += H K and the dK accumulator += Hᵀ Q for the gradient tile h (n, w) of
   // columns [c0, c0 + w): row i of U is a_i dL/dq̂_i, row j of dK is b_j dL/dk̂_j.
+  // 16-bit path: H rounded to bf16, U += H K and dKᵀ[:, c0 : c0 + w] += Qᵀ H.
   auto gradient_gemms = [&](const at::Tensor& h, at::Tensor& U, const at::Tensor& q_strip, int64_t c0, int64_t w) {
+    if (g16) {
+      const int64_t n = h.size(0), w2 = w + (w & 1), n2 = n + (n & 1);
+      auto* g = grad16.data_ptr<c10::BFloat16>();
+      auto* gv = grad16_pairs.data_ptr<c10::BFloat16>();
+      round_gradient_tile(h.data_ptr<float>(), n, w, g, gv, threads);
+      gemm_bf16(n, d, w2, g, w2, keys_rows.data_ptr<c10::BFloat16>() + c0 * d, d, U.data_ptr<float>(), d,
+                /*accumulate=*/true, threads);
+      gemm_bf16(d, w, n2, strip16_t.data_ptr<c10::BFloat16>(), n2, gv, w, dk.data_ptr<float>() + c0, N,
+                /*accumulate=*/true, threads);
+      return;
+    }
     for (int64_t kc = 0; kc < w; kc += chunk) {
       const int64_t kw = std::min(chunk, w - kc);
       const at::Tensor hk = h.narrow(1, kc, kw);
@@ -160,6 +198,11 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
   for (int64_t r0 = 0; r0 < M; r0 += R) {
     const int64_t n = std::min(R, M - r0);
     const at::Tensor q_strip = rows_as(q, r0, n, type);
+    if (g16) {
+      const at::Tensor rows16 = q.narrow(0, r0, n);
+      strip16 = d2 == d ? rows16 : at::constant_pad_nd(rows16, {0, 1});
+      if (want_grad) strip16_t = at::constant_pad_nd(rows16.t(), {0, n % 2}).contiguous();
+    }
     a.inv_norm_q = inv_q.data_ptr<T>() + r0;
     a.positives = positives.data_ptr<int64_t>() + r0;
     a.row_groups = feat.key_groups.defined() ? feat.row_groups.data_ptr<int64_t>() + r0 : nullptr;
@@ -212,13 +255,23 @@ std::vector<at::Tensor> run(const at::Tensor& q_in, const at::Tensor& k_in, doub
     return {lse, pos_logit, lse_col};
   }
   if (!want_grad) return {lse, pos_logit};
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t n = std::min(chunk, N - r0);
-    at::Tensor dk_rows = dk.narrow(0, r0, n);
+  // 16-bit path: dKᵀ (d, N) back to rows 1,024 at a time, finished straight into the bf16 result.
+  at::Tensor dk_out = g16 ? at::empty({N, d}, k_in.options()) : at::Tensor();
+  const int64_t finish_rows = g16 ? std::min<int64_t>(chunk, 1024) : chunk;
+  for (int64_t r0 = 0; r0 < N; r0 += finish_rows) {
+    const int64_t n = std::min(finish_rows, N - r0);
+    at::Tensor dk_rows = g16 ? dk.narrow(1, r0, n).t().contiguous() : dk.narrow(0, r0, n);
     normalize_backward_<T>(rows_as(k, r0, n, type).contiguous(), inv_k.narrow(0, r0, n), dk_rows, threads);
+    if (!g16) continue;
+    if (rows_k.scale.defined()) dk_rows.mul_(rows_k.scale.narrow(0, r0, n).to(type).unsqueeze(1));
+    dk_out.narrow(0, r0, n).copy_(dk_rows);
   }
   if (rows_q.scale.defined()) dq.mul_(rows_q.scale.to(type).unsqueeze(1));
-  if (rows_k.scale.defined()) dk.mul_(rows_k.scale.to(type).unsqueeze(1));
+  if (g16) {
+    dk = dk_out;
+  } else if (rows_k.scale.defined()) {
+    dk.mul_(rows_k.scale.to(type).unsqueeze(1));
+  }
   return {lse, pos_logit, dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), at::scalar_tensor(d_inv_temp, wide)};
 }
 

@@ -6,22 +6,30 @@ Rows are processed in strips, each strip in column tiles of the key block. A str
 M and N: a strip spans every column while that leaves it MIN_FULL_ROWS rows (then the fused
 forward+gradient is one pass of 3 GEMMs), else tiles are MIN_STRIP_ROWS rows by what the budget
 leaves of columns (at least MIN_TILE_COLS), which keeps the GEMMs compute-bound; the fused path
-then takes a second pass over the tiles (4 GEMMs).
+then takes a second pass over the tiles (4 GEMMs). Unless MMLOSS_CPU_SCRATCH_MB is set, fp32
+inputs get up to FP32_FULL_WIDTH_MB so that strips of MIN_STRIP_ROWS rows span every column up to
+N = 16,384 (measured there, d = 768, one thread: 14.8 s against 20.2–21.0 s with 4 MiB); bf16
+keeps 4 MiB (there full-width strips measured 1.6x slower: the tiles no longer stay in cache
+for its faster GEMMs). bf16 inputs on the 16-bit GEMMs (`_C.cpu_gemm16()`) add two bf16
+copies of the gradient tile (together the tile's size) and the keys packed twice (each the
+keys' size; docs/ARCHITECTURE.md, "The CPU kernels").
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from mmloss import library  # noqa: F401  (the ops and their fakes)
-from mmloss.kernel_common import inv_temp_tensor, rows_within, scratch_bytes
+from mmloss.kernel_common import inv_temp_tensor, rows_within, scratch_bytes, scratch_env
 from mmloss.problem import LossProblem
 
 MIN_FULL_ROWS = 128
 MIN_STRIP_ROWS = 256
 MIN_TILE_COLS = 64
+FP32_FULL_WIDTH_MB = 16.0
 ops = torch.ops.mmloss
 
 
@@ -31,6 +39,8 @@ def tile_shape(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> 
     item = (8 if query.dtype == torch.float64 else 4) * tiles
     budget = scratch_bytes("cpu")
     n = max(key.shape[0], 1)
+    if query.dtype == torch.float32 and os.environ.get(scratch_env("cpu")) is None:
+        budget = max(budget, min(int(FP32_FULL_WIDTH_MB * 2**20), MIN_STRIP_ROWS * n * item))
     if budget >= MIN_FULL_ROWS * n * item:
         return rows_within(budget, item * n), n
     return MIN_STRIP_ROWS, rows_within(budget, item * MIN_STRIP_ROWS, minimum=MIN_TILE_COLS)

@@ -53,3 +53,27 @@ def test_cpu_scratch_is_bounded_for_few_rows_and_many_columns():
     inverse_norms = 2_000_000 * 4
     assert result["finite"], result
     assert result["scratch_bytes"] < inverse_norms + 16 * 2**20, result
+
+
+def test_the_default_budget_gives_fp32_full_width_strips_up_to_16384_columns(monkeypatch):
+    """fp32 strips span every column up to N = 16,384 by default (FP32_FULL_WIDTH_MB), bf16
+    keeps the 4 MiB tiles, and a set MMLOSS_CPU_SCRATCH_MB is the budget whatever the dtype."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmloss.cpu import tile_shape
+
+    plain = SimpleNamespace(adaptive_margin=False, has_filter=False)  # the fields tile_shape reads
+
+    def shape(n, dtype):
+        return tile_shape(torch.empty(n, 8, dtype=dtype), torch.empty(n, 8, dtype=dtype), plain)
+
+    monkeypatch.delenv("MMLOSS_CPU_SCRATCH_MB", raising=False)
+    assert shape(4096, torch.float32) == (256, 4096)  # 4 MiB, as before
+    assert shape(16384, torch.float32) == (256, 16384)  # 16 MiB: one pass
+    assert shape(32768, torch.float32) == (128, 32768)  # 16 MiB: still one pass, 128 rows
+    assert shape(65536, torch.float32) == (256, 16384)  # the 16 MiB cap: column tiles
+    assert shape(16384, torch.bfloat16) == (256, 4096)  # 4 MiB: column tiles
+    monkeypatch.setenv("MMLOSS_CPU_SCRATCH_MB", "4")
+    assert shape(16384, torch.float32) == (256, 4096)
