@@ -241,7 +241,8 @@ def build_info() -> Dict[str, object]:
         "mmloss._C": extension_error() if ext is None else "built",
     }
     if ext is not None:
-        info["compiled CPU kernels"] = f"yes (OpenMP: {ext.openmp_threads() or 'off'}; ISA: {ext.cpu_isa()})"
+        threads, isa, gemm16 = ext.openmp_threads() or "off", ext.cpu_isa(), ext.cpu_gemm16()
+        info["compiled CPU kernels"] = f"yes (OpenMP: {threads}; ISA: {isa}; bf16 GEMMs: {gemm16})"
         info["compiled CUDA kernels"] = ", ".join(f"sm_{a}" for a in ext.cuda_archs()) if ext.has_cuda() else "no"
     try:
         import triton

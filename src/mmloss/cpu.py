@@ -17,7 +17,9 @@ keys' size; docs/ARCHITECTURE.md, "The CPU kernels").
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -31,6 +33,21 @@ MIN_STRIP_ROWS = 256
 MIN_TILE_COLS = 64
 FP32_FULL_WIDTH_MB = 16.0
 ops = torch.ops.mmloss
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_if_bf16_on_fp32_gemms() -> None:
+    """Warn once when bf16 inputs take the fp32 GEMMs although MMLOSS_CPU_GEMM16 does not ask for
+    it: this CPU's bf16 microkernel failed the exactness probe (exact results, fp32's speed)."""
+    from mmloss.backends import compiled_extension
+
+    if compiled_extension().cpu_gemm16() == "fp32" and os.environ.get("MMLOSS_CPU_GEMM16") != "0":
+        warnings.warn(
+            "mmloss cpu backend: bf16 inputs run on fp32 GEMMs (exact, at fp32's speed): this CPU's bf16 "
+            "microkernel failed mmloss's exactness probe (_C.cpu_gemm16() == 'fp32')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def tile_shape(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> Tuple[int, int]:
@@ -49,6 +66,8 @@ def tile_shape(query: torch.Tensor, key: torch.Tensor, problem: LossProblem) -> 
 def check(query: torch.Tensor, problem: LossProblem) -> None:
     if query.device.type != "cpu":
         raise ValueError(f"query is on {query.device}: backend 'cpu' needs CPU tensors")
+    if query.dtype == torch.bfloat16:
+        _warn_if_bf16_on_fp32_gemms()
 
 
 def _args(query, key, inv_temp, problem: LossProblem) -> tuple:

@@ -75,3 +75,30 @@ def test_bf16_nan_in_gives_nan_out(monkeypatch):
     loss = mmloss.contrastive_loss(q, k, backend="cpu", reduction="none")
     loss.sum().backward()
     assert torch.isnan(loss).all() and torch.isnan(q.grad).all()
+
+
+@pytest.mark.parametrize("switch", [None, "0"])
+def test_bf16_on_fp32_gemms_is_never_silent(switch, monkeypatch):
+    """A CPU whose bf16 microkernel fails the probe runs bf16 on fp32 GEMMs with a warning;
+    MMLOSS_CPU_GEMM16=0 asks for that path, so it runs without one."""
+    import types
+    import warnings
+
+    import mmloss.backends
+    from mmloss.problem import LossProblem
+
+    failed_probe = types.SimpleNamespace(cpu_gemm16=lambda: "fp32")
+    monkeypatch.setattr(mmloss.backends, "compiled_extension", lambda: failed_probe)
+    if switch is None:
+        monkeypatch.delenv("MMLOSS_CPU_GEMM16", raising=False)
+    else:
+        monkeypatch.setenv("MMLOSS_CPU_GEMM16", switch)
+    mmloss.cpu._warn_if_bf16_on_fp32_gemms.cache_clear()
+    q = torch.randn(3, 4, dtype=torch.bfloat16)
+    problem = LossProblem(positives=torch.arange(3), valid_rows=torch.ones(3, dtype=torch.bool))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mmloss.cpu.check(q, problem)
+    mmloss.cpu._warn_if_bf16_on_fp32_gemms.cache_clear()
+    messages = [str(w.message) for w in caught if "bf16 inputs run on fp32 GEMMs" in str(w.message)]
+    assert len(messages) == (0 if switch == "0" else 1), messages
