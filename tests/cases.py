@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import mmloss
+from mmloss.checks import build_problem
+from mmloss.problem import LossProblem
 from mmloss.reference import contrastive_loss_reference
 
 # Feature sets a suite runs; "all" switches on everything that combines with positives.
@@ -145,6 +147,26 @@ def make_case(
     # fp32-representable, so that every run (fp64 oracle included) sees the same τ.
     temperature = float((0.05 + 0.2 * torch.rand((), generator=g)).float())
     return Case(q.to(device), k.to(device), temperature, kwargs)
+
+
+PLAIN_CALL = dict(
+    positives=None,
+    margin=0.0,
+    margin_teacher=None,
+    filter_teacher=None,
+    filter_threshold=None,
+    filter_normalize=False,
+    key_groups=None,
+    symmetric=False,
+    reduction="mean",
+)
+"""The public call's defaults of the arguments `checks.build_problem` requires."""
+
+
+def problem_of(query: torch.Tensor, key: torch.Tensor, *, temperature, backend: str, **kwargs) -> LossProblem:
+    """`checks.build_problem` of a call with `kwargs` (e.g. a case's), the public call's defaults
+    for the rest: the problem a backend's ops get (pass detached tensors: the ops have no autograd)."""
+    return build_problem(query, key, temperature=temperature, backend=backend, **{**PLAIN_CALL, **kwargs})
 
 
 def off_the_scores(scores: torch.Tensor, threshold: float) -> float:

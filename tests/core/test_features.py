@@ -10,9 +10,8 @@ import torch.nn.functional as F
 import mmloss
 from mmloss import blockwise
 from mmloss.autograd import ContrastiveRows, inverse_temperature
-from mmloss.checks import build_problem
 from mmloss.reference import contrastive_loss_reference as reference
-from tests.cases import shifted_seed
+from tests.cases import problem_of, shifted_seed
 
 
 def _unit(x):
@@ -187,20 +186,8 @@ def test_nan_row_threshold_gives_a_nan_row():
 def _block_rows(q, k, inv_temp, **kwargs):
     """Row losses through the kernel block contract of the reference backend (mmloss.blockwise:
     the path of global negatives), on the problem the public checks build."""
-    args = dict(
-        positives=None,
-        margin=0.0,
-        margin_teacher=None,
-        filter_teacher=None,
-        filter_threshold=None,
-        filter_normalize=False,
-        key_groups=None,
-        symmetric=False,
-        reduction="none",
-        backend="reference",
-    )
-    args.update(kwargs)
-    problem = build_problem(q, k, temperature=1.0 / inv_temp if not torch.is_tensor(inv_temp) else 1.0, **args)
+    temperature = 1.0 / inv_temp if not torch.is_tensor(inv_temp) else 1.0
+    problem = problem_of(q, k, temperature=temperature, **{"reduction": "none", "backend": "reference", **kwargs})
     return ContrastiveRows.apply(q, k, inv_temp, problem, blockwise)
 
 

@@ -6,21 +6,9 @@ import torch
 
 import mmloss
 import mmloss.cpu as cpu
-from mmloss.checks import build_problem
 from mmloss.contrastive import inverse_temperature
 from mmloss.reference import contrastive_loss_reference
-from tests.cases import shifted_seed
-
-NO_FEATURES = dict(
-    positives=None,
-    margin=0.0,
-    margin_teacher=None,
-    filter_teacher=None,
-    filter_threshold=None,
-    filter_normalize=False,
-    key_groups=None,
-    reduction="mean",
-)
+from tests.cases import problem_of, shifted_seed
 
 
 @pytest.fixture
@@ -52,7 +40,7 @@ def test_symmetric_one_pass_is_exact_at_a_tiny_temperature(dtype, tiled, request
 
     q, k = q64.detach().to(dtype), k64.detach().to(dtype)
     t = torch.tensor(1e-3, dtype=torch.float64, requires_grad=True)
-    problem = build_problem(q, k, temperature=t, symmetric=True, backend="cpu", **NO_FEATURES)
+    problem = problem_of(q, k, temperature=t, symmetric=True, backend="cpu")
     inv_temp = inverse_temperature(t)
     lse, lse_col, pos = cpu.forward_symmetric(q, k, inv_temp.detach(), problem)
     rows = 0.5 * ((lse - pos) + (lse_col - pos))

@@ -13,10 +13,9 @@ import torch
 
 import mmloss
 from mmloss.backends import unavailable_reason
-from mmloss.checks import build_problem
 from mmloss.kernel_common import inv_temp_tensor
 from mmloss.reference import contrastive_loss_reference
-from tests.cases import FEATURES, assert_matches_reference, make_case, shifted_seed
+from tests.cases import FEATURES, assert_matches_reference, make_case, problem_of, shifted_seed
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason("cpu", torch.device("cpu")) is not None, reason="needs the compiled CPU backend"
@@ -110,14 +109,8 @@ def _lead(**changes):
 
     case = make_case(5, 5, 4, "multi_positive_all", seed=2)
     q, k, _ = case.inputs(torch.float64)
-    kwargs = {
-        **dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
-        "filter_normalize": False,
-        "reduction": "mean",
-        "backend": "cpu",
-        **case.kwargs,
-    }
-    problem = dataclasses.replace(build_problem(q.detach(), k.detach(), temperature=0.1, **kwargs), **changes)
+    problem = problem_of(q.detach(), k.detach(), temperature=0.1, backend="cpu", **case.kwargs)
+    problem = dataclasses.replace(problem, **changes)
     return (q.detach(), k.detach(), inv_temp_tensor(10.0, q.device), *problem.kernel_args())
 
 

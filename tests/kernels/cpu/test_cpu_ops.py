@@ -9,10 +9,9 @@ import torch
 
 from mmloss import library
 from mmloss.backends import unavailable_reason
-from mmloss.checks import build_problem
 from mmloss.kernel_common import inv_temp_tensor
 from mmloss.problem import KERNEL_FIELDS
-from tests.cases import make_case
+from tests.cases import make_case, problem_of
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason("cpu", torch.device("cpu")) is not None, reason="needs the compiled CPU backend"
@@ -26,14 +25,7 @@ def _problem_call(features: str, dtype=torch.float64, seed: int = 4, M: int = 9,
     case = make_case(M, N, 6, features, seed=seed)
     q, k, _ = case.inputs(dtype)
     q, k = q.detach(), k.detach()
-    kwargs = {
-        **dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
-        "filter_normalize": False,
-        "reduction": "mean",
-        "backend": "cpu",
-        **case.kwargs,
-    }
-    problem = build_problem(q, k, temperature=case.temperature, **kwargs)
+    problem = problem_of(q, k, temperature=case.temperature, backend="cpu", **case.kwargs)
     return q, k, inv_temp_tensor(1.0 / case.temperature, q.device), problem
 
 

@@ -15,8 +15,7 @@ import torch
 
 import mmloss
 from mmloss import backends
-from mmloss.checks import build_problem
-from tests.cases import FEATURES, assert_kernel_matches_reference, make_case
+from tests.cases import FEATURES, assert_kernel_matches_reference, make_case, problem_of
 
 if shutil.which("g++") is None:
     pytest.skip("needs g++", allow_module_level=True)
@@ -82,14 +81,7 @@ def test_reductions(reduction):
 
 def _kernel_outputs(q, k, case):
     """forward and backward of the backend contract (lse, pos_logit, d_query, d_key, d_inv_temp)."""
-    kwargs = {
-        **dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
-        "filter_normalize": False,
-        "reduction": "mean",
-        "backend": "cuda",
-        **case.kwargs,
-    }
-    problem = build_problem(q, k, temperature=case.temperature, **kwargs)
+    problem = problem_of(q, k, temperature=case.temperature, backend="cuda", **case.kwargs)
     inv_temp = 1.0 / case.temperature
     lse, pos = emulated.forward(q, k, inv_temp, problem)
     weight = torch.linspace(0.5, 1.5, q.shape[0]) * problem.valid_rows
@@ -163,21 +155,7 @@ def test_a_bad_launch_reaches_the_launchers_error():
     returns that error through cudaGetLastError like on the device."""
     case = make_case(1, 7, 3, "plain", seed=1)
     q, k, _ = case.inputs(torch.float32)
-    problem = build_problem(
-        q.detach(),
-        k.detach(),
-        temperature=0.1,
-        positives=None,
-        margin=0.0,
-        margin_teacher=None,
-        filter_teacher=None,
-        filter_threshold=None,
-        filter_normalize=False,
-        key_groups=None,
-        symmetric=False,
-        reduction="mean",
-        backend="cuda",
-    )
+    problem = problem_of(q.detach(), k.detach(), temperature=0.1, backend="cuda")
     lib, p = emulated.library(), emulated._prepare(q.detach(), k.detach(), 10.0, problem)
     splits = 65536
     partial, lse, pos_logit = torch.zeros(3 * splits), torch.zeros(1), torch.zeros(1)

@@ -13,21 +13,13 @@ from mmloss import (
     backends,
     library,  # noqa: F401  (registers the fakes)
 )
-from mmloss.checks import build_problem
-from tests.cases import make_case
+from tests.cases import make_case, problem_of
 
 
 def _op_args(case, dtype=torch.float64):
     q, k, _ = case.inputs(dtype)
     q, k = q.detach(), k.detach()
-    kwargs = {
-        **dict.fromkeys(("positives", "margin_teacher", "filter_teacher", "filter_threshold", "key_groups")),
-        "filter_normalize": False,
-        "reduction": "mean",
-        "backend": "cpu",
-        **case.kwargs,
-    }
-    problem = build_problem(q, k, temperature=case.temperature, **kwargs)
+    problem = problem_of(q, k, temperature=case.temperature, backend="cpu", **case.kwargs)
     inv_temp = torch.tensor([1.0 / case.temperature], dtype=torch.float64)
     return q, k, inv_temp, problem.kernel_args(), problem
 

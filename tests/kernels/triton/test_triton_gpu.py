@@ -15,7 +15,7 @@ import functools  # noqa: E402
 import mmloss  # noqa: E402
 import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
-from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
+from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case, problem_of  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 BACKEND = "triton"
@@ -167,21 +167,7 @@ def test_small_batch_launches(n):
     """N = 64 ... 1,024 (float tau): the forward is one kernel, the backward two."""
     case = make_case(n, n, 768, "plain", seed=18, device="cuda")
     q, k = case.query.to(torch.bfloat16), case.key.to(torch.bfloat16)
-    problem = build_problem(
-        q,
-        k,
-        positives=None,
-        temperature=0.05,
-        margin=0.0,
-        margin_teacher=None,
-        filter_teacher=None,
-        filter_threshold=None,
-        filter_normalize=False,
-        key_groups=None,
-        symmetric=False,
-        reduction="mean",
-        backend=BACKEND,
-    )
+    problem = problem_of(q, k, temperature=0.05, backend=BACKEND)
     weight = torch.full((n,), 1.0 / n, device="cuda")
     lse, _ = tk.forward(q, k, 20.0, problem)
     tk.backward(q, k, 20.0, problem, lse, weight, True)  # compile outside the profile

@@ -38,7 +38,7 @@ import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
 from mmloss.kernel_common import scratch_bytes  # noqa: E402
 from mmloss.reference import contrastive_loss_reference  # noqa: E402
-from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case  # noqa: E402
+from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case, problem_of  # noqa: E402
 
 BACKEND = "triton"
 # log(0) = -inf for a row with no allowed column in a tile is intended; numpy warns about it.
@@ -502,21 +502,7 @@ def test_symmetric_tiny_learnable_temperature_is_exact(path):
         q.double().requires_grad_(), k.double().requires_grad_(), temperature=t, symmetric=True, reduction="none"
     )
     want_grads = torch.autograd.grad(want.mean(), [t])
-    problem = build_problem(
-        q,
-        k,
-        positives=None,
-        temperature=t,
-        margin=0.0,
-        margin_teacher=None,
-        filter_teacher=None,
-        filter_threshold=None,
-        filter_normalize=False,
-        key_groups=None,
-        symmetric=True,
-        reduction="none",
-        backend=BACKEND,
-    )
+    problem = problem_of(q, k, temperature=t, symmetric=True, reduction="none", backend=BACKEND)
     inv_t = 1.0 / t.detach()
     lse, lse_col, pos = tk.forward_symmetric(q, k, inv_t, problem)
     rows = 0.5 * ((lse - pos) + (lse_col - pos))
