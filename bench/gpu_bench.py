@@ -16,7 +16,10 @@ stage1.csv. Inputs: keys standard normal, queries = keys + noise (bench/gpu_step
 Stage 2: what stage 1 had no time for; each feature's overhead at N = 65,536 (d = 768, 256);
 small batches N = 64 ... 4,096 with and without CUDA graphs; N = 1,048,576 at d = 256; the
 grid d = 256 and 768, N = 8,192 ... 262,144 (mmloss Triton and CUDA, floor,
-cut-cross-entropy; dense baselines to 65,536, Inf-CL to 131,072) -> stage2.csv.
+cut-cross-entropy; dense baselines to 65,536, Inf-CL to 131,072); last, the drop-in losses
+against sentence-transformers' and OpenCLIP's classes at B = 4,096 and 16,384, d = 768 fp32
+(bench/integrations_bench.py's rows; "unavailable" where a peer package is not installed)
+-> stage2.csv.
 bench/gpu_report.py turns the CSVs into RESULTS_GPU.md, auto_table.json and
 bench.png. Timing: CUDA events around one or more steps after a warm-up step (which compiles
 and autotunes), median of up to --reps samples; a step of a second or more is timed once by
@@ -41,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository: bench.*, tests.cases
 
 from bench import gpu_check, static_model  # noqa: E402
-from bench.gpu_steps import DTYPES, build_step  # noqa: E402
+from bench.gpu_steps import DTYPES, INTEGRATION_METHODS, build_step  # noqa: E402
 
 FIELDS = [
     "stage",
@@ -72,6 +75,7 @@ STAGE1_METHODS = [
 ]
 GRID_SIZES = [8192, 16384, 32768, 65536, 131072, 262144]
 SMALL_SIZES = [64, 256, 1024, 4096]
+INTEGRATION_SIZES = [4096, 16384]
 FEATURE_SETS = ["margin", "adaptive", "filter", "groups", "symmetric"]
 
 
@@ -104,12 +108,14 @@ class Sizes:
             self.features_n, self.features_d = 130, [64]
             self.small, self.small_d = [64], 64
             self.scale = (300, 32)
+            self.integrations, self.integrations_d = [64], 32
         else:
             self.stage1, self.stage1_d = STAGE1_SIZES, 768
             self.grid, self.grid_d, self.dense_max, self.infcl_max = GRID_SIZES, [256, 768], 65536, 131072
             self.features_n, self.features_d = 65536, [768, 256]
             self.small, self.small_d = SMALL_SIZES, 768
             self.scale = (1048576, 256)
+            self.integrations, self.integrations_d = INTEGRATION_SIZES, 768
 
 
 def item(
@@ -162,7 +168,20 @@ def stage2_items(sz: Sizes) -> List[Dict[str, object]]:
             elif n <= sz.infcl_max:
                 tail.append(item(2, "grid", "infcl", "fp32", n, d))
             items += [item(2, "grid", m, t, n, d) for m, t in methods]
-    return items + tail
+    return items + tail + integration_items(sz)
+
+
+def integration_items(sz: Sizes) -> List[Dict[str, object]]:
+    """The drop-in losses against their peers (bench/integrations_bench.py's rows, fp32 as on
+    the CPU), last: the peers' dense B × B matrices (GIST's B × B × d) may not fit (OOM rows)."""
+    from bench import integrations_bench
+
+    return [
+        item(2, "integrations", method, "fp32", n, sz.integrations_d, case)
+        for n in sz.integrations
+        for case in integrations_bench.CASES
+        for method in INTEGRATION_METHODS
+    ]
 
 
 def warm_variants(stage: int, dry_run: bool) -> List[tuple]:

@@ -266,6 +266,20 @@ def scale_table(rs: Rows) -> str:
     return "\n".join(lines)
 
 
+def integrations_table(rs: Rows) -> str:
+    """The drop-in losses against their peers (stage 2's last rows): fp32 fwd+bwd ms, peak MiB."""
+    keys = sorted({(r["features"], r["N"], r["d"]) for r in rs.rows if r["section"] == "integrations"})
+    body = []
+    for case, n, d in keys:
+        rows = [rs.get(m, "fp32", n, d, features=case) for m in ("integration_peer", "integration_mmloss")]
+        ms = [r["ms"] if r else float("nan") for r in rows]
+        mib = [r["peak_mib"] if r else float("nan") for r in rows]
+        body.append([case, f"{n:,}", fmt(ms[0]), fmt(ms[1]), fmt(_ratio(ms[1], ms[0])), fmt(mib[0]), fmt(mib[1])])
+    head = ["loss", "B", "peer ms", "mmloss ms", "mmloss/peer", "peer MiB", "mmloss MiB"]
+    title = "Drop-in losses against sentence-transformers' and OpenCLIP's classes, fp32 fwd+bwd (target <= 0.7):"
+    return "\n".join([title, _table(head, body, 12)]) if body else title + " not measured"
+
+
 def cuda_tests(checks: List[Dict[str, object]]) -> str:
     """ "passed" when the CUDA backend's correctness grid ran whole and every case passed."""
     cuda = [c for c in checks if c["kind"] == "check" and c["backend"] == "cuda"]
@@ -325,6 +339,7 @@ def summary(data: Dict[str, object], dt: int) -> str:
         feature_table(rs, dt),
         small_table(rs),
         scale_table(rs),
+        integrations_table(rs),
         not_measured(rs),
     ]
     return "\n\n".join(parts)

@@ -127,6 +127,28 @@ def graphed(torch, fn, q, k) -> Step:
     return Step(graph.replay, [graph, out])
 
 
+INTEGRATION_METHODS = {"integration_peer": "peer", "integration_mmloss": "mmloss"}
+"""GPU rows of the drop-in losses: method -> integrations_bench's impl."""
+
+
+def integration_step(torch, impl: str, case: str, batch: int, width: int, device, seed: int = 0) -> Step:
+    """One forward+backward of integrations_bench's `case` by `impl` (fp32 embeddings)."""
+    from bench import integrations_bench
+
+    torch.manual_seed(seed)
+    inputs, step = integrations_bench.build(case, impl, batch, width, device)
+
+    def clear():
+        for x in inputs:
+            x.grad = None
+
+    def run():
+        clear()
+        step()
+
+    return Step(run, inputs, clear)
+
+
 def build_step(
     torch,
     mmloss,
@@ -140,7 +162,11 @@ def build_step(
     graph: bool = False,
     seed: int = 0,
 ) -> Step:
-    """Inputs of (n, d) and the step of `method`; raises ImportError where a package is missing."""
+    """Inputs of (n, d) and the step of `method`; raises ImportError where a package is missing.
+    The methods in INTEGRATION_METHODS run bench/integrations_bench.py's row `features` (a case
+    there: a sentence-transformers or OpenCLIP loss, the peer's or mmloss's drop-in) at B = n."""
+    if method in INTEGRATION_METHODS:
+        return integration_step(torch, INTEGRATION_METHODS[method], features, n, d, device, seed)
     q, k = make_inputs(torch, n, d, dtype, device, seed)
     if method == "floor":
         return floor_step(torch, q, k)

@@ -51,14 +51,14 @@ def estimated_bytes(case: str, impl: str, batch: int, width: int) -> float:
     return 5 * columns[case] * batch * batch * _F32
 
 
-def _ranking(case: str, impl: str, batch: int, width: int) -> Tuple[List[torch.Tensor], Callable[[], None]]:
+def _ranking(case: str, impl: str, batch: int, width: int, device) -> Tuple[List[torch.Tensor], Callable[[], None]]:
     from sentence_transformers.sentence_transformer import losses as st
 
     from mmloss.integrations import sentence_transformers as ml
 
     lib = st if impl == "peer" else ml
     columns = 3 if case in ("mnrl_hard_negative", "mnrl_all_directions") else 2
-    inputs = [torch.randn(batch, width, requires_grad=True) for _ in range(columns)]
+    inputs = [torch.randn(batch, width, device=device, requires_grad=True) for _ in range(columns)]
     if case == "cached_mnrl_loss_stage":
         model = torch.nn.Sequential(torch.nn.Identity())  # the loss stage never calls it
         loss = lib.CachedMultipleNegativesRankingLoss(model, mini_batch_size=CACHED_MINI_BATCH)
@@ -74,18 +74,18 @@ def _ranking(case: str, impl: str, batch: int, width: int) -> Tuple[List[torch.T
     return inputs, lambda: loss.compute_loss_from_embeddings(inputs, None).backward()
 
 
-def _clip(impl: str, batch: int, width: int) -> Tuple[List[torch.Tensor], Callable[[], None]]:
+def _clip(impl: str, batch: int, width: int, device) -> Tuple[List[torch.Tensor], Callable[[], None]]:
     from mmloss.integrations.open_clip import ClipLoss
     from tests.integrations.support import open_clip_loss
 
     loss = open_clip_loss().ClipLoss() if impl == "peer" else ClipLoss()
-    image = F.normalize(torch.randn(batch, width), dim=1).requires_grad_()
-    text = F.normalize(torch.randn(batch, width), dim=1).requires_grad_()
-    scale = torch.tensor(50.0, requires_grad=True)
+    image = F.normalize(torch.randn(batch, width, device=device), dim=1).requires_grad_()
+    text = F.normalize(torch.randn(batch, width, device=device), dim=1).requires_grad_()
+    scale = torch.tensor(50.0, device=device, requires_grad=True)
     return [image, text, scale], lambda: loss(image, text, scale).backward()
 
 
-def _gist(impl: str, batch: int, width: int) -> Tuple[List[torch.Tensor], Callable[[], None]]:
+def _gist(impl: str, batch: int, width: int, device) -> Tuple[List[torch.Tensor], Callable[[], None]]:
     """GISTEmbedLoss's forward on given (anchor, positive, negative) embeddings and a guide's:
     model and guide are stand-ins with all-MiniLM-L6-v2's tokenizer (the constructor's checks),
     their embedding step patched to return the inputs (tests/integrations/support.py)."""
@@ -101,8 +101,8 @@ def _gist(impl: str, batch: int, width: int) -> Tuple[List[torch.Tensor], Callab
     for stand_in in (model, guide):
         stand_in.tokenizer, stand_in.max_seq_length = tokenizer, 128
     loss = (st if impl == "peer" else ml).GISTEmbedLoss(model, guide)
-    inputs = [torch.randn(batch, width, requires_grad=True) for _ in range(3)]
-    guide_inputs = [torch.randn(batch, GUIDE_WIDTH) for _ in range(3)]
+    inputs = [torch.randn(batch, width, device=device, requires_grad=True) for _ in range(3)]
+    guide_inputs = [torch.randn(batch, GUIDE_WIDTH, device=device) for _ in range(3)]
     features = [{"model": x, "guide": g} for x, g in zip(inputs, guide_inputs)]
 
     def step() -> None:
@@ -112,21 +112,23 @@ def _gist(impl: str, batch: int, width: int) -> Tuple[List[torch.Tensor], Callab
     return inputs, step
 
 
-def _build(case: str, impl: str, batch: int, width: int):
+def build(case: str, impl: str, batch: int, width: int, device="cpu"):
+    """(the step's leaf inputs, the step: one forward+backward) of `case` by `impl` on `device`
+    (bench/gpu_steps.py runs these rows on the GPU)."""
     if case == "clip_loss":
-        return _clip(impl, batch, width)
+        return _clip(impl, batch, width, device)
     if case == "gist_guide":
-        return _gist(impl, batch, width)
-    return _ranking(case, impl, batch, width)
+        return _gist(impl, batch, width, device)
+    return _ranking(case, impl, batch, width, device)
 
 
 def measure_here(case: str, impl: str, batch: int, width: int, repeats: int) -> Dict[str, float]:
     """In the child: wall and CPU seconds (medians of `repeats`) and the extra resident bytes of
     one step."""
     torch.manual_seed(0)
-    _, warm = _build(case, impl, 8, width)
+    _, warm = build(case, impl, 8, width)
     warm()  # imports, kernels and thread pools before the baseline
-    inputs, step = _build(case, impl, batch, width)
+    inputs, step = build(case, impl, batch, width)
     baseline = reset_peak()
     times, cpu_times = [], []
     for i in range(repeats):

@@ -75,6 +75,7 @@ def test_every_output_and_the_summary_last(dry_run):
         "Features",
         "Small batches",
         "Scale",
+        "Drop-in losses",
         "Static model",
     ):
         assert heading in results, heading
@@ -108,6 +109,11 @@ def test_stage2_rows(dry_run):
     assert graphs["mmloss_cuda"].startswith("unavailable")
     assert {("grid", m, "plain", "no") for m in ("mmloss_triton", "floor", "cce", "eager", "compiled")} <= ok
     assert ("scale", "mmloss_triton", "plain", "no") in ok
+    from bench import integrations_bench
+
+    for case in integrations_bench.CASES:
+        for method in ("integration_peer", "integration_mmloss"):
+            assert ("integrations", method, case, "no") in ok, (method, case)
 
 
 def test_correctness_rows(dry_run):
