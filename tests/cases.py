@@ -296,3 +296,36 @@ def assert_kernel_matches_reference(
     logits put both sides a few ulps from float64 in fp32: 8 ulps there, 0.5 otherwise."""
     ulps = 8 if dtype == torch.float32 else 0.5
     assert_matches_reference(case, backend, dtype, reduction, learn_temperature, ulps=ulps)
+
+
+def scaled_rows(M: int, N: int, d: int, seed: int, row_scale, key_scale):
+    """float64 query (M, d) and key (N, d), each row correlated with its positive, the rows
+    multiplied by the given per-row scales (cycled): inputs whose norms overflow or underflow."""
+    g = torch.Generator().manual_seed(shifted_seed(seed))
+    q = torch.randn(M, d, generator=g, dtype=torch.float64)
+    k = torch.randn(N, d, generator=g, dtype=torch.float64)
+    q = q + 1.5 * k[:M]
+    rs = torch.tensor(row_scale, dtype=torch.float64).repeat(M)[:M, None]
+    ks = torch.tensor(key_scale, dtype=torch.float64).repeat(N)[:N, None]
+    return q * rs, k * ks
+
+
+def unit_scaled(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gradient rows times their input's norm: O(1) whatever the row's scale (d(x/|x|) ~ 1/|x|)."""
+    return grad.double() * x.double().norm(dim=1, keepdim=True)
+
+
+def nearly_solved_multi_positive(partner: bool, seed: int = 45):
+    """(q (5, 32), k (70, 32), keyword arguments) in float64 of rows whose multi-positive loss is
+    nearly 0 (one near-duplicate positive per group: the lse and the positive logit agree to 6-9
+    digits) or, with `partner`, log 2 + tiny (a second near-duplicate positive in the group)."""
+    g = torch.Generator().manual_seed(shifted_seed(seed))
+    q = torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k = torch.randn(70, 32, generator=g, dtype=torch.float64)
+    k[:5] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+    k[5:] = -k[5:].abs() * q[0].sign()  # far from every row
+    groups = torch.arange(70)
+    if partner:
+        k[5:10] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
+        groups[5:10] = torch.arange(5)
+    return q, k, dict(temperature=0.05, key_groups=groups, multi_positive=True, reduction="none")

@@ -15,7 +15,13 @@ import mmloss
 from mmloss.backends import unavailable_reason
 from mmloss.kernel_common import inv_temp_tensor
 from mmloss.reference import contrastive_loss_reference
-from tests.cases import FEATURES, assert_matches_reference, make_case, problem_of, shifted_seed
+from tests.cases import (
+    FEATURES,
+    assert_matches_reference,
+    make_case,
+    nearly_solved_multi_positive,
+    problem_of,
+)
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason("cpu", torch.device("cpu")) is not None, reason="needs the compiled CPU backend"
@@ -86,16 +92,7 @@ def test_several_positives_nearly_solved_rows_keep_their_accuracy(tiling, partne
     the positive logit agreeing to 6-9 digits) keep their relative accuracy in reduction="none"
     (lse and Σ positive_weights·logit in float64); with a second near-duplicate positive in the
     group (partner) the loss is log 2 + tiny and the error is the logits' own fp32 rounding."""
-    g = torch.Generator().manual_seed(shifted_seed(45))
-    q = torch.randn(5, 32, generator=g, dtype=torch.float64)
-    k = torch.randn(70, 32, generator=g, dtype=torch.float64)
-    k[:5] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
-    k[5:] = -k[5:].abs() * q[0].sign()  # far from every row
-    groups = torch.arange(70)
-    if partner:
-        k[5:10] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
-        groups[5:10] = torch.arange(5)
-    kw = dict(temperature=0.05, key_groups=groups, multi_positive=True, reduction="none")
+    q, k, kw = nearly_solved_multi_positive(partner)
     want = contrastive_loss_reference(q, k, **kw)
     assert float(want.max()) < (math.log(2) + 1e-3 if partner else 1e-4) and float(want.min()) > 0
     got = mmloss.contrastive_loss(q.float(), k.float(), backend="cpu", **kw)

@@ -15,7 +15,7 @@ import torch
 
 import mmloss
 from mmloss import backends
-from tests.cases import FEATURES, assert_kernel_matches_reference, make_case, problem_of
+from tests.cases import FEATURES, assert_kernel_matches_reference, make_case, problem_of, scaled_rows, unit_scaled
 
 if shutil.which("g++") is None:
     pytest.skip("needs g++", allow_module_level=True)
@@ -239,22 +239,6 @@ def test_column_chunks_of_the_backward(features, chunks, dtype, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=8 * eps * float(b.abs().max()))
 
 
-def _scaled_rows(M, N, d, seed, row_scale, key_scale):
-    """float64 query/key (each row correlated with its positive), rows times the given scales (cycled)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(M, d, generator=g, dtype=torch.float64)
-    k = torch.randn(N, d, generator=g, dtype=torch.float64)
-    q = q + 1.5 * k[:M]
-    rs = torch.tensor(row_scale, dtype=torch.float64).repeat(M)[:M, None]
-    ks = torch.tensor(key_scale, dtype=torch.float64).repeat(N)[:N, None]
-    return q * rs, k * ks
-
-
-def _unit_scaled(grad, x):
-    """Gradient rows times their input's norm: O(1) whatever the row's scale (d(x/|x|) ~ 1/|x|)."""
-    return grad.double() * x.double().norm(dim=1, keepdim=True)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("learn", [False, True])
 def test_rows_of_huge_and_tiny_norms(dtype, learn, monkeypatch):
@@ -263,7 +247,7 @@ def test_rows_of_huge_and_tiny_norms(dtype, learn, monkeypatch):
     raw product of 1e60 (beyond fp32) in the tiles and the GEMMs unless the glue scales them
     by a power of two (row_scale) and scales their gradients back. Before: NaN."""
     plan(monkeypatch, streamed=learn, chunked=True)
-    q, k = _scaled_rows(70, 130, 40, 40, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-25, 1.0])
+    q, k = scaled_rows(70, 130, 40, 40, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-25, 1.0])
     q, k = q.to(dtype).double(), k.to(dtype).double()  # the inputs, exactly
     ref_inputs = (q.clone().requires_grad_(), k.clone().requires_grad_())
     t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
@@ -279,7 +263,7 @@ def test_rows_of_huge_and_tiny_norms(dtype, learn, monkeypatch):
     tol = 2e-5 if dtype == torch.float32 else 2e-2  # bf16: H and the GEMMs' operands in bf16
     torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol)
     for g, w, x in zip(grads[:2], want_grads[:2], (q, k)):
-        g, w = _unit_scaled(g, x), _unit_scaled(w, x)
+        g, w = unit_scaled(g, x), unit_scaled(w, x)
         torch.testing.assert_close(g, w, rtol=0, atol=tol * float(w.abs().max()))
     if learn:
         torch.testing.assert_close(grads[2].double(), want_grads[2], rtol=tol, atol=0)
@@ -290,7 +274,7 @@ def test_power_of_two_row_scales_change_nothing(monkeypatch):
     gradients times the inverse scales: the glue's scaling is by powers of two, and brings a
     row of norm above 2^40 to a norm in [1, 2)."""
     plan(monkeypatch, streamed=False, chunked=True)
-    q, k = _scaled_rows(70, 130, 40, 41, [1.0], [1.0])
+    q, k = scaled_rows(70, 130, 40, 41, [1.0], [1.0])
     s_q = torch.tensor([2.0**100, 2.0**-30, 1.0]).repeat(24)[:70, None]
     s_k = torch.tensor([2.0**-30, 1.0, 2.0**100, 2.0**60]).repeat(33)[:130, None]
     q0, k0 = q.float() / q.float().norm(dim=1, keepdim=True), k.float() / k.float().norm(dim=1, keepdim=True)
@@ -310,7 +294,7 @@ def test_fp16_rows_of_norm_above_65504(monkeypatch):
     """fp16 rows whose norm exceeds fp16's range (entries ~1e4, d = 64): loss and gradients
     are the float64 reference's on the same inputs (the fp16 reference itself overflows)."""
     plan(monkeypatch, streamed=False, chunked=True)
-    q, k = _scaled_rows(70, 130, 64, 42, [1e4, 1.0], [2e4])
+    q, k = scaled_rows(70, 130, 64, 42, [1e4, 1.0], [2e4])
     q, k = q.clamp(-6e4, 6e4).half(), k.clamp(-6e4, 6e4).half()
     assert float(q.double().norm(dim=1).max()) > 65504 and float(k.double().norm(dim=1).min()) > 65504
     ref_inputs = (q.double().requires_grad_(), k.double().requires_grad_())

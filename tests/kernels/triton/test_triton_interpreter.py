@@ -38,7 +38,16 @@ import mmloss.triton as tk  # noqa: E402
 from mmloss.checks import build_problem  # noqa: E402
 from mmloss.kernel_common import scratch_bytes  # noqa: E402
 from mmloss.reference import contrastive_loss_reference  # noqa: E402
-from tests.cases import FEATURES, assert_kernel_matches_reference, loss_and_grads, make_case, problem_of  # noqa: E402
+from tests.cases import (  # noqa: E402
+    FEATURES,
+    assert_kernel_matches_reference,
+    loss_and_grads,
+    make_case,
+    nearly_solved_multi_positive,
+    problem_of,
+    scaled_rows,
+    unit_scaled,
+)
 
 BACKEND = "triton"
 # log(0) = -inf for a row with no allowed column in a tile is intended; numpy warns about it.
@@ -564,29 +573,12 @@ def test_nearly_solved_row_keeps_its_relative_accuracy(path):
     torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=0)
 
 
-def _scaled_rows(M, N, d, seed, row_scale, key_scale):
-    """float64 query/key (each row correlated with its positive) with the rows multiplied by
-    the given per-row scales (cycled)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(M, d, generator=g, dtype=torch.float64)
-    k = torch.randn(N, d, generator=g, dtype=torch.float64)
-    q = q + 1.5 * k[:M]
-    rs = torch.tensor(row_scale, dtype=torch.float64).repeat(M)[:M, None]
-    ks = torch.tensor(key_scale, dtype=torch.float64).repeat(N)[:N, None]
-    return q * rs, k * ks
-
-
-def _unit_scaled(grad, x):
-    """Gradient rows times their input's norm: O(1) whatever the row's scale (d(x/|x|) ~ 1/|x|)."""
-    return grad.double() * x.double().norm(dim=1, keepdim=True)
-
-
 @pytest.mark.parametrize("learn", [False, True])
 def test_fp32_rows_of_huge_and_tiny_norms(learn, path):
     """fp32 rows of 1e30 and 1e-30 (and ordinary ones) among queries and keys: the loss and
     the gradients are the float64 reference's (fp32 squares of 1e30 overflow, products of
     1e30 rows overflow and the backward's a_i b_j underflow unless scaled)."""
-    q, k = _scaled_rows(9, 70, 16, 40, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-25, 1.0])
+    q, k = scaled_rows(9, 70, 16, 40, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-25, 1.0])
     ref_inputs = (q.clone().requires_grad_(), k.clone().requires_grad_())
     t64 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     want = contrastive_loss_reference(*ref_inputs, temperature=t64 if learn else 0.05, reduction="none")
@@ -598,7 +590,7 @@ def test_fp32_rows_of_huge_and_tiny_norms(learn, path):
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     for g, w, x in zip(grads[:2], want_grads[:2], (q, k)):
-        g, w = _unit_scaled(g, x), _unit_scaled(w, x)
+        g, w = unit_scaled(g, x), unit_scaled(w, x)
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * float(w.abs().max()))
     if learn:
         torch.testing.assert_close(grads[2].double(), want_grads[2], rtol=1e-5, atol=0)
@@ -608,7 +600,7 @@ def test_fp32_power_of_two_scaling_changes_nothing(path):
     """Rows scaled by powers of two (2^100 ... 2^-30: norms above eps) give the unscaled rows'
     loss to the last bit and their gradients times the inverse scales (the kernels' own
     scaling is by powers of two, so it changes no rounding)."""
-    q, k = _scaled_rows(9, 70, 16, 41, [1.0], [1.0])
+    q, k = scaled_rows(9, 70, 16, 41, [1.0], [1.0])
     s_q = torch.tensor([2.0**100, 2.0**-30, 1.0]).repeat(3)[:, None]
     s_k = torch.tensor([2.0**-30, 1.0, 2.0**100, 2.0**60]).repeat(18)[:70, None]
     runs = []
@@ -625,7 +617,7 @@ def test_fp32_power_of_two_scaling_changes_nothing(path):
 def test_fp16_rows_of_norm_above_65504(path):
     """fp16 rows whose norm exceeds fp16's range (entries ~1e4, d = 64): loss and gradients
     are the float64 reference's on the same inputs (the fp16 reference itself overflows)."""
-    q, k = _scaled_rows(20, 70, 64, 42, [1e4, 1.0], [1e4])
+    q, k = scaled_rows(20, 70, 64, 42, [1e4, 1.0], [1e4])
     q, k = q.clamp(-6e4, 6e4).half(), k.clamp(-6e4, 6e4).half()
     assert float(q.double().norm(dim=1).max()) > 65504
     ref_inputs = (q.double().requires_grad_(), k.double().requires_grad_())
@@ -648,9 +640,9 @@ def test_similarity_and_topk_of_huge_rows(dtype):
     from mmloss import similarity, topk_similarity
 
     if dtype == torch.float32:
-        a, b = _scaled_rows(9, 70, 16, 43, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-30])
+        a, b = scaled_rows(9, 70, 16, 43, [1e30, 1e-30, 1.0], [1e30, 1.0, 1e-30])
     else:
-        a, b = _scaled_rows(9, 70, 64, 43, [1e4, 1.0], [1e4])
+        a, b = scaled_rows(9, 70, 64, 43, [1e4, 1.0], [1e4])
         a, b = a.clamp(-6e4, 6e4), b.clamp(-6e4, 6e4)
     a, b = a.to(dtype), b.to(dtype)
     want = torch.nn.functional.normalize(a.double(), dim=1) @ torch.nn.functional.normalize(b.double(), dim=1).T
@@ -766,16 +758,7 @@ def test_several_positives_nearly_solved_rows_keep_their_accuracy(partner, path)
     weighted positive logit); with a second near-duplicate positive in the group (partner)
     the loss is log 2 + tiny, nothing cancels, and the error is the logits' own fp32 rounding
     (ulp(1/tau) ~ 2e-6 absolute)."""
-    g = torch.Generator().manual_seed(45)
-    q = torch.randn(5, 32, generator=g, dtype=torch.float64)
-    k = torch.randn(70, 32, generator=g, dtype=torch.float64)
-    k[:5] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
-    k[5:] = -k[5:].abs() * q[0].sign()  # far from every row
-    groups = torch.arange(70)
-    if partner:
-        k[5:10] = q + 1e-4 * torch.randn(5, 32, generator=g, dtype=torch.float64)
-        groups[5:10] = torch.arange(5)
-    kw = dict(temperature=0.05, key_groups=groups, multi_positive=True, reduction="none")
+    q, k, kw = nearly_solved_multi_positive(partner)
     want = contrastive_loss_reference(q, k, **kw)
     assert float(want.max()) < (math.log(2) + 1e-3 if partner else 1e-4) and float(want.min()) > 0
     got = mmloss.contrastive_loss(q.float(), k.float(), backend=BACKEND, **kw)
